@@ -1,0 +1,13 @@
+# Source this file: the environment r2f builds and runs in (libtorch from the project's
+# virtualenv, made by scripts/setup.sh).
+_r2f_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export R2F_VENV=${R2F_VENV:-$_r2f_root/.venv}
+export VIRTUAL_ENV=$R2F_VENV
+export PATH=$R2F_VENV/bin:$PATH
+# torch-sys asks the virtualenv's python where libtorch is (include, lib, C++ ABI).
+export LIBTORCH_USE_PYTORCH=1
+_r2f_torch_lib=$("$R2F_VENV/bin/python" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))' 2>/dev/null)
+if [ -n "$_r2f_torch_lib" ]; then
+  export LD_LIBRARY_PATH=$_r2f_torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+fi
+unset _r2f_root _r2f_torch_lib

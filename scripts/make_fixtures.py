@@ -1,0 +1,805 @@
+#!/usr/bin/env python3
+"""Generate tiny random-weight Stable Diffusion 3 fixtures plus diffusers reference outputs.
+
+Usage:
+    python scripts/make_fixtures.py [--out tests/fixtures]
+
+Writes (under --out, default tests/fixtures):
+    sd3-tiny-a/   diffusers-layout SD3 model folder (VAE scale factor 8, non-square run)
+    sd3-tiny-b/   diffusers-layout SD3 model folder (VAE scale factor 2, qk_norm="rms_norm")
+    ref/sd3-tiny-a.safetensors, ref/sd3-tiny-a.json
+    ref/sd3-tiny-b.safetensors, ref/sd3-tiny-b.json
+    ref/tokenizers.json
+
+Everything is float32 on CPU and fully deterministic: running the script twice gives
+byte-identical files.  Install the pinned environment with scripts/requirements-fixtures.txt
+(open-clip-torch is installed with --no-deps: only its BPE vocabulary file is used, and the
+package is located via importlib.util.find_spec without being imported).
+
+Tokenizer notes
+  * CLIP (tokenizer/, tokenizer_2/): the real OpenAI CLIP vocabulary, rebuilt exactly like
+    open_clip / OpenAI SimpleTokenizer from bpe_simple_vocab_16e6.txt.gz and written as
+    vocab.json + merges.txt (no tokenizer.json, like the published SD3 repos).
+  * T5 (tokenizer_3/): a tiny Unigram model trained here with the `tokenizers` library.
+    Its tokenizer.json deliberately has NO normalizer, and the pre-tokenizer is
+    Sequence[WhitespaceSplit, Metaspace("▁", prepend_scheme="always", split=True)], because that
+    is exactly the pipeline transformers 5 rebuilds for T5Tokenizer (it keeps only the Unigram
+    vocab and the post-processor from tokenizer.json, and a normalizer only if it is a
+    SentencePiece `Precompiled` charsmap).  So `tokenizers.Tokenizer.from_file` and
+    `AutoTokenizer.from_pretrained` agree (checked below).
+"""
+
+import os
+
+# Make tokenizers' (rayon) training single-threaded so the Unigram trainer is deterministic.
+# Must be set before `tokenizers` is imported.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAYON_NUM_THREADS", "1")
+os.environ.setdefault("RAYON_RS_NUM_CPUS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import argparse
+import gzip
+import hashlib
+import importlib.util
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+import diffusers
+import transformers
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+)
+from diffusers.utils import logging as diffusers_logging
+from transformers import (
+    AutoTokenizer,
+    CLIPTextConfig,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+)
+from transformers.utils import logging as transformers_logging
+
+diffusers_logging.set_verbosity_error()
+diffusers_logging.disable_progress_bar()
+transformers_logging.set_verbosity_error()
+transformers_logging.disable_progress_bar()
+
+CLIP_MAX_LEN = 77
+T5_MAX_LEN = 256
+T5_VOCAB_SIZE = 600
+
+# --------------------------------------------------------------------------------------------
+# Corpus for the tiny T5 Unigram tokenizer (image-prompt-like English sentences).
+# --------------------------------------------------------------------------------------------
+T5_CORPUS = [
+    "A hairy frog warrior holding a tiny golden sword.",
+    "A wigged octopus juggling three red apples on a sunny beach.",
+    "A small grey cat sleeping on a blue velvet cushion.",
+    "An old wooden boat floating on a calm green lake at dawn.",
+    "A red fox jumping over a snowy fence in the forest.",
+    "Two brown dogs running across a wide yellow field.",
+    "A glass bottle filled with glowing purple liquid.",
+    "A tall lighthouse standing on a rocky cliff during a storm.",
+    "A cup of hot coffee with a heart drawn in the milk foam.",
+    "A fluffy white rabbit eating a crunchy orange carrot.",
+    "A silver robot painting a portrait of a smiling woman.",
+    "A giant turtle carrying a tiny village on its shell.",
+    "A black horse galloping through shallow water at sunset.",
+    "A pink flamingo standing on one leg in a misty pond.",
+    "A rusty bicycle leaning against a brick wall covered in ivy.",
+    "A bowl of ripe strawberries and blueberries on a marble table.",
+    "A wise owl wearing round glasses reading an ancient book.",
+    "A knight in shining armour riding a dragon above the clouds.",
+    "A colourful parrot perched on a twisted branch in the jungle.",
+    "A cozy cabin in the mountains with smoke rising from the chimney.",
+    "A bright yellow taxi driving through a rainy city street at night.",
+    "A wooden table with a loaf of fresh bread and a jar of honey.",
+    "A tiny mouse playing a violin under a mushroom.",
+    "A majestic lion resting on a large flat rock in the savanna.",
+    "A crystal castle floating in the sky surrounded by stars.",
+    "A penguin wearing a scarf skating on a frozen lake.",
+    "An astronaut riding a horse on the surface of the moon.",
+    "A soft knitted sweater with green and white stripes.",
+    "A shiny copper teapot steaming on an iron stove.",
+    "A field of sunflowers under a deep blue summer sky.",
+    "A little girl flying a red kite on a windy hill.",
+    "A sleepy panda hugging a bamboo stalk.",
+    "A stone bridge crossing a narrow river in autumn.",
+    "A group of ducks swimming in a muddy puddle.",
+    "A golden retriever catching a frisbee in the park.",
+    "A vase of white roses next to an open window.",
+    "A steaming bowl of ramen with an egg and green onions.",
+    "A neon sign glowing above a crowded night market.",
+    "A smooth pebble beach with waves crashing on the shore.",
+    "A squirrel hiding acorns inside a hollow oak tree.",
+    "A rough stone wall covered with bright green moss.",
+    "A dancing skeleton in a top hat and a bow tie.",
+    "A chocolate cake decorated with cherries and whipped cream.",
+    "A fierce tiger walking through tall grass.",
+    "An elephant spraying water with its long trunk.",
+    "A wizard casting a spell with a glowing wooden staff.",
+    "A bumblebee collecting pollen from a purple flower.",
+    "A snowy village with warm lights in every window.",
+    "A vintage camera lying on a pile of old photographs.",
+    "A hot air balloon drifting over green rolling hills.",
+    "A green frog sitting on a lily pad in the rain.",
+    "A sleek sports car parked in front of a modern house.",
+    "A cute baby dragon sleeping on a pile of gold coins.",
+    "A fisherman casting his net from a small wooden boat.",
+    "A bowl of soup with carrots, potatoes and peas.",
+    "A sparkling waterfall in a lush tropical forest.",
+    "A clown juggling colourful balls at the circus.",
+    "A striped zebra drinking from a quiet river.",
+    "A chef tossing pizza dough high into the air.",
+    "A spooky haunted house on a foggy hill at midnight.",
+    "A watercolor painting of a quiet harbour with sailboats.",
+    "An oil painting of a bowl of lemons and pears.",
+    "A pencil sketch of a sleeping kitten.",
+    "A photo of a busy train station in the morning.",
+    "A close up photo of a dewdrop on a spider web.",
+    "A cartoon of a happy whale spouting a rainbow.",
+    "A bronze statue of a running horse in a city square.",
+    "A plush teddy bear sitting on a striped blanket.",
+    "A fluffy sheep grazing in a meadow full of daisies.",
+    "A tiny snail climbing a tall blade of grass.",
+    "A café with a croissant and a crème brûlée on the counter.",
+    "A smiling monkey swinging from vine to vine.",
+    "A heavy iron anchor resting on the sandy sea floor.",
+    "A purple butterfly landing on a child's finger.",
+    "A samurai cat holding a katana in a bamboo forest.",
+    "A candle flickering in a dark and dusty room.",
+    "A mountain lake reflecting snowy peaks and pine trees.",
+    "Three red apples, two green pears and one banana.",
+    "Ten small boats, 4 big ships and 2 lighthouses.",
+    "A highly detailed, ultra realistic portrait, 8k, studio lighting.",
+    "A cinematic shot of a lonely road through the desert, wide angle.",
+    "Digital art of a glowing city, trending on artstation.",
+    "A soft pastel drawing of a sleeping fox curled in the snow.",
+    "A shiny metal helmet with a long red feather.",
+    "A curious raccoon peeking out of a metal trash can.",
+    "A family of otters floating on their backs in a kelp forest.",
+    "A bright orange pumpkin with a carved grinning face.",
+    "A quiet library with tall shelves and a spiral staircase.",
+    "A jellyfish glowing in the deep dark ocean.",
+    "A blacksmith hammering a glowing horseshoe on an anvil.",
+    "A velvet armchair beside a crackling fireplace.",
+    "A hedgehog wearing a tiny knitted hat in the autumn leaves.",
+    "A marching band parading down a sunny avenue.",
+    "A porcelain doll with curly blonde hair and a lace dress.",
+    "A whimsical treehouse connected by rope bridges.",
+    "A desert fox with enormous ears under a starry sky.",
+    "A bouquet of tulips wrapped in brown paper and twine.",
+    "A steam locomotive puffing through a snowy valley.",
+    "A jazz musician playing a saxophone on a dim stage.",
+    "A mechanical owl with brass gears and emerald eyes perched on a clock tower.",
+]
+
+# Prompts for ref/tokenizers.json.
+LONG_PROMPT = (
+    "An extremely detailed and highly intricate fantasy illustration of a hairy frog warrior "
+    "wearing polished silver armour, holding a tiny golden sword and a round wooden shield, "
+    "standing proudly on a mossy rock in the middle of a misty swamp at dawn, surrounded by "
+    "glowing fireflies, tall reeds, floating lily pads, curious dragonflies and a wise old owl "
+    "watching from a twisted branch, while a wigged octopus juggles three red apples in the "
+    "background next to a rusty bicycle, a steaming bowl of ramen, a vintage camera, a purple "
+    "butterfly, a bronze statue of a running horse, a crystal castle floating in the sky, a "
+    "hot air balloon drifting over green rolling hills, a neon sign above a crowded night "
+    "market, a sleepy panda hugging bamboo, a penguin skating on a frozen lake, a fierce tiger "
+    "in tall grass, a fluffy sheep grazing among daisies, soft cinematic lighting, volumetric "
+    "fog, dramatic shadows, vivid colours, sharp focus, ultra realistic, 8k resolution, "
+    "masterpiece, trending on artstation, award winning photograph, wide angle lens, bokeh"
+)
+TOKENIZER_PROMPTS = [
+    "A hairy frog,",
+    "a wigged octopus juggling three red apples",
+    "Hello, World! It's a test: (1+2)=3; 'quotes' & \"double\" - dash... ok?",
+    "THE QUICK BROWN FOX Jumps Over 1234567 Lazy Dogs 3.14159",
+    "café crème brûlée, naïve Æsir façade",
+    "a cat 🐱 wearing a hat 🎩 👍🏽",
+    "  lots   of\tspaces\n\nand\r\nnewlines   ",
+    "",
+    LONG_PROMPT,
+]
+
+# --------------------------------------------------------------------------------------------
+# Model configurations.
+# --------------------------------------------------------------------------------------------
+CLIP_L_KWARGS = dict(
+    vocab_size=49408, hidden_size=8, intermediate_size=32, num_hidden_layers=3,
+    num_attention_heads=2, max_position_embeddings=77, hidden_act="quick_gelu",
+    layer_norm_eps=1e-5, projection_dim=8, bos_token_id=49406, eos_token_id=2, pad_token_id=1,
+)
+CLIP_G_KWARGS = dict(
+    vocab_size=49408, hidden_size=16, intermediate_size=64, num_hidden_layers=4,
+    num_attention_heads=2, max_position_embeddings=77, hidden_act="gelu",
+    layer_norm_eps=1e-5, projection_dim=16, bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
+)
+T5_KWARGS = dict(
+    d_model=32, d_ff=40, d_kv=8, num_heads=4, num_layers=2, feed_forward_proj="gated-gelu",
+    relative_attention_num_buckets=32, relative_attention_max_distance=128,
+    layer_norm_epsilon=1e-6, dropout_rate=0.0, pad_token_id=0, eos_token_id=1,
+    decoder_start_token_id=0,
+)
+
+CONFIGS = {
+    "sd3-tiny-a": dict(
+        transformer_seed=10,
+        transformer=dict(
+            sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+            attention_head_dim=8, num_attention_heads=4, joint_attention_dim=32,
+            caption_projection_dim=32, pooled_projection_dim=24, pos_embed_max_size=12,
+        ),
+        vae_seed=11,
+        vae=dict(
+            in_channels=3, out_channels=3,
+            down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+            block_out_channels=[8, 8, 16, 16], layers_per_block=1, latent_channels=16,
+            norm_num_groups=4, sample_size=64, use_quant_conv=False, use_post_quant_conv=False,
+            scaling_factor=1.5305, shift_factor=0.0609,
+        ),
+        run=dict(
+            prompt="A hairy frog warrior holding a tiny golden sword", seed=42,
+            width=64, height=48, steps=4, guidance=7.0,
+        ),
+    ),
+    "sd3-tiny-b": dict(
+        transformer_seed=20,
+        transformer=dict(
+            sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=3,
+            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+            caption_projection_dim=32, pooled_projection_dim=24, pos_embed_max_size=16,
+            qk_norm="rms_norm",
+        ),
+        vae_seed=21,
+        vae=dict(
+            in_channels=3, out_channels=3,
+            down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+            block_out_channels=[8, 16], layers_per_block=2, latent_channels=16,
+            norm_num_groups=4, sample_size=32, use_quant_conv=False, use_post_quant_conv=False,
+            scaling_factor=1.5305, shift_factor=0.0609,
+        ),
+        run=dict(
+            prompt="a wigged octopus juggling three red apples", seed=7,
+            width=32, height=32, steps=3, guidance=5.0,
+        ),
+    ),
+}
+SCHEDULER_KWARGS = dict(num_train_timesteps=1000, shift=3.0)
+SCHEDULER_STEP_COUNTS = [1, 2, 28, 50]
+TF_TIMESTEPS = [937.5, 12.25]
+
+
+def dump_json(path, obj, sort_keys=True):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=sort_keys, ensure_ascii=False)
+        f.write("\n")
+
+
+# --------------------------------------------------------------------------------------------
+# CLIP tokenizer files (OpenAI SimpleTokenizer vocabulary).
+# --------------------------------------------------------------------------------------------
+def find_bpe_gz():
+    spec = importlib.util.find_spec("open_clip")  # locates the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("open_clip not found: pip install --no-deps open-clip-torch==3.3.0")
+    for loc in spec.submodule_search_locations:
+        p = Path(loc) / "bpe_simple_vocab_16e6.txt.gz"
+        if p.is_file():
+            return p
+    sys.exit("bpe_simple_vocab_16e6.txt.gz not found in the open_clip package")
+
+
+def bytes_to_unicode():
+    """GPT-2 / OpenAI CLIP byte -> unicode map (same insertion order as the original)."""
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    cs = bs[:]
+    n = 0
+    for b in range(2**8):
+        if b not in bs:
+            bs.append(b)
+            cs.append(2**8 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+def build_clip_vocab():
+    text = gzip.open(find_bpe_gz()).read().decode("utf-8")
+    lines = text.split("\n")
+    merges = lines[1 : 49152 - 256 - 2 + 1]
+    vocab = list(bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab]
+    vocab += ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    assert len(vocab) == 49408, len(vocab)
+    encoder = {tok: i for i, tok in enumerate(vocab)}
+    assert len(encoder) == 49408
+    return encoder, merges
+
+
+def clip_special(content):
+    return {"content": content, "lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
+
+
+def write_clip_tokenizer(folder, encoder, merges, pad_token):
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    # vocab.json in id order (like the published files); everything else with sort_keys.
+    with open(folder / "vocab.json", "w", encoding="utf-8") as f:
+        json.dump(encoder, f, ensure_ascii=False)
+        f.write("\n")
+    with open(folder / "merges.txt", "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    pad_special = clip_special(pad_token) if pad_token == "<|endoftext|>" else {
+        "content": pad_token, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+    dump_json(folder / "special_tokens_map.json", {
+        "bos_token": clip_special("<|startoftext|>"),
+        "eos_token": clip_special("<|endoftext|>"),
+        "pad_token": pad_special,
+        "unk_token": clip_special("<|endoftext|>"),
+    })
+    added = {
+        "49406": dict(clip_special("<|startoftext|>"), special=True),
+        "49407": dict(clip_special("<|endoftext|>"), special=True),
+    }
+    if pad_token != "<|endoftext|>":
+        added[str(encoder[pad_token])] = dict(pad_special, special=True)
+    dump_json(folder / "tokenizer_config.json", {
+        "add_prefix_space": False,
+        "added_tokens_decoder": added,
+        "bos_token": "<|startoftext|>",
+        "clean_up_tokenization_spaces": True,
+        "do_lower_case": True,
+        "eos_token": "<|endoftext|>",
+        "errors": "replace",
+        "model_max_length": CLIP_MAX_LEN,
+        "pad_token": pad_token,
+        "tokenizer_class": "CLIPTokenizer",
+        "unk_token": "<|endoftext|>",
+    })
+
+
+# --------------------------------------------------------------------------------------------
+# T5 tokenizer (tiny Unigram).
+# --------------------------------------------------------------------------------------------
+def t5_pipeline(tok):
+    tok.normalizer = None
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(),
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True),
+    ])
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    return tok
+
+
+def canonical_unigram_vocab(vocab):
+    """Make the trained Unigram vocabulary bit-reproducible.
+
+    tokenizers' UnigramTrainer iterates Rust hash maps/sets with per-process random seeds, so
+    (a) EM scores differ in the last ulp from run to run, and (b) the "required characters"
+    that EM dropped are re-added with scores min_score + k*0.0001 in hash-set order.  The piece
+    SET is stable; we fix (b) by re-assigning those scores in sorted-character order, (a) by
+    rounding every score to 8 decimals, and then order pieces by (score desc, piece)."""
+    specials, body = vocab[:3], vocab[3:]
+    assert [p for p, _ in specials] == ["<pad>", "</s>", "<unk>"]
+    delta = 0.0001
+    m = min(s for _, s in body)
+    synth = []
+    for p, s in body:
+        k = (s - m) / delta
+        if len(p) == 1 and abs(k - round(k)) < 1e-6 and round(k) < len(body):
+            synth.append(p)
+    synth_scores = {p: m + i * delta for i, p in enumerate(sorted(synth))}
+    body = [(p, round(synth_scores.get(p, s), 8)) for p, s in body]
+    body.sort(key=lambda ps: (-ps[1], ps[0]))
+    return [(p, 0.0) for p, _ in specials] + body
+
+
+def train_t5_tokenizer():
+    tok = t5_pipeline(Tokenizer(models.Unigram()))
+    trainer = trainers.UnigramTrainer(
+        vocab_size=T5_VOCAB_SIZE,
+        special_tokens=["<pad>", "</s>", "<unk>"],
+        unk_token="<unk>",
+        show_progress=False,
+    )
+    tok.train_from_iterator(T5_CORPUS, trainer=trainer)
+    model = json.loads(tok.to_str())["model"]
+    assert model["unk_id"] == 2 and not model.get("byte_fallback", False)
+    vocab = canonical_unigram_vocab([(p, float(s)) for p, s in model["vocab"]])
+    tok = t5_pipeline(Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False)))
+    assert tok.token_to_id("<pad>") == 0 and tok.token_to_id("</s>") == 1 and tok.token_to_id("<unk>") == 2
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    return tok
+
+
+def write_t5_tokenizer(folder, tok_json_str):
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "tokenizer.json", "w", encoding="utf-8") as f:
+        f.write(tok_json_str)
+    special = lambda c: {"content": c, "lstrip": False, "normalized": False, "rstrip": False,
+                         "single_word": False}
+    dump_json(folder / "special_tokens_map.json", {
+        "eos_token": special("</s>"), "pad_token": special("<pad>"), "unk_token": special("<unk>"),
+    })
+    dump_json(folder / "tokenizer_config.json", {
+        "added_tokens_decoder": {
+            "0": dict(special("<pad>"), special=True),
+            "1": dict(special("</s>"), special=True),
+            "2": dict(special("<unk>"), special=True),
+        },
+        "additional_special_tokens": [],
+        "clean_up_tokenization_spaces": True,
+        "eos_token": "</s>",
+        "extra_ids": 0,
+        "model_max_length": 512,
+        "pad_token": "<pad>",
+        "tokenizer_class": "T5Tokenizer",
+        "unk_token": "<unk>",
+    })
+
+
+def write_tokenizers(model_dir, encoder, merges, t5_json):
+    for sub in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+        d = Path(model_dir) / sub
+        if d.exists():
+            shutil.rmtree(d)
+    write_clip_tokenizer(Path(model_dir) / "tokenizer", encoder, merges, "<|endoftext|>")
+    write_clip_tokenizer(Path(model_dir) / "tokenizer_2", encoder, merges, "!")
+    write_t5_tokenizer(Path(model_dir) / "tokenizer_3", t5_json)
+
+
+# --------------------------------------------------------------------------------------------
+# Weights.
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def perturb_constant_params(model, seed):
+    """Make norm weights / biases that were initialised to a constant (1 or 0) non-trivial, and
+    re-initialise any all-zero weight matrix, so an implementation that ignores them fails."""
+    gen = torch.Generator().manual_seed(seed)
+    touched = 0
+    for name, p in model.named_parameters():  # deterministic order; tied params appear once
+        flat = p.detach().reshape(-1)
+        if flat.numel() == 0 or not bool((flat == flat[0]).all()):
+            continue
+        noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+        if p.dim() >= 2 and float(flat[0]) == 0.0:
+            p.copy_(noise * 0.05)
+        else:
+            p.add_(noise * 0.1)
+        touched += 1
+    return touched
+
+
+def build_text_encoders(t5_vocab_size):
+    torch.manual_seed(1)
+    te1 = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_L_KWARGS))
+    n1 = perturb_constant_params(te1, 1001)
+    torch.manual_seed(2)
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G_KWARGS))
+    n2 = perturb_constant_params(te2, 1002)
+    torch.manual_seed(3)
+    te3 = T5EncoderModel(T5Config(vocab_size=t5_vocab_size, **T5_KWARGS))
+    n3 = perturb_constant_params(te3, 1003)
+    for m in (te1, te2, te3):
+        m.eval()
+    return (te1, te2, te3), (n1, n2, n3)
+
+
+# --------------------------------------------------------------------------------------------
+# References.
+# --------------------------------------------------------------------------------------------
+def tok_ids(tokenizer, texts, max_length):
+    return tokenizer(
+        texts, padding="max_length", max_length=max_length, truncation=True,
+        add_special_tokens=True, return_tensors="pt",
+    ).input_ids
+
+
+@torch.no_grad()
+def compute_references(model_dir, name, cfg):
+    run = cfg["run"]
+    pipe = StableDiffusion3Pipeline.from_pretrained(model_dir, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to("cpu")
+    vsf = pipe.vae_scale_factor
+    lat_h, lat_w = run["height"] // vsf, run["width"] // vsf
+    prompt, neg = run["prompt"], ""
+    texts = [neg, prompt]
+    out = {}
+
+    # --- tokenizers and text encoders, exactly as the pipeline calls them: one prompt at a
+    # time (batch size 1; batch 2 changes the pooled projection by an ulp), no attention
+    # masks.  Row 0 = negative prompt "", row 1 = prompt.
+    out["clip_l_ids"] = tok_ids(pipe.tokenizer, texts, pipe.tokenizer_max_length)
+    out["clip_g_ids"] = tok_ids(pipe.tokenizer_2, texts, pipe.tokenizer_max_length)
+    out["t5_ids"] = tok_ids(pipe.tokenizer_3, texts, T5_MAX_LEN)
+    out["t5_ids_77"] = tok_ids(pipe.tokenizer_3, texts, CLIP_MAX_LEN)
+    for key, enc, dim in (("clip_l", pipe.text_encoder, 8), ("clip_g", pipe.text_encoder_2, 16)):
+        hid, pooled = [], []
+        for row in out[f"{key}_ids"]:
+            o = enc(row[None], output_hidden_states=True)
+            assert len(o.hidden_states) == enc.config.num_hidden_layers + 1
+            hid.append(o.hidden_states[-2])
+            pooled.append(o[0])
+        out[f"{key}_hidden"] = torch.cat(hid)
+        out[f"{key}_pooled"] = torch.cat(pooled)
+        assert out[f"{key}_pooled"].shape == (2, dim)
+    for key in ("t5", "t5_77"):
+        ids = out[key.replace("t5", "t5_ids")]
+        out[key.replace("t5", "t5_hidden")] = torch.cat(
+            [pipe.text_encoder_3(row[None])[0] for row in ids])
+
+    pe, npe, ppe, nppe = pipe.encode_prompt(
+        prompt=prompt, prompt_2=prompt, prompt_3=prompt, device=torch.device("cpu"),
+        num_images_per_prompt=1, do_classifier_free_guidance=True,
+        negative_prompt="", negative_prompt_2="", negative_prompt_3="",
+        max_sequence_length=T5_MAX_LEN,
+    )
+    out["prompt_embeds"], out["negative_prompt_embeds"] = pe, npe
+    out["pooled_prompt_embeds"], out["negative_pooled_prompt_embeds"] = ppe, nppe
+    # consistency: encode_prompt == concat of the pieces above
+    clip_cat = torch.cat([out["clip_l_hidden"], out["clip_g_hidden"]], dim=-1)
+    clip_cat = torch.nn.functional.pad(clip_cat, (0, 32 - clip_cat.shape[-1]))
+    full = torch.cat([clip_cat, out["t5_hidden"]], dim=-2)
+    assert torch.equal(full[1:], pe) and torch.equal(full[:1], npe)
+    assert torch.equal(torch.cat([out["clip_l_pooled"], out["clip_g_pooled"]], -1)[1:], ppe)
+
+    # --- scheduler ---
+    for n in SCHEDULER_STEP_COUNTS:
+        sch = FlowMatchEulerDiscreteScheduler.from_pretrained(model_dir, subfolder="scheduler")
+        sch.set_timesteps(n)
+        out[f"sigmas_{n}"] = sch.sigmas.clone()
+        out[f"timesteps_{n}"] = sch.timesteps.clone()
+
+    # --- one transformer forward ---
+    torch.manual_seed(123)  # drawn in this order: hidden, context, pooled
+    out["tf_in_hidden"] = torch.randn((2, 16, lat_h, lat_w), dtype=torch.float32)
+    out["tf_in_timestep"] = torch.tensor(TF_TIMESTEPS, dtype=torch.float32)
+    out["tf_in_context"] = torch.randn((2, CLIP_MAX_LEN + T5_MAX_LEN, 32), dtype=torch.float32)
+    out["tf_in_pooled"] = torch.randn((2, 24), dtype=torch.float32)
+    out["tf_out"] = pipe.transformer(
+        hidden_states=out["tf_in_hidden"], timestep=out["tf_in_timestep"],
+        encoder_hidden_states=out["tf_in_context"], pooled_projections=out["tf_in_pooled"],
+        return_dict=False,
+    )[0]
+
+    # --- VAE decode ---
+    sf, sh = pipe.vae.config.scaling_factor, pipe.vae.config.shift_factor
+    torch.manual_seed(321)
+    out["vae_in"] = torch.randn((1, 16, lat_h, lat_w), dtype=torch.float32)
+    out["vae_out"] = pipe.vae.decode(out["vae_in"] / sf + sh).sample
+
+    # --- full pipeline ---
+    torch.manual_seed(run["seed"])
+    init = torch.randn((1, 16, lat_h, lat_w), dtype=torch.float32)
+    out["init_latents"] = init
+    steps, step_ts = [], []
+
+    def cb(p, i, t, kw):
+        steps.append(kw["latents"].detach().clone())
+        step_ts.append(float(t))
+        return {}
+
+    common = dict(
+        negative_prompt="", height=run["height"], width=run["width"],
+        num_inference_steps=run["steps"], guidance_scale=run["guidance"],
+        max_sequence_length=T5_MAX_LEN,
+    )
+    final = pipe(prompt, latents=init.clone(), output_type="latent",
+                 callback_on_step_end=cb, callback_on_step_end_tensor_inputs=["latents"],
+                 **common).images
+    assert len(steps) == run["steps"] and torch.equal(steps[-1], final)
+    out["final_latents"] = final
+    out["step_latents"] = torch.stack(steps)
+    decoded = pipe.vae.decode(final / sf + sh, return_dict=False)[0]
+    img = pipe.image_processor.postprocess(decoded, output_type="np")
+    img_u8 = (img * 255).round().astype(np.uint8)[0]
+    out["image_u8"] = torch.from_numpy(img_u8)
+    assert img_u8.shape == (run["height"], run["width"], 3)
+    # output_type="pil" must give the same pixels
+    pil = pipe(prompt, latents=init.clone(), output_type="pil", **common).images[0]
+    assert np.array_equal(np.asarray(pil), img_u8), "pil output differs from np path"
+
+    # the pipeline's schedule is the scheduler's
+    sch = FlowMatchEulerDiscreteScheduler.from_pretrained(model_dir, subfolder="scheduler")
+    sch.set_timesteps(run["steps"])
+    assert step_ts == [float(t) for t in sch.timesteps], step_ts
+
+    tensors = {}
+    for k, v in sorted(out.items()):
+        v = v.detach().contiguous()
+        if "_ids" in k:
+            v = v.to(torch.int64)
+        elif k == "image_u8":
+            v = v.to(torch.uint8)
+        else:
+            v = v.to(torch.float32)
+        tensors[k] = v
+    meta = {
+        "model": name,
+        "prompt": prompt,
+        "negative_prompt": "",
+        "seed": run["seed"],
+        "width": run["width"],
+        "height": run["height"],
+        "steps": run["steps"],
+        "guidance": run["guidance"],
+        "max_sequence_length": T5_MAX_LEN,
+        "vae_scale_factor": vsf,
+        "latent_height": lat_h,
+        "latent_width": lat_w,
+        "vae_scaling_factor": sf,
+        "vae_shift_factor": sh,
+        "pipeline_timesteps": step_ts,
+        "transformer_forward": {
+            "timesteps": TF_TIMESTEPS,
+            "input_seed": 123,
+            "randn_order": ["tf_in_hidden", "tf_in_context", "tf_in_pooled"],
+        },
+        "vae_decode": {"input_seed": 321, "input": "vae_in / vae_scaling_factor + vae_shift_factor"},
+        "tensors": {k: {"dtype": str(v.dtype).replace("torch.", ""), "shape": list(v.shape)}
+                    for k, v in tensors.items()},
+        "versions": versions(),
+    }
+    return pipe, tensors, meta
+
+
+def versions():
+    import PIL
+    import safetensors
+    import tokenizers
+    return {
+        "torch": torch.__version__.split("+")[0],
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "tokenizers": tokenizers.__version__,
+        "safetensors": safetensors.__version__,
+        "numpy": np.__version__,
+        "pillow": PIL.__version__,
+    }
+
+
+def tokenizer_reference(pipe, t5_file):
+    raw = Tokenizer.from_file(str(t5_file))
+    entries = []
+    for p in TOKENIZER_PROMPTS:
+        e = {
+            "prompt": p,
+            "clip_l": tok_ids(pipe.tokenizer, [p], CLIP_MAX_LEN)[0].tolist(),
+            "clip_g": tok_ids(pipe.tokenizer_2, [p], CLIP_MAX_LEN)[0].tolist(),
+            "t5_77": tok_ids(pipe.tokenizer_3, [p], CLIP_MAX_LEN)[0].tolist(),
+            "t5_256": tok_ids(pipe.tokenizer_3, [p], T5_MAX_LEN)[0].tolist(),
+        }
+        # transformers (reference) vs. raw `tokenizers` on tokenizer.json, same padding/truncation
+        for n, key in ((CLIP_MAX_LEN, "t5_77"), (T5_MAX_LEN, "t5_256")):
+            raw.enable_padding(pad_id=0, pad_token="<pad>", length=n)
+            raw.enable_truncation(max_length=n)
+            ids = raw.encode(p).ids
+            if ids != e[key]:
+                raise SystemExit(f"T5 transformers/tokenizers mismatch for {p!r} at {n}:\n{e[key]}\n{ids}")
+        entries.append(e)
+    return {
+        "max_length_clip": CLIP_MAX_LEN,
+        "max_length_t5": [CLIP_MAX_LEN, T5_MAX_LEN],
+        "note": "ids as produced by the SD3 pipeline tokenizers with padding='max_length', "
+                "truncation=True (transformers " + transformers.__version__ + ")",
+        "prompts": entries,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="tests/fixtures")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ref_dir = out / "ref"
+    for d in [ref_dir] + [out / n for n in CONFIGS]:
+        if d.exists():
+            shutil.rmtree(d)
+    ref_dir.mkdir()
+
+    # tokenizers
+    encoder, merges = build_clip_vocab()
+    t5_tok = train_t5_tokenizer()
+    t5_json = t5_tok.to_str(pretty=True)
+    assert train_t5_tokenizer().to_str(pretty=True) == t5_json, "Unigram training is not deterministic"
+    t5_vocab_size = t5_tok.get_vocab_size()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizers(tmp, encoder, merges, t5_json)
+        tok_l = CLIPTokenizer.from_pretrained(Path(tmp) / "tokenizer")
+        tok_g = CLIPTokenizer.from_pretrained(Path(tmp) / "tokenizer_2")
+        tok_t5 = AutoTokenizer.from_pretrained(Path(tmp) / "tokenizer_3")
+        ids = tok_l("A hairy frog,").input_ids
+        assert ids == [49406, 320, 26513, 11438, 267, 49407], ids
+        assert tok_g.pad_token_id == 0 and tok_l.pad_token_id == 49407
+        assert len(tok_t5) == t5_vocab_size, (len(tok_t5), t5_vocab_size)
+
+    summary = {}
+    tok_ref = None
+    for name, cfg in CONFIGS.items():
+        model_dir = out / name
+        text_encoders, perturbed = build_text_encoders(t5_vocab_size)
+        torch.manual_seed(cfg["transformer_seed"])
+        transformer = SD3Transformer2DModel(**cfg["transformer"])
+        perturbed += (perturb_constant_params(transformer, 1000 + cfg["transformer_seed"]),)
+        torch.manual_seed(cfg["vae_seed"])
+        vae = AutoencoderKL(**cfg["vae"])
+        perturbed += (perturb_constant_params(vae, 1000 + cfg["vae_seed"]),)
+        scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULER_KWARGS)
+        pipe = StableDiffusion3Pipeline(
+            transformer=transformer.eval(), scheduler=scheduler, vae=vae.eval(),
+            text_encoder=text_encoders[0], tokenizer=tok_l,
+            text_encoder_2=text_encoders[1], tokenizer_2=tok_g,
+            text_encoder_3=text_encoders[2], tokenizer_3=tok_t5,
+        )
+        pipe.save_pretrained(model_dir, safe_serialization=True)
+        del pipe
+        # replace whatever save_pretrained wrote for the tokenizers with our hand-written files
+        write_tokenizers(model_dir, encoder, merges, t5_json)
+
+        pipe, tensors, meta = compute_references(model_dir, name, cfg)
+        save_file(tensors, ref_dir / f"{name}.safetensors", metadata={"format": "pt"})
+        dump_json(ref_dir / f"{name}.json", meta)
+        summary[name] = dict(perturbed_params=perturbed, tensors=meta["tensors"])
+        # tokenizers are identical in every folder: check and write the token reference once
+        tr = tokenizer_reference(pipe, model_dir / "tokenizer_3" / "tokenizer.json")
+        if tok_ref is None:
+            tok_ref = tr
+        assert tr == tok_ref
+        del pipe
+
+    dump_json(ref_dir / "tokenizers.json", tok_ref)
+
+    # summary
+    print(f"T5 tokenizer vocab size: {t5_vocab_size}")
+    for name, s in summary.items():
+        print(f"[{name}] perturbed constant params (clip_l, clip_g, t5, transformer, vae): "
+              f"{s['perturbed_params']}")
+        for k, v in s["tensors"].items():
+            print(f"    {k:32s} {v['dtype']:8s} {v['shape']}")
+    total = 0
+    unique = {}
+    print("files:")
+    for p in sorted(q for q in out.rglob("*") if q.is_file()):
+        rel = p.relative_to(out)
+        if rel.parts[0] not in set(CONFIGS) | {"ref"}:
+            continue
+        size = p.stat().st_size
+        total += size
+        digest = hashlib.sha256(p.read_bytes()).hexdigest()
+        unique[digest] = size
+        print(f"  {size:>10,d}  {digest[:16]}  {rel}")
+    u = sum(unique.values())
+    print(f"total: {total:,d} bytes ({total / 2**20:.2f} MiB) on disk; "
+          f"{u:,d} bytes ({u / 2**20:.2f} MiB) of distinct file contents "
+          f"(the two model folders share byte-identical text encoders and tokenizers)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Sets up what r2f needs to build, test and run: a Python virtualenv holding libtorch (the
+# torch==2.11.0 wheel that tch 0.24 expects) and the pinned tools that generate the test
+# fixtures. Idempotent and quick when already done. The Rust toolchain (cargo) must be present.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+venv=${R2F_VENV:-$root/.venv}
+cd "$root"
+
+command -v cargo >/dev/null || { echo "setup: cargo not found; install Rust (rustup) first" >&2; exit 1; }
+py=${PYTHON:-python3}
+if [ ! -x "$venv/bin/python" ]; then
+  echo "setup: creating virtualenv $venv"
+  "$py" -m venv "$venv"
+fi
+want=$(cat scripts/requirements-torch.txt scripts/requirements-fixtures.txt | sha256sum | cut -c1-16)
+stamp="$venv/.r2f-setup-$want"
+if [ ! -f "$stamp" ]; then
+  echo "setup: installing libtorch (torch wheel) and fixture tools into $venv (several GB the first time)"
+  "$venv/bin/python" -m pip install -q --upgrade pip
+  "$venv/bin/python" -m pip install -q -r scripts/requirements-torch.txt
+  "$venv/bin/python" -m pip install -q -r scripts/requirements-fixtures.txt
+  # open-clip-torch only for its CLIP BPE vocabulary file; its dependencies are not needed.
+  "$venv/bin/python" -m pip install -q --no-deps "$(grep '^open-clip-torch' scripts/requirements-fixtures.txt || echo open-clip-torch==3.3.0)"
+  rm -f "$venv"/.r2f-setup-*
+  touch "$stamp"
+fi
+"$venv/bin/python" -c 'import torch; assert torch.__version__.startswith("2.11.0"), torch.__version__' \
+  || { echo "setup: the virtualenv does not hold torch 2.11.0" >&2; exit 1; }
+echo "setup: ok ($venv, torch $("$venv/bin/python" -c 'import torch; print(torch.__version__)'))"

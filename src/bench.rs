@@ -1,0 +1,123 @@
+//! Speed benchmark of the SD3 denoiser and VAE at full size with random weights (speed does not
+//! depend on the values, so no download is needed).
+
+use std::time::Instant;
+
+use tch::{Device, Kind, Tensor};
+
+use crate::device::{device_name, dtype_name, synchronize};
+use crate::models::mmdit::{Mmdit, MmditConfig};
+use crate::models::vae::{VaeConfig, VaeDecoder};
+use crate::models::weights::{Vb, Weights};
+use crate::schedulers::flow_match::{FlowMatchConfig, FlowMatchSchedule};
+
+pub struct BenchOptions {
+    pub device: Device,
+    pub kind: Kind,
+    pub width: i64,
+    pub height: i64,
+    pub steps: usize,
+    pub warmup: usize,
+    pub context_tokens: i64,
+    pub transformer: MmditConfig,
+    pub vae: VaeConfig,
+}
+
+#[derive(Debug)]
+pub struct BenchReport {
+    pub ms_per_step: f64,
+    pub denoise_ms: f64,
+    pub vae_decode_ms: f64,
+    pub peak_gpu_bytes: Option<u64>,
+}
+
+/// GPU memory held by this process as the driver reports it (after a run, the caching
+/// allocator still holds its peak reservation).
+fn process_gpu_bytes() -> Option<u64> {
+    let out = std::process::Command::new("nvidia-smi")
+        .args([
+            "--query-compute-apps=pid,used_memory",
+            "--format=csv,noheader,nounits",
+        ])
+        .output()
+        .ok()?;
+    let me = std::process::id().to_string();
+    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+        let mut parts = l.split(',').map(str::trim);
+        (parts.next()? == me).then(|| parts.next()?.parse::<u64>().ok().map(|mib| mib << 20))?
+    })
+}
+
+pub fn run(o: &BenchOptions) -> anyhow::Result<BenchReport> {
+    let _guard = tch::no_grad_guard();
+    tch::manual_seed(0);
+    eprintln!(
+        "building SD3 transformer ({} layers, dim {}) and VAE with random weights on {} in {}",
+        o.transformer.num_layers,
+        o.transformer.inner_dim(),
+        device_name(o.device),
+        dtype_name(o.kind)
+    );
+    let vb = Vb::new(Weights::random(0, o.device, o.kind));
+    let mmdit = Mmdit::new(&vb, &o.transformer)?;
+    let vae = VaeDecoder::new(&vb, &o.vae)?;
+    let f = o.vae.scale_factor();
+    let (lh, lw) = (o.height / f, o.width / f);
+    let c = o.transformer.in_channels;
+    let latents = Tensor::randn([1, c, lh, lw], (o.kind, o.device));
+    let context = Tensor::randn(
+        [2, o.context_tokens, o.transformer.joint_attention_dim],
+        (o.kind, o.device),
+    );
+    let pooled = Tensor::randn([2, o.transformer.pooled_projection_dim], (o.kind, o.device));
+    let schedule = FlowMatchSchedule::new(&FlowMatchConfig::sd3(), o.steps.max(1));
+    let timesteps = Tensor::from_slice(&schedule.timesteps).to_device(o.device);
+
+    let step = |latents: &Tensor, i: usize| -> anyhow::Result<Tensor> {
+        let t = timesteps.narrow(0, i as i64, 1).expand([2], false);
+        let input = Tensor::cat(&[latents, latents], 0);
+        let v = mmdit.forward(&input, &t, &context, &pooled)?;
+        let parts = v.chunk(2, 0);
+        let v = &parts[0] + (&parts[1] - &parts[0]) * 7.0;
+        Ok(
+            (latents.to_kind(Kind::Float) + v.to_kind(Kind::Float) * schedule.dt(i) as f64)
+                .to_kind(o.kind),
+        )
+    };
+
+    eprintln!("warm-up: {} steps", o.warmup);
+    let mut x = latents.shallow_clone();
+    for i in 0..o.warmup {
+        x = step(&x, i % schedule.steps())?;
+    }
+    synchronize(o.device);
+
+    eprintln!("timing: {} denoising steps (CFG batch 2)", o.steps);
+    let t0 = Instant::now();
+    let mut x = latents.shallow_clone();
+    for i in 0..o.steps {
+        x = step(&x, i)?;
+    }
+    synchronize(o.device);
+    let denoise_ms = t0.elapsed().as_secs_f64() * 1e3;
+
+    // One untimed decode to warm the kernels, then a timed one.
+    let _ = vae.decode_latents(&x);
+    synchronize(o.device);
+    let t0 = Instant::now();
+    let img = vae.decode_latents(&x);
+    synchronize(o.device);
+    let vae_decode_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let _ = img.size();
+
+    Ok(BenchReport {
+        ms_per_step: denoise_ms / o.steps as f64,
+        denoise_ms,
+        vae_decode_ms,
+        peak_gpu_bytes: if o.device.is_cuda() {
+            process_gpu_bytes()
+        } else {
+            None
+        },
+    })
+}

@@ -1,0 +1,248 @@
+//! One generation, from validated parameters to a PNG: the code path shared by `r2f generate`
+//! and the worker.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::bail;
+use tch::{Device, Kind};
+
+use crate::config::Limits;
+use crate::device::{device_name, dtype_name};
+use crate::image::encode_png;
+use crate::models::hub::{Family, ModelFolder};
+use crate::pipelines::sd3::Sd3Pipeline;
+use crate::pipelines::{Output, Request};
+
+/// How the prompt conditions the steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The base model with the prompt alone.
+    Plain,
+}
+
+impl Mode {
+    pub fn parse(s: &str) -> anyhow::Result<Self> {
+        match s {
+            "plain" => Ok(Mode::Plain),
+            "r2f" | "r2fplus" => bail!(
+                "mode `{s}` needs an R2F plan, which this build cannot produce yet; use --mode plain"
+            ),
+            other => bail!("unknown mode `{other}` (expected plain, r2f or r2fplus)"),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Plain => "plain",
+        }
+    }
+}
+
+/// Generation parameters as a user gives them; `None` takes the model's default.
+#[derive(Debug, Clone, Default)]
+pub struct Params {
+    pub steps: Option<usize>,
+    pub guidance: Option<f64>,
+    pub seed: i64,
+    pub width: Option<i64>,
+    pub height: Option<i64>,
+    pub negative_prompt: String,
+    pub t5_tokens: Option<usize>,
+}
+
+/// Parameters with every default resolved and every bound checked.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub steps: usize,
+    pub guidance: f64,
+    pub seed: i64,
+    pub width: i64,
+    pub height: i64,
+}
+
+/// Checks what can be checked without a model: a clear message for each violated bound.
+pub fn validate(prompt: &str, p: &Params, limits: &Limits) -> anyhow::Result<()> {
+    if prompt.trim().is_empty() {
+        bail!("prompt is empty");
+    }
+    if prompt.chars().count() > limits.max_prompt_chars {
+        bail!(
+            "prompt has {} characters, over the limit of {}",
+            prompt.chars().count(),
+            limits.max_prompt_chars
+        );
+    }
+    if let Some(s) = p.steps {
+        if s == 0 || s > limits.max_steps {
+            bail!("steps must be between 1 and {} (got {s})", limits.max_steps);
+        }
+    }
+    if let Some(g) = p.guidance {
+        if !g.is_finite() || !(0.0..=100.0).contains(&g) {
+            bail!("guidance must be a number between 0 and 100 (got {g})");
+        }
+    }
+    for (name, v) in [("width", p.width), ("height", p.height)] {
+        if let Some(v) = v {
+            if v <= 0 || v % 16 != 0 {
+                bail!("{name} must be a positive multiple of 16 (got {v})");
+            }
+        }
+    }
+    if let (Some(w), Some(h)) = (p.width, p.height) {
+        if w * h > limits.max_pixels {
+            bail!(
+                "image of {w}x{h} = {} pixels is over the limit of {} pixels",
+                w * h,
+                limits.max_pixels
+            );
+        }
+    }
+    if let Some(t) = p.t5_tokens {
+        if !(1..=512).contains(&t) {
+            bail!("T5 sequence length must be between 1 and 512 (got {t})");
+        }
+    }
+    Ok(())
+}
+
+/// A loaded model, ready to generate.
+pub enum Engine {
+    Sd3(Box<Sd3Pipeline>),
+}
+
+impl Engine {
+    pub fn load(model: &ModelFolder, device: Device, kind: Kind) -> anyhow::Result<Self> {
+        match model.family {
+            Family::Sd3 => Ok(Engine::Sd3(Box::new(Sd3Pipeline::load(
+                model, device, kind,
+            )?))),
+            Family::Sdxl => bail!(
+                "{} is an SDXL model: SDXL is not supported by this build yet",
+                model.root.display()
+            ),
+        }
+    }
+
+    pub fn family(&self) -> Family {
+        match self {
+            Engine::Sd3(_) => Family::Sd3,
+        }
+    }
+
+    pub fn device(&self) -> Device {
+        match self {
+            Engine::Sd3(p) => p.device(),
+        }
+    }
+
+    pub fn kind(&self) -> Kind {
+        match self {
+            Engine::Sd3(p) => p.kind(),
+        }
+    }
+
+    /// The model's defaults (diffusers' pipeline defaults) filled into `p`.
+    pub fn resolve(&self, p: &Params, limits: &Limits) -> anyhow::Result<Resolved> {
+        let (steps, guidance, size) = match self {
+            Engine::Sd3(pipe) => (
+                28,
+                7.0,
+                pipe.transformer.config().sample_size * pipe.vae_scale_factor(),
+            ),
+        };
+        let r = Resolved {
+            steps: p.steps.unwrap_or(steps),
+            guidance: p.guidance.unwrap_or(guidance),
+            seed: p.seed,
+            width: p.width.unwrap_or(size),
+            height: p.height.unwrap_or(size),
+        };
+        if r.width * r.height > limits.max_pixels {
+            bail!(
+                "image of {}x{} = {} pixels is over the limit of {} pixels",
+                r.width,
+                r.height,
+                r.width * r.height,
+                limits.max_pixels
+            );
+        }
+        Ok(r)
+    }
+
+    pub fn run(
+        &mut self,
+        prompt: &str,
+        mode: Mode,
+        p: &Params,
+        r: &Resolved,
+        on_step: &mut dyn FnMut(usize, usize),
+    ) -> anyhow::Result<Output> {
+        let mut req = match mode {
+            Mode::Plain => Request::plain(prompt, r.steps, r.guidance, r.seed, r.width, r.height),
+        };
+        req.negative_prompt = p.negative_prompt.clone();
+        match self {
+            Engine::Sd3(pipe) => {
+                pipe.t5_tokens = p
+                    .t5_tokens
+                    .unwrap_or(crate::pipelines::sd3::DEFAULT_T5_TOKENS);
+                pipe.generate(&req, on_step)
+            }
+        }
+    }
+}
+
+/// What a finished generation hands back to its caller.
+pub struct Generated {
+    pub png: Vec<u8>,
+    pub output: Output,
+    pub resolved: Resolved,
+    pub seconds: f64,
+}
+
+/// Runs one generation and encodes the PNG with its metadata in text chunks.
+#[allow(clippy::too_many_arguments)]
+pub fn generate_png(
+    engine: &mut Engine,
+    model_name: &str,
+    prompt: &str,
+    mode: Mode,
+    p: &Params,
+    limits: &Limits,
+    on_step: &mut dyn FnMut(usize, usize),
+) -> anyhow::Result<Generated> {
+    validate(prompt, p, limits)?;
+    let resolved = engine.resolve(p, limits)?;
+    let start = Instant::now();
+    let output = engine.run(prompt, mode, p, &resolved, on_step)?;
+    let text = [
+        ("prompt", prompt.to_string()),
+        ("negative_prompt", p.negative_prompt.clone()),
+        ("seed", resolved.seed.to_string()),
+        ("model", model_name.to_string()),
+        ("mode", mode.name().to_string()),
+        ("steps", resolved.steps.to_string()),
+        ("guidance", resolved.guidance.to_string()),
+        ("dtype", dtype_name(engine.kind()).to_string()),
+        ("device", device_name(engine.device())),
+        ("software", format!("r2f {}", env!("CARGO_PKG_VERSION"))),
+    ];
+    let png = encode_png(&output.image, &text)?;
+    Ok(Generated {
+        png,
+        output,
+        resolved,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// Where `--latents-out` goes.
+pub fn write_latents(path: &PathBuf, latents: &tch::Tensor) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    tch::Tensor::write_safetensors(&[("latents", latents)], path)?;
+    Ok(())
+}

@@ -1,0 +1,10 @@
+//! Model code on libtorch: weights, tokenizers, text encoders, denoisers, VAE.
+
+pub mod clip;
+pub mod hub;
+pub mod layers;
+pub mod mmdit;
+pub mod t5;
+pub mod tokenizer;
+pub mod vae;
+pub mod weights;

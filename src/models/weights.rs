@@ -1,0 +1,356 @@
+//! Weights: memory-mapped safetensors (single files or sharded with an index), scoped by name
+//! prefix the way the diffusers/transformers state dicts are laid out, converted to the wanted
+//! dtype and device tensor by tensor. A `Random` source serves benchmarks at full size without
+//! any download.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype, Metadata, SafeTensors};
+use tch::{Device, Kind, Tensor};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WeightError {
+    #[error("cannot read weights {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid safetensors file {path}: {message}")]
+    Format { path: PathBuf, message: String },
+    #[error("tensor `{name}` is missing from {location}")]
+    Missing { name: String, location: String },
+    #[error("tensor `{name}` in {file} has shape {found:?}, expected {expected:?}")]
+    Shape {
+        name: String,
+        file: PathBuf,
+        expected: Vec<i64>,
+        found: Vec<i64>,
+    },
+    #[error("tensor `{name}` in {file} has unsupported dtype {dtype}")]
+    Dtype {
+        name: String,
+        file: PathBuf,
+        dtype: String,
+    },
+    #[error("no safetensors weights found in {0}")]
+    NoWeights(PathBuf),
+    #[error("torch error on tensor `{name}`: {source}")]
+    Torch { name: String, source: tch::TchError },
+}
+
+struct MappedFile {
+    path: PathBuf,
+    mmap: Mmap,
+    data_start: usize,
+}
+
+struct Entry {
+    file: usize,
+    dtype: Dtype,
+    shape: Vec<i64>,
+    offsets: (usize, usize),
+}
+
+/// Where tensors come from.
+enum Source {
+    Files {
+        files: Vec<MappedFile>,
+        index: HashMap<String, Entry>,
+        origin: PathBuf,
+    },
+    /// Random normal values (std 0.02, norm weights 1): for speed measurements only.
+    Random { seed: i64 },
+}
+
+pub struct Weights {
+    source: Source,
+    device: Device,
+    kind: Kind,
+}
+
+impl Weights {
+    /// Memory-maps the safetensors weights of one component folder (`transformer/`, `vae/`, ...):
+    /// `*.safetensors`, preferring a `*.safetensors.index.json` shard index when present.
+    pub fn from_dir(dir: &Path, device: Device, kind: Kind) -> Result<Self, WeightError> {
+        let files = Self::weight_files(dir)?;
+        Self::from_files(&files, dir, device, kind)
+    }
+
+    fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, WeightError> {
+        let io = |source| WeightError::Io {
+            path: dir.to_path_buf(),
+            source,
+        };
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(io)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
+        entries.sort();
+        // A sharded checkpoint: the index names the shards.
+        if let Some(index) = entries
+            .iter()
+            .find(|p| p.to_string_lossy().ends_with(".safetensors.index.json"))
+            .filter(|p| !p.to_string_lossy().contains(".fp16."))
+        {
+            let text = std::fs::read_to_string(index).map_err(|source| WeightError::Io {
+                path: index.clone(),
+                source,
+            })?;
+            let json: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| WeightError::Format {
+                    path: index.clone(),
+                    message: e.to_string(),
+                })?;
+            let map = json
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| WeightError::Format {
+                    path: index.clone(),
+                    message: "no `weight_map` object".into(),
+                })?;
+            let mut shards: Vec<PathBuf> = map
+                .values()
+                .filter_map(|v| v.as_str())
+                .map(|f| dir.join(f))
+                .collect();
+            shards.sort();
+            shards.dedup();
+            return Ok(shards);
+        }
+        // Unsharded: prefer the full-precision file over a `.fp16.` variant when both exist.
+        let all: Vec<PathBuf> = entries
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+            .collect();
+        let full: Vec<PathBuf> = all
+            .iter()
+            .filter(|p| !p.to_string_lossy().contains(".fp16."))
+            .cloned()
+            .collect();
+        let chosen = if full.is_empty() { all } else { full };
+        if chosen.is_empty() {
+            return Err(WeightError::NoWeights(dir.to_path_buf()));
+        }
+        Ok(chosen)
+    }
+
+    pub fn from_files(
+        paths: &[PathBuf],
+        origin: &Path,
+        device: Device,
+        kind: Kind,
+    ) -> Result<Self, WeightError> {
+        let mut files = Vec::new();
+        let mut index = HashMap::new();
+        for path in paths {
+            let file = std::fs::File::open(path).map_err(|source| WeightError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            // SAFETY: the file is opened read-only; weights are not modified while mapped.
+            let mmap = unsafe { Mmap::map(&file) }.map_err(|source| WeightError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            let (header, meta): (usize, Metadata) =
+                SafeTensors::read_metadata(&mmap).map_err(|e| WeightError::Format {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?;
+            let file_idx = files.len();
+            for (name, info) in meta.tensors() {
+                index.insert(
+                    name,
+                    Entry {
+                        file: file_idx,
+                        dtype: info.dtype,
+                        shape: info.shape.iter().map(|&d| d as i64).collect(),
+                        offsets: info.data_offsets,
+                    },
+                );
+            }
+            files.push(MappedFile {
+                path: path.clone(),
+                mmap,
+                data_start: 8 + header,
+            });
+        }
+        Ok(Self {
+            source: Source::Files {
+                files,
+                index,
+                origin: origin.to_path_buf(),
+            },
+            device,
+            kind,
+        })
+    }
+
+    pub fn random(seed: i64, device: Device, kind: Kind) -> Self {
+        Self {
+            source: Source::Random { seed },
+            device,
+            kind,
+        }
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    pub fn is_random(&self) -> bool {
+        matches!(self.source, Source::Random { .. })
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        match &self.source {
+            Source::Files { index, .. } => index.contains_key(name),
+            Source::Random { .. } => true,
+        }
+    }
+
+    /// Names of all tensors (empty for the random source).
+    pub fn names(&self) -> Vec<String> {
+        match &self.source {
+            Source::Files { index, .. } => index.keys().cloned().collect(),
+            Source::Random { .. } => Vec::new(),
+        }
+    }
+
+    /// The tensor `name`, checked against `shape`, on the store's device in the store's dtype.
+    pub fn get(&self, name: &str, shape: &[i64]) -> Result<Tensor, WeightError> {
+        self.get_kind(name, shape, self.kind)
+    }
+
+    /// Like `get` with an explicit dtype (some tensors stay float32 whatever the model dtype).
+    pub fn get_kind(&self, name: &str, shape: &[i64], kind: Kind) -> Result<Tensor, WeightError> {
+        match &self.source {
+            Source::Random { seed } => {
+                let _ = seed;
+                let t = if name.ends_with("norm.weight")
+                    || name.contains("norm") && name.ends_with(".weight") && shape.len() == 1
+                {
+                    Tensor::ones(shape, (kind, self.device))
+                } else {
+                    Tensor::randn(shape, (kind, self.device)) * 0.02
+                };
+                Ok(t)
+            }
+            Source::Files {
+                files,
+                index,
+                origin,
+            } => {
+                let entry = index.get(name).ok_or_else(|| WeightError::Missing {
+                    name: name.to_string(),
+                    location: origin.display().to_string(),
+                })?;
+                let file = &files[entry.file];
+                if entry.shape != shape {
+                    return Err(WeightError::Shape {
+                        name: name.to_string(),
+                        file: file.path.clone(),
+                        expected: shape.to_vec(),
+                        found: entry.shape.clone(),
+                    });
+                }
+                let src_kind = match entry.dtype {
+                    Dtype::F32 => Kind::Float,
+                    Dtype::F16 => Kind::Half,
+                    Dtype::BF16 => Kind::BFloat16,
+                    Dtype::F64 => Kind::Double,
+                    Dtype::I64 => Kind::Int64,
+                    Dtype::I32 => Kind::Int,
+                    other => {
+                        return Err(WeightError::Dtype {
+                            name: name.to_string(),
+                            file: file.path.clone(),
+                            dtype: format!("{other:?}"),
+                        })
+                    }
+                };
+                let (start, end) = entry.offsets;
+                let bytes = &file.mmap[file.data_start + start..file.data_start + end];
+                let torch_err = |source| WeightError::Torch {
+                    name: name.to_string(),
+                    source,
+                };
+                let t = Tensor::f_from_data_size(bytes, shape, src_kind).map_err(torch_err)?;
+                // Move first, then convert: the conversion then runs on the device.
+                let t = t.f_to_device(self.device).map_err(torch_err)?;
+                Ok(if src_kind == kind {
+                    t
+                } else {
+                    t.f_to_kind(kind).map_err(torch_err)?
+                })
+            }
+        }
+    }
+}
+
+/// A view of the weights under a name prefix, mirroring the module tree of the checkpoint.
+#[derive(Clone)]
+pub struct Vb {
+    weights: Arc<Weights>,
+    prefix: String,
+}
+
+impl Vb {
+    pub fn new(weights: Weights) -> Self {
+        Self {
+            weights: Arc::new(weights),
+            prefix: String::new(),
+        }
+    }
+
+    pub fn pp(&self, name: impl std::fmt::Display) -> Self {
+        let prefix = if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{}", self.prefix, name)
+        };
+        Self {
+            weights: self.weights.clone(),
+            prefix,
+        }
+    }
+
+    fn full(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{}", self.prefix, name)
+        }
+    }
+
+    pub fn get(&self, name: &str, shape: &[i64]) -> Result<Tensor, WeightError> {
+        self.weights.get(&self.full(name), shape)
+    }
+
+    pub fn get_kind(&self, name: &str, shape: &[i64], kind: Kind) -> Result<Tensor, WeightError> {
+        self.weights.get_kind(&self.full(name), shape, kind)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.weights.contains(&self.full(name))
+    }
+
+    pub fn device(&self) -> Device {
+        self.weights.device()
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.weights.kind()
+    }
+
+    pub fn is_random(&self) -> bool {
+        self.weights.is_random()
+    }
+}

@@ -1,0 +1,84 @@
+//! Pipelines: encode prompts once, denoise with a per-step choice of conditioning, decode.
+
+pub mod sd3;
+
+use std::time::Duration;
+
+use tch::Tensor;
+
+/// What one generation asks for. `prompts` are the distinct prompts that condition the steps
+/// (one for a plain run; the frequent-to-rare sequence for R2F) and `step_prompt[i]` is the index
+/// of the prompt that conditions step `i`, so `step_prompt.len()` is the number of steps.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub prompts: Vec<String>,
+    pub step_prompt: Vec<usize>,
+    pub negative_prompt: String,
+    pub guidance: f64,
+    pub seed: i64,
+    pub width: i64,
+    pub height: i64,
+}
+
+impl Request {
+    /// A plain run: one prompt for every step.
+    pub fn plain(
+        prompt: &str,
+        steps: usize,
+        guidance: f64,
+        seed: i64,
+        width: i64,
+        height: i64,
+    ) -> Self {
+        Self {
+            prompts: vec![prompt.to_string()],
+            step_prompt: vec![0; steps],
+            negative_prompt: String::new(),
+            guidance,
+            seed,
+            width,
+            height,
+        }
+    }
+
+    pub fn steps(&self) -> usize {
+        self.step_prompt.len()
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Timings {
+    pub encode: Duration,
+    pub denoise: Duration,
+    pub decode: Duration,
+}
+
+pub struct Output {
+    /// Final latents before VAE decode, float32 on the CPU, `[1, C, H/f, W/f]`.
+    pub latents: Tensor,
+    /// The image as `[H, W, 3]` uint8 on the CPU.
+    pub image: Tensor,
+    pub timings: Timings,
+}
+
+/// Initial latents per the contract: libtorch's global generator seeded with `seed`, drawn on
+/// the CPU in float32, so the same seed gives the same noise on any machine.
+pub fn initial_latents(seed: i64, shape: &[i64]) -> Tensor {
+    tch::manual_seed(seed);
+    Tensor::randn(shape, (tch::Kind::Float, tch::Device::Cpu))
+}
+
+/// A decoded `[1, 3, H, W]` image in [-1, 1] -> `[H, W, 3]` uint8, as diffusers'
+/// postprocess does: `(x / 2 + 0.5).clamp(0, 1)`, then `round(x * 255)` in float32.
+pub fn to_u8_image(decoded: &Tensor) -> Tensor {
+    let x = decoded
+        .to_device(tch::Device::Cpu)
+        .to_kind(tch::Kind::Float);
+    let x = (x * 0.5 + 0.5).clamp(0.0, 1.0);
+    (x * 255.0)
+        .round()
+        .to_kind(tch::Kind::Uint8)
+        .squeeze_dim(0)
+        .permute([1, 2, 0])
+        .contiguous()
+}

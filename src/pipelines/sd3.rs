@@ -1,0 +1,331 @@
+//! The SD3 pipeline as diffusers' `StableDiffusion3Pipeline`: CLIP-L + CLIP-G penultimate
+//! features concatenated and padded (or cropped) to the T5 width, T5 tokens appended, pooled
+//! CLIP outputs concatenated; classifier-free guidance with the batch ordered [negative,
+//! positive]; flow-matching Euler steps in float32; VAE decode with scaling and shift.
+//!
+//! Each distinct prompt of a request is encoded once; every step picks its conditioning from
+//! those encodings, which is what R2F's alternating schedule needs.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::Context;
+use tch::{Device, Kind, Tensor};
+
+use super::{initial_latents, to_u8_image, Output, Request, Timings};
+use crate::device::synchronize;
+use crate::models::clip::{ClipConfig, ClipTextModel};
+use crate::models::hub::{Family, ModelFolder};
+use crate::models::mmdit::{Mmdit, MmditConfig};
+use crate::models::t5::{T5Config, T5Encoder};
+use crate::models::tokenizer::PromptTokenizer;
+use crate::models::vae::{VaeConfig, VaeDecoder};
+use crate::models::weights::{Vb, Weights};
+use crate::schedulers::flow_match::{FlowMatchConfig, FlowMatchSchedule};
+
+/// diffusers' default `max_sequence_length` for SD3.
+pub const DEFAULT_T5_TOKENS: usize = 256;
+
+pub struct Sd3Pipeline {
+    tok_l: PromptTokenizer,
+    tok_g: PromptTokenizer,
+    tok_t5: Option<PromptTokenizer>,
+    clip_l: ClipTextModel,
+    clip_g: ClipTextModel,
+    t5: Option<T5Encoder>,
+    pub transformer: Mmdit,
+    pub vae: VaeDecoder,
+    scheduler: FlowMatchConfig,
+    device: Device,
+    kind: Kind,
+    t5_kind: Kind,
+    /// T5 sequence length (256 in diffusers' pipeline, 77 in the official R2F code).
+    pub t5_tokens: usize,
+}
+
+/// A prompt's token ids: CLIP-L and CLIP-G (77 each) and T5 (`t5_tokens`, when there is a T5).
+pub struct TokenIds {
+    pub clip_l: Vec<i64>,
+    pub clip_g: Vec<i64>,
+    pub t5: Option<Vec<i64>>,
+}
+
+/// One prompt's conditioning: `[1, 77 + t5_tokens, joint_dim]` and `[1, pooled_dim]`.
+pub struct Conditioning {
+    pub context: Tensor,
+    pub pooled: Tensor,
+}
+
+fn load_weights(dir: &Path, device: Device, kind: Kind) -> anyhow::Result<Vb> {
+    Ok(Vb::new(Weights::from_dir(dir, device, kind)?))
+}
+
+impl Sd3Pipeline {
+    pub fn load(model: &ModelFolder, device: Device, kind: Kind) -> anyhow::Result<Self> {
+        if model.family != Family::Sd3 {
+            anyhow::bail!("{} is not an SD3 model folder", model.root.display());
+        }
+        let _guard = tch::no_grad_guard();
+        // T5 overflows in fp16 (known); bf16 keeps its range.
+        let t5_kind = if kind == Kind::Half {
+            Kind::BFloat16
+        } else {
+            kind
+        };
+        let start = Instant::now();
+        let step = |what: &str| tracing::info!(component = what, "loading");
+
+        step("tokenizers");
+        let tok_l = PromptTokenizer::clip(&model.require("tokenizer")?)?;
+        let tok_g = PromptTokenizer::clip(&model.require("tokenizer_2")?)?;
+        let tok_t5 = match model.component("tokenizer_3") {
+            Some(dir) => Some(PromptTokenizer::t5(&dir, DEFAULT_T5_TOKENS)?),
+            None => None,
+        };
+
+        step("text_encoder (CLIP-L)");
+        let dir = model.require("text_encoder")?;
+        let clip_l = ClipTextModel::new(
+            &load_weights(&dir, device, kind)?,
+            &ClipConfig::load(&dir)?,
+            true,
+        )
+        .with_context(|| format!("loading {}", dir.display()))?;
+        step("text_encoder_2 (CLIP-G)");
+        let dir = model.require("text_encoder_2")?;
+        let clip_g = ClipTextModel::new(
+            &load_weights(&dir, device, kind)?,
+            &ClipConfig::load(&dir)?,
+            true,
+        )
+        .with_context(|| format!("loading {}", dir.display()))?;
+        let t5 = match model.component("text_encoder_3") {
+            Some(dir) => {
+                step("text_encoder_3 (T5)");
+                Some(
+                    T5Encoder::new(
+                        &load_weights(&dir, device, t5_kind)?,
+                        &T5Config::load(&dir)?,
+                    )
+                    .with_context(|| format!("loading {}", dir.display()))?,
+                )
+            }
+            None => {
+                tracing::warn!("no text_encoder_3: T5 features are zeros, as diffusers does");
+                None
+            }
+        };
+        if t5.is_some() && tok_t5.is_none() {
+            anyhow::bail!(
+                "{}: text_encoder_3 without tokenizer_3",
+                model.root.display()
+            );
+        }
+
+        step("transformer");
+        let dir = model.require("transformer")?;
+        let transformer = Mmdit::new(
+            &load_weights(&dir, device, kind)?,
+            &MmditConfig::load(&dir)?,
+        )
+        .with_context(|| format!("loading {}", dir.display()))?;
+        step("vae");
+        let dir = model.require("vae")?;
+        let vae = VaeDecoder::new(&load_weights(&dir, device, kind)?, &VaeConfig::load(&dir)?)
+            .with_context(|| format!("loading {}", dir.display()))?;
+        let scheduler = FlowMatchConfig::load(&model.require("scheduler")?)?;
+        tracing::info!(
+            seconds = start.elapsed().as_secs_f64(),
+            model = %model.root.display(),
+            "SD3 model loaded"
+        );
+        Ok(Self {
+            tok_l,
+            tok_g,
+            tok_t5,
+            clip_l,
+            clip_g,
+            t5,
+            transformer,
+            vae,
+            scheduler,
+            device,
+            kind,
+            t5_kind,
+            t5_tokens: DEFAULT_T5_TOKENS,
+        })
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    pub fn scheduler_config(&self) -> &FlowMatchConfig {
+        &self.scheduler
+    }
+
+    /// Pixels per latent along each side.
+    pub fn vae_scale_factor(&self) -> i64 {
+        self.vae.config().scale_factor()
+    }
+
+    pub fn latent_channels(&self) -> i64 {
+        self.transformer.config().in_channels
+    }
+
+    /// Token ids as the pipeline computes them.
+    pub fn token_ids(&self, prompt: &str) -> anyhow::Result<TokenIds> {
+        let t5 = match &self.tok_t5 {
+            Some(t) => Some(t.with_length(self.t5_tokens)?.encode(prompt)?),
+            None => None,
+        };
+        Ok(TokenIds {
+            clip_l: self.tok_l.encode(prompt)?,
+            clip_g: self.tok_g.encode(prompt)?,
+            t5,
+        })
+    }
+
+    fn ids_tensor(&self, ids: &[i64]) -> Tensor {
+        Tensor::from_slice(ids).unsqueeze(0).to_device(self.device)
+    }
+
+    /// Encodes one prompt (diffusers' `encode_prompt` for one side of the CFG batch).
+    pub fn encode(&self, prompt: &str) -> anyhow::Result<Conditioning> {
+        let _guard = tch::no_grad_guard();
+        let ids = self.token_ids(prompt)?;
+        let l = self.clip_l.forward(&self.ids_tensor(&ids.clip_l));
+        let g = self.clip_g.forward(&self.ids_tensor(&ids.clip_g));
+        let joint = self.transformer.config().joint_attention_dim;
+        let clip = Tensor::cat(&[&l.penultimate, &g.penultimate], -1);
+        // F.pad to the T5 width; a negative amount crops, as in diffusers.
+        let clip_width = clip.size()[2];
+        let clip = clip.constant_pad_nd([0, joint - clip_width]);
+        let t5 = match (&self.t5, ids.t5) {
+            (Some(t5), Some(ids)) => t5.forward(&self.ids_tensor(&ids)).to_kind(self.kind),
+            // diffusers pads with zeros of the CLIP length (tokenizer_max_length) when T5 is absent.
+            _ => Tensor::zeros(
+                [1, self.tok_l.length() as i64, joint],
+                (self.kind, self.device),
+            ),
+        };
+        let context = Tensor::cat(&[clip.to_kind(self.kind), t5], 1);
+        let pooled = Tensor::cat(
+            &[
+                l.text_embeds.context("CLIP-L has no text projection")?,
+                g.text_embeds.context("CLIP-G has no text projection")?,
+            ],
+            -1,
+        )
+        .to_kind(self.kind);
+        Ok(Conditioning { context, pooled })
+    }
+
+    /// Runs a request. `on_step(i, n)` is called after each denoising step.
+    pub fn generate(
+        &self,
+        req: &Request,
+        on_step: &mut dyn FnMut(usize, usize),
+    ) -> anyhow::Result<Output> {
+        let _guard = tch::no_grad_guard();
+        let steps = req.steps();
+        if steps == 0 {
+            anyhow::bail!("at least one denoising step is needed");
+        }
+        if let Some(bad) = req.step_prompt.iter().find(|&&i| i >= req.prompts.len()) {
+            anyhow::bail!(
+                "step schedule names prompt {bad}, but only {} are given",
+                req.prompts.len()
+            );
+        }
+        let f = self.vae_scale_factor();
+        let (lh, lw) = (req.height / f, req.width / f);
+        if req.height % f != 0 || req.width % f != 0 {
+            anyhow::bail!(
+                "image size {}x{} is not a multiple of {f}",
+                req.width,
+                req.height
+            );
+        }
+        self.transformer.check_latent_size(lh, lw)?;
+        let mut timings = Timings::default();
+
+        // Encode each distinct prompt once, plus the negative prompt.
+        let t0 = Instant::now();
+        let cfg = req.guidance > 1.0;
+        let negative = if cfg {
+            Some(self.encode(&req.negative_prompt)?)
+        } else {
+            None
+        };
+        let conds = req
+            .prompts
+            .iter()
+            .map(|p| {
+                let c = self.encode(p)?;
+                Ok(match &negative {
+                    Some(n) => Conditioning {
+                        context: Tensor::cat(&[&n.context, &c.context], 0),
+                        pooled: Tensor::cat(&[&n.pooled, &c.pooled], 0),
+                    },
+                    None => c,
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        synchronize(self.device);
+        timings.encode = t0.elapsed();
+
+        let t0 = Instant::now();
+        let schedule = FlowMatchSchedule::new(&self.scheduler, steps);
+        let channels = self.latent_channels();
+        let mut latents = initial_latents(req.seed, &[1, channels, lh, lw])
+            .to_device(self.device)
+            .to_kind(self.kind);
+        let batch = if cfg { 2 } else { 1 };
+        // Timesteps go to the device once, before the loop: no host round trip per step.
+        let timesteps = Tensor::from_slice(&schedule.timesteps).to_device(self.device);
+        for i in 0..steps {
+            let cond = &conds[req.step_prompt[i]];
+            let t = timesteps.narrow(0, i as i64, 1).expand([batch], false);
+            let input = if cfg {
+                Tensor::cat(&[&latents, &latents], 0)
+            } else {
+                latents.shallow_clone()
+            };
+            let v = self
+                .transformer
+                .forward(&input, &t, &cond.context, &cond.pooled)?;
+            let v = if cfg {
+                let parts = v.chunk(2, 0);
+                &parts[0] + (&parts[1] - &parts[0]) * req.guidance
+            } else {
+                v
+            };
+            // Euler step in float32, cast back to the model dtype (the scheduler's `step`).
+            let next =
+                latents.to_kind(Kind::Float) + v.to_kind(Kind::Float) * schedule.dt(i) as f64;
+            latents = next.to_kind(self.kind);
+            on_step(i + 1, steps);
+        }
+        synchronize(self.device);
+        timings.denoise = t0.elapsed();
+
+        let t0 = Instant::now();
+        let decoded = self.vae.decode_latents(&latents);
+        let image = to_u8_image(&decoded);
+        timings.decode = t0.elapsed();
+        Ok(Output {
+            latents: latents.to_device(Device::Cpu).to_kind(Kind::Float),
+            image,
+            timings,
+        })
+    }
+
+    pub fn t5_kind(&self) -> Kind {
+        self.t5_kind
+    }
+}

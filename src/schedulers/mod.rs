@@ -1,0 +1,3 @@
+//! Noise schedulers, matched to diffusers.
+
+pub mod flow_match;

@@ -1,0 +1,162 @@
+//! `r2f generate` as a user runs it: the binary, a model folder, a PNG with metadata; and the
+//! one-line errors for invalid options.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+fn r2f() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_r2f"))
+}
+
+#[test]
+fn generate_writes_png_matching_diffusers_with_metadata_and_latents() {
+    let m = reference_json("sd3-tiny-a");
+    let r = reference("sd3-tiny-a");
+    let dir = tempfile::tempdir().unwrap();
+    let png = dir.path().join("out/img.png");
+    let lat = dir.path().join("lat.safetensors");
+    let out = r2f()
+        .args([
+            "generate", "--mode", "plain", "--device", "cpu", "--dtype", "fp32",
+        ])
+        .args(["--model", model_dir("sd3-tiny-a").to_str().unwrap()])
+        .args(["--prompt", m["prompt"].as_str().unwrap()])
+        .args(["--steps", &m["steps"].to_string()])
+        .args(["--guidance", &m["guidance"].to_string()])
+        .args(["--seed", &m["seed"].to_string()])
+        .args([
+            "--width",
+            &m["width"].to_string(),
+            "--height",
+            &m["height"].to_string(),
+        ])
+        .args(["--out", png.to_str().unwrap()])
+        .args(["--latents-out", lat.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "r2f generate failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bytes = std::fs::read(&png).unwrap();
+    let (w, h, pixels, text) = r2f::image::decode_png(&bytes).unwrap();
+    assert_eq!(
+        (w as i64, h as i64),
+        (m["width"].as_i64().unwrap(), m["height"].as_i64().unwrap())
+    );
+    let want = Vec::<u8>::try_from(r["image_u8"].view([-1])).unwrap();
+    let frac = fraction_within_one(&pixels, &want);
+    assert!(
+        frac >= 0.999,
+        "only {frac} of pixel values within 1 of diffusers'"
+    );
+    let get = |k: &str| {
+        text.iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(get("prompt").as_deref(), m["prompt"].as_str());
+    assert_eq!(get("seed"), Some(m["seed"].to_string()));
+    assert_eq!(get("mode").as_deref(), Some("plain"));
+    assert!(get("model").unwrap().contains("sd3-tiny-a"));
+
+    let latents: Vec<(String, tch::Tensor)> = tch::Tensor::read_safetensors(&lat).unwrap();
+    assert_eq!(latents.len(), 1);
+    assert_eq!(latents[0].0, "latents");
+    let e = rel_err(&latents[0].1, &r["final_latents"]);
+    assert!(e <= 1e-4, "latents-out rel err {e}");
+}
+
+fn assert_one_line_error(args: &[String], needle: &str) {
+    let out = r2f().args(args).output().unwrap();
+    assert!(!out.status.success(), "expected failure for {args:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(lines.len(), 1, "one error line expected, got: {stderr}");
+    assert!(
+        lines[0].contains(needle),
+        "error {:?} should mention {needle:?}",
+        lines[0]
+    );
+    assert!(!stderr.contains("panicked"), "no panic expected: {stderr}");
+}
+
+/// `r2f generate` with a model and extra options; the output is never written.
+fn generate_args(model: &str, extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "generate",
+        "--prompt",
+        "a frog",
+        "--out",
+        "/tmp/r2f-never.png",
+        "--device",
+        "cpu",
+        "--model",
+        model,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+#[test]
+fn invalid_options_fail_with_one_line_and_no_panic() {
+    let model = model_dir("sd3-tiny-a");
+    let model = model.to_str().unwrap();
+    assert_one_line_error(&generate_args(model, &["--width", "40"]), "multiple of 16");
+    assert_one_line_error(&generate_args(model, &["--steps", "0"]), "steps");
+    assert_one_line_error(
+        &generate_args("/nonexistent/model-folder", &[]),
+        "does not exist",
+    );
+    assert_one_line_error(&generate_args(model, &["--dtype", "fp8"]), "dtype");
+    assert_one_line_error(&generate_args(model, &["--mode", "sideways"]), "mode");
+    assert_one_line_error(&generate_args(model, &["--device", "tpu"]), "device");
+    // A folder that is not a diffusers model.
+    let tmp = tempfile::tempdir().unwrap();
+    assert_one_line_error(
+        &generate_args(tmp.path().to_str().unwrap(), &[]),
+        "model_index.json",
+    );
+    assert!(!std::path::Path::new("/tmp/r2f-never.png").exists());
+}
+
+#[test]
+fn missing_tensor_is_reported_with_its_name_and_folder() {
+    // Copy the tiny model and drop one tensor from the transformer.
+    let tmp = tempfile::tempdir().unwrap();
+    let src = model_dir("sd3-tiny-a");
+    copy_dir(&src, tmp.path());
+    let st = tmp
+        .path()
+        .join("transformer/diffusion_pytorch_model.safetensors");
+    let tensors = tch::Tensor::read_safetensors(&st).unwrap();
+    let kept: Vec<(String, tch::Tensor)> = tensors
+        .into_iter()
+        .filter(|(n, _)| n != "proj_out.weight")
+        .collect();
+    tch::Tensor::write_safetensors(&kept, &st).unwrap();
+    assert_one_line_error(
+        &generate_args(tmp.path().to_str().unwrap(), &[]),
+        "proj_out.weight",
+    );
+}
+
+fn copy_dir(src: &std::path::Path, dst: &std::path::Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        let to = dst.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to);
+        } else {
+            std::fs::copy(e.path(), to).unwrap();
+        }
+    }
+}

@@ -1,0 +1,63 @@
+//! Shared helpers for the integration tests.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use tch::{Kind, Tensor};
+
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+pub fn model_dir(config: &str) -> PathBuf {
+    fixtures().join(config)
+}
+
+/// The diffusers reference tensors of one fixture configuration.
+pub fn reference(config: &str) -> HashMap<String, Tensor> {
+    let path = fixtures().join("ref").join(format!("{config}.safetensors"));
+    Tensor::read_safetensors(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+        .into_iter()
+        .collect()
+}
+
+pub fn reference_json(config: &str) -> serde_json::Value {
+    let path = fixtures().join("ref").join(format!("{config}.json"));
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    serde_json::from_str(&text).expect("reference JSON")
+}
+
+/// max |a - b| / max |b|: the relative error we bound in parity tests.
+pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size(), "shapes differ");
+    let a = a.to_kind(Kind::Double).to_device(tch::Device::Cpu);
+    let b = b.to_kind(Kind::Double).to_device(tch::Device::Cpu);
+    let diff = (&a - &b).abs().max().double_value(&[]);
+    let scale = b.abs().max().double_value(&[]).max(1e-12);
+    diff / scale
+}
+
+pub fn ids(t: &Tensor, row: i64) -> Vec<i64> {
+    Vec::<i64>::try_from(t.get(row).to_kind(Kind::Int64)).expect("int ids")
+}
+
+/// Fraction of u8 values that differ by at most 1.
+pub fn fraction_within_one(a: &[u8], b: &[u8]) -> f64 {
+    assert_eq!(a.len(), b.len(), "image sizes differ");
+    let ok = a
+        .iter()
+        .zip(b)
+        .filter(|(x, y)| (**x as i16 - **y as i16).abs() <= 1)
+        .count();
+    ok as f64 / a.len() as f64
+}
+
+/// Asserts `rel_err(got, want) <= tol` and prints the measured error (visible with --nocapture).
+pub fn assert_close(label: &str, got: &Tensor, want: &Tensor, tol: f64) {
+    let e = rel_err(got, want);
+    eprintln!("{label}: rel err {e:.3e} (tolerance {tol:.0e})");
+    assert!(e <= tol, "{label}: rel err {e} over {tol}");
+}
