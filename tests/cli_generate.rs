@@ -160,3 +160,63 @@ fn copy_dir(src: &std::path::Path, dst: &std::path::Path) {
         }
     }
 }
+
+#[test]
+fn hub_model_id_resolves_from_the_offline_cache() {
+    // The Hugging Face cache layout: models--org--name/refs/main -> snapshots/<commit>/...
+    let home = tempfile::tempdir().unwrap();
+    let repo = home.path().join("hub/models--r2f-test--sd3-tiny");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    copy_dir(
+        &model_dir("sd3-tiny-a"),
+        &repo.join("snapshots").join(commit),
+    );
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    let png = home.path().join("hub.png");
+    let mut args = generate_args("r2f-test/sd3-tiny", &["--steps", "1", "--seed", "3"]);
+    let out_pos = args.iter().position(|a| a == "--out").unwrap();
+    args[out_pos + 1] = png.to_str().unwrap().to_string();
+    let out = r2f()
+        .args(&args)
+        .env("HF_HOME", home.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "generate from the Hub cache failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(png.exists());
+
+    // Not in the cache while offline: a clear error, no network.
+    let out = r2f()
+        .args(generate_args("r2f-test/absent", &[]))
+        .env("HF_HOME", home.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not in the Hugging Face cache"));
+}
+
+#[test]
+fn bench_runs_a_small_configuration_on_the_cpu() {
+    let out = r2f()
+        .args([
+            "bench", "--model", "sd3-tiny", "--device", "cpu", "--width", "64", "--height", "64",
+        ])
+        .args(["--steps", "2", "--warmup", "1", "--context-tokens", "16"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for key in ["ms_per_step=", "vae_decode_ms=", "gpu_memory_mib="] {
+        assert!(stdout.contains(key), "bench output lacks {key}: {stdout}");
+    }
+}
