@@ -10,6 +10,10 @@ Writes (under --out, default tests/fixtures):
     ref/sd3-tiny-a.safetensors, ref/sd3-tiny-a.json
     ref/sd3-tiny-b.safetensors, ref/sd3-tiny-b.json
     ref/tokenizers.json
+    ref/sd3-tiny-a-r2f.safetensors, ref/sd3-tiny-a-r2f.json
+                  R2F reference run (faithful alternating rare->frequent schedule, see
+                  R2F_RUN below) by a hand-written loop over the pipeline's components; the
+                  loop is checked against StableDiffusion3Pipeline.__call__ first.
 
 Everything is float32 on CPU and fully deterministic: running the script twice gives
 byte-identical files.  Install the pinned environment with scripts/requirements-fixtures.txt
@@ -53,7 +57,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 import diffusers
@@ -280,6 +284,28 @@ CONFIGS = {
         ),
     ),
 }
+# R2F reference run (docs r2f-method.md §2.1/§2.2), on sd3-tiny-a.  The levels are deliberately
+# NOT sorted: T = [M[3], M[1], N] = [20, 5, 50], so mode goes 0 -> 1 at step 20 and then never
+# reaches 2 (the official quirk); steps 20..49 keep alternating p1 (even) / p2 (odd).
+R2F_STOP_STEP_MAP = [0, 5, 10, 20, 30, 40]  # SD3: visual detail level -> stop step
+R2F_ALT_STEP = 2
+R2F_T5_TOKENS = 77  # the official R2F SD3 code encodes T5 with max_sequence_length 77
+R2F_RUN = dict(
+    config="sd3-tiny-a",
+    prompts=[
+        "a hairy animal warrior holding a tiny golden object",
+        "a hairy frog warrior holding a tiny golden object",
+        "A hairy frog warrior holding a tiny golden sword",
+    ],
+    levels=[3, 1],
+    steps=50, guidance=7.0, seed=1234, width=64, height=48,
+)
+# Plain-pipeline settings the hand loop is checked against (StableDiffusion3Pipeline.__call__).
+R2F_LOOP_CHECKS = [
+    dict(seed=42, steps=4, max_sequence_length=T5_MAX_LEN),  # = the sd3-tiny-a pipeline reference
+    dict(seed=42, steps=28, max_sequence_length=T5_MAX_LEN),
+]
+R2F_LOOP_CHECK_RTOL = 1e-6
 SCHEDULER_KWARGS = dict(num_train_timesteps=1000, shift=3.0)
 SCHEDULER_STEP_COUNTS = [1, 2, 28, 50]
 TF_TIMESTEPS = [937.5, 12.25]
@@ -667,6 +693,180 @@ def compute_references(model_dir, name, cfg):
     return pipe, tensors, meta
 
 
+# --------------------------------------------------------------------------------------------
+# R2F reference (hand-written loop over the pipeline's components).
+# --------------------------------------------------------------------------------------------
+def r2f_transitions(levels, n_prompts, steps):
+    """T = [M[l] for l in levels] + [N]; SD3 guard: a single prompt gives T = [0]."""
+    if n_prompts == 1:
+        return [0]
+    return [R2F_STOP_STEP_MAP[int(l)] for l in levels] + [steps]
+
+
+def r2f_step_prompts(transitions, n_prompts, steps):
+    """Index of the prompt conditioning each step, with the official (faithful) advance rule."""
+    rare = n_prompts - 1
+    mode, used = 0, []
+    for i in range(steps):
+        while i == transitions[mode] and transitions[mode] != 0:
+            mode += 1
+        used.append(mode if i % R2F_ALT_STEP == 0 else rare)
+    return used
+
+
+def rel_err(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@torch.no_grad()
+def r2f_loop(pipe, model_dir, prompts, levels, init, steps, guidance, max_sequence_length):
+    """One R2F SD3 sampling run, written out by hand (no pipeline __call__)."""
+    cpu = torch.device("cpu")
+    # every prompt encoded once, before the loop; CFG batch order [negative "", prompt]
+    embeds = []
+    for p in prompts:
+        pe, npe, ppe, nppe = pipe.encode_prompt(
+            prompt=p, prompt_2=p, prompt_3=p, device=cpu, num_images_per_prompt=1,
+            do_classifier_free_guidance=True,
+            negative_prompt="", negative_prompt_2="", negative_prompt_3="",
+            max_sequence_length=max_sequence_length,
+        )
+        embeds.append((torch.cat([npe, pe], dim=0), torch.cat([nppe, ppe], dim=0)))
+    transitions = r2f_transitions(levels, len(prompts), steps)
+    plan = r2f_step_prompts(transitions, len(prompts), steps)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(model_dir, subfolder="scheduler")
+    scheduler.set_timesteps(steps, device=cpu)
+    assert len(scheduler.timesteps) == steps
+    latents = init.clone()
+    rare = len(prompts) - 1
+    mode, used = 0, []
+    for i, t in enumerate(scheduler.timesteps):
+        while i == transitions[mode] and transitions[mode] != 0:
+            mode += 1
+        idx = mode if i % R2F_ALT_STEP == 0 else rare
+        used.append(idx)
+        prompt_embeds, pooled = embeds[idx]
+        latent_in = torch.cat([latents] * 2)
+        noise_pred = pipe.transformer(
+            hidden_states=latent_in, timestep=t.expand(latent_in.shape[0]),
+            encoder_hidden_states=prompt_embeds, pooled_projections=pooled, return_dict=False,
+        )[0]
+        uncond, cond = noise_pred.chunk(2)
+        noise_pred = uncond + guidance * (cond - uncond)
+        latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+    assert used == plan, (used, plan)
+    return latents, used, transitions
+
+
+@torch.no_grad()
+def decode_u8(pipe, latents):
+    sf, sh = pipe.vae.config.scaling_factor, pipe.vae.config.shift_factor
+    decoded = pipe.vae.decode(latents / sf + sh, return_dict=False)[0]
+    img = pipe.image_processor.postprocess(decoded, output_type="np")
+    return (img * 255).round().astype(np.uint8)[0]
+
+
+@torch.no_grad()
+def compute_r2f_reference(model_dir, plain_ref):
+    run = R2F_RUN
+    cfg_run = CONFIGS[run["config"]]["run"]
+    pipe = StableDiffusion3Pipeline.from_pretrained(model_dir, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to("cpu")
+    vsf = pipe.vae_scale_factor
+    prompts, rare = run["prompts"], run["prompts"][-1]
+
+    # 1) the hand loop (single-prompt plan: no switching) == diffusers' own loop
+    assert rare == cfg_run["prompt"] and run["width"] == cfg_run["width"]
+    assert run["height"] == cfg_run["height"] and run["guidance"] == cfg_run["guidance"]
+    checks = []
+    for chk in R2F_LOOP_CHECKS:
+        torch.manual_seed(chk["seed"])
+        init = torch.randn((1, 16, cfg_run["height"] // vsf, cfg_run["width"] // vsf),
+                           dtype=torch.float32)
+        mine, used, transitions = r2f_loop(
+            pipe, model_dir, [rare], [], init, chk["steps"], cfg_run["guidance"],
+            chk["max_sequence_length"])
+        assert transitions == [0] and used == [0] * chk["steps"]
+        ref = pipe(rare, latents=init.clone(), output_type="latent", negative_prompt="",
+                   height=cfg_run["height"], width=cfg_run["width"],
+                   num_inference_steps=chk["steps"], guidance_scale=cfg_run["guidance"],
+                   max_sequence_length=chk["max_sequence_length"]).images
+        err = rel_err(mine, ref)
+        entry = dict(chk, guidance=cfg_run["guidance"], prompt=rare, rel_err_vs_pipeline=err)
+        if chk["seed"] == cfg_run["seed"] and chk["steps"] == cfg_run["steps"]:
+            # the very settings of the stored plain reference: also against its final_latents
+            assert torch.equal(init, plain_ref["init_latents"])
+            entry["rel_err_vs_stored_final_latents"] = rel_err(mine, plain_ref["final_latents"])
+            assert entry["rel_err_vs_stored_final_latents"] <= R2F_LOOP_CHECK_RTOL, entry
+        assert err <= R2F_LOOP_CHECK_RTOL, entry
+        checks.append(entry)
+
+    # the R2F encodings use T5 length 77: the rare prompt's embedding must be the stored
+    # [CLIP (77) ; T5-77 (77)] pieces of the plain reference
+    pe77 = pipe.encode_prompt(prompt=rare, prompt_2=rare, prompt_3=rare, device=torch.device("cpu"),
+                              num_images_per_prompt=1, do_classifier_free_guidance=True,
+                              negative_prompt="", max_sequence_length=R2F_T5_TOKENS)[0]
+    assert pe77.shape == (1, CLIP_MAX_LEN + R2F_T5_TOKENS, 32), pe77.shape
+    assert torch.equal(pe77[:, CLIP_MAX_LEN:], plain_ref["t5_hidden_77"][1:])
+    assert torch.equal(pe77[:, :CLIP_MAX_LEN], plain_ref["prompt_embeds"][:, :CLIP_MAX_LEN])
+
+    # 2) the R2F run
+    torch.manual_seed(run["seed"])
+    init = torch.randn((1, 16, run["height"] // vsf, run["width"] // vsf), dtype=torch.float32)
+    final, used, transitions = r2f_loop(
+        pipe, model_dir, prompts, run["levels"], init, run["steps"], run["guidance"],
+        R2F_T5_TOKENS)
+    img_u8 = decode_u8(pipe, final)
+    assert img_u8.shape == (run["height"], run["width"], 3)
+
+    # 3) a plain run of the rare prompt with the same seed / steps / T5 length
+    plain, plain_used, _ = r2f_loop(
+        pipe, model_dir, [rare], [], init, run["steps"], run["guidance"], R2F_T5_TOKENS)
+    assert plain_used == [0] * run["steps"]
+    plain_vs_r2f = rel_err(final, plain)
+    assert plain_vs_r2f > 1e-3, plain_vs_r2f  # R2F must actually change the result
+
+    tensors = {
+        "r2f_init_latents": init.contiguous(),
+        "r2f_final_latents": final.contiguous(),
+        "r2f_image_u8": torch.from_numpy(img_u8).to(torch.uint8).contiguous(),
+        "r2f_plain_final_latents": plain.contiguous(),
+    }
+    meta = {
+        "model": run["config"],
+        "plan": {
+            "visual_detail_level": [str(l) for l in run["levels"]],
+            "r2f_prompt": [list(prompts)],
+        },
+        "prompt": rare,
+        "negative_prompt": "",
+        "steps": run["steps"],
+        "guidance": run["guidance"],
+        "seed": run["seed"],
+        "width": run["width"],
+        "height": run["height"],
+        "t5_tokens": R2F_T5_TOKENS,
+        "schedule": "faithful",
+        "alt_step": R2F_ALT_STEP,
+        "stop_step_map": R2F_STOP_STEP_MAP,
+        "transition_steps": transitions,
+        "r2f_step_prompt": used,
+        "plain_vs_r2f_rel_diff": plain_vs_r2f,
+        "hand_loop_checks": checks,
+        "tensors": {k: {"dtype": str(v.dtype).replace("torch.", ""), "shape": list(v.shape)}
+                    for k, v in sorted(tensors.items())},
+        "note": "r2f_final_latents: hand-written R2F loop (pipe.encode_prompt per prompt with "
+                "negative prompt \"\" and T5 max_sequence_length t5_tokens, batch [uncond, cond], "
+                "CFG, FlowMatchEulerDiscreteScheduler.step); r2f_init_latents = "
+                "torch.manual_seed(seed); torch.randn((1,16,H/f,W/f)) on CPU; "
+                "r2f_plain_final_latents: the same loop with the single prompt [prompt]; "
+                "plain_vs_r2f_rel_diff = max|r2f_final - plain_final| / max|plain_final|",
+        "versions": versions(),
+    }
+    return tensors, meta
+
+
 def versions():
     import PIL
     import safetensors
@@ -776,8 +976,22 @@ def main():
 
     dump_json(ref_dir / "tokenizers.json", tok_ref)
 
+    # R2F reference run (after everything else, so no existing output is affected)
+    name = R2F_RUN["config"]
+    plain_ref = load_file(ref_dir / f"{name}.safetensors")
+    r2f_tensors, r2f_meta = compute_r2f_reference(out / name, plain_ref)
+    save_file(r2f_tensors, ref_dir / f"{name}-r2f.safetensors", metadata={"format": "pt"})
+    dump_json(ref_dir / f"{name}-r2f.json", r2f_meta)
+
     # summary
     print(f"T5 tokenizer vocab size: {t5_vocab_size}")
+    print(f"[{R2F_RUN['config']}-r2f] step prompts: {r2f_meta['r2f_step_prompt']}")
+    for c in r2f_meta["hand_loop_checks"]:
+        print(f"    hand loop vs pipeline ({c['steps']} steps, seed {c['seed']}, "
+              f"T5 {c['max_sequence_length']}): rel err {c['rel_err_vs_pipeline']:.3e}")
+    print(f"    plain_vs_r2f_rel_diff: {r2f_meta['plain_vs_r2f_rel_diff']:.6g}")
+    for k, v in r2f_meta["tensors"].items():
+        print(f"    {k:32s} {v['dtype']:8s} {v['shape']}")
     for name, s in summary.items():
         print(f"[{name}] perturbed constant params (clip_l, clip_g, t5, transformer, vae): "
               f"{s['perturbed_params']}")

@@ -31,23 +31,6 @@ pub struct BenchReport {
     pub peak_gpu_bytes: Option<u64>,
 }
 
-/// GPU memory held by this process as the driver reports it (after a run, the caching
-/// allocator still holds its peak reservation).
-fn process_gpu_bytes() -> Option<u64> {
-    let out = std::process::Command::new("nvidia-smi")
-        .args([
-            "--query-compute-apps=pid,used_memory",
-            "--format=csv,noheader,nounits",
-        ])
-        .output()
-        .ok()?;
-    let me = std::process::id().to_string();
-    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
-        let mut parts = l.split(',').map(str::trim);
-        (parts.next()? == me).then(|| parts.next()?.parse::<u64>().ok().map(|mib| mib << 20))?
-    })
-}
-
 pub fn run(o: &BenchOptions) -> anyhow::Result<BenchReport> {
     let _guard = tch::no_grad_guard();
     tch::manual_seed(0);
@@ -115,7 +98,7 @@ pub fn run(o: &BenchOptions) -> anyhow::Result<BenchReport> {
         denoise_ms,
         vae_decode_ms,
         peak_gpu_bytes: if o.device.is_cuda() {
-            process_gpu_bytes()
+            crate::metrics::process_gpu_bytes()
         } else {
             None
         },

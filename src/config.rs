@@ -1,5 +1,5 @@
 //! Settings: the built-in `config/default.toml`, then an optional file, then `R2F__...`
-//! environment variables.
+//! environment variables. Validated at start; secrets never printed.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -20,12 +20,157 @@ pub struct Limits {
     pub max_steps: usize,
     pub max_pixels: i64,
     pub max_images_per_job: usize,
+    pub max_message_bytes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct WorkerSettings {
+    pub model: String,
+    pub device: String,
+    pub dtype: String,
+    pub prefetch: u16,
+    pub max_attempts: u32,
+    pub retry_backoff_ms: u64,
+    pub retry_backoff_max_ms: u64,
+    pub drain_timeout_secs: u64,
+    pub progress_interval_ms: u64,
+    pub warmup: bool,
+    pub name: String,
+}
+
+#[derive(Clone, Deserialize)]
+pub struct AmqpSettings {
+    pub url: String,
+    pub jobs_queue: String,
+    pub dead_letter_queue: String,
+    pub retry_queue: String,
+    pub events_exchange: String,
+    pub max_priority: u8,
+    pub reconnect_min_ms: u64,
+    pub reconnect_max_ms: u64,
+}
+
+impl AmqpSettings {
+    /// Settings with the given broker objects and the default tuning.
+    pub fn named(url: &str, jobs: &str, dead: &str, retry: &str, events: &str) -> Self {
+        Self {
+            url: url.into(),
+            jobs_queue: jobs.into(),
+            dead_letter_queue: dead.into(),
+            retry_queue: retry.into(),
+            events_exchange: events.into(),
+            max_priority: 10,
+            reconnect_min_ms: 500,
+            reconnect_max_ms: 30000,
+        }
+    }
+}
+
+impl std::fmt::Debug for AmqpSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpSettings")
+            .field("url", &redact_url(&self.url))
+            .field("jobs_queue", &self.jobs_queue)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Clone, Deserialize)]
+pub struct RedisSettings {
+    pub url: String,
+    pub key_prefix: String,
+    pub plan_ttl_secs: u64,
+    pub lock_ttl_secs: u64,
+    pub timeout_ms: u64,
+}
+
+impl std::fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisSettings")
+            .field("url", &redact_url(&self.url))
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct S3Settings {
+    pub endpoint: String,
+    pub region: String,
+    pub force_path_style: bool,
+    pub request_checksums: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct StorageSettings {
+    pub backend: String,
+    pub local_dir: String,
+    pub bucket: String,
+    pub prefix: String,
+    pub s3: S3Settings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct LlmSettings {
+    pub enabled: bool,
+    pub base_url: String,
+    pub model: String,
+    pub backend: String,
+    pub api_key_env: String,
+    pub api_key_file: String,
+    pub timeout_secs: u64,
+    pub max_attempts: u32,
+    pub retry_backoff_ms: u64,
+    pub max_reasks: u32,
+    pub max_tokens: u32,
+}
+
+impl LlmSettings {
+    /// The API key from the configured environment variable or file (None: no auth header,
+    /// as local servers need none).
+    pub fn api_key(&self) -> anyhow::Result<Option<String>> {
+        if !self.api_key_file.is_empty() {
+            let k = std::fs::read_to_string(&self.api_key_file).map_err(|e| {
+                anyhow::anyhow!("cannot read llm.api_key_file {}: {e}", self.api_key_file)
+            })?;
+            return Ok(Some(k.trim().to_string()).filter(|k| !k.is_empty()));
+        }
+        if self.api_key_env.is_empty() {
+            return Ok(None);
+        }
+        Ok(std::env::var(&self.api_key_env)
+            .ok()
+            .map(|k| k.trim().to_string())
+            .filter(|k| !k.is_empty()))
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct TlsSettings {
+    pub ca_file: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct MetricsSettings {
+    pub listen: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct LogSettings {
+    pub format: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct Settings {
     #[serde(default)]
     pub models: BTreeMap<String, ModelSettings>,
+    pub worker: WorkerSettings,
+    pub amqp: AmqpSettings,
+    pub redis: RedisSettings,
+    pub storage: StorageSettings,
+    pub llm: LlmSettings,
+    pub tls: TlsSettings,
+    pub metrics: MetricsSettings,
+    pub log: LogSettings,
     pub limits: Limits,
 }
 
@@ -39,30 +184,110 @@ impl Settings {
             if !file.exists() {
                 anyhow::bail!("config file {} does not exist", file.display());
             }
-            builder = builder.add_source(config::File::from(file));
+            builder = builder.add_source(config::File::from(file).format(config::FileFormat::Toml));
         }
         builder = builder.add_source(
             config::Environment::with_prefix("R2F")
                 .prefix_separator("__")
-                .separator("__"),
+                .separator("__")
+                .try_parsing(true),
         );
         let settings: Settings = builder
             .build()
-            .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?
+            .map_err(|e| anyhow::anyhow!("invalid configuration: {}", redact_text(&e.to_string())))?
             .try_deserialize()
-            .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+            .map_err(|e| {
+                anyhow::anyhow!("invalid configuration: {}", redact_text(&e.to_string()))
+            })?;
         settings.validate()?;
         Ok(settings)
     }
 
     fn validate(&self) -> anyhow::Result<()> {
+        let bad = |m: String| Err(anyhow::anyhow!("invalid configuration: {m}"));
         let l = &self.limits;
         if l.max_steps == 0
             || l.max_pixels < 256
             || l.max_images_per_job == 0
             || l.max_prompt_chars == 0
+            || l.max_message_bytes < 64
         {
-            anyhow::bail!("invalid configuration: limits must be positive ({l:?})");
+            return bad(format!("limits must be positive ({l:?})"));
+        }
+        let w = &self.worker;
+        if w.prefetch == 0 {
+            return bad("worker.prefetch must be at least 1".into());
+        }
+        if w.max_attempts == 0 {
+            return bad("worker.max_attempts must be at least 1".into());
+        }
+        if !self.models.contains_key(&w.model) {
+            return bad(format!(
+                "worker.model `{}` is not one of [models] ({})",
+                w.model,
+                self.models.keys().cloned().collect::<Vec<_>>().join(", ")
+            ));
+        }
+        if !["auto", "fp32", "fp16", "bf16"].contains(&w.dtype.as_str()) {
+            return bad(format!(
+                "worker.dtype `{}` is not auto, fp32, fp16 or bf16",
+                w.dtype
+            ));
+        }
+        for (name, url, schemes) in [
+            ("amqp.url", &self.amqp.url, &["amqp", "amqps"][..]),
+            ("redis.url", &self.redis.url, &["redis", "rediss"][..]),
+        ] {
+            let scheme = url.split("://").next().unwrap_or("");
+            if !url.contains("://") || !schemes.contains(&scheme) {
+                return bad(format!(
+                    "{name} `{}` must start with {}",
+                    redact_url(url),
+                    schemes
+                        .iter()
+                        .map(|s| format!("{s}://"))
+                        .collect::<Vec<_>>()
+                        .join(" or ")
+                ));
+            }
+        }
+        match self.storage.backend.as_str() {
+            "local" if self.storage.local_dir.is_empty() => {
+                return bad("storage.local_dir is empty".into())
+            }
+            "s3" if self.storage.bucket.is_empty() => return bad("storage.bucket is empty".into()),
+            "local" | "s3" => {}
+            other => return bad(format!("storage.backend `{other}` is not local or s3")),
+        }
+        if !["openai", "llama"].contains(&self.llm.backend.as_str()) {
+            return bad(format!(
+                "llm.backend `{}` is not openai or llama",
+                self.llm.backend
+            ));
+        }
+        if self.llm.enabled && !self.llm.base_url.starts_with("http") {
+            return bad(format!(
+                "llm.base_url `{}` is not an http(s) URL",
+                self.llm.base_url
+            ));
+        }
+        if self.llm.max_attempts == 0 {
+            return bad("llm.max_attempts must be at least 1".into());
+        }
+        if !["text", "json"].contains(&self.log.format.as_str()) {
+            return bad(format!(
+                "log.format `{}` is not text or json",
+                self.log.format
+            ));
+        }
+        if self.metrics.listen.parse::<std::net::SocketAddr>().is_err() {
+            return bad(format!(
+                "metrics.listen `{}` is not host:port",
+                self.metrics.listen
+            ));
+        }
+        if !self.tls.ca_file.is_empty() && !Path::new(&self.tls.ca_file).exists() {
+            return bad(format!("tls.ca_file {} does not exist", self.tls.ca_file));
         }
         Ok(())
     }
@@ -73,5 +298,81 @@ impl Settings {
             .get(name)
             .map(|m| m.source.clone())
             .unwrap_or_else(|| name.to_string())
+    }
+
+    /// Makes the CA bundle visible to every TLS client (rustls native roots read SSL_CERT_FILE).
+    pub fn apply_tls(&self) {
+        if !self.tls.ca_file.is_empty() {
+            // SAFETY: called once at start-up, before any other thread exists.
+            unsafe { std::env::set_var("SSL_CERT_FILE", &self.tls.ca_file) };
+        }
+    }
+}
+
+/// `scheme://user:password@host/...` -> `scheme://user:***@host/...`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, ""),
+    };
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{scheme}://{user}:***@{host}{path}")
+        }
+        None => url.to_string(),
+    }
+}
+
+/// Redacts every URL with credentials inside a free text (error messages).
+pub fn redact_text(text: &str) -> String {
+    text.split_inclusive(|c: char| c.is_whitespace() || c == '"' || c == '\'' || c == '`')
+        .map(|tok| {
+            if tok.contains("://") && tok.contains('@') {
+                let trimmed = tok.trim_end_matches(|c: char| {
+                    c.is_whitespace() || c == '"' || c == '\'' || c == '`'
+                });
+                let tail = &tok[trimmed.len()..];
+                let start = trimmed.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(0);
+                format!(
+                    "{}{}{}",
+                    &trimmed[..start],
+                    redact_url(&trimmed[start..]),
+                    tail
+                )
+            } else {
+                tok.to_string()
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_with_passwords_are_redacted() {
+        assert_eq!(
+            redact_url("amqp://user:s3cret@broker:5672/%2f"),
+            "amqp://user:***@broker:5672/%2f"
+        );
+        assert_eq!(
+            redact_url("redis://127.0.0.1:6379"),
+            "redis://127.0.0.1:6379"
+        );
+        let t = redact_text("cannot connect to amqps://u:hunter2@h/v: refused");
+        assert!(!t.contains("hunter2") && t.contains("u:***@h/v"), "{t}");
+    }
+
+    #[test]
+    fn defaults_load_and_validate() {
+        let s = Settings::load(None).unwrap();
+        assert_eq!(s.worker.prefetch, 1);
+        assert_eq!(s.amqp.jobs_queue, "r2f.jobs");
+        assert!(s.models.contains_key("sd3"));
     }
 }

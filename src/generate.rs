@@ -13,28 +13,56 @@ use crate::image::encode_png;
 use crate::models::hub::{Family, ModelFolder};
 use crate::pipelines::sd3::Sd3Pipeline;
 use crate::pipelines::{Output, Request};
+use crate::plan::R2fPlan;
+use crate::r2f::{step_prompts, ScheduleKind, StopStepMap};
 
 /// How the prompt conditions the steps.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Mode {
     /// The base model with the prompt alone.
     Plain,
+    /// The rare-to-frequent schedule over the plan's prompts.
+    R2f {
+        plan: R2fPlan,
+        schedule: ScheduleKind,
+    },
 }
 
 impl Mode {
-    pub fn parse(s: &str) -> anyhow::Result<Self> {
-        match s {
-            "plain" => Ok(Mode::Plain),
-            "r2f" | "r2fplus" => bail!(
-                "mode `{s}` needs an R2F plan, which this build cannot produce yet; use --mode plain"
-            ),
-            other => bail!("unknown mode `{other}` (expected plain, r2f or r2fplus)"),
-        }
-    }
-
-    pub fn name(self) -> &'static str {
+    pub fn name(&self) -> &'static str {
         match self {
             Mode::Plain => "plain",
+            Mode::R2f { .. } => "r2f",
+        }
+    }
+}
+
+/// The level -> stop-step map of a model family.
+pub fn stop_step_map(family: Family) -> StopStepMap {
+    match family {
+        Family::Sd3 => StopStepMap::SD3,
+        Family::Sdxl => StopStepMap::SDXL,
+    }
+}
+
+/// The prompt list and per-step prompt index for a mode.
+pub fn conditioning_schedule(
+    mode: &Mode,
+    prompt: &str,
+    steps: usize,
+    family: Family,
+) -> (Vec<String>, Vec<usize>) {
+    match mode {
+        Mode::Plain => (vec![prompt.to_string()], vec![0; steps]),
+        Mode::R2f { plan, schedule } => {
+            let order = step_prompts(
+                plan.prompts.len(),
+                &plan.levels,
+                steps,
+                &stop_step_map(family),
+                *schedule,
+            );
+            (plan.prompts.clone(), order)
         }
     }
 }
@@ -144,10 +172,15 @@ impl Engine {
     }
 
     /// The model's defaults (diffusers' pipeline defaults) filled into `p`.
-    pub fn resolve(&self, p: &Params, limits: &Limits) -> anyhow::Result<Resolved> {
+    /// Plain runs take diffusers' pipeline defaults; R2F runs the official R2F defaults.
+    pub fn resolve(&self, mode: &Mode, p: &Params, limits: &Limits) -> anyhow::Result<Resolved> {
         let (steps, guidance, size) = match self {
             Engine::Sd3(pipe) => (
-                28,
+                if matches!(mode, Mode::R2f { .. }) {
+                    50
+                } else {
+                    28
+                },
                 7.0,
                 pipe.transformer.config().sample_size * pipe.vae_scale_factor(),
             ),
@@ -174,20 +207,29 @@ impl Engine {
     pub fn run(
         &mut self,
         prompt: &str,
-        mode: Mode,
+        mode: &Mode,
         p: &Params,
         r: &Resolved,
         on_step: &mut dyn FnMut(usize, usize),
     ) -> anyhow::Result<Output> {
-        let mut req = match mode {
-            Mode::Plain => Request::plain(prompt, r.steps, r.guidance, r.seed, r.width, r.height),
+        let (prompts, step_prompt) = conditioning_schedule(mode, prompt, r.steps, self.family());
+        let req = Request {
+            prompts,
+            step_prompt,
+            negative_prompt: p.negative_prompt.clone(),
+            guidance: r.guidance,
+            seed: r.seed,
+            width: r.width,
+            height: r.height,
         };
-        req.negative_prompt = p.negative_prompt.clone();
         match self {
             Engine::Sd3(pipe) => {
-                pipe.t5_tokens = p
-                    .t5_tokens
-                    .unwrap_or(crate::pipelines::sd3::DEFAULT_T5_TOKENS);
+                // diffusers' SD3 pipeline encodes T5 at 256 tokens; the official R2F code at 77.
+                let default_t5 = match mode {
+                    Mode::Plain => crate::pipelines::sd3::DEFAULT_T5_TOKENS,
+                    Mode::R2f { .. } => crate::pipelines::sd3::R2F_T5_TOKENS,
+                };
+                pipe.t5_tokens = p.t5_tokens.unwrap_or(default_t5);
                 pipe.generate(&req, on_step)
             }
         }
@@ -208,13 +250,13 @@ pub fn generate_png(
     engine: &mut Engine,
     model_name: &str,
     prompt: &str,
-    mode: Mode,
+    mode: &Mode,
     p: &Params,
     limits: &Limits,
     on_step: &mut dyn FnMut(usize, usize),
 ) -> anyhow::Result<Generated> {
     validate(prompt, p, limits)?;
-    let resolved = engine.resolve(p, limits)?;
+    let resolved = engine.resolve(mode, p, limits)?;
     let start = Instant::now();
     let output = engine.run(prompt, mode, p, &resolved, on_step)?;
     let text = [
@@ -223,6 +265,13 @@ pub fn generate_png(
         ("seed", resolved.seed.to_string()),
         ("model", model_name.to_string()),
         ("mode", mode.name().to_string()),
+        (
+            "plan",
+            match mode {
+                Mode::R2f { plan, .. } => plan.to_official_json().to_string(),
+                Mode::Plain => String::new(),
+            },
+        ),
         ("steps", resolved.steps.to_string()),
         ("guidance", resolved.guidance.to_string()),
         ("dtype", dtype_name(engine.kind()).to_string()),

@@ -10,9 +10,14 @@ use r2f::config::Settings;
 use r2f::device::{
     default_device, default_dtype, device_name, dtype_name, parse_device, parse_dtype,
 };
-use r2f::generate::{generate_png, validate, write_latents, Engine, Mode, Params};
+use r2f::generate::{
+    conditioning_schedule, generate_png, validate, write_latents, Engine, Mode, Params,
+};
 use r2f::image::write_atomic;
 use r2f::models::hub;
+use r2f::models::hub::Family;
+use r2f::plan::{Plan, R2fPlan};
+use r2f::r2f::ScheduleKind;
 
 #[derive(Parser)]
 #[command(
@@ -34,9 +39,40 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Generate one image in-process, without a broker.
-    Generate(GenerateArgs),
+    Generate(Box<GenerateArgs>),
     /// Measure denoising and VAE speed at full size with random weights (no download).
     Bench(BenchArgs),
+    /// Print the prompt that conditions each step of an R2F plan, as a JSON array.
+    Schedule(ScheduleArgs),
+    /// The daemon: consume jobs, plan, generate, store, publish results, serve metrics.
+    Worker,
+    /// Ask the configured LLM (through the plan cache) and print the plan as JSON.
+    Plan {
+        #[arg(long)]
+        prompt: String,
+        /// r2f or r2fplus.
+        #[arg(long, default_value = "r2f")]
+        mode: String,
+    },
+    /// Publish jobs (one JSON object a line) with publisher confirms.
+    Enqueue {
+        /// A JSON-lines file (`-` for standard input).
+        file: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct ScheduleArgs {
+    /// An R2F plan in the official JSON shape.
+    #[arg(long)]
+    plan: PathBuf,
+    #[arg(long)]
+    steps: usize,
+    /// sd3 or sdxl (selects the level -> stop-step map).
+    #[arg(long)]
+    model: String,
+    #[arg(long, default_value = "faithful")]
+    schedule: String,
 }
 
 #[derive(clap::Args)]
@@ -61,9 +97,15 @@ struct GenerateArgs {
     height: Option<i64>,
     #[arg(long, default_value = "")]
     negative_prompt: String,
-    /// plain (the base model). r2f and r2fplus need a plan.
-    #[arg(long, default_value = "plain")]
-    mode: String,
+    /// r2f or plain (default: r2f when --plan is given, else plain).
+    #[arg(long)]
+    mode: Option<String>,
+    /// An R2F plan in the official JSON shape (skips the LLM).
+    #[arg(long)]
+    plan: Option<PathBuf>,
+    /// faithful (the official loop, quirks included) or clean (each concept's own stop step).
+    #[arg(long, default_value = "faithful")]
+    schedule: String,
     /// fp32, fp16 or bf16 (default: fp16 on CUDA, fp32 on the CPU).
     #[arg(long)]
     dtype: Option<String>,
@@ -130,8 +172,72 @@ fn device_and_dtype(
     Ok((device, kind))
 }
 
+/// Reads an R2F plan file (either official shape; R2F+ plans are not accepted here).
+fn read_r2f_plan(path: &std::path::Path) -> anyhow::Result<R2fPlan> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read plan {}: {e}", path.display()))?;
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("plan {} is not valid JSON: {e}", path.display()))?;
+    match Plan::from_json(&value, "") {
+        Ok(Plan::R2f(p)) => Ok(p),
+        Ok(Plan::Regions(_)) => anyhow::bail!(
+            "plan {} is an R2F+ (regions) plan; r2fplus is not supported yet",
+            path.display()
+        ),
+        Err(e) => anyhow::bail!("invalid plan {}: {e}", path.display()),
+    }
+}
+
+fn cmd_schedule(a: ScheduleArgs) -> anyhow::Result<()> {
+    let family = match a.model.as_str() {
+        "sd3" => Family::Sd3,
+        "sdxl" => Family::Sdxl,
+        other => anyhow::bail!("unknown model `{other}` (expected sd3 or sdxl)"),
+    };
+    if a.steps == 0 {
+        anyhow::bail!("steps must be at least 1");
+    }
+    let schedule = ScheduleKind::parse(&a.schedule).map_err(anyhow::Error::msg)?;
+    let plan = read_r2f_plan(&a.plan)?;
+    let mode = Mode::R2f { plan, schedule };
+    let (prompts, order) = conditioning_schedule(&mode, "", a.steps, family);
+    let per_step: Vec<&String> = order.iter().map(|&i| &prompts[i]).collect();
+    println!("{}", serde_json::to_string_pretty(&per_step)?);
+    Ok(())
+}
+
 fn cmd_generate(settings: &Settings, a: GenerateArgs) -> anyhow::Result<()> {
-    let mode = Mode::parse(&a.mode)?;
+    let schedule = ScheduleKind::parse(&a.schedule).map_err(anyhow::Error::msg)?;
+    let mode_name = a
+        .mode
+        .clone()
+        .unwrap_or_else(|| if a.plan.is_some() { "r2f" } else { "plain" }.to_string());
+    let mode = match mode_name.as_str() {
+        "plain" => Mode::Plain,
+        "r2f" => match &a.plan {
+            Some(path) => Mode::R2f {
+                plan: read_r2f_plan(path)?,
+                schedule,
+            },
+            None => {
+                let planner = r2f::plan::llm::planner(settings)?.ok_or_else(|| {
+                    anyhow::anyhow!("mode r2f needs a plan: pass --plan FILE or enable [llm]")
+                })?;
+                let metrics = r2f::metrics::Metrics::new();
+                let plan = runtime()?
+                    .block_on(r2f::plan::Planner::plan(
+                        planner.as_ref(),
+                        &a.prompt,
+                        &metrics,
+                    ))
+                    .map_err(|e| anyhow::anyhow!("planning failed: {e}"))?;
+                tracing::info!(plan = %plan.to_official_json(), "plan from the LLM");
+                Mode::R2f { plan, schedule }
+            }
+        },
+        "r2fplus" => anyhow::bail!("mode r2fplus is not supported yet"),
+        other => anyhow::bail!("unknown mode `{other}` (expected r2f, r2fplus or plain)"),
+    };
     let params = Params {
         steps: a.steps,
         guidance: a.guidance,
@@ -163,7 +269,7 @@ fn cmd_generate(settings: &Settings, a: GenerateArgs) -> anyhow::Result<()> {
         &mut engine,
         &a.model,
         &a.prompt,
-        mode,
+        &mode,
         &params,
         &settings.limits,
         &mut on_step,
@@ -245,12 +351,90 @@ fn cmd_bench(a: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+fn cmd_worker(settings: Settings) -> anyhow::Result<()> {
+    runtime()?.block_on(async move {
+        let mut shutdown = r2f::worker::shutdown_signal();
+        let planner = r2f::plan::planner_from_settings(&settings)?;
+        match r2f::worker::Worker::start(settings, &mut shutdown, planner).await? {
+            Some(worker) => worker.run(shutdown).await,
+            None => Ok(()),
+        }
+    })
+}
+
+fn cmd_enqueue(settings: Settings, file: PathBuf) -> anyhow::Result<()> {
+    let reader: Box<dyn std::io::BufRead> = if file.as_os_str() == "-" {
+        Box::new(std::io::BufReader::new(std::io::stdin()))
+    } else {
+        Box::new(std::io::BufReader::new(
+            std::fs::File::open(&file)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?,
+        ))
+    };
+    let report = runtime()?.block_on(r2f::enqueue::enqueue(&settings, reader))?;
+    for (line, reason) in &report.refused {
+        eprintln!("line {line}: not published: {reason}");
+    }
+    println!(
+        "{} published (confirmed by the broker), {} refused",
+        report.accepted.len(),
+        report.refused.len()
+    );
+    if report.refused.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!("{} line(s) were not published", report.refused.len())
+    }
+}
+
+fn cmd_plan(settings: Settings, prompt: String, mode: String) -> anyhow::Result<()> {
+    use r2f::plan::llm::PlanMode;
+    let mode = match mode.as_str() {
+        "r2f" => PlanMode::R2f,
+        "r2fplus" => PlanMode::R2fPlus,
+        other => anyhow::bail!("unknown mode `{other}` (expected r2f or r2fplus)"),
+    };
+    if prompt.trim().is_empty() {
+        anyhow::bail!("prompt is empty");
+    }
+    let planner = r2f::plan::llm::planner(&settings)?.ok_or_else(|| {
+        anyhow::anyhow!("the LLM is disabled in the configuration ([llm] enabled)")
+    })?;
+    let metrics = r2f::metrics::Metrics::new();
+    let plan = runtime()?
+        .block_on(planner.plan_value(prompt.trim(), mode, &metrics))
+        .map_err(|e| anyhow::anyhow!("planning failed: {e}"))?;
+    println!("{}", serde_json::to_string_pretty(&plan)?);
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_json);
-    let result = Settings::load(cli.config.as_deref()).and_then(|settings| match cli.command {
-        Command::Generate(a) => cmd_generate(&settings, a),
+    let settings = Settings::load(cli.config.as_deref());
+    let json_logs = cli.log_json
+        || settings
+            .as_ref()
+            .map(|s| s.log.format == "json")
+            .unwrap_or(false);
+    if let Ok(s) = &settings {
+        // Before any thread exists: the CA bundle for every TLS client.
+        s.apply_tls();
+    }
+    init_tracing(json_logs);
+    let result = settings.and_then(|settings| match cli.command {
+        Command::Generate(a) => cmd_generate(&settings, *a),
         Command::Bench(a) => cmd_bench(a),
+        Command::Schedule(a) => cmd_schedule(a),
+        Command::Worker => cmd_worker(settings),
+        Command::Plan { prompt, mode } => cmd_plan(settings, prompt, mode),
+        Command::Enqueue { file } => cmd_enqueue(settings, file),
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

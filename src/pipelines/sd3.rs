@@ -25,6 +25,8 @@ use crate::schedulers::flow_match::{FlowMatchConfig, FlowMatchSchedule};
 
 /// diffusers' default `max_sequence_length` for SD3.
 pub const DEFAULT_T5_TOKENS: usize = 256;
+/// The T5 length of the official R2F SD3 pipeline (`tokenizer_max_length`).
+pub const R2F_T5_TOKENS: usize = 77;
 
 pub struct Sd3Pipeline {
     tok_l: PromptTokenizer,

@@ -1,0 +1,61 @@
+//! `r2f enqueue FILE.jsonl`: publish jobs (one JSON object a line) with publisher confirms.
+
+use std::io::BufRead;
+
+use lapin::types::ShortString;
+
+use crate::config::Settings;
+use crate::worker::amqp;
+
+pub struct EnqueueReport {
+    pub accepted: Vec<String>,
+    /// (line number, reason)
+    pub refused: Vec<(usize, String)>,
+}
+
+/// Publishes each line; lines that are not JSON objects with an `id` are refused locally (a
+/// worker would only dead-letter them). Every accepted message was confirmed by the broker.
+pub async fn enqueue(settings: &Settings, input: impl BufRead) -> anyhow::Result<EnqueueReport> {
+    let s = &settings.amqp;
+    let conn = amqp::connect(s, "r2f-enqueue").await?;
+    let ch = amqp::confirm_channel(&conn).await?;
+    amqp::declare_topology(&ch, s).await?;
+    let mut report = EnqueueReport {
+        accepted: Vec::new(),
+        refused: Vec::new(),
+    };
+    for (i, line) in input.lines().enumerate() {
+        let lineno = i + 1;
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let value: serde_json::Value = match serde_json::from_str(&line) {
+            Ok(v) => v,
+            Err(e) => {
+                report
+                    .refused
+                    .push((lineno, format!("not valid JSON: {e}")));
+                continue;
+            }
+        };
+        let Some(id) = value.get("id").and_then(|v| v.as_str()).map(str::to_string) else {
+            report.refused.push((lineno, "no string `id` field".into()));
+            continue;
+        };
+        let priority = value
+            .get("priority")
+            .and_then(|p| p.as_u64())
+            .map(|p| p.min(s.max_priority as u64) as u8)
+            .unwrap_or(0);
+        let props = amqp::json_props()
+            .with_message_id(ShortString::from(id.as_str()))
+            .with_timestamp(amqp::now_unix())
+            .with_priority(priority);
+        amqp::publish_confirmed(&ch, "", &s.jobs_queue, line.as_bytes(), props).await?;
+        report.accepted.push(id);
+    }
+    let _ = ch.close(200, "done".into()).await;
+    let _ = conn.close(200, "done".into()).await;
+    Ok(report)
+}

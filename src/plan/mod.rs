@@ -1,0 +1,392 @@
+//! R2F and R2F+ plans: the canonical types, and the two official JSON shapes jobs may carry
+//! (and that the LLM answers are turned into).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Why no plan could be had: `transient` failures (LLM unreachable, rate limited) are retried
+/// by the worker; the others (an answer that stays unusable) fail the job.
+#[derive(Debug, Clone)]
+pub struct PlanError {
+    pub transient: bool,
+    pub message: String,
+}
+
+impl std::fmt::Display for PlanError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+pub type PlanFuture<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<R2fPlan, PlanError>> + Send + 'a>>;
+
+pub mod llm;
+pub mod parse;
+pub mod template;
+
+/// The planner the settings configure: the LLM behind the Redis plan cache, or None when
+/// `llm.enabled` is false.
+pub fn planner_from_settings(
+    settings: &crate::config::Settings,
+) -> anyhow::Result<Option<std::sync::Arc<dyn Planner>>> {
+    Ok(llm::planner(settings)?.map(|p| p as std::sync::Arc<dyn Planner>))
+}
+
+/// Something that turns a prompt into an R2F plan (the LLM behind the plan cache).
+pub trait Planner: Send + Sync {
+    fn plan<'a>(&'a self, prompt: &'a str, metrics: &'a crate::metrics::Metrics) -> PlanFuture<'a>;
+}
+
+/// An R2F plan: prompts `p0 ... pK` from frequent to rare (`pK` is the rare prompt) and one
+/// visual-detail level (0..=5) per rare concept.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct R2fPlan {
+    pub prompts: Vec<String>,
+    pub levels: Vec<u8>,
+}
+
+impl R2fPlan {
+    /// The plan of a prompt without rare concepts: the prompt alone.
+    pub fn plain(prompt: &str) -> Self {
+        Self {
+            prompts: vec![prompt.to_string()],
+            levels: vec![0],
+        }
+    }
+
+    /// The official JSON shape: `{"visual_detail_level": "3" | ["3","5"], "r2f_prompt": [[...]]}`.
+    pub fn to_official_json(&self) -> Value {
+        let levels: Vec<String> = self.levels.iter().map(|l| l.to_string()).collect();
+        let level = if levels.len() == 1 {
+            Value::String(levels[0].clone())
+        } else {
+            Value::from(levels)
+        };
+        serde_json::json!({"visual_detail_level": level, "r2f_prompt": [self.prompts]})
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.prompts.is_empty() {
+            return Err("r2f_prompt holds no prompt".into());
+        }
+        if let Some(i) = self.prompts.iter().position(|p| p.trim().is_empty()) {
+            return Err(format!("r2f_prompt entry {i} is empty"));
+        }
+        if let Some(l) = self.levels.iter().find(|&&l| l > 5) {
+            return Err(format!("visual detail level {l} is outside 0..5"));
+        }
+        if self.prompts.len() > 1 && self.levels.len() != self.prompts.len() - 1 {
+            return Err(format!(
+                "{} prompts need {} visual detail levels, got {}",
+                self.prompts.len(),
+                self.prompts.len() - 1,
+                self.levels.len()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One object of an R2F+ plan.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RegionObject {
+    pub prompt: String,
+    pub object: String,
+    pub r2f: Vec<String>,
+    pub visual_detail_levels: Vec<u8>,
+    pub bbox: [f64; 4],
+}
+
+/// An R2F+ plan: a base prompt with `#N` placeholders and one region per object.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RegionPlan {
+    pub original_prompt: String,
+    pub base_prompt: String,
+    pub objects: BTreeMap<String, RegionObject>,
+}
+
+fn placeholders(s: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'#' {
+            let mut j = i + 1;
+            while j < b.len() && b[j].is_ascii_digit() {
+                j += 1;
+            }
+            if j > i + 1 {
+                out.push(s[i..j].to_string());
+            }
+            i = j;
+        } else {
+            i += 1;
+        }
+    }
+    out
+}
+
+impl RegionPlan {
+    /// The validation rules of the official `R2FplusDiffusionPrompt.from_json`.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.objects.is_empty() {
+            return Err("objects is empty".into());
+        }
+        for (key, o) in &self.objects {
+            let keys = placeholders(&o.prompt);
+            if keys.len() != 1 || keys[0] != *key {
+                return Err(format!(
+                    "object {key}: prompt must contain exactly one placeholder, {key}"
+                ));
+            }
+            if o.r2f.len() != o.visual_detail_levels.len() {
+                return Err(format!(
+                    "object {key}: {} r2f prompts but {} visual detail levels",
+                    o.r2f.len(),
+                    o.visual_detail_levels.len()
+                ));
+            }
+            if o.visual_detail_levels.iter().any(|&l| l > 5) {
+                return Err(format!("object {key}: visual detail levels must be 0..5"));
+            }
+            if o.visual_detail_levels.windows(2).any(|w| w[0] > w[1]) {
+                return Err(format!(
+                    "object {key}: visual detail levels must not decrease"
+                ));
+            }
+            let [x0, y0, x1, y1] = o.bbox;
+            let ok = |v: f64| (0.0..=1.0).contains(&v);
+            if !(ok(x0) && ok(y0) && ok(x1) && ok(y1) && x0 <= x1 && y0 <= y1) {
+                return Err(format!(
+                    "object {key}: bbox {:?} is not [x_min, y_min, x_max, y_max] within [0, 1]",
+                    o.bbox
+                ));
+            }
+        }
+        let in_base = placeholders(&self.base_prompt);
+        if in_base.len() != self.objects.len() {
+            return Err(format!(
+                "base_prompt has {} placeholders for {} objects",
+                in_base.len(),
+                self.objects.len()
+            ));
+        }
+        for n in 1..=self.objects.len() {
+            let key = format!("#{n}");
+            if !in_base.contains(&key) || !self.objects.contains_key(&key) {
+                return Err(format!("{key} is missing from base_prompt or objects"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A plan of either kind.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Plan {
+    R2f(R2fPlan),
+    Regions(RegionPlan),
+}
+
+fn levels_from(v: &Value) -> Result<Vec<u8>, String> {
+    let digit = |s: &str| -> Result<u8, String> {
+        let t = s.trim();
+        t.parse::<u8>()
+            .map_err(|_| format!("visual detail level `{t}` is not a number"))
+    };
+    match v {
+        // Single-object files carry one string, e.g. "4" (a multi-digit string holds one level
+        // per character, as the official loader iterates it).
+        Value::String(s) => {
+            let t = s.trim();
+            if t.is_empty() {
+                return Err("visual_detail_level is empty".into());
+            }
+            if t.chars().all(|c| c.is_ascii_digit()) {
+                Ok(t.chars().map(|c| c as u8 - b'0').collect())
+            } else {
+                Err(format!("visual detail level `{t}` is not a number"))
+            }
+        }
+        Value::Number(n) => n
+            .as_u64()
+            .filter(|&n| n <= 255)
+            .map(|n| vec![n as u8])
+            .ok_or_else(|| format!("visual detail level {n} is not a small integer")),
+        Value::Array(a) => a
+            .iter()
+            .map(|x| match x {
+                Value::String(s) => digit(s),
+                Value::Number(n) => n
+                    .as_u64()
+                    .filter(|&n| n <= 255)
+                    .map(|n| n as u8)
+                    .ok_or_else(|| format!("visual detail level {n} is not a small integer")),
+                other => Err(format!("visual detail level {other} is not a number")),
+            })
+            .collect(),
+        other => Err(format!(
+            "visual_detail_level must be a string or a list, got {other}"
+        )),
+    }
+}
+
+impl Plan {
+    /// Reads a plan in either official shape and validates it.
+    pub fn from_json(v: &Value, _prompt: &str) -> Result<Self, String> {
+        let obj = v.as_object().ok_or("a plan must be a JSON object")?;
+        if obj.contains_key("objects") {
+            let plan: RegionPlan = serde_json::from_value(v.clone())
+                .map_err(|e| format!("not a valid R2F+ plan: {e}"))?;
+            plan.validate()?;
+            return Ok(Plan::Regions(plan));
+        }
+        let level = obj
+            .get("visual_detail_level")
+            .ok_or("missing visual_detail_level")?;
+        let prompts_v = obj.get("r2f_prompt").ok_or("missing r2f_prompt")?;
+        let list = match prompts_v {
+            // The official shape is a one-element outer list.
+            Value::Array(outer) if outer.len() == 1 && outer[0].is_array() => &outer[0],
+            Value::Array(outer) if outer.iter().all(|x| x.is_string()) => prompts_v,
+            Value::Array(outer) if outer.len() != 1 => {
+                return Err(format!(
+                    "r2f_prompt must be a one-element list of prompt lists, got {} lists",
+                    outer.len()
+                ))
+            }
+            _ => return Err("r2f_prompt must be a list of prompt lists".into()),
+        };
+        let prompts = list
+            .as_array()
+            .ok_or("r2f_prompt must hold a list of strings")?
+            .iter()
+            .map(|p| {
+                p.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| format!("r2f_prompt entry {p} is not a string"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let plan = R2fPlan {
+            prompts,
+            levels: levels_from(level)?,
+        };
+        plan.validate()?;
+        Ok(Plan::R2f(plan))
+    }
+
+    pub fn to_json(&self) -> Value {
+        match self {
+            Plan::R2f(p) => p.to_official_json(),
+            Plan::Regions(p) => serde_json::to_value(p).unwrap_or(Value::Null),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn single_object_shape_with_string_level() {
+        let v = json!({"visual_detail_level": "4",
+                       "r2f_prompt": [["A hairy sea animal", "A hairy octopus"]]});
+        let Plan::R2f(p) = Plan::from_json(&v, "A hairy octopus").unwrap() else {
+            panic!("an R2F plan")
+        };
+        assert_eq!(p.levels, vec![4]);
+        assert_eq!(p.prompts.len(), 2);
+        assert_eq!(p.to_official_json(), v);
+    }
+
+    #[test]
+    fn multi_object_shape_with_level_list_keeps_llm_order() {
+        let v = json!({"visual_detail_level": ["5", "3"], "r2f_prompt": [[
+            "a hairy fish and two spotted shellfish",
+            "a hairy shark and two spotted shellfish",
+            "a hairy shark and two spotted clams"]]});
+        let Plan::R2f(p) = Plan::from_json(&v, "").unwrap() else {
+            panic!()
+        };
+        assert_eq!(p.levels, vec![5, 3]);
+        assert_eq!(p.prompts[2], "a hairy shark and two spotted clams");
+    }
+
+    #[test]
+    fn single_prompt_plans_are_accepted_whatever_the_level() {
+        for level in ["0", "1"] {
+            let v = json!({"visual_detail_level": level, "r2f_prompt": [["An oval shaped table"]]});
+            assert!(Plan::from_json(&v, "").is_ok());
+        }
+    }
+
+    #[test]
+    fn invalid_r2f_plans_fail_with_the_reason() {
+        let cases = [
+            (json!({"r2f_prompt": [["a", "b"]]}), "visual_detail_level"),
+            (json!({"visual_detail_level": "3"}), "r2f_prompt"),
+            (
+                json!({"visual_detail_level": "7", "r2f_prompt": [["a", "b"]]}),
+                "outside",
+            ),
+            (
+                json!({"visual_detail_level": ["3", "4"], "r2f_prompt": [["a", "b"]]}),
+                "need 1",
+            ),
+            (
+                json!({"visual_detail_level": "x", "r2f_prompt": [["a", "b"]]}),
+                "not a number",
+            ),
+            (
+                json!({"visual_detail_level": "3", "r2f_prompt": [["a", ""]]}),
+                "empty",
+            ),
+            (
+                json!({"visual_detail_level": "3", "r2f_prompt": [[1, 2]]}),
+                "not a string",
+            ),
+            (json!(["not", "an", "object"]), "JSON object"),
+        ];
+        for (v, needle) in cases {
+            let e = Plan::from_json(&v, "").unwrap_err();
+            assert!(e.contains(needle), "{v}: {e} should mention {needle}");
+        }
+    }
+
+    fn region_plan() -> Value {
+        json!({"original_prompt": "a hairy shark and a spotted clam", "base_prompt": "#1 and #2",
+               "objects": {
+                 "#1": {"prompt": "#1", "object": "a hairy shark", "r2f": ["a hairy animal"],
+                        "visual_detail_levels": [5], "bbox": [0.1, 0.2, 0.4, 0.6]},
+                 "#2": {"prompt": "a photo of #2", "object": "a spotted clam", "r2f": [],
+                        "visual_detail_levels": [], "bbox": [0.6, 0.4, 0.8, 0.6]}}})
+    }
+
+    #[test]
+    fn region_plan_validates_like_the_official_loader() {
+        assert!(matches!(
+            Plan::from_json(&region_plan(), "").unwrap(),
+            Plan::Regions(_)
+        ));
+        let mut bad = region_plan();
+        bad["objects"]["#1"]["bbox"] = json!([0.5, 0.75, 0.4, 0.3]);
+        assert!(Plan::from_json(&bad, "").unwrap_err().contains("bbox"));
+        let mut bad = region_plan();
+        bad["objects"]["#1"]["visual_detail_levels"] = json!([5, 3]);
+        assert!(Plan::from_json(&bad, "").unwrap_err().contains("levels"));
+        let mut bad = region_plan();
+        bad["base_prompt"] = json!("#1 only");
+        assert!(Plan::from_json(&bad, "")
+            .unwrap_err()
+            .contains("placeholders"));
+        let mut bad = region_plan();
+        bad["objects"]["#2"]["prompt"] = json!("#1 and #2");
+        assert!(Plan::from_json(&bad, "")
+            .unwrap_err()
+            .contains("exactly one"));
+    }
+}

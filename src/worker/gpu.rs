@@ -1,0 +1,225 @@
+//! The GPU side of the worker: one thread owns the loaded model and runs jobs one at a time, so
+//! the async side never blocks on tensor work. Panics and errors inside a job become that job's
+//! `model` failure; a CUDA error that poisons the context marks the worker wedged.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::Settings;
+use crate::device::{default_device, default_dtype, parse_device, parse_dtype};
+use crate::generate::{generate_png, Engine, Mode, Params};
+use crate::metrics::Metrics;
+use crate::models::hub;
+use crate::pipelines::Timings;
+
+/// One image of a job, encoded.
+pub struct GeneratedImage {
+    pub png: Vec<u8>,
+    pub width: i64,
+    pub height: i64,
+    pub steps: usize,
+    pub timings: Timings,
+}
+
+pub struct GpuTask {
+    pub model_name: String,
+    pub prompt: String,
+    pub mode: Mode,
+    pub params: Params,
+    pub num_images: usize,
+    /// (step done, total steps over all images).
+    pub progress: mpsc::UnboundedSender<(usize, usize)>,
+    pub reply: oneshot::Sender<Result<Vec<GeneratedImage>, String>>,
+}
+
+pub struct GpuWorker {
+    tx: std::sync::mpsc::Sender<GpuTask>,
+}
+
+/// CUDA errors after which the context cannot be trusted (the process must restart).
+fn is_fatal_cuda_error(msg: &str) -> bool {
+    let m = msg.to_ascii_lowercase();
+    [
+        "illegal memory access",
+        "device-side assert",
+        "unspecified launch failure",
+        "cuda error: an illegal instruction",
+        "misaligned address",
+        "uncorrectable ecc",
+        "cudaerrorlaunchfailure",
+    ]
+    .iter()
+    .any(|p| m.contains(p))
+}
+
+fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic in the model code".into()
+    }
+}
+
+impl GpuWorker {
+    /// Loads the configured model on a dedicated thread; the returned receiver yields once the
+    /// model is loaded and warm (or failed to load).
+    pub fn start(
+        settings: &Settings,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<(Self, oneshot::Receiver<anyhow::Result<()>>)> {
+        let (tx, rx) = std::sync::mpsc::channel::<GpuTask>();
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let settings = settings.clone();
+        std::thread::Builder::new()
+            .name("r2f-gpu".into())
+            .spawn(move || {
+                let loaded = (|| -> anyhow::Result<Engine> {
+                    let w = &settings.worker;
+                    let device = match w.device.as_str() {
+                        "auto" => default_device(),
+                        d => parse_device(d)?,
+                    };
+                    let kind = match w.dtype.as_str() {
+                        "auto" => default_dtype(device),
+                        k => parse_dtype(k)?,
+                    };
+                    let source = settings.model_source(&w.model);
+                    let start = Instant::now();
+                    let folder = hub::resolve(&source)?;
+                    let mut engine = Engine::load(&folder, device, kind)?;
+                    metrics
+                        .model_load_seconds
+                        .with_label_values(&[&w.model])
+                        .set(start.elapsed().as_secs_f64());
+                    if w.warmup {
+                        let t = Instant::now();
+                        let p = Params {
+                            steps: Some(1),
+                            ..Params::default()
+                        };
+                        generate_png(
+                            &mut engine,
+                            &w.model,
+                            "warm-up",
+                            &Mode::Plain,
+                            &p,
+                            &settings.limits,
+                            &mut |_, _| {},
+                        )?;
+                        tracing::info!(seconds = t.elapsed().as_secs_f64(), "warm-up step done");
+                    }
+                    Ok(engine)
+                })();
+                let mut engine = match loaded {
+                    Ok(e) => {
+                        let _ = ready_tx.send(Ok(()));
+                        e
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let device = engine.device();
+                let device_label = crate::device::device_name(device);
+                let held = if device.is_cuda() { crate::metrics::process_gpu_bytes() } else { Some(0) };
+                metrics
+                    .gpu_memory
+                    .with_label_values(&[&device_label])
+                    .set(held.unwrap_or(0) as f64);
+                while let Ok(task) = rx.recv() {
+                    let result = run_task(&mut engine, &settings, &task);
+                    if let Err(msg) = &result {
+                        if device.is_cuda() && is_fatal_cuda_error(msg) {
+                            tracing::error!(error = %msg, "CUDA context is unusable: /healthz now fails");
+                            metrics.set_wedged();
+                        }
+                    }
+                    if device.is_cuda() {
+                        if let Some(b) = crate::metrics::process_gpu_bytes() {
+                            metrics
+                                .gpu_memory
+                                .with_label_values(&[&crate::device::device_name(device)])
+                                .set(b as f64);
+                        }
+                    }
+                    let _ = task.reply.send(result);
+                }
+            })?;
+        Ok((Self { tx }, ready_rx))
+    }
+
+    /// Queues a task; the reply comes on the task's oneshot.
+    pub fn submit(&self, task: GpuTask) -> Result<(), String> {
+        self.tx
+            .send(task)
+            .map_err(|_| "the GPU thread has stopped".to_string())
+    }
+}
+
+fn run_task(
+    engine: &mut Engine,
+    settings: &Settings,
+    task: &GpuTask,
+) -> Result<Vec<GeneratedImage>, String> {
+    let mut images = Vec::with_capacity(task.num_images);
+    for index in 0..task.num_images {
+        // Image i of a job uses seed + i, so every image is reproducible on its own.
+        let mut params = task.params.clone();
+        params.seed = task.params.seed.wrapping_add(index as i64);
+        let progress = task.progress.clone();
+        let n = task.num_images;
+        let mut on_step = move |s: usize, steps: usize| {
+            let _ = progress.send((index * steps + s, n * steps));
+        };
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _guard = tch::no_grad_guard();
+            generate_png(
+                engine,
+                &task.model_name,
+                &task.prompt,
+                &task.mode,
+                &params,
+                &settings.limits,
+                &mut on_step,
+            )
+        }));
+        match result {
+            Ok(Ok(g)) => images.push(GeneratedImage {
+                png: g.png,
+                width: g.resolved.width,
+                height: g.resolved.height,
+                steps: g.resolved.steps,
+                timings: g.output.timings,
+            }),
+            Ok(Err(e)) => {
+                return Err(e
+                    .chain()
+                    .map(|c| c.to_string())
+                    .collect::<Vec<_>>()
+                    .join(": "))
+            }
+            Err(p) => return Err(panic_message(p)),
+        }
+    }
+    Ok(images)
+}
+
+/// Sums the per-image timings.
+pub fn total_timings(images: &[GeneratedImage]) -> Timings {
+    let mut t = Timings::default();
+    for i in images {
+        t.encode += i.timings.encode;
+        t.denoise += i.timings.denoise;
+        t.decode += i.timings.decode;
+    }
+    t
+}
+
+pub fn ms(d: Duration) -> u64 {
+    d.as_millis() as u64
+}

@@ -1,0 +1,614 @@
+#![allow(dead_code)]
+//! Real services for the worker tests: an in-process S3 server (s3s-fs, signatures and
+//! checksums checked), a TCP proxy that can refuse or cut connections, the machine's RabbitMQ
+//! and Redis, and the `r2f worker` binary as a child process.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use lapin::options::*;
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use tokio::net::{TcpListener, TcpStream};
+
+pub const AMQP_ADDR: &str = "127.0.0.1:5672";
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+pub const S3_KEY: &str = "r2ftestkey";
+pub const S3_SECRET: &str = "r2ftestsecret-0123456789";
+
+/// A unique name prefix per test (queues, exchange, bucket, Redis keys).
+pub fn unique(name: &str) -> String {
+    format!(
+        "t{}-{}-{}",
+        std::process::id(),
+        name,
+        uuid::Uuid::new_v4()
+            .simple()
+            .to_string()
+            .get(..6)
+            .unwrap_or("x")
+    )
+}
+
+pub struct S3Server {
+    pub addr: SocketAddr,
+    pub root: tempfile::TempDir,
+    pub bucket: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl S3Server {
+    pub async fn start(bucket: &str) -> Self {
+        Self::start_on("127.0.0.1:0", bucket).await
+    }
+
+    pub async fn start_on(addr: &str, bucket: &str) -> Self {
+        let root = tempfile::tempdir().unwrap();
+        Self::start_with_root(addr, bucket, root).await
+    }
+
+    pub async fn start_with_root(addr: &str, bucket: &str, root: tempfile::TempDir) -> Self {
+        std::fs::create_dir_all(root.path().join(bucket)).unwrap();
+        let fs = s3s_fs::FileSystem::new(root.path()).unwrap();
+        let mut b = s3s::service::S3ServiceBuilder::new(fs);
+        b.set_auth(s3s::auth::SimpleAuth::from_single(S3_KEY, S3_SECRET));
+        let service = b.build();
+        let listener = TcpListener::bind(addr).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let http =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            loop {
+                let Ok((socket, _)) = listener.accept().await else {
+                    continue;
+                };
+                let conn = http
+                    .serve_connection(hyper_util::rt::TokioIo::new(socket), service.clone())
+                    .into_owned();
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+            }
+        });
+        Self {
+            addr,
+            root,
+            bucket: bucket.to_string(),
+            task,
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Objects stored under the bucket, as keys.
+    pub fn keys(&self) -> Vec<String> {
+        let base = self.root.path().join(&self.bucket);
+        let mut out = Vec::new();
+        fn walk(dir: &std::path::Path, base: &std::path::Path, out: &mut Vec<String>) {
+            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    walk(&p, base, out);
+                } else {
+                    let k = p.strip_prefix(base).unwrap().to_string_lossy().to_string();
+                    // s3s-fs keeps internal metadata files next to objects.
+                    if !k.contains(".s3s") && !k.starts_with('.') && !k.contains("/.") {
+                        out.push(k);
+                    }
+                }
+            }
+        }
+        walk(&base, &base, &mut out);
+        out.sort();
+        out
+    }
+
+    pub fn read(&self, key: &str) -> Vec<u8> {
+        std::fs::read(self.root.path().join(&self.bucket).join(key)).unwrap()
+    }
+
+    /// Stops serving (the port closes) and hands back the data folder.
+    pub fn stop(self) -> tempfile::TempDir {
+        self.task.abort();
+        self.root
+    }
+}
+
+/// A TCP proxy in front of a service: forwards, refuses new connections, or cuts open ones.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    refuse: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    pub async fn start(target: &str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let refuse = Arc::new(AtomicBool::new(false));
+        let conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let (r, c, target) = (refuse.clone(), conns.clone(), target.to_string());
+        let accept = tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    continue;
+                };
+                if r.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let target = target.clone();
+                let h = tokio::spawn(async move {
+                    if let Ok(mut outbound) = TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                c.lock().unwrap().push(h);
+            }
+        });
+        Self {
+            addr,
+            refuse,
+            conns,
+            accept,
+        }
+    }
+
+    /// New connections are closed at once while set.
+    pub fn set_refuse(&self, refuse: bool) {
+        self.refuse.store(refuse, Ordering::SeqCst);
+    }
+
+    /// Cuts every open connection.
+    pub fn cut_all(&self) {
+        for h in self.conns.lock().unwrap().drain(..) {
+            h.abort();
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut_all();
+    }
+}
+
+/// Names of one test's broker objects.
+#[derive(Clone)]
+pub struct Names {
+    pub prefix: String,
+    pub jobs: String,
+    pub dead: String,
+    pub retry: String,
+    pub events: String,
+}
+
+impl Names {
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.into(),
+            jobs: format!("{prefix}.jobs"),
+            dead: format!("{prefix}.dead"),
+            retry: format!("{prefix}.retry"),
+            events: format!("{prefix}.events"),
+        }
+    }
+}
+
+/// The test's own broker client: publishes jobs, listens to events, reads dead letters.
+pub struct Broker {
+    pub conn: Connection,
+    pub ch: Channel,
+    pub names: Names,
+    events: lapin::Consumer,
+    pub events_seen: Vec<serde_json::Value>,
+}
+
+impl Broker {
+    pub async fn connect(names: &Names) -> Self {
+        let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
+            .await
+            .expect("RabbitMQ on 127.0.0.1:5672 (scripts/services.sh starts it)");
+        let ch = conn.create_channel().await.unwrap();
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        // Declare like the worker does, so either may come first.
+        let s = r2f::config::AmqpSettings::named(
+            AMQP_URL,
+            &names.jobs,
+            &names.dead,
+            &names.retry,
+            &names.events,
+        );
+        r2f::worker::amqp::declare_topology(&ch, &s).await.unwrap();
+        let q = ch
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        ch.queue_bind(
+            q.name().as_str().into(),
+            names.events.as_str().into(),
+            "job.#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        let events = ch
+            .basic_consume(
+                q.name().as_str().into(),
+                "test-events".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        Self {
+            conn,
+            ch,
+            names: names.clone(),
+            events,
+            events_seen: Vec::new(),
+        }
+    }
+
+    pub async fn publish_raw(&self, body: &[u8]) {
+        let props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_timestamp(r2f::worker::amqp::now_unix());
+        let c = self
+            .ch
+            .basic_publish(
+                "".into(),
+                self.names.jobs.as_str().into(),
+                BasicPublishOptions::default(),
+                body,
+                props,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(c.is_ack());
+    }
+
+    pub async fn publish(&self, job: &serde_json::Value) {
+        self.publish_raw(job.to_string().as_bytes()).await;
+    }
+
+    /// Waits for an event matching `pred` (progress events included), up to `timeout`.
+    pub async fn wait_event(
+        &mut self,
+        timeout: Duration,
+        pred: impl Fn(&serde_json::Value, &str) -> bool,
+    ) -> Option<(serde_json::Value, String)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            let next = tokio::time::timeout(left, self.events.next())
+                .await
+                .ok()??;
+            let d = next.ok()?;
+            let v: serde_json::Value = serde_json::from_slice(&d.data).ok()?;
+            let rk = d.routing_key.as_str().to_string();
+            self.events_seen.push(v.clone());
+            if pred(&v, &rk) {
+                return Some((v, rk));
+            }
+        }
+    }
+
+    /// Waits for `n` final events (not progress); returns them.
+    pub async fn wait_results(&mut self, n: usize, timeout: Duration) -> Vec<serde_json::Value> {
+        let mut out = Vec::new();
+        let deadline = Instant::now() + timeout;
+        while out.len() < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.wait_event(left, |_, rk| rk != "job.progress").await {
+                Some((v, _)) => out.push(v),
+                None => break,
+            }
+        }
+        out
+    }
+
+    pub async fn queue_len(&self, queue: &str) -> u32 {
+        self.ch
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap()
+            .message_count()
+    }
+
+    /// Takes every message of the dead-letter queue: (body, reason header).
+    pub async fn take_dead_letters(&self) -> Vec<(serde_json::Value, String, String)> {
+        let mut out = Vec::new();
+        while let Some(m) = self
+            .ch
+            .basic_get(
+                self.names.dead.as_str().into(),
+                BasicGetOptions { no_ack: true },
+            )
+            .await
+            .unwrap()
+        {
+            let headers = m.properties.headers().clone().unwrap_or_default();
+            let get = |k: &str| -> String {
+                match headers.inner().get(k) {
+                    Some(lapin::types::AMQPValue::LongString(s)) => s.to_string(),
+                    _ => String::new(),
+                }
+            };
+            let body = serde_json::from_slice(&m.data).unwrap_or_else(|_| {
+                serde_json::Value::String(String::from_utf8_lossy(&m.data).into())
+            });
+            out.push((body, get("x-r2f-reason"), get("x-r2f-error-kind")));
+        }
+        out
+    }
+
+    pub async fn cleanup(&self) {
+        for q in [&self.names.jobs, &self.names.dead, &self.names.retry] {
+            let _ = self
+                .ch
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+        let _ = self
+            .ch
+            .exchange_delete(
+                self.names.events.as_str().into(),
+                ExchangeDeleteOptions::default(),
+            )
+            .await;
+        let _ = ExchangeKind::Topic;
+    }
+}
+
+/// A free loopback port (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub struct WorkerConfig {
+    pub names: Names,
+    pub amqp_url: String,
+    pub s3_endpoint: Option<String>,
+    pub bucket: String,
+    pub local_dir: Option<PathBuf>,
+    pub metrics_port: u16,
+    pub max_attempts: u32,
+    pub retry_backoff_ms: u64,
+    pub drain_timeout_secs: u64,
+    pub redis_url: String,
+    pub extra: String,
+}
+
+impl WorkerConfig {
+    pub fn new(names: &Names) -> Self {
+        Self {
+            names: names.clone(),
+            amqp_url: AMQP_URL.into(),
+            s3_endpoint: None,
+            bucket: "unused".into(),
+            local_dir: None,
+            metrics_port: free_port(),
+            max_attempts: 3,
+            retry_backoff_ms: 200,
+            drain_timeout_secs: 60,
+            redis_url: "redis://127.0.0.1:6379".into(),
+            extra: String::new(),
+        }
+    }
+
+    pub fn toml(&self) -> String {
+        let n = &self.names;
+        let storage = match (&self.s3_endpoint, &self.local_dir) {
+            (Some(ep), _) => format!(
+                "[storage]\nbackend = \"s3\"\nbucket = \"{}\"\nprefix = \"out\"\n[storage.s3]\nendpoint = \"{ep}\"\nregion = \"us-east-1\"\nforce_path_style = true\nrequest_checksums = true\n",
+                self.bucket
+            ),
+            (None, Some(dir)) => format!(
+                "[storage]\nbackend = \"local\"\nlocal_dir = \"{}\"\n",
+                dir.display()
+            ),
+            (None, None) => String::new(),
+        };
+        format!(
+            r#"[models.tiny]
+source = "{model}"
+[worker]
+model = "tiny"
+device = "cpu"
+dtype = "fp32"
+max_attempts = {attempts}
+retry_backoff_ms = {backoff}
+retry_backoff_max_ms = 2000
+drain_timeout_secs = {drain}
+progress_interval_ms = 50
+name = "{prefix}-worker"
+[amqp]
+url = "{amqp}"
+jobs_queue = "{jobs}"
+dead_letter_queue = "{dead}"
+retry_queue = "{retry}"
+events_exchange = "{events}"
+reconnect_min_ms = 100
+reconnect_max_ms = 1000
+[redis]
+url = "{redis}"
+key_prefix = "{prefix}"
+timeout_ms = 500
+lock_ttl_secs = 5
+[metrics]
+listen = "127.0.0.1:{port}"
+{storage}
+{extra}
+"#,
+            model = crate::common::model_dir("sd3-tiny-a").display(),
+            attempts = self.max_attempts,
+            backoff = self.retry_backoff_ms,
+            drain = self.drain_timeout_secs,
+            prefix = n.prefix,
+            amqp = self.amqp_url,
+            jobs = n.jobs,
+            dead = n.dead,
+            retry = n.retry,
+            events = n.events,
+            redis = self.redis_url,
+            port = self.metrics_port,
+            storage = storage,
+            extra = self.extra,
+        )
+    }
+}
+
+/// The `r2f worker` binary as a child process, its stderr collected.
+pub struct WorkerProc {
+    pub child: Child,
+    pub log: Arc<Mutex<String>>,
+    pub metrics_port: u16,
+    _config: tempfile::NamedTempFile,
+}
+
+impl WorkerProc {
+    pub fn spawn(cfg: &WorkerConfig) -> Self {
+        let mut file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+        std::io::Write::write_all(&mut file, cfg.toml().as_bytes()).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_r2f"))
+            .args(["worker", "--config"])
+            .arg(file.path())
+            .env("AWS_ACCESS_KEY_ID", S3_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", S3_SECRET)
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().unwrap();
+        let l = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut g = l.lock().unwrap();
+                g.push_str(&line);
+                g.push('\n');
+            }
+        });
+        Self {
+            child,
+            log,
+            metrics_port: cfg.metrics_port,
+            _config: file,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits until the log contains `needle`.
+    pub async fn wait_log(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.log().contains(needle) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
+    pub async fn http(&self, path: &str) -> Option<(u16, String)> {
+        let url = format!("http://127.0.0.1:{}{path}", self.metrics_port);
+        let r = reqwest::get(&url).await.ok()?;
+        let status = r.status().as_u16();
+        Some((status, r.text().await.unwrap_or_default()))
+    }
+
+    pub async fn wait_ready(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.child.try_wait().unwrap().is_some() {
+                return false;
+            }
+            if let Some((200, _)) = self.http("/readyz").await {
+                return self.wait_log("consuming", Duration::from_secs(10)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
+    pub fn signal(&self, sig: i32) {
+        unsafe {
+            libc::kill(self.child.id() as i32, sig);
+        }
+    }
+
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return Some(s);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+}
+
+impl Drop for WorkerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A job for the tiny model: small and quick.
+pub fn tiny_job(id: &str, steps: u32) -> serde_json::Value {
+    serde_json::json!({
+        "id": id,
+        "prompt": "a hairy frog warrior",
+        "model": "tiny",
+        "mode": "plain",
+        "params": {"steps": steps, "guidance": 5.0, "width": 64, "height": 48, "seed": 7}
+    })
+}
