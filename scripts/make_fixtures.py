@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Generate tiny random-weight Stable Diffusion 3 fixtures plus diffusers reference outputs.
+"""Generate tiny random-weight Stable Diffusion 3 and SDXL fixtures plus diffusers reference outputs.
 
 Usage:
     python scripts/make_fixtures.py [--out tests/fixtures]
@@ -14,6 +14,18 @@ Writes (under --out, default tests/fixtures):
                   R2F reference run (faithful alternating rare->frequent schedule, see
                   R2F_RUN below) by a hand-written loop over the pipeline's components; the
                   loop is checked against StableDiffusion3Pipeline.__call__ first.
+    sdxl-tiny-a/  diffusers-layout SDXL model folder (2-level UNet, VAE scale factor 8, non-square)
+    sdxl-tiny-b/  diffusers-layout SDXL model folder (3-level UNet, VAE scale factor 2)
+    ref/sdxl-tiny-a.safetensors, ref/sdxl-tiny-a.json
+    ref/sdxl-tiny-b.safetensors, ref/sdxl-tiny-b.json
+                  StableDiffusionXLPipeline references: tokens, CLIP features, encode_prompt
+                  (zero negatives), add_time_ids, one UNet forward, VAE decode, Euler and
+                  DPM++ 2M Karras schedules, a DPM++ step-by-step check, full Euler and
+                  DPM++ pipeline runs with decoded images.
+    ref/sdxl-tiny-a-r2f.safetensors, ref/sdxl-tiny-a-r2f.json
+                  R2F on SDXL (SDXL_R2F_RUN: HEAD stop-step map, DPM++ 2M Karras, zero
+                  negatives) by a hand-written loop, checked against
+                  StableDiffusionXLPipeline.__call__ first.
 
 Everything is float32 on CPU and fully deterministic: running the script twice gives
 byte-identical files.  Install the pinned environment with scripts/requirements-fixtures.txt
@@ -64,14 +76,19 @@ import diffusers
 import transformers
 from diffusers import (
     AutoencoderKL,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
 )
 from diffusers.utils import logging as diffusers_logging
 from transformers import (
     AutoTokenizer,
     CLIPTextConfig,
+    CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
     T5Config,
@@ -309,6 +326,92 @@ R2F_LOOP_CHECK_RTOL = 1e-6
 SCHEDULER_KWARGS = dict(num_train_timesteps=1000, shift=3.0)
 SCHEDULER_STEP_COUNTS = [1, 2, 28, 50]
 TF_TIMESTEPS = [937.5, 12.25]
+
+# --------------------------------------------------------------------------------------------
+# SDXL fixtures (diffusers StableDiffusionXLPipeline layout).  Text encoders: the SD3 fixtures'
+# CLIP-L config as a plain CLIPTextModel (no projection, like SDXL) and the SD3 CLIP-G config
+# as CLIPTextModelWithProjection, built with the same seeds (so text_encoder_2 is byte-identical
+# to the SD3 folders' and text_encoder holds the SD3 CLIP-L's text_model weights).
+# --------------------------------------------------------------------------------------------
+SDXL_UNET_COMMON = dict(
+    sample_size=8, in_channels=4, out_channels=4, use_linear_projection=True,
+    cross_attention_dim=24,  # 8 (CLIP-L) + 16 (CLIP-G)
+    addition_embed_type="text_time", addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=64,  # 6 * 8 + 16 (CLIP-G projection)
+    norm_num_groups=8, flip_sin_to_cos=True, freq_shift=0,
+)
+# SDXL's published scheduler config (stable-diffusion-xl-base-1.0/scheduler/scheduler_config.json)
+SDXL_EULER_KWARGS = dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+    prediction_type="epsilon", steps_offset=1, timestep_spacing="leading",
+    interpolation_type="linear", use_karras_sigmas=False,
+)
+SDXL_CONFIGS = {
+    "sdxl-tiny-a": dict(
+        unet_seed=30,
+        unet=dict(
+            SDXL_UNET_COMMON,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(32, 64), layers_per_block=2, attention_head_dim=(2, 4),
+            transformer_layers_per_block=(1, 2),
+        ),
+        vae_seed=31,
+        vae=dict(
+            in_channels=3, out_channels=3,
+            down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+            block_out_channels=[8, 8, 16, 16], layers_per_block=1, latent_channels=4,
+            norm_num_groups=4, sample_size=64, scaling_factor=0.13025, force_upcast=True,
+        ),
+        run=dict(
+            prompt="a furry frog warrior holding a golden sword", seed=5,
+            width=64, height=48, steps=3, dpm_steps=4, guidance=5.0,
+        ),
+    ),
+    "sdxl-tiny-b": dict(
+        unet_seed=40,
+        unet=dict(
+            SDXL_UNET_COMMON,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(32, 64, 64), layers_per_block=1, attention_head_dim=(2, 4, 4),
+            transformer_layers_per_block=(1, 1, 2),
+        ),
+        vae_seed=41,
+        vae=dict(
+            in_channels=3, out_channels=3,
+            down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+            block_out_channels=[8, 16], layers_per_block=2, latent_channels=4,
+            norm_num_groups=4, sample_size=32, scaling_factor=0.13025, force_upcast=True,
+        ),
+        run=dict(
+            prompt="a wigged octopus juggling apples", seed=9,
+            width=32, height=32, steps=2, dpm_steps=4, guidance=5.0,
+        ),
+    ),
+}
+SDXL_SCHEDULER_STEP_COUNTS = [1, 2, 30, 50]
+SDXL_UNET_TIMESTEPS = [999.0, 10.0]
+SDXL_DPM_STEP_CHECK_STEPS = 5
+# R2F on SDXL (docs r2f-method.md §2.1/§2.3): HEAD map, DPM++ 2M Karras, zero negatives.
+# Levels deliberately unsorted: T = [M[2], M[1], N] = [5, 3, 50], so mode goes 0 -> 1 at step 5
+# and never reaches 2; steps 5..49 alternate p1 (even) / p2 (odd).
+SDXL_R2F_STOP_STEP_MAP = [0, 3, 5, 10, 20, 30]
+SDXL_R2F_RUN = dict(
+    config="sdxl-tiny-a",
+    prompts=[
+        "a furry animal warrior holding a golden object",
+        "a furry frog warrior holding a golden object",
+        "a furry frog warrior holding a golden sword",
+    ],
+    levels=[2, 1],
+    steps=50, guidance=5.0, seed=2024, width=64, height=48,
+)
+# single-prompt plans the hand loop is checked against StableDiffusionXLPipeline.__call__ with
+SDXL_R2F_LOOP_CHECKS = [
+    dict(seed=5, steps=4),      # = the sdxl-tiny-a dpm_final_latents reference
+    dict(seed=2024, steps=50),  # = r2f_plain_final_latents
+]
 
 
 def dump_json(path, obj, sort_keys=True):
@@ -867,6 +970,449 @@ def compute_r2f_reference(model_dir, plain_ref):
     return tensors, meta
 
 
+# --------------------------------------------------------------------------------------------
+# SDXL fixtures.
+# --------------------------------------------------------------------------------------------
+def write_sdxl_tokenizers(model_dir, encoder, merges):
+    """tokenizer/ (CLIP-L, pad <|endoftext|>) and tokenizer_2/ (CLIP-G, pad "!"), the same files
+    as in the SD3 folders (vocab.json + merges.txt, no tokenizer.json)."""
+    for sub in ("tokenizer", "tokenizer_2"):
+        d = Path(model_dir) / sub
+        if d.exists():
+            shutil.rmtree(d)
+    write_clip_tokenizer(Path(model_dir) / "tokenizer", encoder, merges, "<|endoftext|>")
+    write_clip_tokenizer(Path(model_dir) / "tokenizer_2", encoder, merges, "!")
+
+
+def build_sdxl_text_encoders():
+    """Same configs, seeds and perturbation seeds as build_text_encoders (SD3), but CLIP-L is a
+    plain CLIPTextModel (SDXL has no CLIP-L projection)."""
+    torch.manual_seed(1)
+    te1 = CLIPTextModel(CLIPTextConfig(**CLIP_L_KWARGS))
+    n1 = perturb_constant_params(te1, 1001)
+    torch.manual_seed(2)
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G_KWARGS))
+    n2 = perturb_constant_params(te2, 1002)
+    return (te1.eval(), te2.eval()), (n1, n2)
+
+
+def build_sdxl_pipeline(cfg, tok_l, tok_g):
+    (te1, te2), perturbed = build_sdxl_text_encoders()
+    torch.manual_seed(cfg["unet_seed"])
+    unet = UNet2DConditionModel(**cfg["unet"])
+    perturbed += (perturb_constant_params(unet, 1000 + cfg["unet_seed"]),)
+    torch.manual_seed(cfg["vae_seed"])
+    vae = AutoencoderKL(**cfg["vae"])
+    perturbed += (perturb_constant_params(vae, 1000 + cfg["vae_seed"]),)
+    # nothing in the UNet / VAE may be left constant (conv_out, attention out-projections, ...)
+    for m in (te1, te2, unet, vae):
+        for n, p in m.named_parameters():
+            flat = p.detach().reshape(-1)
+            assert flat.numel() < 2 or not bool((flat == flat[0]).all()), n
+    pipe = StableDiffusionXLPipeline(
+        vae=vae.eval(), text_encoder=te1, text_encoder_2=te2, tokenizer=tok_l, tokenizer_2=tok_g,
+        unet=unet.eval(), scheduler=EulerDiscreteScheduler(**SDXL_EULER_KWARGS),
+        force_zeros_for_empty_prompt=True, add_watermarker=False,
+    )
+    return pipe, perturbed
+
+
+def load_sdxl_pipeline(model_dir):
+    pipe = StableDiffusionXLPipeline.from_pretrained(
+        model_dir, dtype=torch.float32, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to("cpu")
+    assert type(pipe.text_encoder) is CLIPTextModel, type(pipe.text_encoder)
+    assert type(pipe.text_encoder_2) is CLIPTextModelWithProjection, type(pipe.text_encoder_2)
+    assert pipe.watermark is None and pipe.config.force_zeros_for_empty_prompt
+    assert isinstance(pipe.scheduler, EulerDiscreteScheduler)
+    return pipe
+
+
+def sdxl_euler(model_dir):
+    return EulerDiscreteScheduler.from_pretrained(model_dir, subfolder="scheduler")
+
+
+def sdxl_dpm(model_dir):
+    """DPM-Solver++ 2M Karras exactly as the official R2F-SDXL code builds it."""
+    euler_config = EulerDiscreteScheduler.load_config(model_dir, subfolder="scheduler")
+    sch = DPMSolverMultistepScheduler.from_config(euler_config, use_karras_sigmas=True)
+    c = sch.config
+    assert (c.algorithm_type, c.solver_order, c.solver_type, c.lower_order_final,
+            c.final_sigmas_type, c.euler_at_final, c.prediction_type, c.beta_schedule) == (
+        "dpmsolver++", 2, "midpoint", True, "zero", False, "epsilon", "scaled_linear"), dict(c)
+    return sch
+
+
+def sdxl_add_time_ids(pipe, height, width):
+    return pipe._get_add_time_ids(
+        (height, width), (0, 0), (height, width), dtype=torch.float32,
+        text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+
+
+def tensor_meta(tensors):
+    return {k: {"dtype": str(v.dtype).replace("torch.", ""), "shape": list(v.shape)}
+            for k, v in sorted(tensors.items())}
+
+
+@torch.no_grad()
+def decode_u8_sdxl(pipe, latents):
+    """The pipeline's decode path (VAE already fp32, so force_upcast does nothing)."""
+    assert pipe.vae.dtype == torch.float32
+    decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+    img = pipe.image_processor.postprocess(decoded, output_type="np")
+    return (img * 255).round().astype(np.uint8)[0]
+
+
+@torch.no_grad()
+def compute_sdxl_references(model_dir, name, cfg):
+    run = cfg["run"]
+    pipe = load_sdxl_pipeline(model_dir)
+    vsf = pipe.vae_scale_factor
+    H, W = run["height"], run["width"]
+    lat_h, lat_w = H // vsf, W // vsf
+    prompt = run["prompt"]
+    cpu = torch.device("cpu")
+    out = {}
+
+    # --- tokenizers / text encoders (batch 1, no attention mask, as the pipeline calls them)
+    out["clip_l_ids"] = tok_ids(pipe.tokenizer, [prompt], pipe.tokenizer.model_max_length)
+    out["clip_g_ids"] = tok_ids(pipe.tokenizer_2, [prompt], pipe.tokenizer_2.model_max_length)
+    assert out["clip_l_ids"].shape == (1, CLIP_MAX_LEN) == out["clip_g_ids"].shape
+    o1 = pipe.text_encoder(out["clip_l_ids"], output_hidden_states=True)
+    assert len(o1.hidden_states) == pipe.text_encoder.config.num_hidden_layers + 1
+    out["clip_l_hidden"] = o1.hidden_states[-2]
+    o2 = pipe.text_encoder_2(out["clip_g_ids"], output_hidden_states=True)
+    assert len(o2.hidden_states) == pipe.text_encoder_2.config.num_hidden_layers + 1
+    out["clip_g_hidden"] = o2.hidden_states[-2]
+    out["clip_g_text_embeds"] = o2.text_embeds
+    assert out["clip_g_text_embeds"].shape == (1, 16)
+
+    pe, npe, ppe, nppe = pipe.encode_prompt(
+        prompt, device=cpu, num_images_per_prompt=1, do_classifier_free_guidance=True,
+        negative_prompt=None)
+    out["prompt_embeds"], out["negative_prompt_embeds"] = pe, npe
+    out["pooled_prompt_embeds"], out["negative_pooled_prompt_embeds"] = ppe, nppe
+    assert pe.shape == (1, CLIP_MAX_LEN, 24) and ppe.shape == (1, 16)
+    assert torch.equal(pe, torch.cat([out["clip_l_hidden"], out["clip_g_hidden"]], dim=-1))
+    assert torch.equal(ppe, out["clip_g_text_embeds"])  # pooled = CLIP-G text_embeds only
+    assert not npe.any() and not nppe.any()  # force_zeros_for_empty_prompt: true zeros
+    out["add_time_ids"] = sdxl_add_time_ids(pipe, H, W)
+    assert out["add_time_ids"].tolist() == [[H, W, 0, 0, H, W]]
+
+    # --- one UNet forward ---
+    torch.manual_seed(123)  # drawn in this order: sample, context, text_embeds
+    out["unet_in_sample"] = torch.randn((2, 4, lat_h, lat_w), dtype=torch.float32)
+    out["unet_in_timestep"] = torch.tensor(SDXL_UNET_TIMESTEPS, dtype=torch.float32)
+    out["unet_in_context"] = torch.randn((2, CLIP_MAX_LEN, 24), dtype=torch.float32)
+    out["unet_in_text_embeds"] = torch.randn((2, 16), dtype=torch.float32)
+    out["unet_in_time_ids"] = torch.tensor([[H, W, 0, 0, H, W]] * 2, dtype=torch.float32)
+    out["unet_out"] = pipe.unet(
+        out["unet_in_sample"], out["unet_in_timestep"],
+        encoder_hidden_states=out["unet_in_context"],
+        added_cond_kwargs={"text_embeds": out["unet_in_text_embeds"],
+                           "time_ids": out["unet_in_time_ids"]},
+    ).sample
+
+    # --- VAE decode (through post_quant_conv) ---
+    sf = pipe.vae.config.scaling_factor
+    assert sf == 0.13025 and pipe.vae.config.force_upcast and pipe.vae.post_quant_conv is not None
+    torch.manual_seed(321)
+    out["vae_in"] = torch.randn((1, 4, lat_h, lat_w), dtype=torch.float32)
+    out["vae_out"] = pipe.vae.decode(out["vae_in"] / sf).sample
+
+    # --- schedulers, each fresh from the folder's scheduler config ---
+    for n in SDXL_SCHEDULER_STEP_COUNTS:
+        sch = sdxl_euler(model_dir)
+        sch.set_timesteps(n)
+        out[f"euler_timesteps_{n}"] = sch.timesteps.clone()
+        out[f"euler_sigmas_{n}"] = sch.sigmas.clone()
+        out[f"euler_init_noise_sigma_{n}"] = torch.as_tensor(sch.init_noise_sigma,
+                                                            dtype=torch.float32).reshape(())
+        sch = sdxl_dpm(model_dir)
+        sch.set_timesteps(n)
+        assert sch.timesteps.dtype == torch.int64 and float(sch.init_noise_sigma) == 1.0
+        out[f"dpm_timesteps_{n}"] = sch.timesteps.clone()
+        out[f"dpm_sigmas_{n}"] = sch.sigmas.clone()
+
+    # --- DPM++ 2M Karras step by step ---
+    n = SDXL_DPM_STEP_CHECK_STEPS
+    sch = sdxl_dpm(model_dir)
+    sch.set_timesteps(n)
+    torch.manual_seed(77)  # drawn in this order: model outputs, sample0
+    out["dpm_step_model_outputs"] = torch.randn((n, 1, 4, lat_h, lat_w), dtype=torch.float32)
+    out["dpm_step_sample0"] = torch.randn((1, 4, lat_h, lat_w), dtype=torch.float32)
+    out["dpm_step_timesteps"] = sch.timesteps.clone()
+    out["dpm_step_sigmas"] = sch.sigmas.clone()
+    sample, samples = out["dpm_step_sample0"].clone(), []
+    for i, t in enumerate(sch.timesteps):
+        sample = sch.step(out["dpm_step_model_outputs"][i], t, sample, return_dict=False)[0]
+        samples.append(sample.clone())
+    out["dpm_step_samples"] = torch.stack(samples)
+
+    # --- full pipeline, Euler (the folder's scheduler) ---
+    torch.manual_seed(run["seed"])
+    init = torch.randn((1, 4, lat_h, lat_w), dtype=torch.float32)
+    out["init_latents"] = init
+    prepared = []
+    orig_prepare = pipe.prepare_latents
+
+    def prepare_spy(*a, **k):
+        r = orig_prepare(*a, **k)
+        prepared.append(r.detach().clone())
+        return r
+
+    pipe.prepare_latents = prepare_spy
+    steps, step_ts = [], []
+
+    def cb(p, i, t, kw):
+        steps.append(kw["latents"].detach().clone())
+        step_ts.append(float(t))
+        return {}
+
+    common = dict(height=H, width=W, guidance_scale=run["guidance"])
+    final = pipe(prompt, latents=init.clone(), output_type="latent",
+                 num_inference_steps=run["steps"], callback_on_step_end=cb,
+                 callback_on_step_end_tensor_inputs=["latents"], **common).images
+    assert len(steps) == run["steps"] and torch.equal(steps[-1], final)
+    sch = sdxl_euler(model_dir)
+    sch.set_timesteps(run["steps"])
+    assert step_ts == [float(t) for t in sch.timesteps], step_ts
+    # prepare_latents multiplies passed latents by init_noise_sigma (Euler leading: sqrt(s^2+1))
+    euler_ins = sch.init_noise_sigma
+    assert len(prepared) == 1 and torch.equal(prepared[0], init * euler_ins), "prepare_latents"
+    out["start_latents"] = prepared[0]
+    out["final_latents"] = final
+    out["step_latents"] = torch.stack(steps)
+    img_u8 = decode_u8_sdxl(pipe, final)
+    assert img_u8.shape == (H, W, 3)
+    out["image_u8"] = torch.from_numpy(img_u8)
+    pil = pipe(prompt, latents=init.clone(), output_type="pil",
+               num_inference_steps=run["steps"], **common).images[0]
+    assert np.array_equal(np.asarray(pil), img_u8), "pil output differs from np path"
+
+    # --- full pipeline, DPM++ 2M Karras ---
+    euler_sched = pipe.scheduler
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config,
+                                                             use_karras_sigmas=True)
+    dsteps, dts = [], []
+
+    def dcb(p, i, t, kw):
+        dsteps.append(kw["latents"].detach().clone())
+        dts.append(int(t))
+        return {}
+
+    dfinal = pipe(prompt, latents=init.clone(), output_type="latent",
+                  num_inference_steps=run["dpm_steps"], callback_on_step_end=dcb,
+                  callback_on_step_end_tensor_inputs=["latents"], **common).images
+    assert torch.equal(prepared[1], init)  # DPM init_noise_sigma = 1
+    assert torch.equal(dsteps[-1], dfinal)
+    out["dpm_final_latents"] = dfinal
+    out["dpm_step_latents"] = torch.stack(dsteps)
+    dimg = decode_u8_sdxl(pipe, dfinal)
+    out["dpm_image_u8"] = torch.from_numpy(dimg)
+    pil = pipe(prompt, latents=init.clone(), output_type="pil",
+               num_inference_steps=run["dpm_steps"], **common).images[0]
+    assert np.array_equal(np.asarray(pil), dimg), "pil output differs from np path (dpm)"
+    pipe.scheduler = euler_sched
+    pipe.prepare_latents = orig_prepare
+
+    tensors = {}
+    for k, v in sorted(out.items()):
+        v = v.detach().contiguous()
+        if k in ("clip_l_ids", "clip_g_ids") or k.startswith("dpm_timesteps") \
+                or k == "dpm_step_timesteps":
+            v = v.to(torch.int64)
+        elif k.endswith("image_u8"):
+            v = v.to(torch.uint8)
+        else:
+            v = v.to(torch.float32)
+        tensors[k] = v
+    meta = {
+        "model": name,
+        "pipeline": "StableDiffusionXLPipeline",
+        "prompt": prompt,
+        "negative_prompt": None,
+        "negative": "zeros (force_zeros_for_empty_prompt=True, no negative prompt)",
+        "seed": run["seed"],
+        "width": W,
+        "height": H,
+        "steps": run["steps"],
+        "dpm_steps": run["dpm_steps"],
+        "guidance": run["guidance"],
+        "vae_scale_factor": vsf,
+        "latent_height": lat_h,
+        "latent_width": lat_w,
+        "vae_scaling_factor": sf,
+        "add_time_ids": out["add_time_ids"][0].tolist(),
+        "pipeline_timesteps": step_ts,
+        "pipeline_init_noise_sigma": float(euler_ins),
+        "dpm_pipeline_timesteps": dts,
+        "scheduler": "EulerDiscreteScheduler (folder config)",
+        "dpm_scheduler": "DPMSolverMultistepScheduler.from_config(euler_config, use_karras_sigmas=True)",
+        "dpm_scheduler_config": {k: v for k, v in sorted(dict(sdxl_dpm(model_dir).config).items())
+                                 if not k.startswith("_")},
+        "unet_forward": {
+            "timesteps": SDXL_UNET_TIMESTEPS,
+            "input_seed": 123,
+            "randn_order": ["unet_in_sample", "unet_in_context", "unet_in_text_embeds"],
+            "time_ids": [H, W, 0, 0, H, W],
+        },
+        "vae_decode": {"input_seed": 321, "input": "vae_in / vae_scaling_factor"},
+        "dpm_step_check": {
+            "steps": n, "input_seed": 77,
+            "randn_order": ["dpm_step_model_outputs", "dpm_step_sample0"],
+            "note": "fresh scheduler, set_timesteps(steps), sample = step(model_outputs[i], "
+                    "timesteps[i], sample).prev_sample; dpm_step_samples[i] = sample after step i",
+        },
+        "note": "init_latents = torch.manual_seed(seed); torch.randn((1,4,H/f,W/f)) (CPU), passed as "
+                "latents=; prepare_latents multiplies it by scheduler.init_noise_sigma (start_latents). "
+                "step_latents / dpm_step_latents: latents after each pipeline step. image_u8 = "
+                "(postprocess(vae.decode(final_latents / vae_scaling_factor)) * 255).round()",
+        "tensors": tensor_meta(tensors),
+        "versions": versions(),
+    }
+    return pipe, tensors, meta
+
+
+def sdxl_r2f_transitions(levels, steps):
+    """T = [M[l] for l in levels] + [N]; SDXL has NO length-1 guard."""
+    return [SDXL_R2F_STOP_STEP_MAP[int(l)] for l in levels] + [steps]
+
+
+@torch.no_grad()
+def sdxl_r2f_loop(pipe, model_dir, prompts, levels, init, steps, guidance, height, width):
+    """One R2F SDXL sampling run, written out by hand with the pipeline's components."""
+    cpu = torch.device("cpu")
+    embeds = []
+    for p in prompts:  # every prompt encoded once, before the loop; CFG order [uncond, cond]
+        pe, npe, ppe, nppe = pipe.encode_prompt(
+            p, device=cpu, num_images_per_prompt=1, do_classifier_free_guidance=True,
+            negative_prompt=None)
+        assert not npe.any() and not nppe.any()
+        embeds.append((torch.cat([npe, pe], dim=0), torch.cat([nppe, ppe], dim=0)))
+    add_time_ids = sdxl_add_time_ids(pipe, height, width)
+    add_time_ids = torch.cat([add_time_ids, add_time_ids], dim=0)
+    transitions = sdxl_r2f_transitions(levels, steps)
+    scheduler = sdxl_dpm(model_dir)
+    scheduler.set_timesteps(steps, device=cpu)
+    scheduler.set_begin_index(0)
+    assert len(scheduler.timesteps) == steps
+    latents = init.clone() * scheduler.init_noise_sigma
+    rare = len(prompts) - 1
+    mode, used = 0, []
+    for i, t in enumerate(scheduler.timesteps):
+        while i == transitions[mode] and transitions[mode] != 0:
+            mode += 1
+        idx = mode if i % R2F_ALT_STEP == 0 else rare
+        used.append(idx)
+        prompt_embeds, pooled = embeds[idx]
+        latent_in = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+        noise_pred = pipe.unet(
+            latent_in, t, encoder_hidden_states=prompt_embeds,
+            added_cond_kwargs={"text_embeds": pooled, "time_ids": add_time_ids},
+            return_dict=False,
+        )[0]
+        uncond, cond = noise_pred.chunk(2)
+        noise_pred = uncond + guidance * (cond - uncond)
+        latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+    return latents, used, transitions
+
+
+@torch.no_grad()
+def compute_sdxl_r2f_reference(model_dir, plain_ref):
+    run = SDXL_R2F_RUN
+    cfg_run = SDXL_CONFIGS[run["config"]]["run"]
+    pipe = load_sdxl_pipeline(model_dir)
+    vsf = pipe.vae_scale_factor
+    H, W = run["height"], run["width"]
+    prompts, rare = run["prompts"], run["prompts"][-1]
+    assert rare == cfg_run["prompt"] and (W, H) == (cfg_run["width"], cfg_run["height"])
+    assert run["guidance"] == cfg_run["guidance"]
+    euler_sched = pipe.scheduler
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(euler_sched.config,
+                                                             use_karras_sigmas=True)
+
+    # 1) the hand loop with a single-prompt plan == StableDiffusionXLPipeline.__call__
+    checks, plain_by_seed = [], {}
+    for chk in SDXL_R2F_LOOP_CHECKS:
+        torch.manual_seed(chk["seed"])
+        init = torch.randn((1, 4, H // vsf, W // vsf), dtype=torch.float32)
+        mine, used, transitions = sdxl_r2f_loop(
+            pipe, model_dir, [rare], [], init, chk["steps"], run["guidance"], H, W)
+        assert transitions == [chk["steps"]] and used == [0] * chk["steps"]
+        ref = pipe(rare, latents=init.clone(), output_type="latent", height=H, width=W,
+                   num_inference_steps=chk["steps"], guidance_scale=run["guidance"]).images
+        err = rel_err(mine, ref)
+        entry = dict(chk, guidance=run["guidance"], prompt=rare, rel_err_vs_pipeline=err)
+        if chk["seed"] == cfg_run["seed"] and chk["steps"] == cfg_run["dpm_steps"]:
+            assert torch.equal(init, plain_ref["init_latents"])
+            entry["rel_err_vs_stored_dpm_final_latents"] = rel_err(mine, plain_ref["dpm_final_latents"])
+            assert entry["rel_err_vs_stored_dpm_final_latents"] <= R2F_LOOP_CHECK_RTOL, entry
+        assert err <= R2F_LOOP_CHECK_RTOL, entry
+        checks.append(entry)
+        plain_by_seed[(chk["seed"], chk["steps"])] = mine
+    pipe.scheduler = euler_sched
+
+    # 2) the R2F run
+    torch.manual_seed(run["seed"])
+    init = torch.randn((1, 4, H // vsf, W // vsf), dtype=torch.float32)
+    final, used, transitions = sdxl_r2f_loop(
+        pipe, model_dir, prompts, run["levels"], init, run["steps"], run["guidance"], H, W)
+    assert transitions == [5, 3, 50], transitions
+    img_u8 = decode_u8_sdxl(pipe, final)
+    assert img_u8.shape == (H, W, 3)
+
+    # 3) plain run of the rare prompt, same seed / steps (checked against __call__ above)
+    plain, plain_used, _ = sdxl_r2f_loop(
+        pipe, model_dir, [rare], [], init, run["steps"], run["guidance"], H, W)
+    assert plain_used == [0] * run["steps"]
+    assert torch.equal(plain, plain_by_seed[(run["seed"], run["steps"])])
+    plain_vs_r2f = rel_err(final, plain)
+    assert plain_vs_r2f > 1e-3, plain_vs_r2f
+
+    tensors = {
+        "r2f_init_latents": init.contiguous(),
+        "r2f_final_latents": final.contiguous(),
+        "r2f_image_u8": torch.from_numpy(img_u8).to(torch.uint8).contiguous(),
+        "r2f_plain_final_latents": plain.contiguous(),
+    }
+    meta = {
+        "model": run["config"],
+        "plan": {
+            "visual_detail_level": [str(l) for l in run["levels"]],
+            "r2f_prompt": [list(prompts)],
+        },
+        "prompt": rare,
+        "negative_prompt": None,
+        "negative": "zeros (force_zeros_for_empty_prompt=True, no negative prompt), sequence and pooled",
+        "add_time_ids": [H, W, 0, 0, H, W],
+        "steps": run["steps"],
+        "guidance": run["guidance"],
+        "seed": run["seed"],
+        "width": W,
+        "height": H,
+        "scheduler": "dpmsolver++-2m-karras",
+        "schedule": "faithful",
+        "alt_step": R2F_ALT_STEP,
+        "stop_step_map": SDXL_R2F_STOP_STEP_MAP,
+        "transition_steps": transitions,
+        "r2f_step_prompt": used,
+        "plain_vs_r2f_rel_diff": plain_vs_r2f,
+        "hand_loop_checks": checks,
+        "tensors": tensor_meta(tensors),
+        "note": "r2f_final_latents: hand-written R2F loop (pipe.encode_prompt per prompt, 77 CLIP "
+                "tokens, negative_prompt=None -> zero negatives; batch [uncond, cond]; "
+                "DPMSolverMultistepScheduler.from_config(euler_config, use_karras_sigmas=True); "
+                "latents * init_noise_sigma; scale_model_input; CFG; step); r2f_init_latents = "
+                "torch.manual_seed(seed); torch.randn((1,4,H/f,W/f)) on CPU; "
+                "r2f_plain_final_latents: the same loop with the single prompt [prompt]; "
+                "plain_vs_r2f_rel_diff = max|r2f_final - plain_final| / max|plain_final|",
+        "versions": versions(),
+    }
+    return tensors, meta
+
+
 def versions():
     import PIL
     import safetensors
@@ -918,7 +1464,7 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ref_dir = out / "ref"
-    for d in [ref_dir] + [out / n for n in CONFIGS]:
+    for d in [ref_dir] + [out / n for n in list(CONFIGS) + list(SDXL_CONFIGS)]:
         if d.exists():
             shutil.rmtree(d)
     ref_dir.mkdir()
@@ -983,6 +1529,34 @@ def main():
     save_file(r2f_tensors, ref_dir / f"{name}-r2f.safetensors", metadata={"format": "pt"})
     dump_json(ref_dir / f"{name}-r2f.json", r2f_meta)
 
+    # SDXL fixtures (after all SD3 outputs, which they do not touch)
+    sdxl_summary = {}
+    for name, cfg in SDXL_CONFIGS.items():
+        model_dir = out / name
+        pipe, perturbed = build_sdxl_pipeline(cfg, tok_l, tok_g)
+        pipe.save_pretrained(model_dir, safe_serialization=True)
+        del pipe
+        write_sdxl_tokenizers(model_dir, encoder, merges)
+        for sub in ("tokenizer", "tokenizer_2"):
+            assert not (model_dir / sub / "tokenizer.json").exists()
+        # text encoders: CLIP-G file == the SD3 one; CLIP-L == the SD3 CLIP-L's text_model
+        sd3 = out / next(iter(CONFIGS))
+        assert (model_dir / "text_encoder_2" / "model.safetensors").read_bytes() == \
+            (sd3 / "text_encoder_2" / "model.safetensors").read_bytes()
+        te_x, te_3 = (load_file(d / "text_encoder" / "model.safetensors") for d in (model_dir, sd3))
+        assert set(te_3) - set(te_x) == {"text_projection.weight"}, set(te_3) ^ set(te_x)
+        assert all(torch.equal(v, te_3[k]) for k, v in te_x.items())
+        pipe, tensors, meta = compute_sdxl_references(model_dir, name, cfg)
+        del pipe
+        save_file(tensors, ref_dir / f"{name}.safetensors", metadata={"format": "pt"})
+        dump_json(ref_dir / f"{name}.json", meta)
+        sdxl_summary[name] = dict(perturbed_params=perturbed, meta=meta)
+    name = SDXL_R2F_RUN["config"]
+    sdxl_plain_ref = load_file(ref_dir / f"{name}.safetensors")
+    x_tensors, x_meta = compute_sdxl_r2f_reference(out / name, sdxl_plain_ref)
+    save_file(x_tensors, ref_dir / f"{name}-r2f.safetensors", metadata={"format": "pt"})
+    dump_json(ref_dir / f"{name}-r2f.json", x_meta)
+
     # summary
     print(f"T5 tokenizer vocab size: {t5_vocab_size}")
     print(f"[{R2F_RUN['config']}-r2f] step prompts: {r2f_meta['r2f_step_prompt']}")
@@ -997,12 +1571,30 @@ def main():
               f"{s['perturbed_params']}")
         for k, v in s["tensors"].items():
             print(f"    {k:32s} {v['dtype']:8s} {v['shape']}")
+    print(f"[{name}-r2f] step prompts: {x_meta['r2f_step_prompt']}")
+    for c in x_meta["hand_loop_checks"]:
+        print(f"    hand loop vs pipeline (DPM++ 2M Karras, {c['steps']} steps, seed {c['seed']}): "
+              f"rel err {c['rel_err_vs_pipeline']:.3e}")
+    print(f"    plain_vs_r2f_rel_diff: {x_meta['plain_vs_r2f_rel_diff']:.6g}")
+    for k, v in x_meta["tensors"].items():
+        print(f"    {k:32s} {v['dtype']:8s} {v['shape']}")
+    for name, s in sdxl_summary.items():
+        print(f"[{name}] perturbed constant params (clip_l, clip_g, unet, vae): "
+              f"{s['perturbed_params']}")
+        r = load_file(ref_dir / f"{name}.safetensors")
+        print(f"    euler_timesteps_30: {r['euler_timesteps_30'][:3].tolist()} ... "
+              f"{r['euler_timesteps_30'][-3:].tolist()}; init_noise_sigma_30 "
+              f"{float(r['euler_init_noise_sigma_30']):.6f}")
+        print(f"    dpm_timesteps_30:   {r['dpm_timesteps_30'][:3].tolist()} ... "
+              f"{r['dpm_timesteps_30'][-3:].tolist()}")
+        for k, v in s["meta"]["tensors"].items():
+            print(f"    {k:32s} {v['dtype']:8s} {v['shape']}")
     total = 0
     unique = {}
     print("files:")
     for p in sorted(q for q in out.rglob("*") if q.is_file()):
         rel = p.relative_to(out)
-        if rel.parts[0] not in set(CONFIGS) | {"ref"}:
+        if rel.parts[0] not in set(CONFIGS) | set(SDXL_CONFIGS) | {"ref"}:
             continue
         size = p.stat().st_size
         total += size
@@ -1012,7 +1604,7 @@ def main():
     u = sum(unique.values())
     print(f"total: {total:,d} bytes ({total / 2**20:.2f} MiB) on disk; "
           f"{u:,d} bytes ({u / 2**20:.2f} MiB) of distinct file contents "
-          f"(the two model folders share byte-identical text encoders and tokenizers)")
+          f"(the model folders share byte-identical text encoders and tokenizers)")
 
 
 if __name__ == "__main__":

@@ -418,6 +418,7 @@ pub struct WorkerConfig {
     pub drain_timeout_secs: u64,
     pub redis_url: String,
     pub extra: String,
+    pub env: Vec<(String, String)>,
 }
 
 impl WorkerConfig {
@@ -434,6 +435,7 @@ impl WorkerConfig {
             drain_timeout_secs: 60,
             redis_url: "redis://127.0.0.1:6379".into(),
             extra: String::new(),
+            env: vec![("R2F_TEST_LLM_KEY".into(), "sk-test-0123456789".into())],
         }
     }
 
@@ -478,6 +480,7 @@ timeout_ms = 500
 lock_ttl_secs = 5
 [metrics]
 listen = "127.0.0.1:{port}"
+{llm_default}
 {storage}
 {extra}
 "#,
@@ -495,6 +498,12 @@ listen = "127.0.0.1:{port}"
             port = self.metrics_port,
             storage = storage,
             extra = self.extra,
+            // No LLM unless the test configures one.
+            llm_default = if self.extra.contains("[llm]") {
+                ""
+            } else {
+                "[llm]\nenabled = false"
+            },
         )
     }
 }
@@ -518,6 +527,7 @@ impl WorkerProc {
             .env("AWS_SECRET_ACCESS_KEY", S3_SECRET)
             .env("AWS_EC2_METADATA_DISABLED", "true")
             .env("RUST_LOG", "info")
+            .envs(cfg.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
