@@ -984,6 +984,22 @@ def write_sdxl_tokenizers(model_dir, encoder, merges):
     write_clip_tokenizer(Path(model_dir) / "tokenizer_2", encoder, merges, "!")
 
 
+def prefix_clip_text_model_keys(folder):
+    """transformers 5 saves CLIPTextModel without the `text_model.` prefix (its module tree no
+    longer has that level); the published SDXL text_encoder/model.safetensors (and every
+    transformers 4 save) has it.  Rewrite the file in the published layout; transformers 5 loads
+    both.  save_file(..., metadata={"format": "pt"}) reproduces transformers' own files byte for
+    byte, so this stays deterministic."""
+    f = Path(folder) / "model.safetensors"
+    sd = load_file(f)
+    if all(k.startswith("text_model.") for k in sd):
+        return
+    assert not any(k.startswith("text_model.") for k in sd)
+    save_file({"text_model." + k: v for k, v in sd.items()}, f, metadata={"format": "pt"})
+    _, info = CLIPTextModel.from_pretrained(folder, output_loading_info=True)
+    assert not any(info.values()), info
+
+
 def build_sdxl_text_encoders():
     """Same configs, seeds and perturbation seeds as build_text_encoders (SD3), but CLIP-L is a
     plain CLIPTextModel (SDXL has no CLIP-L projection)."""
@@ -1205,7 +1221,7 @@ def compute_sdxl_references(model_dir, name, cfg):
     dfinal = pipe(prompt, latents=init.clone(), output_type="latent",
                   num_inference_steps=run["dpm_steps"], callback_on_step_end=dcb,
                   callback_on_step_end_tensor_inputs=["latents"], **common).images
-    assert torch.equal(prepared[1], init)  # DPM init_noise_sigma = 1
+    assert len(prepared) == 3 and torch.equal(prepared[2], init)  # DPM init_noise_sigma = 1
     assert torch.equal(dsteps[-1], dfinal)
     out["dpm_final_latents"] = dfinal
     out["dpm_step_latents"] = torch.stack(dsteps)
@@ -1537,6 +1553,7 @@ def main():
         pipe.save_pretrained(model_dir, safe_serialization=True)
         del pipe
         write_sdxl_tokenizers(model_dir, encoder, merges)
+        prefix_clip_text_model_keys(model_dir / "text_encoder")
         for sub in ("tokenizer", "tokenizer_2"):
             assert not (model_dir / sub / "tokenizer.json").exists()
         # text encoders: CLIP-G file == the SD3 one; CLIP-L == the SD3 CLIP-L's text_model
@@ -1571,7 +1588,7 @@ def main():
               f"{s['perturbed_params']}")
         for k, v in s["tensors"].items():
             print(f"    {k:32s} {v['dtype']:8s} {v['shape']}")
-    print(f"[{name}-r2f] step prompts: {x_meta['r2f_step_prompt']}")
+    print(f"[{SDXL_R2F_RUN['config']}-r2f] step prompts: {x_meta['r2f_step_prompt']}")
     for c in x_meta["hand_loop_checks"]:
         print(f"    hand loop vs pipeline (DPM++ 2M Karras, {c['steps']} steps, seed {c['seed']}): "
               f"rel err {c['rel_err_vs_pipeline']:.3e}")

@@ -9,4 +9,5 @@ scripts/setup.sh
 source scripts/env.sh
 scripts/services.sh
 cargo fmt --check
+scripts/check_ops.sh
 cargo test --all-targets "$@"

@@ -223,6 +223,9 @@ impl Metrics {
         ] {
             m.stage_seconds.with_label_values(&[s]);
         }
+        for u in ["lock", "delivery_count"] {
+            m.redis_errors.with_label_values(&[u]);
+        }
         for r in ["invalid_job", "max_attempts", "model", "llm"] {
             m.dead_lettered.with_label_values(&[r]);
         }
