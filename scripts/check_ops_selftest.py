@@ -46,7 +46,7 @@ CASES = [
      "          severity: warning\n        annotations:\n          summary: \"r2f: metrics endpoint",
      "          severity: high\n        annotations:\n          summary: \"r2f: metrics endpoint",
      r"R2fWorkerDown: labels.severity"),
-    ("runbook anchor missing from docs/operations.md", "docs/operations.md",
+    ("runbook anchor missing from README.md", "README.md",
      '<a id="runbook-r2fplancacheerrors"></a>\n### R2fPlanCacheErrors', "### Plan cache errors",
      r"no anchor runbook-r2fplancacheerrors"),
     # yamllint

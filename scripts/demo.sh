@@ -1,16 +1,54 @@
 #!/usr/bin/env bash
-# The main job on a fresh machine, for now: set up, build, and generate one image with the bundled
-# tiny SD3 model (random weights: the picture is noise-like, the pipeline is the real one). Pass
-# R2F_DEMO_MODEL=<folder, Hub id or logical name> to use a real model.
+# The main job on a fresh machine: set up, build, start the worker daemon against the local
+# RabbitMQ and Redis with the bundled tiny SD3 model (config/demo.toml), enqueue the sample jobs
+# (config/demo-jobs.jsonl: plain, R2F with plans, one invalid job), wait for their results and
+# print where the images are; then drain the worker with SIGTERM.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 scripts/setup.sh
 # shellcheck source=scripts/env.sh
 source scripts/env.sh
+scripts/services.sh
 cargo build --release
-model=${R2F_DEMO_MODEL:-tests/fixtures/sd3-tiny-a}
+r2f=target/release/r2f
+config=${R2F_DEMO_CONFIG:-config/demo.toml}
+jobs=${R2F_DEMO_JOBS:-config/demo-jobs.jsonl}
+storage=out/demo-storage
 mkdir -p out
-target/release/r2f generate --model "$model" --prompt "A hairy frog warrior holding a tiny golden sword" \
-  --seed 42 --out out/demo.png "$@"
-echo "demo: image written to $root/out/demo.png"
+# Results of an earlier run would be re-published, not generated again: start clean.
+rm -rf "$storage"
+
+"$r2f" worker --config "$config" 2> out/demo-worker.log &
+worker=$!
+trap 'kill -TERM "$worker" 2>/dev/null || true' EXIT
+echo "demo: worker started (pid $worker, log out/demo-worker.log); waiting until ready"
+for _ in $(seq 1 600); do
+  curl -fs http://127.0.0.1:9464/readyz >/dev/null 2>&1 && break
+  kill -0 "$worker" 2>/dev/null || { cat out/demo-worker.log; exit 1; }
+  sleep 0.5
+done
+"$r2f" enqueue --config "$config" "$jobs" || true
+
+ids=$(grep -o '"id": *"[^"]*"' "$jobs" | sed 's/.*"\([^"]*\)"$/\1/' | grep -v invalid)
+echo "demo: waiting for $(echo "$ids" | wc -w) results"
+for _ in $(seq 1 1200); do
+  missing=0
+  for id in $ids; do [ -f "$storage/$id/result.json" ] || missing=1; done
+  [ "$missing" = 0 ] && break
+  sleep 0.5
+done
+for id in $ids; do
+  if [ -f "$storage/$id/result.json" ]; then
+    echo "demo: $id: $(grep -o '"status": *"[^"]*"' "$storage/$id/result.json" | head -1)"
+    ls "$root/$storage/$id/"*.png | sed 's/^/        /'
+  else
+    echo "demo: $id: no result (see out/demo-worker.log)"
+  fi
+done
+echo "demo: the invalid job was dead-lettered to r2f.demo.jobs.dead:"
+grep -h "dead-lettered" out/demo-worker.log | tail -1 || true
+echo "demo: metrics at http://127.0.0.1:9464/metrics; draining the worker"
+kill -TERM "$worker"
+wait "$worker" || true
+trap - EXIT

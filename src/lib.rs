@@ -1,6 +1,7 @@
 //! r2f: Rare-to-Frequent text-to-image generation on libtorch.
 
 pub mod bench;
+pub mod bench_service;
 pub mod config;
 pub mod device;
 pub mod enqueue;

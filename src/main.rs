@@ -54,6 +54,16 @@ enum Command {
         #[arg(long, default_value = "r2f")]
         mode: String,
     },
+    /// Measure jobs per second through the broker and the per-job service overhead against a
+    /// running worker (plain jobs of the worker's model).
+    BenchService {
+        #[arg(long, default_value_t = 50)]
+        jobs: usize,
+        #[arg(long, default_value_t = 1)]
+        steps: u32,
+        #[arg(long, default_value_t = 64)]
+        size: u32,
+    },
     /// Publish jobs (one JSON object a line) with publisher confirms.
     Enqueue {
         /// A JSON-lines file (`-` for standard input).
@@ -434,6 +444,15 @@ fn main() -> ExitCode {
         Command::Schedule(a) => cmd_schedule(a),
         Command::Worker => cmd_worker(settings),
         Command::Plan { prompt, mode } => cmd_plan(settings, prompt, mode),
+        Command::BenchService { jobs, steps, size } => runtime().and_then(|rt| {
+            let r = rt.block_on(r2f::bench_service::run(&settings, jobs, steps, size))?;
+            println!("jobs={} succeeded={} wall_s={:.2}", r.jobs, r.succeeded, r.wall.as_secs_f64());
+            println!("jobs_per_second={:.2}", r.jobs_per_second);
+            println!("model_ms_per_job={:.1}", r.model_ms);
+            println!("worker_overhead_ms_per_job={:.1}", r.worker_overhead_ms);
+            println!("end_to_end_overhead_ms_per_job={:.1}", r.end_to_end_overhead_ms);
+            Ok(())
+        }),
         Command::Enqueue { file } => cmd_enqueue(settings, file),
     });
     match result {

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Service benchmark with the bundled tiny model: starts a worker on the local RabbitMQ/Redis
+# (its own queue names, local-folder storage), pushes N plain jobs through the broker and prints
+# jobs per second and the per-job overhead of everything but the model.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+scripts/setup.sh >/dev/null
+# shellcheck source=scripts/env.sh
+source scripts/env.sh
+scripts/services.sh >/dev/null
+cargo build --release -q
+jobs=${1:-100}
+work=$(mktemp -d)
+trap 'kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; rm -rf "$work"' EXIT
+name="bench$$"
+cat >"$work/config.toml" <<TOML
+[models.tiny]
+source = "$root/tests/fixtures/sd3-tiny-a"
+[worker]
+model = "tiny"
+device = "cpu"
+dtype = "fp32"
+progress_interval_ms = 1000000
+[amqp]
+jobs_queue = "$name.jobs"
+dead_letter_queue = "$name.dead"
+retry_queue = "$name.retry"
+events_exchange = "$name.events"
+[storage]
+backend = "local"
+local_dir = "$work/storage"
+[llm]
+enabled = false
+[metrics]
+listen = "127.0.0.1:0"
+TOML
+target/release/r2f worker --config "$work/config.toml" 2>"$work/worker.log" &
+pid=$!
+for _ in $(seq 1 300); do
+  grep -q consuming "$work/worker.log" && break
+  sleep 0.2
+done
+grep -q consuming "$work/worker.log" || { cat "$work/worker.log"; exit 1; }
+target/release/r2f bench-service --config "$work/config.toml" --jobs "$jobs"

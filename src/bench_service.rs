@@ -1,0 +1,117 @@
+//! Service benchmark: jobs per second through the broker and the per-job overhead of everything
+//! but the model (broker hops, validation, storage, events), measured against a running worker.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+
+use crate::config::Settings;
+use crate::worker::amqp;
+
+pub struct ServiceReport {
+    pub jobs: usize,
+    pub succeeded: usize,
+    pub wall: Duration,
+    pub jobs_per_second: f64,
+    /// Mean of (worker total - encode - denoise - decode): validation, plan, storage, events.
+    pub worker_overhead_ms: f64,
+    /// Mean of (publish -> result event) minus model time: the overhead a client sees.
+    pub end_to_end_overhead_ms: f64,
+    pub model_ms: f64,
+}
+
+pub async fn run(settings: &Settings, jobs: usize, steps: u32, size: u32) -> anyhow::Result<ServiceReport> {
+    let s = &settings.amqp;
+    let conn = amqp::connect(s, "r2f-bench-service").await?;
+    let ch = amqp::confirm_channel(&conn).await?;
+    amqp::declare_topology(&ch, s).await?;
+    let q = ch
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(amqp::amqp_error)?;
+    for key in ["job.succeeded", "job.failed", "job.rejected"] {
+        ch.queue_bind(
+            q.name().as_str().into(),
+            s.events_exchange.as_str().into(),
+            key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(amqp::amqp_error)?;
+    }
+    let mut events = ch
+        .basic_consume(
+            q.name().as_str().into(),
+            "bench".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(amqp::amqp_error)?;
+    let run_id = uuid::Uuid::new_v4().simple().to_string();
+    let mut sent: HashMap<String, Instant> = HashMap::new();
+    let start = Instant::now();
+    for i in 0..jobs {
+        let id = format!("bench-{run_id}-{i}");
+        let job = serde_json::json!({
+            "id": id, "prompt": "a hairy frog warrior", "model": settings.worker.model,
+            "mode": "plain",
+            "params": {"steps": steps, "width": size, "height": size, "seed": i}
+        });
+        let props = amqp::json_props()
+            .with_message_id(id.as_str().into())
+            .with_timestamp(amqp::now_unix());
+        sent.insert(id, Instant::now());
+        amqp::publish_confirmed(&ch, "", &s.jobs_queue, job.to_string().as_bytes(), props).await?;
+    }
+    let (mut done, mut ok) = (0, 0);
+    let (mut worker_overhead, mut e2e_overhead, mut model) = (0.0, 0.0, 0.0);
+    while done < jobs {
+        let next = tokio::time::timeout(Duration::from_secs(600), events.next())
+            .await
+            .map_err(|_| anyhow::anyhow!("no result event for 10 minutes: is a worker running?"))?;
+        let Some(Ok(d)) = next else {
+            anyhow::bail!("event stream closed");
+        };
+        let v: serde_json::Value = serde_json::from_slice(&d.data)?;
+        let id = v["id"].as_str().unwrap_or("");
+        let Some(t0) = sent.get(id) else { continue };
+        let e2e = t0.elapsed().as_secs_f64() * 1e3;
+        done += 1;
+        if v["status"] == "succeeded" {
+            ok += 1;
+            let t = &v["timings_ms"];
+            let get = |k: &str| t[k].as_f64().unwrap_or(0.0);
+            let m = get("encode") + get("denoise") + get("decode");
+            model += m;
+            worker_overhead += get("total") - m;
+            e2e_overhead += e2e - m;
+        }
+    }
+    let wall = start.elapsed();
+    let n = ok.max(1) as f64;
+    Ok(ServiceReport {
+        jobs,
+        succeeded: ok,
+        wall,
+        jobs_per_second: jobs as f64 / wall.as_secs_f64(),
+        worker_overhead_ms: worker_overhead / n,
+        end_to_end_overhead_ms: e2e_overhead / n,
+        model_ms: model / n,
+    })
+}
