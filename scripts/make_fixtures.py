@@ -353,7 +353,7 @@ SDXL_CONFIGS = {
             SDXL_UNET_COMMON,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            block_out_channels=(32, 64), layers_per_block=2, attention_head_dim=(2, 4),
+            block_out_channels=(16, 32), layers_per_block=2, attention_head_dim=(2, 4),
             transformer_layers_per_block=(1, 2),
         ),
         vae_seed=31,
@@ -374,7 +374,7 @@ SDXL_CONFIGS = {
             SDXL_UNET_COMMON,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            block_out_channels=(32, 64, 64), layers_per_block=1, attention_head_dim=(2, 4, 4),
+            block_out_channels=(16, 32, 32), layers_per_block=1, attention_head_dim=(2, 4, 4),
             transformer_layers_per_block=(1, 1, 2),
         ),
         vae_seed=41,
@@ -1266,8 +1266,10 @@ def compute_sdxl_references(model_dir, name, cfg):
         "dpm_pipeline_timesteps": dts,
         "scheduler": "EulerDiscreteScheduler (folder config)",
         "dpm_scheduler": "DPMSolverMultistepScheduler.from_config(euler_config, use_karras_sigmas=True)",
-        "dpm_scheduler_config": {k: v for k, v in sorted(dict(sdxl_dpm(model_dir).config).items())
-                                 if not k.startswith("_")},
+        # non-finite floats (lambda_min_clipped = -inf) as strings: strict JSON has no Infinity
+        "dpm_scheduler_config": {
+            k: (str(v) if isinstance(v, float) and not np.isfinite(v) else v)
+            for k, v in sorted(dict(sdxl_dpm(model_dir).config).items()) if not k.startswith("_")},
         "unet_forward": {
             "timesteps": SDXL_UNET_TIMESTEPS,
             "input_seed": 123,
@@ -1566,12 +1568,14 @@ def main():
         pipe, tensors, meta = compute_sdxl_references(model_dir, name, cfg)
         del pipe
         save_file(tensors, ref_dir / f"{name}.safetensors", metadata={"format": "pt"})
+        json.dumps(meta, allow_nan=False)  # strict JSON (Rust serde_json) must parse it
         dump_json(ref_dir / f"{name}.json", meta)
         sdxl_summary[name] = dict(perturbed_params=perturbed, meta=meta)
     name = SDXL_R2F_RUN["config"]
     sdxl_plain_ref = load_file(ref_dir / f"{name}.safetensors")
     x_tensors, x_meta = compute_sdxl_r2f_reference(out / name, sdxl_plain_ref)
     save_file(x_tensors, ref_dir / f"{name}-r2f.safetensors", metadata={"format": "pt"})
+    json.dumps(x_meta, allow_nan=False)
     dump_json(ref_dir / f"{name}-r2f.json", x_meta)
 
     # summary
