@@ -446,11 +446,19 @@ fn main() -> ExitCode {
         Command::Plan { prompt, mode } => cmd_plan(settings, prompt, mode),
         Command::BenchService { jobs, steps, size } => runtime().and_then(|rt| {
             let r = rt.block_on(r2f::bench_service::run(&settings, jobs, steps, size))?;
-            println!("jobs={} succeeded={} wall_s={:.2}", r.jobs, r.succeeded, r.wall.as_secs_f64());
+            println!(
+                "jobs={} succeeded={} wall_s={:.2}",
+                r.jobs,
+                r.succeeded,
+                r.wall.as_secs_f64()
+            );
             println!("jobs_per_second={:.2}", r.jobs_per_second);
             println!("model_ms_per_job={:.1}", r.model_ms);
             println!("worker_overhead_ms_per_job={:.1}", r.worker_overhead_ms);
-            println!("end_to_end_overhead_ms_per_job={:.1}", r.end_to_end_overhead_ms);
+            println!(
+                "saturated_overhead_ms_per_job={:.1}",
+                r.saturated_overhead_ms
+            );
             Ok(())
         }),
         Command::Enqueue { file } => cmd_enqueue(settings, file),

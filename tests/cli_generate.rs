@@ -220,3 +220,64 @@ fn bench_runs_a_small_configuration_on_the_cpu() {
         assert!(stdout.contains(key), "bench output lacks {key}: {stdout}");
     }
 }
+
+#[test]
+fn schedule_command_prints_the_prompt_of_every_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = dir.path().join("plan.json");
+    std::fs::write(
+        &plan,
+        r#"{"visual_detail_level": ["5", "3"], "r2f_prompt": [["p0", "p1", "p2"]]}"#,
+    )
+    .unwrap();
+    let run = |schedule: &str| {
+        let out = r2f()
+            .args([
+                "schedule",
+                "--plan",
+                plan.to_str().unwrap(),
+                "--steps",
+                "50",
+                "--model",
+                "sd3",
+            ])
+            .args(["--schedule", schedule])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<Vec<String>>(&out.stdout).unwrap()
+    };
+    // Faithful: T = [40, 20, 50]; p0/p2 alternate until 40, then p1/p2 (the unsorted-levels quirk).
+    let f = run("faithful");
+    assert_eq!(f.len(), 50);
+    assert_eq!(&f[38..42], ["p0", "p2", "p1", "p2"]);
+    assert_eq!(f[48], "p1");
+    // Clean: each concept's own stop step: p0 until 20, p1 until 40, then p2 only.
+    let c = run("clean");
+    assert_eq!(&c[18..22], ["p0", "p2", "p1", "p2"]);
+    assert!(c[40..].iter().all(|p| p == "p2"));
+    // A bad plan is a one-line error.
+    std::fs::write(
+        &plan,
+        r#"{"visual_detail_level": "9", "r2f_prompt": [["a", "b"]]}"#,
+    )
+    .unwrap();
+    let out = r2f()
+        .args([
+            "schedule",
+            "--plan",
+            plan.to_str().unwrap(),
+            "--steps",
+            "50",
+            "--model",
+            "sd3",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("outside 0..5"));
+}

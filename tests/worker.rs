@@ -535,3 +535,45 @@ async fn broker_password_never_appears_in_logs() {
     let log = worker.log();
     assert!(!log.contains("s3cr3t-pw"), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enqueue_publishes_with_confirms_and_reports_refused_lines() {
+    let names = Names::new(&unique("enqueue"));
+    let broker = Broker::connect(&names).await;
+    let cfg = WorkerConfig::new(&names);
+    let mut file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    std::io::Write::write_all(&mut file, cfg.toml().as_bytes()).unwrap();
+    let jobs = tempfile::NamedTempFile::new().unwrap();
+    let lines = [
+        tiny_job("e-1", 1).to_string(),
+        "{not json".to_string(),
+        json!({"prompt": "no id"}).to_string(),
+        String::new(),
+        tiny_job("e-2", 1).to_string(),
+    ];
+    std::fs::write(jobs.path(), lines.join("\n")).unwrap();
+    let (cfg_path, jobs_path) = (file.path().to_path_buf(), jobs.path().to_path_buf());
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_r2f"))
+            .args(["enqueue", "--config"])
+            .arg(&cfg_path)
+            .arg(&jobs_path)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "refused lines make the exit status non-zero"
+    );
+    assert!(stdout.contains("2 published"), "{stdout}");
+    assert!(
+        stderr.contains("line 2") && stderr.contains("line 3"),
+        "{stderr}"
+    );
+    assert_eq!(broker.queue_len(&names.jobs).await, 2);
+    broker.cleanup().await;
+}
