@@ -12,9 +12,11 @@ use crate::device::{device_name, dtype_name};
 use crate::image::encode_png;
 use crate::models::hub::{Family, ModelFolder};
 use crate::pipelines::sd3::Sd3Pipeline;
+use crate::pipelines::sdxl::SdxlPipeline;
 use crate::pipelines::{Output, Request};
 use crate::plan::R2fPlan;
 use crate::r2f::{step_prompts, ScheduleKind, StopStepMap};
+use crate::schedulers::discrete::SamplerKind;
 
 /// How the prompt conditions the steps.
 #[derive(Debug, Clone, PartialEq)]
@@ -77,6 +79,8 @@ pub struct Params {
     pub height: Option<i64>,
     pub negative_prompt: String,
     pub t5_tokens: Option<usize>,
+    /// SDXL sampler (`euler` or `dpm++2m-karras`); None: the model's default for the mode.
+    pub scheduler: Option<String>,
 }
 
 /// Parameters with every default resolved and every bound checked.
@@ -127,6 +131,9 @@ pub fn validate(prompt: &str, p: &Params, limits: &Limits) -> anyhow::Result<()>
             );
         }
     }
+    if let Some(s) = &p.scheduler {
+        SamplerKind::parse(s).map_err(anyhow::Error::msg)?;
+    }
     if let Some(t) = p.t5_tokens {
         if !(1..=512).contains(&t) {
             bail!("T5 sequence length must be between 1 and 512 (got {t})");
@@ -138,6 +145,7 @@ pub fn validate(prompt: &str, p: &Params, limits: &Limits) -> anyhow::Result<()>
 /// A loaded model, ready to generate.
 pub enum Engine {
     Sd3(Box<Sd3Pipeline>),
+    Sdxl(Box<SdxlPipeline>),
 }
 
 impl Engine {
@@ -146,28 +154,30 @@ impl Engine {
             Family::Sd3 => Ok(Engine::Sd3(Box::new(Sd3Pipeline::load(
                 model, device, kind,
             )?))),
-            Family::Sdxl => bail!(
-                "{} is an SDXL model: SDXL is not supported by this build yet",
-                model.root.display()
-            ),
+            Family::Sdxl => Ok(Engine::Sdxl(Box::new(SdxlPipeline::load(
+                model, device, kind,
+            )?))),
         }
     }
 
     pub fn family(&self) -> Family {
         match self {
             Engine::Sd3(_) => Family::Sd3,
+            Engine::Sdxl(_) => Family::Sdxl,
         }
     }
 
     pub fn device(&self) -> Device {
         match self {
             Engine::Sd3(p) => p.device(),
+            Engine::Sdxl(p) => p.device(),
         }
     }
 
     pub fn kind(&self) -> Kind {
         match self {
             Engine::Sd3(p) => p.kind(),
+            Engine::Sdxl(p) => p.kind(),
         }
     }
 
@@ -183,6 +193,13 @@ impl Engine {
                 },
                 7.0,
                 pipe.transformer.config().sample_size * pipe.vae_scale_factor(),
+            ),
+            // diffusers' SDXL defaults (50 steps, guidance 5.0), which the official R2F-SDXL
+            // runs keep.
+            Engine::Sdxl(pipe) => (
+                50,
+                5.0,
+                pipe.unet.config().sample_size * pipe.vae_scale_factor(),
             ),
         };
         let r = Resolved {
@@ -231,6 +248,18 @@ impl Engine {
                 };
                 pipe.t5_tokens = p.t5_tokens.unwrap_or(default_t5);
                 pipe.generate(&req, on_step)
+            }
+            Engine::Sdxl(pipe) => {
+                // Plain: the model folder's scheduler; R2F: DPM-Solver++ 2M Karras, as the
+                // official R2F-SDXL runs.
+                let sampler = match &p.scheduler {
+                    Some(s) => SamplerKind::parse(s).map_err(anyhow::Error::msg)?,
+                    None => match mode {
+                        Mode::Plain => pipe.default_sampler(),
+                        Mode::R2f { .. } => SamplerKind::DpmSolverPp2mKarras,
+                    },
+                };
+                pipe.generate(&req, sampler, on_step)
             }
         }
     }

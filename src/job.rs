@@ -234,6 +234,11 @@ pub fn validate_message(
             Err(e) => return reject(e),
         },
     };
+    if let Some(s) = &p.scheduler {
+        if let Err(e) = crate::schedulers::discrete::SamplerKind::parse(s) {
+            return reject(e);
+        }
+    }
     if let Some(neg) = &p.negative_prompt {
         if neg.chars().count() > limits.max_prompt_chars {
             return reject(format!(
@@ -275,6 +280,7 @@ pub fn validate_message(
             height: p.height,
             negative_prompt: p.negative_prompt.clone().unwrap_or_default(),
             t5_tokens: None,
+            scheduler: p.scheduler.clone(),
         },
         num_images,
         schedule,

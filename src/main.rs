@@ -122,9 +122,13 @@ struct GenerateArgs {
     /// cpu, cuda or cuda:N (default: cuda when available).
     #[arg(long)]
     device: Option<String>,
-    /// T5 sequence length (diffusers' default 256).
+    /// T5 sequence length (SD3; diffusers' default 256, R2F 77).
     #[arg(long)]
     t5_tokens: Option<usize>,
+    /// SDXL sampler: euler or dpm++2m-karras (default: the model's scheduler in plain mode,
+    /// DPM-Solver++ 2M Karras in R2F mode).
+    #[arg(long)]
+    scheduler: Option<String>,
     /// Also write the final latents (before VAE decode) as safetensors, tensor `latents`.
     #[arg(long)]
     latents_out: Option<PathBuf>,
@@ -256,6 +260,7 @@ fn cmd_generate(settings: &Settings, a: GenerateArgs) -> anyhow::Result<()> {
         height: a.height,
         negative_prompt: a.negative_prompt.clone(),
         t5_tokens: a.t5_tokens,
+        scheduler: a.scheduler.clone(),
     };
     // Fail on bad options before spending time on loading.
     validate(&a.prompt, &params, &settings.limits)?;

@@ -195,3 +195,24 @@ pub fn merge_heads(x: &Tensor) -> Tensor {
     let (b, h, s, d) = x.size4().expect("4-d activations");
     x.transpose(1, 2).reshape([b, s, h * d])
 }
+
+/// Sinusoidal timestep features as diffusers' `Timesteps(dim, flip_sin_to_cos, downscale_freq_shift)`
+/// (`get_timestep_embedding`), computed in float32.
+pub fn timestep_features(t: &Tensor, dim: i64, flip_sin_to_cos: bool, shift: f64) -> Tensor {
+    let half = dim / 2;
+    let exponent = Tensor::arange(half, (Kind::Float, t.device())) * (-(10000f64).ln())
+        / (half as f64 - shift);
+    let freqs = exponent.exp();
+    let args = t.to_kind(Kind::Float).unsqueeze(1) * freqs.unsqueeze(0);
+    let (sin, cos) = (args.sin(), args.cos());
+    let emb = if flip_sin_to_cos {
+        Tensor::cat(&[cos, sin], -1)
+    } else {
+        Tensor::cat(&[sin, cos], -1)
+    };
+    if dim % 2 == 1 {
+        emb.constant_pad_nd([0, 1])
+    } else {
+        emb
+    }
+}

@@ -5,9 +5,11 @@
 use std::path::Path;
 
 use serde::Deserialize;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
-use super::layers::{attention, merge_heads, split_heads, Conv2d, LayerNorm, Linear, RmsNorm};
+use super::layers::{
+    attention, merge_heads, split_heads, timestep_features, Conv2d, LayerNorm, Linear, RmsNorm,
+};
 use super::weights::Vb;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -70,27 +72,6 @@ impl MmditConfig {
 
     pub fn out_channels(&self) -> i64 {
         self.out_channels.unwrap_or(self.in_channels)
-    }
-}
-
-/// Sinusoidal timestep features as diffusers' `Timesteps(256, flip_sin_to_cos=True,
-/// downscale_freq_shift=0)`: cos first, computed in float32.
-pub fn timestep_features(t: &Tensor, dim: i64, flip_sin_to_cos: bool, shift: f64) -> Tensor {
-    let half = dim / 2;
-    let exponent = Tensor::arange(half, (Kind::Float, t.device())) * (-(10000f64).ln())
-        / (half as f64 - shift);
-    let freqs = exponent.exp();
-    let args = t.to_kind(Kind::Float).unsqueeze(1) * freqs.unsqueeze(0);
-    let (sin, cos) = (args.sin(), args.cos());
-    let emb = if flip_sin_to_cos {
-        Tensor::cat(&[cos, sin], -1)
-    } else {
-        Tensor::cat(&[sin, cos], -1)
-    };
-    if dim % 2 == 1 {
-        emb.constant_pad_nd([0, 1])
-    } else {
-        emb
     }
 }
 

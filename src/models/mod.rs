@@ -6,5 +6,6 @@ pub mod layers;
 pub mod mmdit;
 pub mod t5;
 pub mod tokenizer;
+pub mod unet;
 pub mod vae;
 pub mod weights;

@@ -82,9 +82,12 @@ impl VaeConfig {
     }
 }
 
-struct ResnetBlock {
+/// diffusers' `ResnetBlock2D` (default time-scale-shift): GroupNorm, SiLU, conv; plus the
+/// projected time embedding when the block has one (UNet); 1x1 shortcut when channels change.
+pub(crate) struct ResnetBlock {
     norm1: GroupNorm,
     conv1: Conv2d,
+    time_proj: Option<Linear>,
     norm2: GroupNorm,
     conv2: Conv2d,
     shortcut: Option<Conv2d>,
@@ -92,10 +95,25 @@ struct ResnetBlock {
 
 impl ResnetBlock {
     fn new(vb: &Vb, cin: i64, cout: i64, groups: i64) -> anyhow::Result<Self> {
+        Self::with_time(vb, cin, cout, groups, 1e-6, None)
+    }
+
+    pub(crate) fn with_time(
+        vb: &Vb,
+        cin: i64,
+        cout: i64,
+        groups: i64,
+        eps: f64,
+        temb_channels: Option<i64>,
+    ) -> anyhow::Result<Self> {
         Ok(Self {
-            norm1: GroupNorm::new(&vb.pp("norm1"), groups, cin, 1e-6)?,
+            norm1: GroupNorm::new(&vb.pp("norm1"), groups, cin, eps)?,
             conv1: Conv2d::new(&vb.pp("conv1"), cin, cout, 3, 1, 1)?,
-            norm2: GroupNorm::new(&vb.pp("norm2"), groups, cout, 1e-6)?,
+            time_proj: match temb_channels {
+                Some(t) => Some(Linear::new(&vb.pp("time_emb_proj"), t, cout, true)?),
+                None => None,
+            },
+            norm2: GroupNorm::new(&vb.pp("norm2"), groups, cout, eps)?,
             conv2: Conv2d::new(&vb.pp("conv2"), cout, cout, 3, 1, 1)?,
             shortcut: if cin != cout {
                 Some(Conv2d::new(&vb.pp("conv_shortcut"), cin, cout, 1, 1, 0)?)
@@ -106,7 +124,15 @@ impl ResnetBlock {
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
-        let h = self.conv1.forward(&self.norm1.forward(x).silu());
+        self.forward_t(x, None)
+    }
+
+    /// `silu_temb`: SiLU of the time embedding (the block projects it).
+    pub(crate) fn forward_t(&self, x: &Tensor, silu_temb: Option<&Tensor>) -> Tensor {
+        let mut h = self.conv1.forward(&self.norm1.forward(x).silu());
+        if let (Some(p), Some(t)) = (&self.time_proj, silu_temb) {
+            h = h + p.forward(t).unsqueeze(-1).unsqueeze(-1);
+        }
         let h = self.conv2.forward(&self.norm2.forward(&h).silu());
         match &self.shortcut {
             Some(s) => s.forward(x) + h,

@@ -1,6 +1,7 @@
 //! Pipelines: encode prompts once, denoise with a per-step choice of conditioning, decode.
 
 pub mod sd3;
+pub mod sdxl;
 
 use std::time::Duration;
 

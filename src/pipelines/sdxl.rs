@@ -1,0 +1,235 @@
+//! The SDXL pipeline as diffusers' `StableDiffusionXLPipeline`: CLIP-L and CLIP-G penultimate
+//! features concatenated, pooled CLIP-G text embeddings, zero negative embeddings when no
+//! negative prompt is given (`force_zeros_for_empty_prompt`), six size/crop time ids,
+//! classifier-free guidance [negative, positive], Euler discrete or DPM-Solver++ 2M Karras, VAE
+//! decode in float32 when the model runs in fp16 (`force_upcast`: the SDXL VAE overflows in fp16).
+
+use std::time::Instant;
+
+use anyhow::Context;
+use tch::{Device, Kind, Tensor};
+
+use super::sd3::Conditioning;
+use super::{initial_latents, to_u8_image, Output, Request, Timings};
+use crate::device::synchronize;
+use crate::models::clip::{ClipConfig, ClipTextModel};
+use crate::models::hub::{Family, ModelFolder};
+use crate::models::tokenizer::PromptTokenizer;
+use crate::models::unet::{Unet, UnetConfig};
+use crate::models::vae::{VaeConfig, VaeDecoder};
+use crate::models::weights::{Vb, Weights};
+use crate::schedulers::discrete::{DiscreteConfig, DiscreteSchedule, Sampler, SamplerKind};
+
+pub struct SdxlPipeline {
+    tok_l: PromptTokenizer,
+    tok_g: PromptTokenizer,
+    clip_l: ClipTextModel,
+    clip_g: ClipTextModel,
+    pub unet: Unet,
+    pub vae: VaeDecoder,
+    scheduler: DiscreteConfig,
+    device: Device,
+    kind: Kind,
+    vae_kind: Kind,
+}
+
+fn vb(dir: &std::path::Path, device: Device, kind: Kind) -> anyhow::Result<Vb> {
+    Ok(Vb::new(Weights::from_dir(dir, device, kind)?))
+}
+
+impl SdxlPipeline {
+    pub fn load(model: &ModelFolder, device: Device, kind: Kind) -> anyhow::Result<Self> {
+        if model.family != Family::Sdxl {
+            anyhow::bail!("{} is not an SDXL model folder", model.root.display());
+        }
+        let _g = tch::no_grad_guard();
+        let start = Instant::now();
+        let step = |what: &str| tracing::info!(component = what, "loading");
+        step("tokenizers");
+        let tok_l = PromptTokenizer::clip(&model.require("tokenizer")?)?;
+        let tok_g = PromptTokenizer::clip(&model.require("tokenizer_2")?)?;
+        step("text_encoder (CLIP-L)");
+        let dir = model.require("text_encoder")?;
+        let clip_l = ClipTextModel::new(&vb(&dir, device, kind)?, &ClipConfig::load(&dir)?, false)
+            .with_context(|| format!("loading {}", dir.display()))?;
+        step("text_encoder_2 (CLIP-G)");
+        let dir = model.require("text_encoder_2")?;
+        let clip_g = ClipTextModel::new(&vb(&dir, device, kind)?, &ClipConfig::load(&dir)?, true)
+            .with_context(|| format!("loading {}", dir.display()))?;
+        step("unet");
+        let dir = model.require("unet")?;
+        let unet = Unet::new(&vb(&dir, device, kind)?, &UnetConfig::load(&dir)?)
+            .with_context(|| format!("loading {}", dir.display()))?;
+        step("vae");
+        let dir = model.require("vae")?;
+        let vae_cfg = VaeConfig::load(&dir)?;
+        let vae_kind = if kind == Kind::Half && vae_cfg.force_upcast.unwrap_or(true) {
+            Kind::Float
+        } else {
+            kind
+        };
+        let vae = VaeDecoder::new(&vb(&dir, device, vae_kind)?, &vae_cfg)
+            .with_context(|| format!("loading {}", dir.display()))?;
+        let scheduler = DiscreteConfig::load(&model.require("scheduler")?)?;
+        tracing::info!(seconds = start.elapsed().as_secs_f64(), model = %model.root.display(), "SDXL model loaded");
+        Ok(Self {
+            tok_l,
+            tok_g,
+            clip_l,
+            clip_g,
+            unet,
+            vae,
+            scheduler,
+            device,
+            kind,
+            vae_kind,
+        })
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    pub fn vae_scale_factor(&self) -> i64 {
+        self.vae.config().scale_factor()
+    }
+
+    /// The folder's scheduler is Euler discrete (SDXL's published config) unless it asks for
+    /// Karras sigmas.
+    pub fn default_sampler(&self) -> SamplerKind {
+        if self.scheduler.use_karras_sigmas {
+            SamplerKind::DpmSolverPp2mKarras
+        } else {
+            SamplerKind::EulerDiscrete
+        }
+    }
+
+    fn ids(&self, ids: &[i64]) -> Tensor {
+        Tensor::from_slice(ids).unsqueeze(0).to_device(self.device)
+    }
+
+    /// `[1, 77, 768+1280]` penultimate features and `[1, 1280]` pooled CLIP-G embeddings.
+    pub fn encode(&self, prompt: &str) -> anyhow::Result<Conditioning> {
+        let _g = tch::no_grad_guard();
+        let l = self.clip_l.forward(&self.ids(&self.tok_l.encode(prompt)?));
+        let g = self.clip_g.forward(&self.ids(&self.tok_g.encode(prompt)?));
+        Ok(Conditioning {
+            context: Tensor::cat(&[&l.penultimate, &g.penultimate], -1),
+            pooled: g.text_embeds.context("CLIP-G has no text projection")?,
+        })
+    }
+
+    pub fn generate(
+        &self,
+        req: &Request,
+        sampler: SamplerKind,
+        on_step: &mut dyn FnMut(usize, usize),
+    ) -> anyhow::Result<Output> {
+        let _g = tch::no_grad_guard();
+        let steps = req.steps();
+        if steps == 0 {
+            anyhow::bail!("at least one denoising step is needed");
+        }
+        if let Some(bad) = req.step_prompt.iter().find(|&&i| i >= req.prompts.len()) {
+            anyhow::bail!(
+                "step schedule names prompt {bad}, but only {} are given",
+                req.prompts.len()
+            );
+        }
+        let f = self.vae_scale_factor();
+        if req.height % f != 0 || req.width % f != 0 {
+            anyhow::bail!(
+                "image size {}x{} is not a multiple of {f}",
+                req.width,
+                req.height
+            );
+        }
+        let (lh, lw) = (req.height / f, req.width / f);
+        let mut timings = Timings::default();
+
+        let t0 = Instant::now();
+        let cfg = req.guidance > 1.0;
+        let positives = req
+            .prompts
+            .iter()
+            .map(|p| self.encode(p))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        // No negative prompt: zeros, as diffusers' force_zeros_for_empty_prompt.
+        let negative = if !cfg {
+            None
+        } else if req.negative_prompt.is_empty() {
+            Some(Conditioning {
+                context: positives[0].context.zeros_like(),
+                pooled: positives[0].pooled.zeros_like(),
+            })
+        } else {
+            Some(self.encode(&req.negative_prompt)?)
+        };
+        let conds: Vec<Conditioning> = positives
+            .into_iter()
+            .map(|c| match &negative {
+                Some(n) => Conditioning {
+                    context: Tensor::cat(&[&n.context, &c.context], 0),
+                    pooled: Tensor::cat(&[&n.pooled, &c.pooled], 0),
+                },
+                None => c,
+            })
+            .collect();
+        let batch = if cfg { 2 } else { 1 };
+        let (h, w) = (req.height as f32, req.width as f32);
+        let time_ids = Tensor::from_slice(&[h, w, 0.0, 0.0, h, w])
+            .unsqueeze(0)
+            .repeat([batch, 1])
+            .to_device(self.device)
+            .to_kind(self.kind);
+        synchronize(self.device);
+        timings.encode = t0.elapsed();
+
+        let t0 = Instant::now();
+        let schedule = DiscreteSchedule::new(&self.scheduler, sampler, steps)?;
+        let timesteps = Tensor::from_slice(&schedule.timesteps).to_device(self.device);
+        let init_sigma = schedule.init_noise_sigma as f64;
+        let mut sampler = Sampler::new(schedule);
+        let mut latents = initial_latents(req.seed, &[1, self.unet.config().in_channels, lh, lw])
+            .to_device(self.device)
+            .to_kind(self.kind)
+            * init_sigma;
+        for i in 0..steps {
+            let cond = &conds[req.step_prompt[i]];
+            let t = timesteps.narrow(0, i as i64, 1).expand([batch], false);
+            let input = if cfg {
+                Tensor::cat(&[&latents, &latents], 0)
+            } else {
+                latents.shallow_clone()
+            };
+            let input = sampler.schedule.scale_model_input(&input, i);
+            let eps = self
+                .unet
+                .forward(&input, &t, &cond.context, &cond.pooled, &time_ids);
+            let eps = if cfg {
+                let parts = eps.chunk(2, 0);
+                &parts[0] + (&parts[1] - &parts[0]) * req.guidance
+            } else {
+                eps
+            };
+            latents = sampler.step(&eps, i, &latents);
+            on_step(i + 1, steps);
+        }
+        synchronize(self.device);
+        timings.denoise = t0.elapsed();
+
+        let t0 = Instant::now();
+        let decoded = self.vae.decode_latents(&latents.to_kind(self.vae_kind));
+        let image = to_u8_image(&decoded);
+        timings.decode = t0.elapsed();
+        Ok(Output {
+            latents: latents.to_device(Device::Cpu).to_kind(Kind::Float),
+            image,
+            timings,
+        })
+    }
+}
