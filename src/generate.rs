@@ -27,6 +27,8 @@ pub enum Mode {
     R2f {
         plan: R2fPlan,
         schedule: ScheduleKind,
+        /// None: the model family's map (SD3 [0,5,10,20,30,40], SDXL [0,3,5,10,20,30]).
+        stop_steps: Option<StopStepMap>,
     },
 }
 
@@ -56,14 +58,13 @@ pub fn conditioning_schedule(
 ) -> (Vec<String>, Vec<usize>) {
     match mode {
         Mode::Plain => (vec![prompt.to_string()], vec![0; steps]),
-        Mode::R2f { plan, schedule } => {
-            let order = step_prompts(
-                plan.prompts.len(),
-                &plan.levels,
-                steps,
-                &stop_step_map(family),
-                *schedule,
-            );
+        Mode::R2f {
+            plan,
+            schedule,
+            stop_steps,
+        } => {
+            let map = stop_steps.unwrap_or_else(|| stop_step_map(family));
+            let order = step_prompts(plan.prompts.len(), &plan.levels, steps, &map, *schedule);
             (plan.prompts.clone(), order)
         }
     }

@@ -40,6 +40,8 @@ pub struct JobParams {
     pub negative_prompt: Option<String>,
     pub schedule: Option<String>,
     pub scheduler: Option<String>,
+    /// `paper` or `head` (R2F level -> stop-step map); default: the model's own.
+    pub stop_step_map: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -78,6 +80,7 @@ pub struct ValidJob {
     pub params: Params,
     pub num_images: usize,
     pub schedule: crate::r2f::ScheduleKind,
+    pub stop_steps: Option<crate::r2f::StopStepMap>,
     pub prefix: String,
 }
 
@@ -239,6 +242,13 @@ pub fn validate_message(
             return reject(e);
         }
     }
+    let stop_steps = match p.stop_step_map.as_deref() {
+        None => None,
+        Some(s) => match crate::r2f::StopStepMap::parse(s) {
+            Ok(m) => Some(m),
+            Err(e) => return reject(e),
+        },
+    };
     if let Some(neg) = &p.negative_prompt {
         if neg.chars().count() > limits.max_prompt_chars {
             return reject(format!(
@@ -284,6 +294,7 @@ pub fn validate_message(
         },
         num_images,
         schedule,
+        stop_steps,
         prefix,
     })
 }

@@ -83,6 +83,9 @@ struct ScheduleArgs {
     model: String,
     #[arg(long, default_value = "faithful")]
     schedule: String,
+    /// paper ([0,5,10,20,30,40]) or head ([0,3,5,10,20,30]); default: the model's own map.
+    #[arg(long)]
+    stop_step_map: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -116,6 +119,9 @@ struct GenerateArgs {
     /// faithful (the official loop, quirks included) or clean (each concept's own stop step).
     #[arg(long, default_value = "faithful")]
     schedule: String,
+    /// paper ([0,5,10,20,30,40]) or head ([0,3,5,10,20,30]); default: the model's own map.
+    #[arg(long)]
+    stop_step_map: Option<String>,
     /// fp32, fp16 or bf16 (default: fp16 on CUDA, fp32 on the CPU).
     #[arg(long)]
     dtype: Option<String>,
@@ -202,6 +208,11 @@ fn read_r2f_plan(path: &std::path::Path) -> anyhow::Result<R2fPlan> {
     }
 }
 
+fn parse_stop_steps(s: Option<&str>) -> anyhow::Result<Option<r2f::r2f::StopStepMap>> {
+    s.map(|s| r2f::r2f::StopStepMap::parse(s).map_err(anyhow::Error::msg))
+        .transpose()
+}
+
 fn cmd_schedule(a: ScheduleArgs) -> anyhow::Result<()> {
     let family = match a.model.as_str() {
         "sd3" => Family::Sd3,
@@ -213,7 +224,11 @@ fn cmd_schedule(a: ScheduleArgs) -> anyhow::Result<()> {
     }
     let schedule = ScheduleKind::parse(&a.schedule).map_err(anyhow::Error::msg)?;
     let plan = read_r2f_plan(&a.plan)?;
-    let mode = Mode::R2f { plan, schedule };
+    let mode = Mode::R2f {
+        plan,
+        schedule,
+        stop_steps: parse_stop_steps(a.stop_step_map.as_deref())?,
+    };
     let (prompts, order) = conditioning_schedule(&mode, "", a.steps, family);
     let per_step: Vec<&String> = order.iter().map(|&i| &prompts[i]).collect();
     println!("{}", serde_json::to_string_pretty(&per_step)?);
@@ -232,6 +247,7 @@ fn cmd_generate(settings: &Settings, a: GenerateArgs) -> anyhow::Result<()> {
             Some(path) => Mode::R2f {
                 plan: read_r2f_plan(path)?,
                 schedule,
+                stop_steps: parse_stop_steps(a.stop_step_map.as_deref())?,
             },
             None => {
                 let planner = r2f::plan::llm::planner(settings)?.ok_or_else(|| {
@@ -246,7 +262,11 @@ fn cmd_generate(settings: &Settings, a: GenerateArgs) -> anyhow::Result<()> {
                     ))
                     .map_err(|e| anyhow::anyhow!("planning failed: {e}"))?;
                 tracing::info!(plan = %plan.to_official_json(), "plan from the LLM");
-                Mode::R2f { plan, schedule }
+                Mode::R2f {
+                    plan,
+                    schedule,
+                    stop_steps: parse_stop_steps(a.stop_step_map.as_deref())?,
+                }
             }
         },
         "r2fplus" => anyhow::bail!("mode r2fplus is not supported yet"),

@@ -281,3 +281,40 @@ fn schedule_command_prints_the_prompt_of_every_step() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("outside 0..5"));
 }
+
+#[test]
+fn sdxl_schedule_uses_its_own_map_and_the_paper_map_on_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = dir.path().join("plan.json");
+    std::fs::write(
+        &plan,
+        r#"{"visual_detail_level": "3", "r2f_prompt": [["freq", "rare"]]}"#,
+    )
+    .unwrap();
+    let frequent_steps = |extra: &[&str]| {
+        let out = r2f()
+            .args([
+                "schedule",
+                "--plan",
+                plan.to_str().unwrap(),
+                "--steps",
+                "50",
+                "--model",
+                "sdxl",
+            ])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let steps: Vec<String> = serde_json::from_slice(&out.stdout).unwrap();
+        steps.iter().filter(|p| *p == "freq").count()
+    };
+    // Level 3: stop step 10 at HEAD (5 frequent steps), 20 with the paper-era map (10).
+    assert_eq!(frequent_steps(&[]), 5);
+    assert_eq!(frequent_steps(&["--stop-step-map", "paper"]), 10);
+    assert_eq!(frequent_steps(&["--stop-step-map", "head"]), 5);
+}

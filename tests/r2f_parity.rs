@@ -39,6 +39,7 @@ fn r2f_run_matches_the_official_schedule_on_diffusers_components() {
     let mode = Mode::R2f {
         plan,
         schedule: ScheduleKind::Faithful,
+        stop_steps: None,
     };
     let (prompts, order) = conditioning_schedule(&mode, "", steps, Family::Sd3);
     let want_order: Vec<usize> = m["r2f_step_prompt"]

@@ -157,6 +157,7 @@ fn r2f_on_sdxl_matches_the_official_loop() {
     let mode = Mode::R2f {
         plan,
         schedule: ScheduleKind::Faithful,
+        stop_steps: None,
     };
     let (prompts, order) = conditioning_schedule(&mode, "", steps, Family::Sdxl);
     let want: Vec<usize> = m["r2f_step_prompt"]

@@ -295,9 +295,9 @@ impl Unet {
 
         let mut down = Vec::new();
         let mut out_ch = ch[0];
-        for i in 0..n {
+        for (i, &level_ch) in ch.iter().enumerate() {
             let in_ch = out_ch;
-            out_ch = ch[i];
+            out_ch = level_ch;
             let b = vb.pp("down_blocks").pp(i);
             let mut resnets = Vec::new();
             let mut attentions = Vec::new();

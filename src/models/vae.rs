@@ -131,7 +131,7 @@ impl ResnetBlock {
     pub(crate) fn forward_t(&self, x: &Tensor, silu_temb: Option<&Tensor>) -> Tensor {
         let mut h = self.conv1.forward(&self.norm1.forward(x).silu());
         if let (Some(p), Some(t)) = (&self.time_proj, silu_temb) {
-            h = h + p.forward(t).unsqueeze(-1).unsqueeze(-1);
+            h += p.forward(t).unsqueeze(-1).unsqueeze(-1);
         }
         let h = self.conv2.forward(&self.norm2.forward(&h).silu());
         match &self.shortcut {

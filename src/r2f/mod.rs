@@ -22,6 +22,18 @@ impl StopStepMap {
     /// SDXL at the official repository's HEAD.
     pub const SDXL: StopStepMap = StopStepMap([0, 3, 5, 10, 20, 30]);
 
+    /// `paper` (the paper-era map, used for every backbone then) or `head` (SDXL's map at the
+    /// official repository's HEAD); `sd3` and `sdxl` name the per-model defaults.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "paper" | "sd3" => Ok(Self::SD3),
+            "head" | "sdxl" => Ok(Self::SDXL),
+            other => Err(format!(
+                "unknown stop-step map `{other}` (expected paper or head)"
+            )),
+        }
+    }
+
     /// The stop step of `level` for a run of `steps` steps: the map's value scaled by
     /// `steps / 50` and rounded to the nearest step (exact at 50 steps).
     pub fn stop_step(&self, level: u8, steps: usize) -> usize {

@@ -760,6 +760,7 @@ impl Worker {
                 Mode::R2f {
                     plan: p.clone(),
                     schedule: job.schedule,
+                    stop_steps: job.stop_steps,
                 },
                 Some(p.to_official_json()),
             ),
@@ -784,6 +785,7 @@ impl Worker {
                         Mode::R2f {
                             plan: p,
                             schedule: job.schedule,
+                            stop_steps: job.stop_steps,
                         },
                         Some(json),
                     )
