@@ -142,7 +142,8 @@ struct GenerateArgs {
 
 #[derive(clap::Args)]
 struct BenchArgs {
-    /// sd3 (SD3-medium at full size) or sd3-tiny (a small configuration for a smoke run).
+    /// sd3 (SD3-medium) or sdxl (SDXL base) at full size, or sd3-tiny / sdxl-tiny (small
+    /// configurations for a smoke run).
     #[arg(long, default_value = "sd3")]
     model: String,
     #[arg(long, default_value_t = 1024)]
@@ -334,8 +335,10 @@ fn cmd_bench(a: BenchArgs) -> anyhow::Result<()> {
     use r2f::models::mmdit::MmditConfig;
     use r2f::models::vae::VaeConfig;
     let (device, kind) = device_and_dtype(a.device.as_deref(), a.dtype.as_deref())?;
-    let (transformer, vae) = match a.model.as_str() {
-        "sd3" => (MmditConfig::sd3_medium(), VaeConfig::sd3()),
+    use r2f::bench::Denoiser;
+    use r2f::models::unet::UnetConfig;
+    let (denoiser, vae) = match a.model.as_str() {
+        "sd3" => (Denoiser::Sd3(MmditConfig::sd3_medium()), VaeConfig::sd3()),
         "sd3-tiny" => {
             let mut t = MmditConfig::sd3_medium();
             t.num_layers = 2;
@@ -346,9 +349,24 @@ fn cmd_bench(a: BenchArgs) -> anyhow::Result<()> {
             let mut v = VaeConfig::sd3();
             v.block_out_channels = vec![32, 32, 64, 64];
             v.layers_per_block = 1;
-            (t, v)
+            (Denoiser::Sd3(t), v)
         }
-        other => anyhow::bail!("unknown bench model `{other}` (expected sd3 or sd3-tiny)"),
+        "sdxl" => (Denoiser::Sdxl(UnetConfig::sdxl_base()), VaeConfig::sdxl()),
+        "sdxl-tiny" => {
+            let mut u = UnetConfig::sdxl_base();
+            u.block_out_channels = vec![32, 64, 64];
+            u.heads = vec![2, 4, 4];
+            u.transformer_layers = vec![1, 1, 1];
+            u.cross_attention_dim = 64;
+            u.projection_class_embeddings_input_dim = 6 * 256 + 64;
+            let mut v = VaeConfig::sdxl();
+            v.block_out_channels = vec![32, 32, 64, 64];
+            v.layers_per_block = 1;
+            (Denoiser::Sdxl(u), v)
+        }
+        other => anyhow::bail!(
+            "unknown bench model `{other}` (expected sd3, sdxl, sd3-tiny or sdxl-tiny)"
+        ),
     };
     if a.width % 16 != 0 || a.height % 16 != 0 || a.width <= 0 || a.height <= 0 {
         anyhow::bail!("width and height must be positive multiples of 16");
@@ -364,7 +382,7 @@ fn cmd_bench(a: BenchArgs) -> anyhow::Result<()> {
         steps: a.steps,
         warmup: a.warmup,
         context_tokens: a.context_tokens,
-        transformer,
+        denoiser,
         vae,
     })?;
     println!(

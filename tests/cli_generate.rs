@@ -202,22 +202,27 @@ fn hub_model_id_resolves_from_the_offline_cache() {
 }
 
 #[test]
-fn bench_runs_a_small_configuration_on_the_cpu() {
-    let out = r2f()
-        .args([
-            "bench", "--model", "sd3-tiny", "--device", "cpu", "--width", "64", "--height", "64",
-        ])
-        .args(["--steps", "2", "--warmup", "1", "--context-tokens", "16"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    for key in ["ms_per_step=", "vae_decode_ms=", "gpu_memory_mib="] {
-        assert!(stdout.contains(key), "bench output lacks {key}: {stdout}");
+fn bench_runs_small_configurations_on_the_cpu() {
+    for model in ["sd3-tiny", "sdxl-tiny"] {
+        let out = r2f()
+            .args([
+                "bench", "--model", model, "--device", "cpu", "--width", "64", "--height", "64",
+            ])
+            .args(["--steps", "2", "--warmup", "1", "--context-tokens", "16"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{model}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        for key in ["ms_per_step=", "vae_decode_ms=", "gpu_memory_mib="] {
+            assert!(
+                stdout.contains(key),
+                "{model} bench output lacks {key}: {stdout}"
+            );
+        }
     }
 }
 

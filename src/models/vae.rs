@@ -76,6 +76,23 @@ impl VaeConfig {
         }
     }
 
+    /// SDXL's VAE (`vae/config.json` of stable-diffusion-xl-base-1.0).
+    pub fn sdxl() -> Self {
+        Self {
+            in_channels: 3,
+            out_channels: 3,
+            block_out_channels: vec![128, 256, 512, 512],
+            layers_per_block: 2,
+            latent_channels: 4,
+            norm_num_groups: 32,
+            scaling_factor: 0.13025,
+            shift_factor: None,
+            use_post_quant_conv: true,
+            mid_block_add_attention: true,
+            force_upcast: Some(true),
+        }
+    }
+
     /// Pixels per latent along each side: 2^(number of blocks - 1).
     pub fn scale_factor(&self) -> i64 {
         1 << (self.block_out_channels.len().saturating_sub(1))
