@@ -45,6 +45,48 @@ impl Request {
     pub fn steps(&self) -> usize {
         self.step_prompt.len()
     }
+
+    /// Checks steps, the schedule's prompt indices and the size against the VAE factor `f`;
+    /// returns the latent size `(h, w)`.
+    pub fn latent_size(&self, f: i64) -> anyhow::Result<(i64, i64)> {
+        if self.steps() == 0 {
+            anyhow::bail!("at least one denoising step is needed");
+        }
+        if let Some(bad) = self.step_prompt.iter().find(|&&i| i >= self.prompts.len()) {
+            anyhow::bail!(
+                "step schedule names prompt {bad}, but only {} are given",
+                self.prompts.len()
+            );
+        }
+        if self.height % f != 0 || self.width % f != 0 {
+            anyhow::bail!(
+                "image size {}x{} is not a multiple of {f}",
+                self.width,
+                self.height
+            );
+        }
+        Ok((self.height / f, self.width / f))
+    }
+}
+
+/// One prompt's conditioning: the token sequence `[b, seq, dim]` and the pooled embedding
+/// `[b, pooled_dim]`.
+pub struct Conditioning {
+    pub context: Tensor,
+    pub pooled: Tensor,
+}
+
+impl Conditioning {
+    /// The classifier-free-guidance batch `[negative, positive]` (or the positive alone).
+    pub fn with_negative(self, negative: Option<&Conditioning>) -> Conditioning {
+        match negative {
+            Some(n) => Conditioning {
+                context: Tensor::cat(&[&n.context, &self.context], 0),
+                pooled: Tensor::cat(&[&n.pooled, &self.pooled], 0),
+            },
+            None => self,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default)]

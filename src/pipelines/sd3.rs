@@ -12,7 +12,7 @@ use std::time::Instant;
 use anyhow::Context;
 use tch::{Device, Kind, Tensor};
 
-use super::{initial_latents, to_u8_image, Output, Request, Timings};
+use super::{initial_latents, to_u8_image, Conditioning, Output, Request, Timings};
 use crate::device::synchronize;
 use crate::models::clip::{ClipConfig, ClipTextModel};
 use crate::models::hub::{Family, ModelFolder};
@@ -50,12 +50,6 @@ pub struct TokenIds {
     pub clip_l: Vec<i64>,
     pub clip_g: Vec<i64>,
     pub t5: Option<Vec<i64>>,
-}
-
-/// One prompt's conditioning: `[1, 77 + t5_tokens, joint_dim]` and `[1, pooled_dim]`.
-pub struct Conditioning {
-    pub context: Tensor,
-    pub pooled: Tensor,
 }
 
 fn load_weights(dir: &Path, device: Device, kind: Kind) -> anyhow::Result<Vb> {
@@ -235,24 +229,7 @@ impl Sd3Pipeline {
     ) -> anyhow::Result<Output> {
         let _guard = tch::no_grad_guard();
         let steps = req.steps();
-        if steps == 0 {
-            anyhow::bail!("at least one denoising step is needed");
-        }
-        if let Some(bad) = req.step_prompt.iter().find(|&&i| i >= req.prompts.len()) {
-            anyhow::bail!(
-                "step schedule names prompt {bad}, but only {} are given",
-                req.prompts.len()
-            );
-        }
-        let f = self.vae_scale_factor();
-        let (lh, lw) = (req.height / f, req.width / f);
-        if req.height % f != 0 || req.width % f != 0 {
-            anyhow::bail!(
-                "image size {}x{} is not a multiple of {f}",
-                req.width,
-                req.height
-            );
-        }
+        let (lh, lw) = req.latent_size(self.vae_scale_factor())?;
         self.transformer.check_latent_size(lh, lw)?;
         let mut timings = Timings::default();
 
@@ -267,16 +244,7 @@ impl Sd3Pipeline {
         let conds = req
             .prompts
             .iter()
-            .map(|p| {
-                let c = self.encode(p)?;
-                Ok(match &negative {
-                    Some(n) => Conditioning {
-                        context: Tensor::cat(&[&n.context, &c.context], 0),
-                        pooled: Tensor::cat(&[&n.pooled, &c.pooled], 0),
-                    },
-                    None => c,
-                })
-            })
+            .map(|p| Ok(self.encode(p)?.with_negative(negative.as_ref())))
             .collect::<anyhow::Result<Vec<_>>>()?;
         synchronize(self.device);
         timings.encode = t0.elapsed();

@@ -9,8 +9,7 @@ use std::time::Instant;
 use anyhow::Context;
 use tch::{Device, Kind, Tensor};
 
-use super::sd3::Conditioning;
-use super::{initial_latents, to_u8_image, Output, Request, Timings};
+use super::{initial_latents, to_u8_image, Conditioning, Output, Request, Timings};
 use crate::device::synchronize;
 use crate::models::clip::{ClipConfig, ClipTextModel};
 use crate::models::hub::{Family, ModelFolder};
@@ -131,24 +130,7 @@ impl SdxlPipeline {
     ) -> anyhow::Result<Output> {
         let _g = tch::no_grad_guard();
         let steps = req.steps();
-        if steps == 0 {
-            anyhow::bail!("at least one denoising step is needed");
-        }
-        if let Some(bad) = req.step_prompt.iter().find(|&&i| i >= req.prompts.len()) {
-            anyhow::bail!(
-                "step schedule names prompt {bad}, but only {} are given",
-                req.prompts.len()
-            );
-        }
-        let f = self.vae_scale_factor();
-        if req.height % f != 0 || req.width % f != 0 {
-            anyhow::bail!(
-                "image size {}x{} is not a multiple of {f}",
-                req.width,
-                req.height
-            );
-        }
-        let (lh, lw) = (req.height / f, req.width / f);
+        let (lh, lw) = req.latent_size(self.vae_scale_factor())?;
         let mut timings = Timings::default();
 
         let t0 = Instant::now();
@@ -171,13 +153,7 @@ impl SdxlPipeline {
         };
         let conds: Vec<Conditioning> = positives
             .into_iter()
-            .map(|c| match &negative {
-                Some(n) => Conditioning {
-                    context: Tensor::cat(&[&n.context, &c.context], 0),
-                    pooled: Tensor::cat(&[&n.pooled, &c.pooled], 0),
-                },
-                None => c,
-            })
+            .map(|c| c.with_negative(negative.as_ref()))
             .collect();
         let batch = if cfg { 2 } else { 1 };
         let (h, w) = (req.height as f32, req.width as f32);
