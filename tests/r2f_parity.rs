@@ -14,24 +14,12 @@ use r2f::plan::Plan;
 use r2f::r2f::ScheduleKind;
 use tch::{Device, Kind};
 
-fn reference_r2f() -> (
-    std::collections::HashMap<String, tch::Tensor>,
-    serde_json::Value,
-) {
-    let dir = fixtures().join("ref");
-    let t = tch::Tensor::read_safetensors(dir.join("sd3-tiny-a-r2f.safetensors"))
-        .unwrap()
-        .into_iter()
-        .collect();
-    let j =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("sd3-tiny-a-r2f.json")).unwrap())
-            .unwrap();
-    (t, j)
-}
-
 #[test]
 fn r2f_run_matches_the_official_schedule_on_diffusers_components() {
-    let (r, m) = reference_r2f();
+    let (r, m) = (
+        reference("sd3-tiny-a-r2f"),
+        reference_json("sd3-tiny-a-r2f"),
+    );
     let Plan::R2f(plan) = Plan::from_json(&m["plan"], "").unwrap() else {
         panic!("an R2F plan")
     };

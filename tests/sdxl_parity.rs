@@ -141,15 +141,10 @@ fn whole_pipeline_matches_diffusers_with_euler_and_dpm_solver() {
 
 #[test]
 fn r2f_on_sdxl_matches_the_official_loop() {
-    let dir = fixtures().join("ref");
-    let r: std::collections::HashMap<String, tch::Tensor> =
-        tch::Tensor::read_safetensors(dir.join("sdxl-tiny-a-r2f.safetensors"))
-            .unwrap()
-            .into_iter()
-            .collect();
-    let m: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("sdxl-tiny-a-r2f.json")).unwrap())
-            .unwrap();
+    let (r, m) = (
+        reference("sdxl-tiny-a-r2f"),
+        reference_json("sdxl-tiny-a-r2f"),
+    );
     let Plan::R2f(plan) = Plan::from_json(&m["plan"], "").unwrap() else {
         panic!("an R2F plan")
     };

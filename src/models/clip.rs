@@ -47,10 +47,7 @@ impl ClipConfig {
     /// with a `text_config` section).
     pub fn load(dir: &Path) -> anyhow::Result<Self> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-        let mut value: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("invalid JSON in {}: {e}", path.display()))?;
+        let mut value = super::read_json(&path)?;
         if let Some(inner) = value.get("text_config").cloned() {
             value = inner;
         }

@@ -40,11 +40,7 @@ fn default_sample() -> i64 {
 
 impl MmditConfig {
     pub fn load(dir: &Path) -> anyhow::Result<Self> {
-        let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-        serde_json::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("invalid transformer config {}: {e}", path.display()))
+        super::read_config(&dir.join("config.json"), "transformer")
     }
 
     /// stabilityai/stable-diffusion-3-medium-diffusers `transformer/config.json`.

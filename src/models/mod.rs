@@ -9,3 +9,22 @@ pub mod tokenizer;
 pub mod unet;
 pub mod vae;
 pub mod weights;
+
+use std::path::Path;
+
+fn read_text(path: &Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))
+}
+
+/// A component's JSON file as a value (for configs read field by field).
+pub fn read_json(path: &Path) -> anyhow::Result<serde_json::Value> {
+    serde_json::from_str(&read_text(path)?)
+        .map_err(|e| anyhow::anyhow!("invalid JSON in {}: {e}", path.display()))
+}
+
+/// A component's JSON config deserialized; `what` names it in errors ("VAE", "T5", ...).
+pub fn read_config<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> anyhow::Result<T> {
+    serde_json::from_str(&read_text(path)?)
+        .map_err(|e| anyhow::anyhow!("invalid {what} config {}: {e}", path.display()))
+}

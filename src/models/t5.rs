@@ -43,11 +43,7 @@ fn default_ff() -> String {
 
 impl T5Config {
     pub fn load(dir: &Path) -> anyhow::Result<Self> {
-        let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-        serde_json::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("invalid T5 config {}: {e}", path.display()))
+        super::read_config(&dir.join("config.json"), "T5")
     }
 
     /// T5 v1.1 XXL encoder as shipped in SD3's `text_encoder_3`.

@@ -53,10 +53,7 @@ fn per_block(v: Option<&Value>, n: usize, default: i64) -> anyhow::Result<Vec<i6
 impl UnetConfig {
     pub fn load(dir: &Path) -> anyhow::Result<Self> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-        let v: Value = serde_json::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("invalid JSON in {}: {e}", path.display()))?;
+        let v = super::read_json(&path)?;
         Self::from_value(&v).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
     }
 

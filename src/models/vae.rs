@@ -52,11 +52,7 @@ fn default_true() -> bool {
 
 impl VaeConfig {
     pub fn load(dir: &Path) -> anyhow::Result<Self> {
-        let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-        serde_json::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("invalid VAE config {}: {e}", path.display()))
+        super::read_config(&dir.join("config.json"), "VAE")
     }
 
     /// SD3's VAE (`vae/config.json` of stable-diffusion-3-medium-diffusers).

@@ -310,6 +310,11 @@ impl Vb {
         }
     }
 
+    /// The weights of one component folder, memory-mapped.
+    pub fn from_dir(dir: &Path, device: Device, kind: Kind) -> Result<Self, WeightError> {
+        Ok(Self::new(Weights::from_dir(dir, device, kind)?))
+    }
+
     pub fn pp(&self, name: impl std::fmt::Display) -> Self {
         let prefix = if self.prefix.is_empty() {
             name.to_string()

@@ -6,7 +6,6 @@
 //! Each distinct prompt of a request is encoded once; every step picks its conditioning from
 //! those encodings, which is what R2F's alternating schedule needs.
 
-use std::path::Path;
 use std::time::Instant;
 
 use anyhow::Context;
@@ -20,7 +19,7 @@ use crate::models::mmdit::{Mmdit, MmditConfig};
 use crate::models::t5::{T5Config, T5Encoder};
 use crate::models::tokenizer::PromptTokenizer;
 use crate::models::vae::{VaeConfig, VaeDecoder};
-use crate::models::weights::{Vb, Weights};
+use crate::models::weights::Vb;
 use crate::schedulers::flow_match::{FlowMatchConfig, FlowMatchSchedule};
 
 /// diffusers' default `max_sequence_length` for SD3.
@@ -52,10 +51,6 @@ pub struct TokenIds {
     pub t5: Option<Vec<i64>>,
 }
 
-fn load_weights(dir: &Path, device: Device, kind: Kind) -> anyhow::Result<Vb> {
-    Ok(Vb::new(Weights::from_dir(dir, device, kind)?))
-}
-
 impl Sd3Pipeline {
     pub fn load(model: &ModelFolder, device: Device, kind: Kind) -> anyhow::Result<Self> {
         if model.family != Family::Sd3 {
@@ -82,7 +77,7 @@ impl Sd3Pipeline {
         step("text_encoder (CLIP-L)");
         let dir = model.require("text_encoder")?;
         let clip_l = ClipTextModel::new(
-            &load_weights(&dir, device, kind)?,
+            &Vb::from_dir(&dir, device, kind)?,
             &ClipConfig::load(&dir)?,
             true,
         )
@@ -90,7 +85,7 @@ impl Sd3Pipeline {
         step("text_encoder_2 (CLIP-G)");
         let dir = model.require("text_encoder_2")?;
         let clip_g = ClipTextModel::new(
-            &load_weights(&dir, device, kind)?,
+            &Vb::from_dir(&dir, device, kind)?,
             &ClipConfig::load(&dir)?,
             true,
         )
@@ -100,7 +95,7 @@ impl Sd3Pipeline {
                 step("text_encoder_3 (T5)");
                 Some(
                     T5Encoder::new(
-                        &load_weights(&dir, device, t5_kind)?,
+                        &Vb::from_dir(&dir, device, t5_kind)?,
                         &T5Config::load(&dir)?,
                     )
                     .with_context(|| format!("loading {}", dir.display()))?,
@@ -121,13 +116,13 @@ impl Sd3Pipeline {
         step("transformer");
         let dir = model.require("transformer")?;
         let transformer = Mmdit::new(
-            &load_weights(&dir, device, kind)?,
+            &Vb::from_dir(&dir, device, kind)?,
             &MmditConfig::load(&dir)?,
         )
         .with_context(|| format!("loading {}", dir.display()))?;
         step("vae");
         let dir = model.require("vae")?;
-        let vae = VaeDecoder::new(&load_weights(&dir, device, kind)?, &VaeConfig::load(&dir)?)
+        let vae = VaeDecoder::new(&Vb::from_dir(&dir, device, kind)?, &VaeConfig::load(&dir)?)
             .with_context(|| format!("loading {}", dir.display()))?;
         let scheduler = FlowMatchConfig::load(&model.require("scheduler")?)?;
         tracing::info!(

@@ -16,7 +16,7 @@ use crate::models::hub::{Family, ModelFolder};
 use crate::models::tokenizer::PromptTokenizer;
 use crate::models::unet::{Unet, UnetConfig};
 use crate::models::vae::{VaeConfig, VaeDecoder};
-use crate::models::weights::{Vb, Weights};
+use crate::models::weights::Vb;
 use crate::schedulers::discrete::{DiscreteConfig, DiscreteSchedule, Sampler, SamplerKind};
 
 pub struct SdxlPipeline {
@@ -32,10 +32,6 @@ pub struct SdxlPipeline {
     vae_kind: Kind,
 }
 
-fn vb(dir: &std::path::Path, device: Device, kind: Kind) -> anyhow::Result<Vb> {
-    Ok(Vb::new(Weights::from_dir(dir, device, kind)?))
-}
-
 impl SdxlPipeline {
     pub fn load(model: &ModelFolder, device: Device, kind: Kind) -> anyhow::Result<Self> {
         if model.family != Family::Sdxl {
@@ -49,15 +45,23 @@ impl SdxlPipeline {
         let tok_g = PromptTokenizer::clip(&model.require("tokenizer_2")?)?;
         step("text_encoder (CLIP-L)");
         let dir = model.require("text_encoder")?;
-        let clip_l = ClipTextModel::new(&vb(&dir, device, kind)?, &ClipConfig::load(&dir)?, false)
-            .with_context(|| format!("loading {}", dir.display()))?;
+        let clip_l = ClipTextModel::new(
+            &Vb::from_dir(&dir, device, kind)?,
+            &ClipConfig::load(&dir)?,
+            false,
+        )
+        .with_context(|| format!("loading {}", dir.display()))?;
         step("text_encoder_2 (CLIP-G)");
         let dir = model.require("text_encoder_2")?;
-        let clip_g = ClipTextModel::new(&vb(&dir, device, kind)?, &ClipConfig::load(&dir)?, true)
-            .with_context(|| format!("loading {}", dir.display()))?;
+        let clip_g = ClipTextModel::new(
+            &Vb::from_dir(&dir, device, kind)?,
+            &ClipConfig::load(&dir)?,
+            true,
+        )
+        .with_context(|| format!("loading {}", dir.display()))?;
         step("unet");
         let dir = model.require("unet")?;
-        let unet = Unet::new(&vb(&dir, device, kind)?, &UnetConfig::load(&dir)?)
+        let unet = Unet::new(&Vb::from_dir(&dir, device, kind)?, &UnetConfig::load(&dir)?)
             .with_context(|| format!("loading {}", dir.display()))?;
         step("vae");
         let dir = model.require("vae")?;
@@ -67,7 +71,7 @@ impl SdxlPipeline {
         } else {
             kind
         };
-        let vae = VaeDecoder::new(&vb(&dir, device, vae_kind)?, &vae_cfg)
+        let vae = VaeDecoder::new(&Vb::from_dir(&dir, device, vae_kind)?, &vae_cfg)
             .with_context(|| format!("loading {}", dir.display()))?;
         let scheduler = DiscreteConfig::load(&model.require("scheduler")?)?;
         tracing::info!(seconds = start.elapsed().as_secs_f64(), model = %model.root.display(), "SDXL model loaded");

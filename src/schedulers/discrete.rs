@@ -67,10 +67,7 @@ impl DiscreteConfig {
 
     pub fn load(dir: &Path) -> anyhow::Result<Self> {
         let path = dir.join("scheduler_config.json");
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-        let cfg: Self = serde_json::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("invalid scheduler config {}: {e}", path.display()))?;
+        let cfg: Self = crate::models::read_config(&path, "scheduler")?;
         if cfg.prediction_type != "epsilon" {
             anyhow::bail!("{}: only epsilon prediction is supported", path.display());
         }

@@ -60,10 +60,7 @@ impl FlowMatchConfig {
 
     pub fn load(dir: &Path) -> anyhow::Result<Self> {
         let path = dir.join("scheduler_config.json");
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-        let cfg: Self = serde_json::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("invalid scheduler config {}: {e}", path.display()))?;
+        let cfg: Self = crate::models::read_config(&path, "scheduler")?;
         if cfg.use_dynamic_shifting
             || cfg.use_karras_sigmas
             || cfg.use_exponential_sigmas
