@@ -10,4 +10,4 @@ source scripts/env.sh
 scripts/services.sh
 cargo fmt --check
 scripts/check_ops.sh
-cargo test --all-targets "$@"
+cargo test --all-targets --no-fail-fast "$@"

@@ -193,6 +193,11 @@ fn transformer_forward_matches_diffusers() {
     }
 }
 
+/// Bit identity holds on any machine here: the flow-matching schedule (diffusers'
+/// `FlowMatchEulerDiscreteScheduler`, static shift) is made of IEEE-754 additions,
+/// multiplications and divisions only (linspace, the shift `s·k / (1 + (k − 1)·s)`, float32
+/// and float64 conversions), which are correctly rounded everywhere; no `pow`, `log` or `exp`
+/// whose last bit depends on the machine's libm (compare `tests/sdxl_schedulers.rs`).
 #[test]
 fn scheduler_sigmas_and_timesteps_are_bit_identical() {
     for config in CONFIGS {

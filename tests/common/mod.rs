@@ -61,3 +61,37 @@ pub fn assert_close(label: &str, got: &Tensor, want: &Tensor, tol: f64) {
     eprintln!("{label}: rel err {e:.3e} (tolerance {tol:.0e})");
     assert!(e <= tol, "{label}: rel err {e} over {tol}");
 }
+
+/// Distance between two f32 values in units in the last place: 0 when equal (and between +0 and
+/// -0), 1 between neighbouring floats, counted across zero.
+pub fn ulps(a: f32, b: f32) -> u64 {
+    fn key(x: f32) -> i64 {
+        let bits = x.to_bits();
+        let magnitude = (bits & 0x7fff_ffff) as i64;
+        if bits & 0x8000_0000 != 0 {
+            -magnitude
+        } else {
+            magnitude
+        }
+    }
+    assert!(!a.is_nan() && !b.is_nan(), "NaN in an ulp comparison");
+    key(a).abs_diff(key(b))
+}
+
+/// Asserts that two float sequences have the same length and differ by at most `max_ulps`
+/// units in the last place element by element, naming the first element that does not.
+pub fn assert_within_ulps(label: &str, got: &[f32], want: &[f32], max_ulps: u64) {
+    assert_eq!(got.len(), want.len(), "{label}: lengths differ");
+    let mut worst = 0;
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let d = ulps(*g, *w);
+        assert!(
+            d <= max_ulps,
+            "{label}: element {i} is {g:e}, want {w:e} ({d} ulp apart, bound {max_ulps})"
+        );
+        worst = worst.max(d);
+    }
+    if worst > 0 {
+        eprintln!("{label}: {worst} ulp at most (bound {max_ulps})");
+    }
+}
