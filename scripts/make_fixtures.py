@@ -301,7 +301,7 @@ CONFIGS = {
         ),
     ),
 }
-# R2F reference run (docs r2f-method.md §2.1/§2.2), on sd3-tiny-a.  The levels are deliberately
+# R2F reference run (docs/method.md §2), on sd3-tiny-a.  The levels are deliberately
 # NOT sorted: T = [M[3], M[1], N] = [20, 5, 50], so mode goes 0 -> 1 at step 20 and then never
 # reaches 2 (the official quirk); steps 20..49 keep alternating p1 (even) / p2 (odd).
 R2F_STOP_STEP_MAP = [0, 5, 10, 20, 30, 40]  # SD3: visual detail level -> stop step
@@ -393,7 +393,7 @@ SDXL_CONFIGS = {
 SDXL_SCHEDULER_STEP_COUNTS = [1, 2, 30, 50]
 SDXL_UNET_TIMESTEPS = [999.0, 10.0]
 SDXL_DPM_STEP_CHECK_STEPS = 5
-# R2F on SDXL (docs r2f-method.md §2.1/§2.3): HEAD map, DPM++ 2M Karras, zero negatives.
+# R2F on SDXL (docs/method.md §2): HEAD map, DPM++ 2M Karras, zero negatives.
 # Levels deliberately unsorted: T = [M[2], M[1], N] = [5, 3, 50], so mode goes 0 -> 1 at step 5
 # and never reaches 2; steps 5..49 alternate p1 (even) / p2 (odd).
 SDXL_R2F_STOP_STEP_MAP = [0, 3, 5, 10, 20, 30]

@@ -143,7 +143,7 @@ mod tests {
 
     #[test]
     fn sd3_28_steps_matches_published_values() {
-        // diffusion-reference.md §3.4: N = 28, shift 3.0.
+        // docs/method.md §3: N = 28, shift 3.0.
         let s = FlowMatchSchedule::new(&FlowMatchConfig::sd3(), 28);
         assert_eq!(s.sigmas.len(), 29);
         assert_eq!(s.sigmas[0], 1.0);
