@@ -9,7 +9,8 @@ scripts/setup.sh >/dev/null
 # shellcheck source=scripts/env.sh
 source scripts/env.sh
 scripts/services.sh >/dev/null
-cargo build --release -q
+cargo build --profile "$R2F_PROFILE" --bin r2f -q
+r2f=$(r2f_bin)
 jobs=${1:-100}
 work=$(mktemp -d)
 trap 'kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; rm -rf "$work"' EXIT
@@ -35,11 +36,11 @@ enabled = false
 [metrics]
 listen = "127.0.0.1:0"
 TOML
-target/release/r2f worker --config "$work/config.toml" 2>"$work/worker.log" &
+"$r2f" worker --config "$work/config.toml" 2>"$work/worker.log" &
 pid=$!
 for _ in $(seq 1 300); do
   grep -q consuming "$work/worker.log" && break
   sleep 0.2
 done
 grep -q consuming "$work/worker.log" || { cat "$work/worker.log"; exit 1; }
-target/release/r2f bench-service --config "$work/config.toml" --jobs "$jobs"
+"$r2f" bench-service --config "$work/config.toml" --jobs "$jobs"

@@ -10,8 +10,8 @@ scripts/setup.sh
 # shellcheck source=scripts/env.sh
 source scripts/env.sh
 scripts/services.sh
-cargo build --release
-r2f=target/release/r2f
+cargo build --profile "$R2F_PROFILE" --bin r2f
+r2f=$(r2f_bin)
 config=${R2F_DEMO_CONFIG:-config/demo.toml}
 jobs=${R2F_DEMO_JOBS:-config/demo-jobs.jsonl}
 storage=out/demo-storage

@@ -11,3 +11,13 @@ if [ -n "$_r2f_torch_lib" ]; then
   export LD_LIBRARY_PATH=$_r2f_torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 fi
 unset _r2f_root _r2f_torch_lib
+# The cargo profile the scripts build their `r2f` binary with: `release` (default) or `dev`.
+# `R2F_PROFILE=dev` reuses what scripts/test.sh compiled, so the dependencies are not compiled
+# a second time (the dev profile optimises dependencies too; the tensor work is libtorch's).
+export R2F_PROFILE=${R2F_PROFILE:-release}
+# The path of the `r2f` binary of $R2F_PROFILE.
+r2f_bin() {
+  local dir=$R2F_PROFILE
+  [ "$dir" = dev ] && dir=debug
+  echo "${CARGO_TARGET_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/target}/$dir/r2f"
+}

@@ -83,7 +83,9 @@ pub async fn run(
             .with_message_id(id.as_str().into())
             .with_timestamp(amqp::now_unix());
         sent.insert(id.clone());
-        amqp::publish_confirmed(&ch, "", &s.jobs_queue, job.to_string().as_bytes(), props).await?;
+        let timeout = std::time::Duration::from_secs(s.confirm_timeout_secs.max(1));
+        let body = job.to_string();
+        amqp::publish_confirmed(&ch, "", &s.jobs_queue, body.as_bytes(), props, timeout).await?;
     }
     let (mut done, mut ok) = (0, 0);
     let (mut worker_overhead, mut model) = (0.0, 0.0);

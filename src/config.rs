@@ -21,6 +21,13 @@ pub struct Limits {
     pub max_pixels: i64,
     pub max_images_per_job: usize,
     pub max_message_bytes: usize,
+    /// Prompts in one R2F plan (the frequent prompts plus the rare one), and `r2f` prompts of
+    /// one R2F+ object.
+    pub max_plan_prompts: usize,
+    /// Characters in any one prompt string a plan carries.
+    pub max_plan_prompt_chars: usize,
+    /// Objects in one R2F+ plan.
+    pub max_plan_objects: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -36,6 +43,18 @@ pub struct WorkerSettings {
     pub progress_interval_ms: u64,
     pub warmup: bool,
     pub name: String,
+    /// A job still running after this long is abandoned: given back to the queue, its lock no
+    /// longer renewed, `/healthz` failing until the GPU is free again.
+    pub job_timeout_secs: u64,
+    /// Failures in a row that are not the jobs' fault (dependencies, this worker) after which
+    /// the worker stops consuming for a while; jobs stay queued for healthy workers.
+    pub pause_after_failures: u32,
+    /// The first pause; it doubles (with jitter) while the failures go on, up to the maximum.
+    pub pause_min_secs: u64,
+    pub pause_max_secs: u64,
+    /// Delay before a job given back by a sick worker, or postponed because another worker
+    /// holds it, is delivered again.
+    pub give_back_delay_ms: u64,
 }
 
 #[derive(Clone, Deserialize)]
@@ -48,6 +67,10 @@ pub struct AmqpSettings {
     pub max_priority: u8,
     pub reconnect_min_ms: u64,
     pub reconnect_max_ms: u64,
+    /// The reconnect backoff resets only after a connection has stayed up this long.
+    pub stable_connection_secs: u64,
+    /// Bound on a broker publish confirm; past it the connection is treated as broken.
+    pub confirm_timeout_secs: u64,
 }
 
 impl AmqpSettings {
@@ -62,6 +85,8 @@ impl AmqpSettings {
             max_priority: 10,
             reconnect_min_ms: 500,
             reconnect_max_ms: 30000,
+            stable_connection_secs: 60,
+            confirm_timeout_secs: 30,
         }
     }
 }
@@ -106,6 +131,11 @@ pub struct StorageSettings {
     pub local_dir: String,
     pub bucket: String,
     pub prefix: String,
+    /// Bound of one storage call attempt (S3: per attempt; the whole call gets three times it).
+    pub timeout_secs: u64,
+    /// How long the worker keeps retrying the upload of generated images in-process, with
+    /// backoff, before giving the job back.
+    pub retry_budget_secs: u64,
     pub s3: S3Settings,
 }
 
@@ -211,6 +241,9 @@ impl Settings {
             || l.max_images_per_job == 0
             || l.max_prompt_chars == 0
             || l.max_message_bytes < 64
+            || l.max_plan_prompts == 0
+            || l.max_plan_prompt_chars == 0
+            || l.max_plan_objects == 0
         {
             return bad(format!("limits must be positive ({l:?})"));
         }
@@ -218,8 +251,14 @@ impl Settings {
         if w.prefetch == 0 {
             return bad("worker.prefetch must be at least 1".into());
         }
-        if w.max_attempts == 0 {
-            return bad("worker.max_attempts must be at least 1".into());
+        if !(1..=10).contains(&w.max_attempts) {
+            return bad("worker.max_attempts must be between 1 and 10".into());
+        }
+        if w.job_timeout_secs == 0 || w.pause_after_failures == 0 || w.pause_min_secs == 0 {
+            return bad(
+                "worker.job_timeout_secs, pause_after_failures and pause_min_secs must be positive"
+                    .into(),
+            );
         }
         if !self.models.contains_key(&w.model) {
             return bad(format!(
@@ -374,5 +413,13 @@ mod tests {
         assert_eq!(s.worker.prefetch, 1);
         assert_eq!(s.amqp.jobs_queue, "r2f.jobs");
         assert!(s.models.contains_key("sd3"));
+    }
+
+    #[test]
+    fn plan_limit_defaults() {
+        let s = Settings::load(None).unwrap();
+        assert_eq!(s.limits.max_plan_prompts, 16);
+        assert_eq!(s.limits.max_plan_prompt_chars, 2000);
+        assert_eq!(s.limits.max_plan_objects, 8);
     }
 }

@@ -2,8 +2,6 @@
 
 use std::io::BufRead;
 
-use lapin::types::ShortString;
-
 use crate::config::Settings;
 use crate::worker::amqp;
 
@@ -48,11 +46,21 @@ pub async fn enqueue(settings: &Settings, input: impl BufRead) -> anyhow::Result
             .and_then(|p| p.as_u64())
             .map(|p| p.min(s.max_priority as u64) as u8)
             .unwrap_or(0);
-        let props = amqp::json_props()
-            .with_message_id(ShortString::from(id.as_str()))
+        if !crate::job::valid_id(&id) {
+            report.refused.push((
+                lineno,
+                "invalid `id`: 1 to 128 characters of letters, digits, '-', '_', '.', ':'".into(),
+            ));
+            continue;
+        }
+        let mut props = amqp::json_props()
             .with_timestamp(amqp::now_unix())
             .with_priority(priority);
-        amqp::publish_confirmed(&ch, "", &s.jobs_queue, line.as_bytes(), props).await?;
+        if let Some(mid) = amqp::message_id(&id) {
+            props = props.with_message_id(mid);
+        }
+        let timeout = std::time::Duration::from_secs(s.confirm_timeout_secs.max(1));
+        amqp::publish_confirmed(&ch, "", &s.jobs_queue, line.as_bytes(), props, timeout).await?;
         report.accepted.push(id);
     }
     let _ = ch.close(200, "done".into()).await;

@@ -143,6 +143,48 @@ pub fn validate(prompt: &str, p: &Params, limits: &Limits) -> anyhow::Result<()>
     Ok(())
 }
 
+/// What a loaded model can draw: checked when a job is validated, so that a size the model
+/// cannot draw is rejected before any work rather than failing on the GPU.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelCaps {
+    pub family: Family,
+    /// Width and height when a job gives none.
+    pub default_size: i64,
+    /// The largest width or height (SD3: the positional table × patch × VAE factor).
+    pub max_side: Option<i64>,
+}
+
+impl ModelCaps {
+    /// Checks a job's size (with the model's defaults filled in) and mode against the model
+    /// and the limits; the message names what is wrong.
+    pub fn check_size(
+        &self,
+        width: Option<i64>,
+        height: Option<i64>,
+        limits: &Limits,
+    ) -> Result<(), String> {
+        let (w, h) = (
+            width.unwrap_or(self.default_size),
+            height.unwrap_or(self.default_size),
+        );
+        if w.saturating_mul(h) > limits.max_pixels {
+            return Err(format!(
+                "image of {w}x{h} = {} pixels is over the limit of {} (max_pixels)",
+                w.saturating_mul(h),
+                limits.max_pixels
+            ));
+        }
+        if let Some(max) = self.max_side {
+            if w > max || h > max {
+                return Err(format!(
+                    "image of {w}x{h} is larger than this model draws (at most {max} pixels a side)"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A loaded model, ready to generate.
 pub enum Engine {
     Sd3(Box<Sd3Pipeline>),
@@ -158,6 +200,25 @@ impl Engine {
             Family::Sdxl => Ok(Engine::Sdxl(Box::new(SdxlPipeline::load(
                 model, device, kind,
             )?))),
+        }
+    }
+
+    pub fn caps(&self) -> ModelCaps {
+        match self {
+            Engine::Sd3(pipe) => {
+                let cfg = pipe.transformer.config();
+                let f = pipe.vae_scale_factor();
+                ModelCaps {
+                    family: Family::Sd3,
+                    default_size: cfg.sample_size * f,
+                    max_side: cfg.pos_embed_max_size.map(|m| m * cfg.patch_size * f),
+                }
+            }
+            Engine::Sdxl(pipe) => ModelCaps {
+                family: Family::Sdxl,
+                default_size: pipe.unet.config().sample_size * pipe.vae_scale_factor(),
+                max_side: None,
+            },
         }
     }
 

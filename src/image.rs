@@ -37,10 +37,12 @@ pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> 
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(std::path::Path::new("."));
     std::fs::create_dir_all(dir)?;
+    // Unique per write: containers sharing a volume can have the same pid.
     let tmp = dir.join(format!(
-        ".{}.tmp{}",
+        ".{}.tmp-{}-{}",
         path.file_name().and_then(|n| n.to_str()).unwrap_or("out"),
-        std::process::id()
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
     ));
     {
         let mut f = std::fs::File::create(&tmp)?;

@@ -1,5 +1,5 @@
 //! Jobs, their validation into clear rejections, and the result and progress events
-//! (CONTRACT.md: "Job", "Result event").
+//! (docs/contract.md: "Job", "Result event").
 
 use std::collections::BTreeMap;
 
@@ -93,13 +93,35 @@ fn reject<T>(msg: impl Into<String>) -> Result<T, Rejection> {
     Err(Rejection(msg.into()))
 }
 
-/// The id of a message that may not even be valid JSON (for the rejected event).
-pub fn best_effort_id(body: &[u8]) -> Option<String> {
-    let v: Value = serde_json::from_slice(body).ok()?;
-    v.get("id")?.as_str().map(str::to_string)
+/// The id of a message that may not be a valid job (for its rejected event and the logs):
+/// only a valid id (see [`valid_id`]) is returned. A body over `max_bytes` is not parsed: its
+/// first 4 KiB are scanned for a top-level-looking `"id": "..."` instead.
+pub fn best_effort_id(body: &[u8], max_bytes: usize) -> Option<String> {
+    let id = if body.len() <= max_bytes {
+        let v: Value = serde_json::from_slice(body).ok()?;
+        v.get("id")?.as_str()?.to_string()
+    } else {
+        scan_id(&body[..body.len().min(4096)])?
+    };
+    valid_id(&id).then_some(id)
 }
 
-fn valid_id(id: &str) -> bool {
+/// `"id"`, optional whitespace, `:`, optional whitespace, then a string without escapes.
+fn scan_id(head: &[u8]) -> Option<String> {
+    let at = head.windows(4).position(|w| w == b"\"id\"")?;
+    let rest = &head[at + 4..];
+    let rest = rest
+        .trim_ascii_start()
+        .strip_prefix(b":")?
+        .trim_ascii_start();
+    let rest = rest.strip_prefix(b"\"")?;
+    let end = rest.iter().position(|&c| c == b'"' || c == b'\\')?;
+    String::from_utf8(rest[..end].to_vec()).ok()
+}
+
+/// A job id: 1 to 128 characters of ASCII letters, digits, `-`, `_`, `.`, `:` (safe as a
+/// storage key segment, a Redis key part and an AMQP message id).
+pub fn valid_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 128
         && id != "."
@@ -273,8 +295,17 @@ pub fn validate_message(
             Err(e) => return reject(format!("invalid plan: {e}")),
         },
     };
+    if let Some(plan) = &plan {
+        plan.check_limits(limits)
+            .map_err(|e| Rejection(format!("invalid plan: {e}")))?;
+    }
     if mode == JobMode::R2fplus {
         return reject("mode r2fplus is not supported by this worker yet");
+    }
+    if mode == JobMode::R2f && matches!(plan, Some(Plan::Regions(_))) {
+        return reject(
+            "mode r2f was given an R2F+ (regions) plan: send an R2F plan, or mode r2fplus",
+        );
     }
     Ok(ValidJob {
         id: msg.id,
@@ -358,4 +389,227 @@ pub struct ProgressEvent {
     pub id: String,
     pub step: usize,
     pub steps: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+    use serde_json::json;
+
+    fn limits() -> Limits {
+        Limits {
+            max_prompt_chars: 100,
+            max_steps: 50,
+            max_pixels: 512 * 512,
+            max_images_per_job: 2,
+            max_message_bytes: 4096,
+            max_plan_prompts: 4,
+            max_plan_prompt_chars: 100,
+            max_plan_objects: 2,
+        }
+    }
+
+    fn models() -> Vec<String> {
+        vec!["sd3".into()]
+    }
+
+    fn validate(v: &Value) -> Result<ValidJob, Rejection> {
+        validate_message(v.to_string().as_bytes(), &limits(), &models(), "sd3")
+    }
+
+    fn job() -> Value {
+        json!({"id": "j-1", "prompt": "a hairy frog", "mode": "plain",
+               "params": {"steps": 4, "width": 256, "height": 128, "seed": 1}})
+    }
+
+    fn with(path: &[&str], value: Value) -> Value {
+        let mut j = job();
+        let mut at = &mut j;
+        for p in &path[..path.len() - 1] {
+            at = &mut at[*p];
+        }
+        at[path[path.len() - 1]] = value;
+        j
+    }
+
+    #[test]
+    fn a_valid_job_takes_defaults_for_what_it_omits() {
+        let j = validate(&json!({"id": "x", "prompt": " a frog "})).unwrap();
+        assert_eq!(j.prompt, "a frog");
+        assert_eq!(j.model, "sd3");
+        assert_eq!(j.mode, JobMode::R2f);
+        assert_eq!(j.num_images, 1);
+        assert_eq!(j.params.steps, None);
+        assert_eq!(j.prefix, "");
+    }
+
+    #[test]
+    fn each_invalid_field_is_rejected_with_its_reason() {
+        let long_id = "x".repeat(300);
+        let plan_prompts: Vec<String> = (0..5).map(|i| format!("p{i}")).collect();
+        let cases: Vec<(Value, &str)> = vec![
+            (with(&["id"], json!("")), "invalid job id"),
+            (with(&["id"], json!(long_id)), "invalid job id"),
+            (with(&["id"], json!("a/b")), "invalid job id"),
+            (with(&["id"], json!("..")), "invalid job id"),
+            (with(&["id"], json!(7)), "invalid job"),
+            (with(&["prompt"], json!("  ")), "prompt is empty"),
+            (
+                with(&["prompt"], json!("a".repeat(101))),
+                "max_prompt_chars",
+            ),
+            (with(&["model"], json!("sdxl")), "unknown model"),
+            (with(&["mode"], json!("r3f")), "unknown mode"),
+            (with(&["params", "steps"], json!(0)), "max_steps"),
+            (with(&["params", "steps"], json!(51)), "max_steps"),
+            (with(&["params", "steps"], json!("4")), "invalid job"),
+            (with(&["params", "guidance"], json!(-1.0)), "guidance"),
+            (with(&["params", "width"], json!(100)), "multiple of 16"),
+            (with(&["params", "height"], json!(-16)), "multiple of 16"),
+            (with(&["params", "width"], json!(9008)), "over 8192"),
+            (with(&["params", "width"], json!(4096)), "max_pixels"),
+            (
+                with(&["params", "num_images"], json!(3)),
+                "max_images_per_job",
+            ),
+            (with(&["params", "schedule"], json!("fast")), "schedule"),
+            (with(&["params", "scheduler"], json!("ddim")), "ddim"),
+            (with(&["params", "stop_step_map"], json!("x")), "x"),
+            (
+                with(&["output", "prefix"], json!("../up")),
+                "invalid output prefix",
+            ),
+            (with(&["plan"], json!({"r2f_prompt": 3})), "invalid plan"),
+            (
+                with(
+                    &["plan"],
+                    json!({"visual_detail_level": ["1", "2", "3", "4"], "r2f_prompt": [plan_prompts]}),
+                ),
+                "max_plan_prompts",
+            ),
+            (with(&["mode"], json!("r2fplus")), "r2fplus"),
+            (json!([1, 2]), "not a JSON object"),
+        ];
+        for (msg, want) in cases {
+            let err = validate(&msg)
+                .err()
+                .unwrap_or_else(|| panic!("accepted: {msg}"));
+            assert!(
+                err.0.contains(want),
+                "{msg}: `{}` should say `{want}`",
+                err.0
+            );
+        }
+    }
+
+    #[test]
+    fn a_r2f_job_with_a_regions_plan_is_rejected() {
+        let plan = json!({"original_prompt": "a frog and a cat", "base_prompt": "a frog and a cat",
+            "objects": {"#1": {"prompt": "a frog", "object": "frog", "r2f": ["an animal", "a frog"],
+                                "visual_detail_levels": ["3"], "bbox": [0.0, 0.0, 0.5, 0.5]}}});
+        let mut j = with(&["plan"], plan);
+        j["mode"] = json!("r2f");
+        let err = validate(&j).expect_err("rejected");
+        assert!(err.0.contains("R2F+"), "{}", err.0);
+    }
+
+    #[test]
+    fn oversized_and_non_utf8_bodies_are_rejected_before_parsing() {
+        let big = format!("{{\"id\": \"big-1\", \"pad\": \"{}\"}}", "x".repeat(5000));
+        let err = validate_message(big.as_bytes(), &limits(), &models(), "sd3").unwrap_err();
+        assert!(err.0.contains("max_message_bytes"), "{}", err.0);
+        assert_eq!(
+            best_effort_id(big.as_bytes(), 4096).as_deref(),
+            Some("big-1")
+        );
+        let err = validate_message(b"\xff\xfe{", &limits(), &models(), "sd3").unwrap_err();
+        assert!(err.0.contains("not valid JSON"), "{}", err.0);
+    }
+
+    #[test]
+    fn best_effort_ids_are_only_valid_ids() {
+        let long = format!("{{\"id\": \"{}\"}}", "a".repeat(300));
+        assert_eq!(best_effort_id(long.as_bytes(), 4096), None);
+        assert_eq!(best_effort_id(b"{\"id\": \"a\\nb\"}", 4096), None);
+        assert_eq!(best_effort_id(b"not json", 4096), None);
+        assert_eq!(
+            best_effort_id(b"{\"id\": \"ok-1\"}", 4096).as_deref(),
+            Some("ok-1")
+        );
+    }
+
+    /// A random JSON value of bounded depth, biased towards the job's own field names.
+    fn random_json(rng: &mut rand::rngs::StdRng, depth: u32) -> Value {
+        const KEYS: [&str; 14] = [
+            "id",
+            "prompt",
+            "model",
+            "mode",
+            "plan",
+            "params",
+            "steps",
+            "width",
+            "height",
+            "output",
+            "prefix",
+            "r2f_prompt",
+            "visual_detail_level",
+            "objects",
+        ];
+        match rng.random_range(0..if depth == 0 { 5 } else { 7 }) {
+            0 => Value::Null,
+            1 => json!(rng.random::<bool>()),
+            2 => json!(rng.random_range(-70000i64..70000)),
+            3 => json!(rng.random::<f64>() * 1e6 - 5e5),
+            4 => {
+                let pool = [
+                    "", "a", "Ⱥ", "K", "🦀", "..", "a/b", "r2f", "plain", "sd3", "3",
+                ];
+                json!(pool[rng.random_range(0..pool.len())].repeat(rng.random_range(0..4)))
+            }
+            5 => Value::Array(
+                (0..rng.random_range(0..4))
+                    .map(|_| random_json(rng, depth - 1))
+                    .collect(),
+            ),
+            _ => Value::Object(
+                (0..rng.random_range(0..6))
+                    .map(|_| {
+                        let k = KEYS[rng.random_range(0..KEYS.len())].to_string();
+                        (k, random_json(rng, depth - 1))
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
+    /// Arbitrary bytes and arbitrary JSON never panic: they give a job or a rejection.
+    #[test]
+    fn arbitrary_input_never_panics() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(20261130);
+        for _ in 0..3000 {
+            let len = rng.random_range(0..300);
+            let bytes: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+            let _ = validate_message(&bytes, &limits(), &models(), "sd3");
+            let _ = best_effort_id(&bytes, 100);
+        }
+        for _ in 0..5000 {
+            let v = random_json(&mut rng, 4);
+            let _ = validate(&v);
+            // And mutations of a valid job, one field at a time.
+            let mut j = job();
+            let key = ["id", "prompt", "mode", "plan", "params", "output", "model"]
+                [rng.random_range(0..7)];
+            j[key] = random_json(&mut rng, 3);
+            let _ = validate(&j);
+        }
+        // Deep nesting is refused by the parser's recursion limit, not by a stack overflow.
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        let big = Limits {
+            max_message_bytes: 1 << 20,
+            ..limits()
+        };
+        assert!(validate_message(deep.as_bytes(), &big, &models(), "sd3").is_err());
+    }
 }

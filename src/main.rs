@@ -415,9 +415,27 @@ fn cmd_worker(settings: Settings) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
         let mut shutdown = r2f::worker::shutdown_signal();
         let planner = r2f::plan::planner_from_settings(&settings)?;
-        match r2f::worker::Worker::start(settings, &mut shutdown, planner).await? {
-            Some(worker) => worker.run(shutdown).await,
-            None => Ok(()),
+        let drain = std::time::Duration::from_secs(settings.worker.drain_timeout_secs);
+        let Some(worker) = r2f::worker::Worker::start(settings, &mut shutdown, planner).await?
+        else {
+            return Ok(());
+        };
+        // The drain deadline and the second signal are decided here, not in the job code:
+        // past either, the process ends without acking (the broker redelivers the job).
+        let mut watch = shutdown.clone();
+        let deadline = async move {
+            let _ = watch.wait_for(|s| *s > 0).await;
+            tokio::select! {
+                _ = tokio::time::sleep(drain) => 1,
+                _ = watch.wait_for(|s| *s > 1) => 130,
+            }
+        };
+        tokio::select! {
+            r = worker.run(shutdown) => r,
+            code = deadline => {
+                tracing::error!(code, "drain not finished in time (or second signal): exiting without acking; the job in hand will be redelivered");
+                std::process::exit(code);
+            }
         }
     })
 }

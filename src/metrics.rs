@@ -1,4 +1,4 @@
-//! Prometheus metrics (names from CONTRACT.md) and the HTTP endpoints `/metrics`, `/healthz`,
+//! Prometheus metrics (names from docs/contract.md) and the HTTP endpoints `/metrics`, `/healthz`,
 //! `/readyz`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -41,8 +41,13 @@ pub struct Metrics {
     pub amqp_reconnects: prometheus::IntCounter,
     pub redis_errors: IntCounterVec,
     pub build_info: GaugeVec,
+    pub storage_retries: IntCounterVec,
+    pub paused: IntGauge,
+    pub pauses: IntCounterVec,
+    pub given_back: IntCounterVec,
     ready: AtomicBool,
     wedged: AtomicBool,
+    stuck: AtomicBool,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -204,9 +209,57 @@ impl Metrics {
                 )
                 .unwrap(),
             ),
-            registry: r,
+            storage_retries: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "r2f_storage_retries_total",
+                        "Storage calls retried in-process (images kept in memory meanwhile).",
+                    ),
+                    &["op"],
+                )
+                .unwrap(),
+            ),
+            paused: reg(
+                &r,
+                IntGauge::new(
+                    "r2f_worker_paused",
+                    "1 while the worker stopped consuming after failures that were not the jobs' fault.",
+                )
+                .unwrap(),
+            ),
+            pauses: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "r2f_worker_pauses_total",
+                        "Times the worker stopped consuming, by the kind of the last failure.",
+                    ),
+                    &["kind"],
+                )
+                .unwrap(),
+            ),
+            given_back: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "r2f_jobs_given_back_total",
+                        "Jobs put back on the queue unconsumed (sick worker, lock held elsewhere, redelivery count).",
+                    ),
+                    &["reason"],
+                )
+                .unwrap(),
+            ),
+            registry: {
+                // Process metrics (resident memory, CPU, open files) for the OOM runbook.
+                let _ = r.register(Box::new(
+                    prometheus::process_collector::ProcessCollector::for_self(),
+                ));
+                r
+            },
             ready: AtomicBool::new(false),
             wedged: AtomicBool::new(false),
+            stuck: AtomicBool::new(false),
         };
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
@@ -223,11 +276,16 @@ impl Metrics {
         ] {
             m.stage_seconds.with_label_values(&[s]);
         }
-        for u in ["lock", "delivery_count"] {
-            m.redis_errors.with_label_values(&[u]);
-        }
-        for r in ["invalid_job", "max_attempts", "model", "llm"] {
+        m.redis_errors.with_label_values(&["lock"]);
+        for r in ["invalid_job", "max_attempts", "model", "llm", "poison"] {
             m.dead_lettered.with_label_values(&[r]);
+        }
+        m.storage_retries.with_label_values(&["put"]);
+        for k in ["llm", "storage", "model", "internal"] {
+            m.pauses.with_label_values(&[k]);
+        }
+        for r in ["sick_worker", "busy", "redelivered"] {
+            m.given_back.with_label_values(&[r]);
         }
         Arc::new(m)
     }
@@ -248,8 +306,24 @@ impl Metrics {
         self.ready_gauge.set(ready as i64);
     }
 
+    /// Ready: the model is loaded, and the worker neither paused nor stuck.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst) && !self.is_wedged()
+        self.ready.load(Ordering::SeqCst) && !self.is_unhealthy() && self.paused.get() == 0
+    }
+
+    /// A job ran past `job_timeout_secs` and the GPU has not finished it yet: /healthz fails
+    /// (the orchestrator restarts the pod if it stays so).
+    pub fn set_stuck(&self, stuck: bool) {
+        self.stuck.store(stuck, Ordering::SeqCst);
+    }
+
+    pub fn is_stuck(&self) -> bool {
+        self.stuck.load(Ordering::SeqCst)
+    }
+
+    /// /healthz fails: the GPU context is unusable or a job is stuck on it.
+    pub fn is_unhealthy(&self) -> bool {
+        self.is_wedged() || self.is_stuck()
     }
 
     /// The GPU context is unusable: /healthz fails so the orchestrator restarts the pod.
@@ -296,6 +370,11 @@ pub async fn serve(metrics: Arc<Metrics>, listen: &str) -> anyhow::Result<std::n
                 async move {
                     if m.is_wedged() {
                         (StatusCode::SERVICE_UNAVAILABLE, "GPU context unusable")
+                    } else if m.is_stuck() {
+                        (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "a job is stuck past its timeout",
+                        )
                     } else {
                         (StatusCode::OK, "ok")
                     }
@@ -309,6 +388,10 @@ pub async fn serve(metrics: Arc<Metrics>, listen: &str) -> anyhow::Result<std::n
                 async move {
                     if m.is_ready() {
                         (StatusCode::OK, "ready")
+                    } else if m.paused.get() != 0 {
+                        (StatusCode::SERVICE_UNAVAILABLE, "paused after failures")
+                    } else if m.is_unhealthy() {
+                        (StatusCode::SERVICE_UNAVAILABLE, "unhealthy (see /healthz)")
                     } else {
                         (StatusCode::SERVICE_UNAVAILABLE, "loading model")
                     }
@@ -323,17 +406,67 @@ pub async fn serve(metrics: Arc<Metrics>, listen: &str) -> anyhow::Result<std::n
     Ok(addr)
 }
 
-/// GPU memory held by this process, from nvidia-smi (None when unavailable).
+/// Samples the GPU memory gauge every `every` on a thread of its own, off the jobs' path (an NVML
+/// call that hangs holds nothing else). NVML (the driver's library, loaded at run time) gives
+/// this process's memory when its PID is visible, else the device's used memory: inside a
+/// container the driver reports host PIDs, and a worker owns its GPU. Nothing happens where
+/// NVML is missing (a CPU machine).
+pub fn sample_gpu_memory(
+    metrics: Arc<Metrics>,
+    ordinal: u32,
+    label: String,
+    every: std::time::Duration,
+) {
+    let spawned = std::thread::Builder::new()
+        .name("r2f-gpu-memory".into())
+        .spawn(move || {
+            let nvml = match nvml_wrapper::Nvml::init() {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::info!(error = %e, "NVML unavailable: r2f_gpu_memory_allocated_bytes stays 0");
+                    return;
+                }
+            };
+            let me = std::process::id();
+            loop {
+                if let Ok(device) = nvml.device_by_index(ordinal) {
+                    let own = device.running_compute_processes().ok().and_then(|ps| {
+                        ps.into_iter().find(|p| p.pid == me).and_then(|p| match p.used_gpu_memory {
+                            nvml_wrapper::enums::device::UsedGpuMemory::Used(b) => Some(b),
+                            nvml_wrapper::enums::device::UsedGpuMemory::Unavailable => None,
+                        })
+                    });
+                    let bytes = own.or_else(|| device.memory_info().ok().map(|m| m.used));
+                    if let Some(b) = bytes {
+                        metrics.gpu_memory.with_label_values(&[&label]).set(b as f64);
+                    }
+                }
+                std::thread::sleep(every);
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the GPU memory sampler");
+    }
+}
+
+const NVIDIA_SMI_ARGS: [&str; 2] = [
+    "--query-compute-apps=pid,used_memory",
+    "--format=csv,noheader,nounits",
+];
+
+/// GPU memory held by this process, from nvidia-smi (for `r2f bench`, outside any job).
 pub fn process_gpu_bytes() -> Option<u64> {
     let out = std::process::Command::new("nvidia-smi")
-        .args([
-            "--query-compute-apps=pid,used_memory",
-            "--format=csv,noheader,nounits",
-        ])
+        .args(NVIDIA_SMI_ARGS)
         .output()
         .ok()?;
+    own_gpu_bytes(&out.stdout)
+}
+
+/// This process's line of nvidia-smi's compute-apps table, in bytes.
+fn own_gpu_bytes(table: &[u8]) -> Option<u64> {
     let me = std::process::id().to_string();
-    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+    String::from_utf8_lossy(table).lines().find_map(|l| {
         let mut parts = l.split(',').map(str::trim);
         (parts.next()? == me).then(|| parts.next()?.parse::<u64>().ok().map(|mib| mib << 20))?
     })

@@ -365,7 +365,7 @@ async fn broker_connection_dropped_idle_and_busy_recovers() {
     broker.cleanup().await;
 }
 
-/// Every metric CONTRACT.md names.
+/// Every metric docs/contract.md names.
 const CONTRACT_METRICS: &[&str] = &[
     "r2f_jobs_total",
     "r2f_job_stage_seconds",

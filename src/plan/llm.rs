@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use super::parse::{parse_r2f_answer, parse_r2fplus_answer};
 use super::template::{self, TEMPLATE_VERSION};
 use super::{PlanError, PlanFuture, Planner, RegionPlan};
-use crate::config::{redact_text, LlmSettings};
+use crate::config::{redact_text, Limits, LlmSettings};
 use crate::metrics::Metrics;
 use crate::redis_store::RedisStore;
 
@@ -36,6 +36,8 @@ pub struct LlmClient {
     http: reqwest::Client,
     s: LlmSettings,
     api_key: Option<String>,
+    /// The `max_plan_*` limits answers must keep; an answer over them is unusable.
+    limits: Option<Limits>,
 }
 
 #[derive(Deserialize)]
@@ -60,6 +62,7 @@ fn transient(message: String) -> PlanError {
     PlanError {
         transient: true,
         message,
+        planner_fault: false,
     }
 }
 
@@ -67,6 +70,16 @@ fn permanent(message: String) -> PlanError {
     PlanError {
         transient: false,
         message,
+        planner_fault: false,
+    }
+}
+
+/// The LLM refused this worker's credentials, model or URL.
+fn refused(message: String) -> PlanError {
+    PlanError {
+        transient: false,
+        message,
+        planner_fault: true,
     }
 }
 
@@ -81,7 +94,15 @@ impl LlmClient {
             http,
             s: s.clone(),
             api_key,
+            limits: None,
         })
+    }
+
+    /// Treats answers whose plan breaks the `max_plan_*` limits as unusable (asked again, never
+    /// cached).
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = Some(limits);
+        self
     }
 
     pub fn model(&self) -> &str {
@@ -125,6 +146,7 @@ impl LlmClient {
             }
             let result = req.send().await;
             metrics.llm_seconds.observe(started.elapsed().as_secs_f64());
+            let mut refused_status = None;
             let (retryable, message, retry_after) = match result {
                 Err(e) => (
                     true,
@@ -166,6 +188,9 @@ impl LlmClient {
                     let text = resp.text().await.unwrap_or_default();
                     let text: String = text.chars().take(300).collect();
                     let retryable = status.as_u16() == 429 || status.is_server_error();
+                    if matches!(status.as_u16(), 401 | 403 | 404 | 407) {
+                        refused_status = Some(status);
+                    }
                     (
                         retryable,
                         format!("LLM answered HTTP {status}: {text}"),
@@ -175,7 +200,11 @@ impl LlmClient {
             };
             if !retryable {
                 metrics.llm_requests.with_label_values(&["error"]).inc();
-                return Err(permanent(message));
+                return Err(if refused_status.is_some() {
+                    refused(message)
+                } else {
+                    permanent(message)
+                });
             }
             if attempt >= self.s.max_attempts {
                 metrics.llm_requests.with_label_values(&["error"]).inc();
@@ -190,7 +219,7 @@ impl LlmClient {
             let delay = retry_after
                 .unwrap_or(Duration::from_millis(jittered))
                 .min(Duration::from_secs(60));
-            tracing::warn!(attempt, retry_in_ms = delay.as_millis() as u64, error = %message, "LLM call failed; retrying");
+            tracing::warn!(attempt, retry_in_ms = delay.as_millis() as u64, error = ?message, "LLM call failed; retrying");
             tokio::time::sleep(delay).await;
         }
     }
@@ -210,15 +239,20 @@ impl LlmClient {
         for _ in 0..=self.s.max_reasks {
             let answer = self.chat(system, &user, metrics).await?;
             let parsed = match mode {
-                PlanMode::R2f => parse_r2f_answer(&answer, prompt).map(|p| p.to_official_json()),
-                PlanMode::R2fPlus => parse_r2fplus_answer(&answer)
-                    .map(|p| serde_json::to_value(p).unwrap_or(Value::Null)),
-            };
+                PlanMode::R2f => parse_r2f_answer(&answer, prompt).map(super::Plan::R2f),
+                PlanMode::R2fPlus => parse_r2fplus_answer(&answer).map(super::Plan::Regions),
+            }
+            .and_then(|plan| {
+                if let Some(limits) = &self.limits {
+                    plan.check_limits(limits)?;
+                }
+                Ok(plan.to_json())
+            });
             match parsed {
                 Ok(v) => return Ok(v),
                 Err(e) => {
                     metrics.llm_requests.with_label_values(&["invalid"]).inc();
-                    tracing::warn!(error = %e, "LLM answer unusable; asking again");
+                    tracing::warn!(error = ?e, "LLM answer unusable; asking again");
                     last = e;
                 }
             }
@@ -357,7 +391,7 @@ pub fn planner(s: &crate::config::Settings) -> anyhow::Result<Option<Arc<CachedP
     if !s.llm.enabled {
         return Ok(None);
     }
-    let llm = LlmClient::new(&s.llm)?;
+    let llm = LlmClient::new(&s.llm)?.with_limits(s.limits.clone());
     let redis = RedisStore::new(&s.redis);
     Ok(Some(Arc::new(CachedPlanner::new(
         llm,

@@ -12,6 +12,9 @@ use serde_json::Value;
 pub struct PlanError {
     pub transient: bool,
     pub message: String,
+    /// The planner refused this worker (HTTP 401, 403, 404: a bad key, model name or URL), not
+    /// the job: the job must not be consumed by it.
+    pub planner_fault: bool,
 }
 
 impl std::fmt::Display for PlanError {
@@ -278,6 +281,77 @@ impl Plan {
         Ok(Plan::R2f(plan))
     }
 
+    /// Checks the plan against the `max_plan_*` limits (a plan in a job message or from the LLM
+    /// can otherwise carry thousands of prompts): the number of prompts of an R2F plan (its
+    /// frequent prompts plus the rare one; the visual detail levels count too) and of each R2F+
+    /// object's `r2f` list against `max_plan_prompts`, the number of R2F+ objects against
+    /// `max_plan_objects`, and the characters of every prompt string the plan carries against
+    /// `max_plan_prompt_chars`. The error names the limit. Counts are checked before lengths.
+    pub fn check_limits(&self, limits: &crate::config::Limits) -> Result<(), String> {
+        let max_prompts = limits.max_plan_prompts;
+        let max_chars = limits.max_plan_prompt_chars;
+        let chars = |what: &str, s: &str| -> Result<(), String> {
+            let n = s.chars().count();
+            if n > max_chars {
+                return Err(format!(
+                    "{what} has {n} characters, over the limit of {max_chars} (max_plan_prompt_chars)"
+                ));
+            }
+            Ok(())
+        };
+        match self {
+            Plan::R2f(p) => {
+                let n = p.prompts.len();
+                if n > max_prompts {
+                    return Err(format!(
+                        "plan has {n} prompts, over the limit of {max_prompts} (max_plan_prompts)"
+                    ));
+                }
+                let n = p.levels.len();
+                if n > max_prompts {
+                    return Err(format!(
+                        "plan has {n} visual detail levels, over the limit of {max_prompts} (max_plan_prompts)"
+                    ));
+                }
+                for (i, prompt) in p.prompts.iter().enumerate() {
+                    chars(&format!("plan prompt {i}"), prompt)?;
+                }
+            }
+            Plan::Regions(p) => {
+                let n = p.objects.len();
+                if n > limits.max_plan_objects {
+                    return Err(format!(
+                        "plan has {n} objects, over the limit of {} (max_plan_objects)",
+                        limits.max_plan_objects
+                    ));
+                }
+                // Keys are `#N` in a validated plan; count them too so that an unvalidated plan
+                // cannot put a huge key into the messages below.
+                for key in p.objects.keys() {
+                    chars("plan object key", key)?;
+                }
+                for (key, o) in &p.objects {
+                    let n = o.r2f.len().max(o.visual_detail_levels.len());
+                    if n > max_prompts {
+                        return Err(format!(
+                            "plan object {key} has {n} r2f prompts, over the limit of {max_prompts} (max_plan_prompts)"
+                        ));
+                    }
+                }
+                chars("plan original_prompt", &p.original_prompt)?;
+                chars("plan base_prompt", &p.base_prompt)?;
+                for (key, o) in &p.objects {
+                    chars(&format!("plan object {key} prompt"), &o.prompt)?;
+                    chars(&format!("plan object {key} name"), &o.object)?;
+                    for (i, r) in o.r2f.iter().enumerate() {
+                        chars(&format!("plan object {key} r2f prompt {i}"), r)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub fn to_json(&self) -> Value {
         match self {
             Plan::R2f(p) => p.to_official_json(),
@@ -388,5 +462,158 @@ mod tests {
         assert!(Plan::from_json(&bad, "")
             .unwrap_err()
             .contains("exactly one"));
+    }
+
+    fn limits() -> crate::config::Limits {
+        crate::config::Limits {
+            max_prompt_chars: 2000,
+            max_steps: 200,
+            max_pixels: 4_194_304,
+            max_images_per_job: 4,
+            max_message_bytes: 65_536,
+            max_plan_prompts: 16,
+            max_plan_prompt_chars: 2000,
+            max_plan_objects: 8,
+        }
+    }
+
+    fn r2f_plan(prompts: usize) -> Plan {
+        let levels = vec!["3"; prompts - 1];
+        let list: Vec<String> = (0..prompts).map(|i| format!("prompt {i}")).collect();
+        let v = json!({"visual_detail_level": levels, "r2f_prompt": [list]});
+        Plan::from_json(&v, "").unwrap()
+    }
+
+    /// A valid R2F+ plan with `objects` objects, each with `r2f` frequent prompts.
+    fn regions(objects: usize, r2f: usize) -> RegionPlan {
+        let keys: Vec<String> = (1..=objects).map(|n| format!("#{n}")).collect();
+        let plan = RegionPlan {
+            original_prompt: "a hairy shark".into(),
+            base_prompt: keys.join(" and "),
+            objects: keys
+                .iter()
+                .map(|k| {
+                    let o = RegionObject {
+                        prompt: format!("a photo of {k}"),
+                        object: "a hairy shark".into(),
+                        r2f: vec!["a hairy animal".into(); r2f],
+                        visual_detail_levels: vec![3; r2f],
+                        bbox: [0.1, 0.1, 0.9, 0.9],
+                    };
+                    (k.clone(), o)
+                })
+                .collect(),
+        };
+        plan.validate().unwrap();
+        plan
+    }
+
+    #[test]
+    fn check_limits_max_plan_prompts_for_r2f_plans() {
+        assert_eq!(r2f_plan(16).check_limits(&limits()), Ok(()));
+        assert_eq!(
+            r2f_plan(17).check_limits(&limits()),
+            Err("plan has 17 prompts, over the limit of 16 (max_plan_prompts)".into())
+        );
+        // A single-prompt plan may carry any number of levels: they count too.
+        let at = Plan::R2f(R2fPlan {
+            prompts: vec!["a".into()],
+            levels: vec![0; 16],
+        });
+        assert_eq!(at.check_limits(&limits()), Ok(()));
+        let over = Plan::R2f(R2fPlan {
+            prompts: vec!["a".into()],
+            levels: vec![0; 17],
+        });
+        assert!(over
+            .check_limits(&limits())
+            .unwrap_err()
+            .contains("17 visual detail levels, over the limit of 16 (max_plan_prompts)"));
+    }
+
+    #[test]
+    fn check_limits_max_plan_prompt_chars_for_r2f_plans() {
+        // Characters, not bytes: 'é' is 2 bytes.
+        let plan = |n: usize| {
+            Plan::R2f(R2fPlan {
+                prompts: vec!["a".into(), "é".repeat(n), "b".into()],
+                levels: vec![3, 4],
+            })
+        };
+        assert_eq!(plan(2000).check_limits(&limits()), Ok(()));
+        assert_eq!(
+            plan(2001).check_limits(&limits()),
+            Err(
+                "plan prompt 1 has 2001 characters, over the limit of 2000 (max_plan_prompt_chars)"
+                    .into()
+            )
+        );
+    }
+
+    #[test]
+    fn check_limits_max_plan_objects() {
+        assert_eq!(Plan::Regions(regions(8, 1)).check_limits(&limits()), Ok(()));
+        assert_eq!(
+            Plan::Regions(regions(9, 1)).check_limits(&limits()),
+            Err("plan has 9 objects, over the limit of 8 (max_plan_objects)".into())
+        );
+    }
+
+    #[test]
+    fn check_limits_r2f_list_of_an_object_counts_against_max_plan_prompts() {
+        assert_eq!(
+            Plan::Regions(regions(2, 16)).check_limits(&limits()),
+            Ok(())
+        );
+        assert_eq!(
+            Plan::Regions(regions(2, 17)).check_limits(&limits()),
+            Err(
+                "plan object #1 has 17 r2f prompts, over the limit of 16 (max_plan_prompts)".into()
+            )
+        );
+    }
+
+    #[test]
+    fn check_limits_every_string_of_an_r2fplus_plan_counts_against_max_plan_prompt_chars() {
+        type Set = fn(&mut RegionPlan, String);
+        let fields: [(&str, Set); 5] = [
+            ("plan original_prompt", |p, s| p.original_prompt = s),
+            ("plan base_prompt", |p, s| {
+                p.base_prompt = format!("#1 and #2 {s}")
+            }),
+            ("plan object #2 prompt", |p, s| {
+                p.objects.get_mut("#2").unwrap().prompt = format!("#2 {s}")
+            }),
+            ("plan object #1 name", |p, s| {
+                p.objects.get_mut("#1").unwrap().object = s
+            }),
+            ("plan object #2 r2f prompt 1", |p, s| {
+                p.objects.get_mut("#2").unwrap().r2f[1] = s
+            }),
+        ];
+        for (what, set) in fields {
+            for (n, ok) in [(2000, true), (2001, false)] {
+                let mut plan = regions(2, 3);
+                set(&mut plan, String::new());
+                let fixed = match what {
+                    "plan base_prompt" => plan.base_prompt.chars().count(),
+                    "plan object #2 prompt" => plan.objects["#2"].prompt.chars().count(),
+                    _ => 0,
+                };
+                set(&mut plan, "ß".repeat(n - fixed));
+                plan.validate().unwrap();
+                let result = Plan::Regions(plan).check_limits(&limits());
+                if ok {
+                    assert_eq!(result, Ok(()), "{what} at the limit");
+                } else {
+                    assert_eq!(
+                        result,
+                        Err(format!(
+                            "{what} has 2001 characters, over the limit of 2000 (max_plan_prompt_chars)"
+                        ))
+                    );
+                }
+            }
+        }
     }
 }

@@ -12,9 +12,29 @@ mod async_trait_free {
     pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 }
 
+/// A storage failure. `Denied::Yes` marks a refusal of this worker's credentials or
+/// permissions (HTTP 401/403): retrying will not help, and it is not the job's fault.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct StorageError(pub String);
+pub struct StorageError(pub String, pub Denied);
+
+/// Whether the store refused this worker's credentials or permissions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Denied {
+    #[default]
+    No,
+    Yes,
+}
+
+impl StorageError {
+    pub fn new(message: impl Into<String>) -> Self {
+        Self(message.into(), Denied::No)
+    }
+
+    pub fn is_denied(&self) -> bool {
+        self.1 == Denied::Yes
+    }
+}
 
 pub trait Storage: Send + Sync {
     /// Stores `bytes` at `key`; returns the object's URI.
@@ -28,6 +48,27 @@ pub trait Storage: Send + Sync {
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Vec<u8>>, StorageError>>;
     /// The URI an object at `key` has.
     fn uri(&self, key: &str) -> String;
+    /// Start-up check: the store is reachable, writable, and reports a missing object as
+    /// missing (S3 without `s3:ListBucket` answers 403 instead, which would fail every job).
+    fn check(&self) -> BoxFuture<'_, Result<(), StorageError>> {
+        Box::pin(async move {
+            let probe = format!(".r2f-check/{}", uuid::Uuid::new_v4().simple());
+            match self.get(&probe).await {
+                Ok(None) => Ok(()),
+                Ok(Some(_)) => Err(StorageError::new(format!(
+                    "storage check: `{probe}` unexpectedly exists"
+                ))),
+                Err(e) if e.is_denied() => Err(StorageError(
+                    format!(
+                        "storage check: reading a missing object was refused ({e}); the worker \
+                         needs s3:GetObject, s3:PutObject and s3:ListBucket on the bucket"
+                    ),
+                    Denied::Yes,
+                )),
+                Err(e) => Err(e),
+            }
+        })
+    }
 }
 
 /// Joins key segments with '/', skipping empty ones.
@@ -48,16 +89,16 @@ impl LocalStorage {
     pub fn new(root: impl Into<PathBuf>) -> Result<Self, StorageError> {
         let root = root.into();
         std::fs::create_dir_all(&root)
-            .map_err(|e| StorageError(format!("cannot create {}: {e}", root.display())))?;
+            .map_err(|e| StorageError::new(format!("cannot create {}: {e}", root.display())))?;
         let root = root
             .canonicalize()
-            .map_err(|e| StorageError(format!("cannot resolve {}: {e}", root.display())))?;
+            .map_err(|e| StorageError::new(format!("cannot resolve {}: {e}", root.display())))?;
         Ok(Self { root })
     }
 
     fn path(&self, key: &str) -> Result<PathBuf, StorageError> {
         if key.split('/').any(|s| s == ".." || s.is_empty()) {
-            return Err(StorageError(format!("invalid storage key `{key}`")));
+            return Err(StorageError::new(format!("invalid storage key `{key}`")));
         }
         Ok(self.root.join(key))
     }
@@ -75,8 +116,8 @@ impl Storage for LocalStorage {
             let p = path.clone();
             tokio::task::spawn_blocking(move || crate::image::write_atomic(&p, &bytes))
                 .await
-                .map_err(|e| StorageError(e.to_string()))?
-                .map_err(|e| StorageError(format!("cannot write {}: {e}", path.display())))?;
+                .map_err(|e| StorageError::new(e.to_string()))?
+                .map_err(|e| StorageError::new(format!("cannot write {}: {e}", path.display())))?;
             Ok(self.uri(key))
         })
     }
@@ -87,7 +128,10 @@ impl Storage for LocalStorage {
             match tokio::fs::read(&path).await {
                 Ok(b) => Ok(Some(b)),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                Err(e) => Err(StorageError(format!("cannot read {}: {e}", path.display()))),
+                Err(e) => Err(StorageError::new(format!(
+                    "cannot read {}: {e}",
+                    path.display()
+                ))),
             }
         })
     }
@@ -120,6 +164,16 @@ impl S3Storage {
                 .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
                 .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
         }
+        // Bound every call: a store that accepts connections and never answers must not hold a
+        // job (and its GPU slot) forever.
+        let attempt = std::time::Duration::from_secs(s.timeout_secs.max(1));
+        b = b.timeout_config(
+            aws_sdk_s3::config::timeout::TimeoutConfig::builder()
+                .connect_timeout(std::time::Duration::from_secs(5).min(attempt))
+                .operation_attempt_timeout(attempt)
+                .operation_timeout(attempt * 3)
+                .build(),
+        );
         Ok(Self {
             client: aws_sdk_s3::Client::from_conf(b.build()),
             bucket: s.bucket.clone(),
@@ -127,12 +181,26 @@ impl S3Storage {
     }
 }
 
-fn s3_error<E: std::error::Error + 'static>(what: &str, key: &str, e: E) -> StorageError {
+fn s3_error<E>(
+    what: &str,
+    key: &str,
+    e: aws_sdk_s3::error::SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+) -> StorageError
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let denied = match e.raw_response().map(|r| r.status().as_u16()) {
+        Some(401 | 403) => Denied::Yes,
+        _ => Denied::No,
+    };
     // DisplayErrorContext gives the whole chain (service code, HTTP failure) without secrets.
-    StorageError(format!(
-        "S3 {what} of `{key}` failed: {}",
-        aws_sdk_s3::error::DisplayErrorContext(e)
-    ))
+    StorageError(
+        format!(
+            "S3 {what} of `{key}` failed: {}",
+            aws_sdk_s3::error::DisplayErrorContext(e)
+        ),
+        denied,
+    )
 }
 
 impl Storage for S3Storage {
@@ -167,11 +235,10 @@ impl Storage for S3Storage {
                 .await
             {
                 Ok(out) => {
-                    let data = out
-                        .body
-                        .collect()
-                        .await
-                        .map_err(|e| StorageError(format!("S3 GET of `{key}` failed: {e}")))?;
+                    let data =
+                        out.body.collect().await.map_err(|e| {
+                            StorageError::new(format!("S3 GET of `{key}` failed: {e}"))
+                        })?;
                     Ok(Some(data.into_bytes().to_vec()))
                 }
                 Err(e) => {

@@ -87,16 +87,18 @@ pub async fn confirm_channel(conn: &Connection) -> anyhow::Result<Channel> {
     Ok(ch)
 }
 
-/// Publishes and waits for the broker's confirm; a nack is an error.
+/// Publishes and waits for the broker's confirm, at most `timeout`; a nack, or no confirm in
+/// time, is an error (the caller treats the connection as broken).
 pub async fn publish_confirmed(
     ch: &Channel,
     exchange: &str,
     routing_key: &str,
     body: &[u8],
     props: BasicProperties,
+    timeout: std::time::Duration,
 ) -> anyhow::Result<()> {
-    let confirm = ch
-        .basic_publish(
+    let publish = async {
+        ch.basic_publish(
             exchange.into(),
             routing_key.into(),
             BasicPublishOptions::default(),
@@ -106,9 +108,52 @@ pub async fn publish_confirmed(
         .await
         .map_err(amqp_error)?
         .await
-        .map_err(amqp_error)?;
+        .map_err(amqp_error)
+    };
+    let confirm = tokio::time::timeout(timeout, publish).await.map_err(|_| {
+        anyhow::anyhow!(
+            "broker: no confirm for a publish to `{exchange}`/`{routing_key}` within {} s",
+            timeout.as_secs()
+        )
+    })??;
     if confirm.is_nack() {
         anyhow::bail!("broker: publish to `{exchange}`/`{routing_key}` was nacked");
+    }
+    Ok(())
+}
+
+/// The AMQP `message_id` for a job id, when it can be one. Ids come from messages: an id of
+/// 256 bytes or more does not fit a short string (lapin panics on it), and an id that failed
+/// validation is not worth carrying.
+pub fn message_id(id: &str) -> Option<ShortString> {
+    crate::job::valid_id(id).then(|| ShortString::from(id))
+}
+
+/// The retry queue of backoff level `level` (0: give-back and postpone; n: after attempt n).
+/// One queue per level, so a long delay never holds up a short one behind it.
+pub fn retry_level_queue(s: &AmqpSettings, level: u32) -> String {
+    format!("{}.{level}", s.retry_queue)
+}
+
+/// Declares the per-level retry queues 0..=levels; each dead-letters back into the jobs queue.
+pub async fn declare_retry_levels(
+    ch: &Channel,
+    s: &AmqpSettings,
+    levels: u32,
+) -> anyhow::Result<()> {
+    for level in 0..=levels {
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(LongString::from("")),
+        );
+        args.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(LongString::from(s.jobs_queue.as_str())),
+        );
+        ch.queue_declare(retry_level_queue(s, level).as_str().into(), durable(), args)
+            .await
+            .map_err(amqp_error)?;
     }
     Ok(())
 }

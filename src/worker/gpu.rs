@@ -9,7 +9,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::config::Settings;
 use crate::device::{default_device, default_dtype, parse_device, parse_dtype};
-use crate::generate::{generate_png, Engine, Mode, Params};
+use crate::generate::{generate_png, Engine, Mode, ModelCaps, Params};
 use crate::metrics::Metrics;
 use crate::models::hub;
 use crate::pipelines::Timings;
@@ -23,6 +23,16 @@ pub struct GeneratedImage {
     pub timings: Timings,
 }
 
+/// Why the GPU thread could not finish a task.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GpuFailure {
+    /// The model failed on this job (an error or a panic in the model code); the device is
+    /// still usable.
+    Job(String),
+    /// The device is unusable (a CUDA error that poisons the context): the worker is sick.
+    Device(String),
+}
+
 pub struct GpuTask {
     pub model_name: String,
     pub prompt: String,
@@ -31,7 +41,13 @@ pub struct GpuTask {
     pub num_images: usize,
     /// (step done, total steps over all images).
     pub progress: mpsc::UnboundedSender<(usize, usize)>,
-    pub reply: oneshot::Sender<Result<Vec<GeneratedImage>, String>>,
+    pub reply: oneshot::Sender<Result<Vec<GeneratedImage>, GpuFailure>>,
+}
+
+/// What the GPU thread reports once the model is loaded and warm.
+pub struct Loaded {
+    pub caps: ModelCaps,
+    pub device: tch::Device,
 }
 
 pub struct GpuWorker {
@@ -70,7 +86,7 @@ impl GpuWorker {
     pub fn start(
         settings: &Settings,
         metrics: Arc<Metrics>,
-    ) -> anyhow::Result<(Self, oneshot::Receiver<anyhow::Result<()>>)> {
+    ) -> anyhow::Result<(Self, oneshot::Receiver<anyhow::Result<Loaded>>)> {
         let (tx, rx) = std::sync::mpsc::channel::<GpuTask>();
         let (ready_tx, ready_rx) = oneshot::channel();
         let settings = settings.clone();
@@ -116,7 +132,10 @@ impl GpuWorker {
                 })();
                 let mut engine = match loaded {
                     Ok(e) => {
-                        let _ = ready_tx.send(Ok(()));
+                        let _ = ready_tx.send(Ok(Loaded {
+                            caps: e.caps(),
+                            device: e.device(),
+                        }));
                         e
                     }
                     Err(e) => {
@@ -125,28 +144,19 @@ impl GpuWorker {
                     }
                 };
                 let device = engine.device();
-                let device_label = crate::device::device_name(device);
-                let held = if device.is_cuda() { crate::metrics::process_gpu_bytes() } else { Some(0) };
-                metrics
-                    .gpu_memory
-                    .with_label_values(&[&device_label])
-                    .set(held.unwrap_or(0) as f64);
+                // GPU memory is sampled off the job path (see `metrics::sample_gpu_memory`).
                 while let Ok(task) = rx.recv() {
-                    let result = run_task(&mut engine, &settings, &task);
-                    if let Err(msg) = &result {
-                        if device.is_cuda() && is_fatal_cuda_error(msg) {
+                    let result = run_task(&mut engine, &settings, &task).map_err(|msg| {
+                        if device.is_cuda() && is_fatal_cuda_error(&msg) {
                             tracing::error!(error = %msg, "CUDA context is unusable: /healthz now fails");
                             metrics.set_wedged();
+                            GpuFailure::Device(msg)
+                        } else {
+                            GpuFailure::Job(msg)
                         }
-                    }
-                    if device.is_cuda() {
-                        if let Some(b) = crate::metrics::process_gpu_bytes() {
-                            metrics
-                                .gpu_memory
-                                .with_label_values(&[&crate::device::device_name(device)])
-                                .set(b as f64);
-                        }
-                    }
+                    });
+                    // A job abandoned past its timeout has finished at last: the GPU is free.
+                    metrics.set_stuck(false);
                     let _ = task.reply.send(result);
                 }
             })?;

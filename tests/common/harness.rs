@@ -379,8 +379,47 @@ impl Broker {
         out
     }
 
+    /// Messages waiting in the jobs queue and in every retry level (give-backs included).
+    pub async fn queued_anywhere(&self) -> u32 {
+        let mut n = self.queue_len(&self.names.jobs).await;
+        for level in 0..=10 {
+            n += self
+                .queue_len_or_zero(&format!("{}.{level}", self.names.retry))
+                .await;
+        }
+        n
+    }
+
+    /// The queue's length, 0 when it does not exist (on a channel of its own: a passive
+    /// declare of a missing queue closes the channel).
+    pub async fn queue_len_or_zero(&self, queue: &str) -> u32 {
+        let Ok(ch) = self.conn.create_channel().await else {
+            return 0;
+        };
+        let n = ch
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map(|q| q.message_count())
+            .unwrap_or(0);
+        let _ = ch.close(200, "done".into()).await;
+        n
+    }
+
     pub async fn cleanup(&self) {
-        for q in [&self.names.jobs, &self.names.dead, &self.names.retry] {
+        let mut queues = vec![
+            self.names.jobs.clone(),
+            self.names.dead.clone(),
+            self.names.retry.clone(),
+        ];
+        queues.extend((0..=10).map(|l| format!("{}.{l}", self.names.retry)));
+        for q in &queues {
             let _ = self
                 .ch
                 .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
@@ -416,6 +455,10 @@ pub struct WorkerConfig {
     pub max_attempts: u32,
     pub retry_backoff_ms: u64,
     pub drain_timeout_secs: u64,
+    /// In-process upload retries before a job is given back (short in tests).
+    pub storage_retry_budget_secs: u64,
+    /// The first pause of a worker whose failures are its own.
+    pub pause_min_secs: u64,
     pub redis_url: String,
     pub extra: String,
     pub env: Vec<(String, String)>,
@@ -433,6 +476,8 @@ impl WorkerConfig {
             max_attempts: 3,
             retry_backoff_ms: 200,
             drain_timeout_secs: 60,
+            storage_retry_budget_secs: 2,
+            pause_min_secs: 1,
             redis_url: "redis://127.0.0.1:6379".into(),
             extra: String::new(),
             env: vec![("R2F_TEST_LLM_KEY".into(), "sk-test-0123456789".into())],
@@ -443,12 +488,13 @@ impl WorkerConfig {
         let n = &self.names;
         let storage = match (&self.s3_endpoint, &self.local_dir) {
             (Some(ep), _) => format!(
-                "[storage]\nbackend = \"s3\"\nbucket = \"{}\"\nprefix = \"out\"\n[storage.s3]\nendpoint = \"{ep}\"\nregion = \"us-east-1\"\nforce_path_style = true\nrequest_checksums = true\n",
-                self.bucket
+                "[storage]\nbackend = \"s3\"\nbucket = \"{}\"\nprefix = \"out\"\nretry_budget_secs = {}\ntimeout_secs = 5\n[storage.s3]\nendpoint = \"{ep}\"\nregion = \"us-east-1\"\nforce_path_style = true\nrequest_checksums = true\n",
+                self.bucket, self.storage_retry_budget_secs
             ),
             (None, Some(dir)) => format!(
-                "[storage]\nbackend = \"local\"\nlocal_dir = \"{}\"\n",
-                dir.display()
+                "[storage]\nbackend = \"local\"\nlocal_dir = \"{}\"\nretry_budget_secs = {}\n",
+                dir.display(),
+                self.storage_retry_budget_secs
             ),
             (None, None) => String::new(),
         };
@@ -465,6 +511,9 @@ retry_backoff_max_ms = 2000
 drain_timeout_secs = {drain}
 progress_interval_ms = 50
 name = "{prefix}-worker"
+pause_min_secs = {pause}
+pause_max_secs = {pause}
+give_back_delay_ms = 200
 [amqp]
 url = "{amqp}"
 jobs_queue = "{jobs}"
@@ -473,6 +522,8 @@ retry_queue = "{retry}"
 events_exchange = "{events}"
 reconnect_min_ms = 100
 reconnect_max_ms = 1000
+stable_connection_secs = 2
+confirm_timeout_secs = 10
 [redis]
 url = "{redis}"
 key_prefix = "{prefix}"
@@ -488,6 +539,7 @@ listen = "127.0.0.1:{port}"
             attempts = self.max_attempts,
             backoff = self.retry_backoff_ms,
             drain = self.drain_timeout_secs,
+            pause = self.pause_min_secs,
             prefix = n.prefix,
             amqp = self.amqp_url,
             jobs = n.jobs,

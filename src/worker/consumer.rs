@@ -1,0 +1,348 @@
+//! The broker session: channels, the consumer, the delivery loop (select → run → settle), and
+//! the pause a sick worker takes. A broker error ends the session; the caller reconnects.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::Channel;
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+use super::amqp::{self, amqp_error, json_props};
+use super::backoff::Breaker;
+use super::lifecycle::{run_job, Incoming, ProgressTx};
+use super::outcome::{decide, Fault, JobError, JobOutcome};
+use super::settle::{self, attempt_of, deliveries_of};
+use super::{Context, Shutdown};
+use crate::job::{best_effort_id, ErrorKind, ProgressEvent, ResultEvent};
+
+/// One connection's worth of broker state.
+pub struct Session {
+    _conn: lapin::Connection,
+    consume: Channel,
+    /// Confirmed publishes: events, retries, dead letters.
+    publish: Channel,
+    /// Progress events: no confirms, so nothing is kept per event.
+    progress: Channel,
+    consumer: lapin::Consumer,
+    tag: String,
+}
+
+/// How a session ended.
+pub enum SessionEnd {
+    /// Shutdown requested and the job in hand settled.
+    Drained,
+    /// The broker connection broke (or a confirm timed out).
+    Broken(anyhow::Error),
+}
+
+impl Session {
+    pub async fn open(ctx: &Context) -> anyhow::Result<Self> {
+        let s = &ctx.settings.amqp;
+        let conn = amqp::connect(s, &format!("r2f-worker {}", ctx.worker_name)).await?;
+        let consume = conn.create_channel().await.map_err(amqp_error)?;
+        let publish = amqp::confirm_channel(&conn).await?;
+        let progress = conn.create_channel().await.map_err(amqp_error)?;
+        amqp::declare_topology(&publish, s).await?;
+        amqp::declare_retry_levels(&publish, s, ctx.settings.worker.max_attempts).await?;
+        consume
+            .basic_qos(
+                ctx.settings.worker.prefetch,
+                BasicQosOptions { global: false },
+            )
+            .await
+            .map_err(amqp_error)?;
+        let tag = format!("r2f-{}-{}", ctx.worker_name, uuid::Uuid::new_v4().simple());
+        let consumer = start_consumer(&consume, &s.jobs_queue, &tag).await?;
+        Ok(Self {
+            _conn: conn,
+            consume,
+            publish,
+            progress,
+            consumer,
+            tag,
+        })
+    }
+
+    /// Consumes until drained or broken.
+    pub async fn run(mut self, ctx: &Arc<Context>, shutdown: &mut Shutdown) -> SessionEnd {
+        let progress = spawn_progress_publisher(ctx, &self);
+        let mut breaker = Breaker::new(
+            ctx.settings.worker.pause_after_failures,
+            Duration::from_secs(ctx.settings.worker.pause_min_secs),
+            Duration::from_secs(ctx.settings.worker.pause_max_secs.max(1)),
+        );
+        let end = loop {
+            let next = tokio::select! {
+                d = self.consumer.next() => d,
+                _ = shutdown.wait_for(|s| *s > 0) => break SessionEnd::Drained,
+            };
+            let delivery = match next {
+                Some(Ok(d)) => d,
+                Some(Err(e)) => break SessionEnd::Broken(amqp_error(e)),
+                None => {
+                    break SessionEnd::Broken(anyhow::anyhow!("consumer cancelled by the broker"))
+                }
+            };
+            let pause = match self.handle(ctx, &delivery, &progress, &mut breaker).await {
+                Ok(pause) => pause,
+                Err(e) => break SessionEnd::Broken(e),
+            };
+            if *shutdown.borrow() > 0 {
+                break SessionEnd::Drained;
+            }
+            if let Some((pause, kind)) = pause {
+                if let Err(e) = self.pause(ctx, pause, kind, shutdown).await {
+                    break SessionEnd::Broken(e);
+                }
+                if *shutdown.borrow() > 0 {
+                    break SessionEnd::Drained;
+                }
+            }
+        };
+        if let SessionEnd::Drained = end {
+            let _ = self.stop_consuming(ctx).await;
+            let _ = self.consume.close(200, "drained".into()).await;
+            let _ = self.publish.close(200, "drained".into()).await;
+        }
+        end
+    }
+
+    /// One delivery: count a redelivery, or run the job and settle it. Returns a pause when the
+    /// breaker trips.
+    async fn handle(
+        &self,
+        ctx: &Arc<Context>,
+        d: &Delivery,
+        progress: &ProgressTx,
+        breaker: &mut Breaker,
+    ) -> anyhow::Result<Option<(Duration, ErrorKind)>> {
+        let attempt = attempt_of(d);
+        if d.redelivered {
+            // Delivered before and never settled: the worker holding it died or lost its
+            // connection. Count that on the message itself before touching its content.
+            let deliveries = deliveries_of(d) + 1;
+            let id = best_effort_id_bounded(ctx, &d.data);
+            if deliveries >= ctx.settings.worker.max_attempts {
+                let outcome = JobOutcome::Poison { id, deliveries };
+                let s = decide(outcome, attempt, ctx.settings.worker.max_attempts);
+                self.count(ctx, "unknown", "failed");
+                settle::settle(ctx, &self.publish, d, attempt, s, None).await?;
+            } else {
+                warn!(
+                    job_id = id.as_deref().unwrap_or("-"),
+                    deliveries, "redelivered without being settled: counted and put back"
+                );
+                settle::count_redelivery(ctx, &self.publish, d, deliveries).await?;
+            }
+            return Ok(None);
+        }
+        let queue_ms = d
+            .properties
+            .timestamp()
+            .map(|t| amqp::now_unix().saturating_sub(t) * 1000)
+            .unwrap_or(0);
+        let incoming = Incoming {
+            body: &d.data,
+            attempt,
+            queue_ms,
+        };
+        ctx.metrics.jobs_in_progress.inc();
+        ctx.metrics.job_started.set(amqp::now_unix() as f64);
+        let limit = Duration::from_secs(ctx.settings.worker.job_timeout_secs);
+        let run = run_job(ctx, incoming, progress);
+        let (outcome, info) = match tokio::time::timeout(limit, run).await {
+            Ok(x) => x,
+            Err(_) => {
+                // The GPU may still be busy with it: /healthz fails until it is free, and the
+                // job goes back to the queue for a healthy worker.
+                error!(
+                    timeout_secs = limit.as_secs(),
+                    "job ran past job_timeout_secs: abandoned"
+                );
+                ctx.metrics.set_stuck(true);
+                let event = ResultEvent {
+                    id: best_effort_id_bounded(ctx, &d.data).unwrap_or_default(),
+                    status: "failed".into(),
+                    attempt,
+                    outputs: vec![],
+                    plan: None,
+                    timings_ms: Default::default(),
+                    error: None,
+                    worker: ctx.worker_name.clone(),
+                };
+                // Transient, not the worker's: a job that outlives the limit on every worker
+                // is dead-lettered after max_attempts instead of circulating forever.
+                let error = JobError::new(
+                    ErrorKind::Internal,
+                    Fault::Transient,
+                    format!("the job ran past job_timeout_secs ({} s)", limit.as_secs()),
+                );
+                (JobOutcome::Failed { event, error }, Default::default())
+            }
+        };
+        ctx.metrics.jobs_in_progress.dec();
+        ctx.metrics.job_started.set(0.0);
+
+        if let JobOutcome::Failed { event, error } = &outcome {
+            // The whole detail goes to the log; clients get a short reason.
+            warn!(job_id = %event.id, attempt, kind = error.kind.name(), fault = ?error.fault, detail = ?error.detail, "attempt failed");
+        }
+        // The breaker sees every outcome: failures that are not the job's own count.
+        let pause = match &outcome {
+            JobOutcome::Failed { error, .. } if error.fault != Fault::Job => {
+                breaker.failure().map(|p| (p, error.kind))
+            }
+            JobOutcome::Busy => None,
+            _ => {
+                breaker.success();
+                None
+            }
+        };
+        let status = match &outcome {
+            JobOutcome::Succeeded(_) => Some("succeeded"),
+            JobOutcome::Rejected { .. } => Some("rejected"),
+            _ => None,
+        };
+        let settlement = decide(outcome, attempt, ctx.settings.worker.max_attempts);
+        let status = status.or(match &settlement {
+            super::outcome::Settlement::DeadLetter { event, .. } => {
+                Some(if event.status == "rejected" {
+                    "rejected"
+                } else {
+                    "failed"
+                })
+            }
+            _ => None,
+        });
+        if let Some(status) = status {
+            self.count(ctx, info.mode, status);
+        }
+        settle::settle(
+            ctx,
+            &self.publish,
+            d,
+            attempt,
+            settlement,
+            info.result_key.as_deref(),
+        )
+        .await?;
+        Ok(pause)
+    }
+
+    fn count(&self, ctx: &Context, mode: &str, status: &str) {
+        ctx.metrics
+            .jobs
+            .with_label_values(&[&ctx.settings.worker.model, mode, status])
+            .inc();
+    }
+
+    /// Stops consuming for `pause` (readiness fails meanwhile), giving back what was prefetched,
+    /// then consumes again; the first job after the pause probes the dependency.
+    async fn pause(
+        &mut self,
+        ctx: &Context,
+        pause: Duration,
+        kind: ErrorKind,
+        shutdown: &mut Shutdown,
+    ) -> anyhow::Result<()> {
+        warn!(
+            pause_secs = pause.as_secs_f64(),
+            kind = kind.name(),
+            "failures that are not the jobs' fault in a row: pausing consumption (jobs stay queued)"
+        );
+        ctx.metrics.pauses.with_label_values(&[kind.name()]).inc();
+        ctx.metrics.paused.set(1);
+        self.stop_consuming(ctx).await?;
+        let until = Instant::now() + pause;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(until.into()) => {},
+                _ = shutdown.wait_for(|s| *s > 0) => break,
+            }
+            // A job stuck on the GPU keeps the worker out until the GPU is free.
+            if !ctx.metrics.is_stuck() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        ctx.metrics.paused.set(0);
+        if *shutdown.borrow() > 0 {
+            return Ok(());
+        }
+        self.tag = format!("r2f-{}-{}", ctx.worker_name, uuid::Uuid::new_v4().simple());
+        self.consumer =
+            start_consumer(&self.consume, &ctx.settings.amqp.jobs_queue, &self.tag).await?;
+        info!("consuming again after the pause");
+        Ok(())
+    }
+
+    /// Cancels the consumer and gives back whatever was prefetched but not worked.
+    async fn stop_consuming(&mut self, ctx: &Context) -> anyhow::Result<()> {
+        self.consume
+            .basic_cancel(self.tag.as_str().into(), BasicCancelOptions::default())
+            .await
+            .map_err(amqp_error)?;
+        while let Ok(Some(Ok(d))) =
+            tokio::time::timeout(Duration::from_millis(200), self.consumer.next()).await
+        {
+            settle::give_back_unworked(ctx, &self.publish, &d).await?;
+        }
+        Ok(())
+    }
+}
+
+async fn start_consumer(ch: &Channel, queue: &str, tag: &str) -> anyhow::Result<lapin::Consumer> {
+    ch.basic_consume(
+        queue.into(),
+        tag.into(),
+        BasicConsumeOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .map_err(amqp_error)
+}
+
+/// A message's id for logs and events (a valid one, or none).
+fn best_effort_id_bounded(ctx: &Context, body: &[u8]) -> Option<String> {
+    best_effort_id(body, ctx.settings.limits.max_message_bytes)
+}
+
+/// Progress events, throttled to `progress_interval_ms`, on their own channel without
+/// confirms: best effort, and nothing accumulates per event.
+fn spawn_progress_publisher(ctx: &Arc<Context>, session: &Session) -> ProgressTx {
+    let (tx, mut rx) = mpsc::unbounded_channel::<(String, usize, usize)>();
+    let ch = session.progress.clone();
+    let exchange = ctx.settings.amqp.events_exchange.clone();
+    let interval = Duration::from_millis(ctx.settings.worker.progress_interval_ms);
+    tokio::spawn(async move {
+        let mut last: Option<(String, Instant)> = None;
+        while let Some((id, step, steps)) = rx.recv().await {
+            let due = match &last {
+                Some((last_id, at)) if *last_id == id => at.elapsed() >= interval || step == steps,
+                _ => true,
+            };
+            if !due {
+                continue;
+            }
+            last = Some((id.clone(), Instant::now()));
+            let Ok(body) = serde_json::to_vec(&ProgressEvent { id, step, steps }) else {
+                continue;
+            };
+            let _ = ch
+                .basic_publish(
+                    exchange.as_str().into(),
+                    "job.progress".into(),
+                    Default::default(),
+                    &body,
+                    json_props().with_delivery_mode(1),
+                )
+                .await;
+        }
+    });
+    tx
+}

@@ -1,0 +1,509 @@
+//! One job, start to end: validate → lock → dedupe → plan → generate → store. [`run_job`]
+//! returns a [`JobOutcome`]; it touches no broker state (the consumer settles the outcome), so
+//! every way a job can end is a value.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{info, warn};
+
+use super::gpu::{ms, total_timings, GeneratedImage, GpuFailure, GpuTask};
+use super::outcome::{bounded, Fault, JobError, JobOutcome};
+use super::Context;
+use crate::generate::Mode;
+use crate::job::{
+    best_effort_id, validate_message, ErrorKind, JobMode, OutputImage, ResultEvent, ValidJob,
+};
+use crate::plan::Plan;
+use crate::storage::join_key;
+
+/// What the lifecycle needs of a delivery.
+pub struct Incoming<'a> {
+    pub body: &'a [u8],
+    pub attempt: u32,
+    /// Milliseconds since the message was first published (0 when unknown).
+    pub queue_ms: u64,
+}
+
+/// Progress of the job in hand: (job id, steps done, total steps); published by the consumer.
+pub type ProgressTx = mpsc::UnboundedSender<(String, usize, usize)>;
+
+/// What the consumer needs to know of a job besides its outcome.
+pub struct JobInfo {
+    /// The job's mode (`unknown` for a message that is not a valid job), a metric label.
+    pub mode: &'static str,
+    /// Where the job's `result.json` lives, for a valid job.
+    pub result_key: Option<String>,
+}
+
+impl Default for JobInfo {
+    fn default() -> Self {
+        Self {
+            mode: "unknown",
+            result_key: None,
+        }
+    }
+}
+
+/// Runs one delivery to its outcome.
+pub async fn run_job(
+    ctx: &Arc<Context>,
+    msg: Incoming<'_>,
+    progress: &ProgressTx,
+) -> (JobOutcome, JobInfo) {
+    let s = &ctx.settings;
+    let job = match validate_message(msg.body, &s.limits, &ctx.models, &s.worker.model) {
+        Ok(job) => job,
+        Err(rejection) => {
+            // The id is only read back from a message of bounded size, and only a valid one is
+            // carried on (it names storage keys, AMQP properties and log lines).
+            let id = best_effort_id(msg.body, s.limits.max_message_bytes);
+            warn!(job_id = id.as_deref().unwrap_or("-"), reason = ?rejection.0, "job rejected");
+            let outcome = JobOutcome::Rejected {
+                id,
+                reason: rejection.0,
+            };
+            return (outcome, JobInfo::default());
+        }
+    };
+    let info = JobInfo {
+        mode: job.mode.name(),
+        result_key: Some(result_key(ctx, &job)),
+    };
+    if let Err(reason) = ctx
+        .caps
+        .check_size(job.params.width, job.params.height, &s.limits)
+    {
+        warn!(job_id = %job.id, reason = ?reason, "job rejected");
+        let outcome = JobOutcome::Rejected {
+            id: Some(job.id),
+            reason,
+        };
+        return (outcome, info);
+    }
+    if job.mode == JobMode::R2f && job.plan.is_none() && ctx.planner.is_none() {
+        let reason = "mode r2f without a plan needs the LLM planner, which this worker has disabled: send a plan"
+            .to_string();
+        warn!(job_id = %job.id, reason = ?reason, "job rejected");
+        return (
+            JobOutcome::Rejected {
+                id: Some(job.id),
+                reason,
+            },
+            info,
+        );
+    }
+    let span = tracing::info_span!("job", job_id = %job.id, attempt = msg.attempt);
+    let _enter = span.enter();
+    info!(
+        mode = job.mode.name(),
+        prompt = ?bounded(&job.prompt, 200),
+        "job received"
+    );
+    drop(_enter);
+    let outcome = tracing::Instrument::instrument(locked(ctx, job, msg, progress), span).await;
+    (outcome, info)
+}
+
+/// The key of the job's `result.json`; also its idempotency and lock key.
+pub fn result_key(ctx: &Context, job: &ValidJob) -> String {
+    join_key(&[
+        &ctx.settings.storage.prefix,
+        &job.prefix,
+        &job.id,
+        "result.json",
+    ])
+}
+
+fn failed(ctx: &Context, job: &ValidJob, attempt: u32, error: JobError) -> JobOutcome {
+    JobOutcome::Failed {
+        event: ResultEvent {
+            id: job.id.clone(),
+            status: "failed".into(),
+            attempt,
+            outputs: vec![],
+            plan: job.plan.as_ref().map(Plan::to_json),
+            timings_ms: BTreeMap::new(),
+            error: None,
+            worker: ctx.worker_name.clone(),
+        },
+        error,
+    }
+}
+
+/// Aborts the task when dropped: a job abandoned at its timeout (its future dropped) stops
+/// renewing its lock.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Takes the job's lock, runs it, releases the lock.
+async fn locked(
+    ctx: &Arc<Context>,
+    job: ValidJob,
+    msg: Incoming<'_>,
+    progress: &ProgressTx,
+) -> JobOutcome {
+    let key = result_key(ctx, &job);
+    // One lock per idempotency key (prefix + id), hashed to bound the Redis key's length.
+    let lock_key = ctx.redis.key(&[
+        "job",
+        &hex::encode(&Sha256::digest(key.as_bytes())[..16]),
+        "lock",
+    ]);
+    let lock_value = format!("{}:{}", ctx.worker_name, uuid::Uuid::new_v4().simple());
+    let ttl = Duration::from_secs(ctx.settings.redis.lock_ttl_secs.max(5));
+    // Redis down for the lock is a transient failure (docs/contract.md): running unlocked
+    // would let two workers generate one job.
+    match ctx.redis.set_nx(&lock_key, &lock_value, ttl).await {
+        Ok(true) => {}
+        Ok(false) => {
+            info!("another worker holds this job: postponed");
+            return JobOutcome::Busy;
+        }
+        Err(e) => {
+            ctx.metrics.redis_errors.with_label_values(&["lock"]).inc();
+            return failed(
+                ctx,
+                &job,
+                msg.attempt,
+                JobError::new(
+                    ErrorKind::Internal,
+                    Fault::Transient,
+                    format!("the job lock is unavailable: {e}"),
+                ),
+            );
+        }
+    }
+    // Renewed every third of its TTL; `lost` turns true when it was taken over or could not be
+    // renewed before it expired.
+    let (lost_tx, lost) = watch::channel(false);
+    let renewer = AbortOnDrop({
+        let redis = ctx.redis.clone();
+        let (k, v) = (lock_key.clone(), lock_value.clone());
+        tokio::spawn(async move {
+            let mut renewed = Instant::now();
+            loop {
+                tokio::time::sleep(ttl / 3).await;
+                match redis.renew(&k, &v, ttl).await {
+                    Ok(true) => renewed = Instant::now(),
+                    Ok(false) => {
+                        let _ = lost_tx.send(true);
+                        return;
+                    }
+                    Err(_) if renewed.elapsed() >= ttl => {
+                        let _ = lost_tx.send(true);
+                        return;
+                    }
+                    Err(_) => {}
+                }
+            }
+        })
+    });
+    let outcome = with_lock(ctx, &job, &key, &msg, progress, &lost).await;
+    drop(renewer);
+    let _ = ctx.redis.release(&lock_key, &lock_value).await;
+    outcome
+}
+
+async fn with_lock(
+    ctx: &Arc<Context>,
+    job: &ValidJob,
+    key: &str,
+    msg: &Incoming<'_>,
+    progress: &ProgressTx,
+    lost: &watch::Receiver<bool>,
+) -> JobOutcome {
+    let attempt = msg.attempt;
+    // Idempotency, checked under the lock: a finished job (succeeded or failed) is not worked
+    // again; its stored result is published again.
+    match ctx.storage.get(key).await {
+        Ok(Some(bytes)) => match serde_json::from_slice::<ResultEvent>(&bytes) {
+            Ok(event) => {
+                info!(status = %event.status, "result.json exists: re-publishing the stored result, not generating again");
+                return JobOutcome::AlreadyFinished(event);
+            }
+            Err(_) => warn!("result.json exists but is unreadable: generating again"),
+        },
+        Ok(None) => {}
+        Err(e) => return failed(ctx, job, attempt, storage_error(e)),
+    }
+    let started = Instant::now();
+    let (mode, plan_json) = match plan(ctx, job).await {
+        Ok(x) => x,
+        Err(e) => return failed(ctx, job, attempt, e),
+    };
+    let plan_time = started.elapsed();
+    info!(mode = mode.name(), images = job.num_images, "generating");
+    let images = match generate(ctx, job, mode, progress).await {
+        Ok(images) => images,
+        Err(e) => return failed(ctx, job, attempt, e),
+    };
+    if *lost.borrow() {
+        warn!("the job's lock was lost while generating: postponed (its holder finishes it)");
+        return JobOutcome::Busy;
+    }
+    let t = Instant::now();
+    let outputs = match upload(ctx, job, images.iter()).await {
+        Ok(o) => o,
+        Err(e) => return failed(ctx, job, attempt, e),
+    };
+    let mut stages = vec![("plan", plan_time)];
+    let timings = total_timings(&images);
+    stages.extend([
+        ("encode", timings.encode),
+        ("denoise", timings.denoise),
+        ("decode", timings.decode),
+        ("upload", t.elapsed()),
+    ]);
+    let total = started.elapsed();
+    observe(ctx, &stages, &images, msg.queue_ms, total);
+    let mut timings_ms: BTreeMap<String, u64> = stages
+        .iter()
+        .map(|(n, d)| (n.to_string(), ms(*d)))
+        .collect();
+    timings_ms.insert("queue".into(), msg.queue_ms);
+    timings_ms.insert("total".into(), ms(total));
+    let event = ResultEvent {
+        id: job.id.clone(),
+        status: "succeeded".into(),
+        attempt,
+        outputs,
+        plan: plan_json,
+        timings_ms,
+        error: None,
+        worker: ctx.worker_name.clone(),
+    };
+    // result.json before the event and the ack: a redelivery after a crash finds it.
+    let body = match serde_json::to_vec_pretty(&event) {
+        Ok(b) => b,
+        Err(e) => {
+            let err = JobError::new(ErrorKind::Internal, Fault::Worker, e.to_string());
+            return failed(ctx, job, attempt, err);
+        }
+    };
+    if let Err(e) = put_with_budget(ctx, key, body, "application/json").await {
+        return failed(ctx, job, attempt, e);
+    }
+    info!(
+        outputs = event.outputs.len(),
+        total_ms = ms(total),
+        "job succeeded"
+    );
+    JobOutcome::Succeeded(event)
+}
+
+fn storage_error(e: crate::storage::StorageError) -> JobError {
+    let fault = if e.is_denied() {
+        Fault::Worker
+    } else {
+        Fault::Transient
+    };
+    JobError::new(ErrorKind::Storage, fault, e.0)
+}
+
+/// The mode to run and the plan to report: the job's own plan, or one from the planner.
+async fn plan(
+    ctx: &Context,
+    job: &ValidJob,
+) -> Result<(Mode, Option<serde_json::Value>), JobError> {
+    let r2f = |p: crate::plan::R2fPlan| {
+        let json = p.to_official_json();
+        (
+            Mode::R2f {
+                plan: p,
+                schedule: job.schedule,
+                stop_steps: job.stop_steps,
+            },
+            Some(json),
+        )
+    };
+    match (job.mode, &job.plan) {
+        (JobMode::Plain, _) => Ok((Mode::Plain, None)),
+        (JobMode::R2f, Some(Plan::R2f(p))) => Ok(r2f(p.clone())),
+        (JobMode::R2f, None) => {
+            let Some(planner) = &ctx.planner else {
+                // Rejected in `run_job` before any work.
+                return Err(JobError::new(
+                    ErrorKind::InvalidJob,
+                    Fault::Job,
+                    "mode r2f without a plan needs the LLM planner",
+                ));
+            };
+            let p = planner.plan(&job.prompt, &ctx.metrics).await.map_err(|e| {
+                let fault = if e.planner_fault {
+                    Fault::Worker
+                } else if e.transient {
+                    Fault::Transient
+                } else {
+                    Fault::Job
+                };
+                JobError::new(ErrorKind::Llm, fault, e.message)
+            })?;
+            if let Err(reason) = Plan::R2f(p.clone()).check_limits(&ctx.settings.limits) {
+                return Err(JobError::new(
+                    ErrorKind::Llm,
+                    Fault::Job,
+                    format!("the planner's plan is unusable: {reason}"),
+                ));
+            }
+            Ok(r2f(p))
+        }
+        // Validation rejects every other combination before any work.
+        (mode, _) => Err(JobError::new(
+            ErrorKind::InvalidJob,
+            Fault::Job,
+            format!("mode {} cannot run with this plan", mode.name()),
+        )),
+    }
+}
+
+/// Generates on the GPU thread, forwarding progress.
+async fn generate(
+    ctx: &Context,
+    job: &ValidJob,
+    mode: Mode,
+    progress: &ProgressTx,
+) -> Result<Vec<GeneratedImage>, JobError> {
+    let (step_tx, mut step_rx) = mpsc::unbounded_channel::<(usize, usize)>();
+    let (reply_tx, reply_rx) = oneshot::channel();
+    let task = GpuTask {
+        model_name: ctx.settings.worker.model.clone(),
+        prompt: job.prompt.clone(),
+        mode,
+        params: job.params.clone(),
+        num_images: job.num_images,
+        progress: step_tx,
+        reply: reply_tx,
+    };
+    if ctx.gpu.submit(task).is_err() {
+        return Err(gpu_thread_gone());
+    }
+    let forward = {
+        let progress = progress.clone();
+        let id = job.id.clone();
+        async move {
+            while let Some((step, steps)) = step_rx.recv().await {
+                let _ = progress.send((id.clone(), step, steps));
+            }
+        }
+    };
+    let (reply, ()) = tokio::join!(reply_rx, forward);
+    match reply {
+        Ok(Ok(images)) => Ok(images),
+        Ok(Err(GpuFailure::Job(msg))) => {
+            Err(JobError::new(ErrorKind::Model, Fault::Transient, msg))
+        }
+        Ok(Err(GpuFailure::Device(msg))) => {
+            Err(JobError::new(ErrorKind::Model, Fault::Worker, msg))
+        }
+        Err(_) => Err(gpu_thread_gone()),
+    }
+}
+
+fn gpu_thread_gone() -> JobError {
+    JobError::new(
+        ErrorKind::Internal,
+        Fault::Worker,
+        "the GPU thread has stopped",
+    )
+}
+
+/// Uploads each image, retrying each within the storage retry budget.
+async fn upload<'a>(
+    ctx: &Context,
+    job: &ValidJob,
+    images: impl Iterator<Item = &'a GeneratedImage>,
+) -> Result<Vec<OutputImage>, JobError> {
+    let mut outputs = Vec::new();
+    for (index, img) in images.enumerate() {
+        let key = join_key(&[
+            &ctx.settings.storage.prefix,
+            &job.prefix,
+            &job.id,
+            &format!("{index}.png"),
+        ]);
+        let uri = put_with_budget(ctx, &key, img.png.clone(), "image/png").await?;
+        outputs.push(OutputImage {
+            uri,
+            width: img.width,
+            height: img.height,
+            sha256: hex::encode(Sha256::digest(&img.png)),
+        });
+    }
+    Ok(outputs)
+}
+
+/// One PUT, retried in-process with backoff for up to `storage.retry_budget_secs`: generated
+/// images are not thrown away (nor generated again) because the store blinked.
+async fn put_with_budget(
+    ctx: &Context,
+    key: &str,
+    bytes: Vec<u8>,
+    content_type: &str,
+) -> Result<String, JobError> {
+    let budget = Duration::from_secs(ctx.settings.storage.retry_budget_secs);
+    let start = Instant::now();
+    let mut backoff = super::backoff::Backoff::new(
+        Duration::from_millis(250),
+        Duration::from_secs(10),
+        Duration::MAX,
+    );
+    loop {
+        match ctx.storage.put(key, bytes.clone(), content_type).await {
+            Ok(uri) => return Ok(uri),
+            Err(e) if e.is_denied() => return Err(storage_error(e)),
+            Err(e) => {
+                let wait = backoff.next_delay();
+                if start.elapsed() + wait > budget {
+                    return Err(storage_error(e));
+                }
+                ctx.metrics
+                    .storage_retries
+                    .with_label_values(&["put"])
+                    .inc();
+                warn!(error = %e.0, retry_in_ms = ms(wait), "upload failed; retrying");
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+fn observe(
+    ctx: &Context,
+    stages: &[(&str, Duration)],
+    images: &[GeneratedImage],
+    queue_ms: u64,
+    total: Duration,
+) {
+    let m = &ctx.metrics;
+    let model = &ctx.settings.worker.model;
+    m.stage_seconds
+        .with_label_values(&["queue"])
+        .observe(queue_ms as f64 / 1e3);
+    for (name, d) in stages {
+        m.stage_seconds
+            .with_label_values(&[name])
+            .observe(d.as_secs_f64());
+    }
+    m.stage_seconds
+        .with_label_values(&["total"])
+        .observe(total.as_secs_f64());
+    for img in images {
+        if img.steps > 0 {
+            m.denoise_step_seconds
+                .with_label_values(&[model])
+                .observe(img.timings.denoise.as_secs_f64() / img.steps as f64);
+        }
+    }
+    m.images
+        .with_label_values(&[model])
+        .inc_by(images.len() as u64);
+}

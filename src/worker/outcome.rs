@@ -1,0 +1,329 @@
+//! What a job came to, and what the broker must do about it: the worker's whole failure policy in
+//! one pure function, [`decide`], unit-tested without a broker.
+//!
+//! | outcome | settlement |
+//! | --- | --- |
+//! | succeeded / already finished | publish the stored result event, ack |
+//! | rejected (invalid message) | `rejected` event, dead letter, ack — never retried |
+//! | failed, the job's fault | `failed` event (stored), dead letter, ack |
+//! | failed, transient dependency, attempts left | republish to the retry queue of that attempt's backoff level, ack |
+//! | failed, transient dependency, last attempt | `failed` event (stored), dead letter, ack |
+//! | failed, this worker's fault | give the job back untouched (republished, attempt not counted) |
+//! | busy (another worker holds its lock) | postpone: republished after a short delay, not counted |
+//! | delivered too often without finishing | `failed` event, dead letter, ack |
+
+use crate::job::{ErrorKind, ResultEvent};
+
+/// Whose fault a failure is: decides whether the failure may consume the job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The job itself (its input, or a model error that recurs on every attempt): it may be
+    /// dead-lettered once its attempts are spent.
+    Job,
+    /// A dependency that may recover by itself (LLM 429/5xx, S3 5xx or unreachable, Redis
+    /// unreachable for the lock): retried with backoff up to `max_attempts`.
+    Transient,
+    /// This worker or its configuration (LLM 401/403/404, S3 403, a dead GPU thread, a job that
+    /// outlived `job_timeout_secs`): the job goes back to the queue untouched for a healthy
+    /// worker, and the worker pauses after a few of these in a row.
+    Worker,
+}
+
+/// A failed attempt: a kind for the event, whose fault it is, and the detail for the logs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobError {
+    pub kind: ErrorKind,
+    pub fault: Fault,
+    /// The full detail: logged, never sent to clients (they get [`JobError::public_reason`]).
+    pub detail: String,
+}
+
+impl JobError {
+    pub fn new(kind: ErrorKind, fault: Fault, detail: impl Into<String>) -> Self {
+        Self {
+            kind,
+            fault,
+            detail: detail.into(),
+        }
+    }
+
+    /// What a client is told: invalid input and LLM answers are the client's business and are
+    /// told in full (bounded); internal detail (paths, hosts, CUDA text) stays in the logs.
+    pub fn public_reason(&self) -> String {
+        match self.kind {
+            ErrorKind::InvalidJob => bounded(&self.detail, 500),
+            ErrorKind::Llm => format!("the planner failed: {}", bounded(&self.detail, 200)),
+            ErrorKind::Storage => "storing the images failed".into(),
+            ErrorKind::Model => "the model failed on this job".into(),
+            ErrorKind::Internal => bounded(&self.detail, 200),
+        }
+    }
+}
+
+/// At most `max` characters of `s`, on a character boundary.
+pub fn bounded(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((at, _)) => format!("{}…", &s[..at]),
+        None => s.to_string(),
+    }
+}
+
+/// What running a job came to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobOutcome {
+    /// Images and `result.json` are stored; the event is to be published.
+    Succeeded(ResultEvent),
+    /// `result.json` already existed (a redelivered finished job, or a duplicate message): the
+    /// stored event is published again, nothing is generated.
+    AlreadyFinished(ResultEvent),
+    /// The message is not a valid job. `id` is the message's id when it has a usable one.
+    Rejected { id: Option<String>, reason: String },
+    /// An attempt failed.
+    Failed {
+        /// The event a terminal failure publishes (status, id, plan, attempt filled in).
+        event: ResultEvent,
+        error: JobError,
+    },
+    /// Another worker holds the job's lock.
+    Busy,
+    /// The message was delivered `deliveries` times and no worker finished it (each one died or
+    /// lost its connection while holding it).
+    Poison { id: Option<String>, deliveries: u32 },
+}
+
+/// The broker side effects of an outcome. Every variant ends with the delivery acked, except
+/// [`Settlement::GiveBack`] and [`Settlement::Postpone`], which republish it first.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Settlement {
+    /// Publish `event` (confirmed), ack.
+    Publish { event: ResultEvent },
+    /// Publish `event`, copy the message to the dead-letter queue with `reason`, ack.
+    DeadLetter {
+        event: ResultEvent,
+        /// The `reason` label of `r2f_dead_lettered_total`.
+        label: &'static str,
+        reason: String,
+    },
+    /// Republish to the retry queue of backoff level `next_attempt - 1` with the attempt header
+    /// set to `next_attempt`, ack.
+    Retry { next_attempt: u32, reason: String },
+    /// Republish unchanged (same attempt) after the give-back delay, ack: a healthy worker
+    /// takes it. Counts towards pausing this worker.
+    GiveBack { reason: String },
+    /// Republish unchanged after the postpone delay, ack (another worker holds it).
+    Postpone,
+}
+
+/// The failure policy. `attempt` is the delivery's attempt number (1-based).
+pub fn decide(outcome: JobOutcome, attempt: u32, max_attempts: u32) -> Settlement {
+    match outcome {
+        JobOutcome::Succeeded(event) | JobOutcome::AlreadyFinished(event) => {
+            Settlement::Publish { event }
+        }
+        JobOutcome::Rejected { id, reason } => Settlement::DeadLetter {
+            event: terminal_event(id, "rejected", attempt, ErrorKind::InvalidJob, &reason),
+            label: "invalid_job",
+            reason,
+        },
+        JobOutcome::Poison { id, deliveries } => {
+            let reason = format!(
+                "delivered {deliveries} times without finishing (each worker that took it died or lost its connection)"
+            );
+            Settlement::DeadLetter {
+                event: terminal_event(id, "failed", attempt, ErrorKind::Internal, &reason),
+                label: "poison",
+                reason,
+            }
+        }
+        JobOutcome::Busy => Settlement::Postpone,
+        JobOutcome::Failed { mut event, error } => match error.fault {
+            Fault::Worker => Settlement::GiveBack {
+                reason: error.detail,
+            },
+            Fault::Transient if attempt < max_attempts => Settlement::Retry {
+                next_attempt: attempt + 1,
+                reason: error.detail,
+            },
+            fault => {
+                let reason = error.public_reason();
+                event.status = "failed".into();
+                event.attempt = attempt;
+                event.error = Some(crate::job::EventError {
+                    kind: error.kind,
+                    message: reason.clone(),
+                });
+                Settlement::DeadLetter {
+                    event,
+                    label: if fault == Fault::Transient {
+                        "max_attempts"
+                    } else {
+                        error.kind.name()
+                    },
+                    reason,
+                }
+            }
+        },
+    }
+}
+
+fn terminal_event(
+    id: Option<String>,
+    status: &str,
+    attempt: u32,
+    kind: ErrorKind,
+    message: &str,
+) -> ResultEvent {
+    ResultEvent {
+        id: id.unwrap_or_default(),
+        status: status.into(),
+        attempt,
+        outputs: vec![],
+        plan: None,
+        timings_ms: Default::default(),
+        error: Some(crate::job::EventError {
+            kind,
+            message: bounded(message, 500),
+        }),
+        worker: String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(id: &str) -> ResultEvent {
+        ResultEvent {
+            id: id.into(),
+            status: "succeeded".into(),
+            attempt: 1,
+            outputs: vec![],
+            plan: None,
+            timings_ms: Default::default(),
+            error: None,
+            worker: "w".into(),
+        }
+    }
+
+    fn failed(fault: Fault, kind: ErrorKind) -> JobOutcome {
+        JobOutcome::Failed {
+            event: event("j"),
+            error: JobError::new(kind, fault, "detail /secret/path"),
+        }
+    }
+
+    #[test]
+    fn successes_are_published() {
+        for o in [
+            JobOutcome::Succeeded(event("a")),
+            JobOutcome::AlreadyFinished(event("a")),
+        ] {
+            assert_eq!(decide(o, 1, 3), Settlement::Publish { event: event("a") });
+        }
+    }
+
+    #[test]
+    fn rejections_are_dead_lettered_at_once_with_their_reason() {
+        let s = decide(
+            JobOutcome::Rejected {
+                id: Some("x".into()),
+                reason: "bad width".into(),
+            },
+            1,
+            3,
+        );
+        let Settlement::DeadLetter {
+            event,
+            label,
+            reason,
+        } = s
+        else {
+            panic!("{s:?}")
+        };
+        assert_eq!((event.status.as_str(), label), ("rejected", "invalid_job"));
+        assert_eq!(reason, "bad width");
+        assert_eq!(event.error.unwrap().kind, ErrorKind::InvalidJob);
+    }
+
+    #[test]
+    fn transient_failures_retry_until_the_last_attempt() {
+        let s = decide(failed(Fault::Transient, ErrorKind::Storage), 1, 3);
+        assert!(
+            matches!(
+                s,
+                Settlement::Retry {
+                    next_attempt: 2,
+                    ..
+                }
+            ),
+            "{s:?}"
+        );
+        let s = decide(failed(Fault::Transient, ErrorKind::Storage), 2, 3);
+        assert!(
+            matches!(
+                s,
+                Settlement::Retry {
+                    next_attempt: 3,
+                    ..
+                }
+            ),
+            "{s:?}"
+        );
+        let s = decide(failed(Fault::Transient, ErrorKind::Storage), 3, 3);
+        let Settlement::DeadLetter { event, label, .. } = s else {
+            panic!("{s:?}")
+        };
+        assert_eq!(label, "max_attempts");
+        assert_eq!(event.status, "failed");
+        assert_eq!(event.attempt, 3);
+    }
+
+    #[test]
+    fn worker_faults_never_consume_the_job() {
+        for attempt in [1, 3, 10] {
+            let s = decide(failed(Fault::Worker, ErrorKind::Llm), attempt, 3);
+            assert!(matches!(s, Settlement::GiveBack { .. }), "{s:?}");
+        }
+    }
+
+    #[test]
+    fn job_faults_dead_letter_with_a_short_public_reason() {
+        let s = decide(failed(Fault::Job, ErrorKind::Model), 1, 3);
+        let Settlement::DeadLetter { event, label, .. } = s else {
+            panic!("{s:?}")
+        };
+        assert_eq!(label, "model");
+        let message = event.error.unwrap().message;
+        assert!(!message.contains("/secret/path"), "{message}");
+    }
+
+    #[test]
+    fn busy_jobs_are_postponed_and_poison_is_dead_lettered() {
+        assert_eq!(decide(JobOutcome::Busy, 1, 3), Settlement::Postpone);
+        let s = decide(
+            JobOutcome::Poison {
+                id: None,
+                deliveries: 3,
+            },
+            1,
+            3,
+        );
+        assert!(
+            matches!(
+                s,
+                Settlement::DeadLetter {
+                    label: "poison",
+                    ..
+                }
+            ),
+            "{s:?}"
+        );
+    }
+
+    #[test]
+    fn bounded_cuts_on_character_boundaries() {
+        assert_eq!(bounded("héllo", 2), "hé…");
+        assert_eq!(bounded("ab", 5), "ab");
+        assert_eq!(bounded("🦀🦀🦀", 1), "🦀…");
+    }
+}

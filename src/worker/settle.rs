@@ -1,0 +1,260 @@
+//! Carries out a [`Settlement`]: every broker side effect of a finished delivery — events,
+//! dead letters, retries, give-backs — and then the ack. An error means the broker connection
+//! is broken; the delivery is then left unacked and the broker redelivers it.
+
+use std::time::Duration;
+
+use lapin::message::Delivery;
+use lapin::options::BasicAckOptions;
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel};
+use tracing::{info, warn};
+
+use super::amqp::{self, amqp_error, json_props, publish_confirmed};
+use super::backoff::retry_delay;
+use super::outcome::Settlement;
+use super::Context;
+use crate::job::ResultEvent;
+
+/// Header: the attempt number of a job (transient failures retried so far + 1).
+pub const ATTEMPT_HEADER: &str = "x-r2f-attempt";
+/// Header: deliveries of this message that ended without being settled (the worker died or
+/// lost its connection holding it).
+pub const DELIVERIES_HEADER: &str = "x-r2f-deliveries";
+
+fn header_u32(d: &Delivery, name: &str) -> Option<u32> {
+    let headers = d.properties.headers().as_ref()?;
+    match headers.inner().get(name)? {
+        AMQPValue::LongUInt(n) => Some(*n),
+        AMQPValue::LongLongInt(n) => u32::try_from(*n).ok(),
+        AMQPValue::LongInt(n) => u32::try_from(*n).ok(),
+        AMQPValue::ShortUInt(n) => Some(*n as u32),
+        AMQPValue::ShortShortUInt(n) => Some(*n as u32),
+        _ => None,
+    }
+}
+
+/// The delivery's attempt number (1 when absent).
+pub fn attempt_of(d: &Delivery) -> u32 {
+    header_u32(d, ATTEMPT_HEADER).unwrap_or(1).max(1)
+}
+
+/// Unsettled deliveries so far (0 when absent).
+pub fn deliveries_of(d: &Delivery) -> u32 {
+    header_u32(d, DELIVERIES_HEADER).unwrap_or(0)
+}
+
+/// The broker side of a settlement, then the ack.
+pub async fn settle(
+    ctx: &Context,
+    publish: &Channel,
+    d: &Delivery,
+    attempt: u32,
+    settlement: Settlement,
+    result_key: Option<&str>,
+) -> anyhow::Result<()> {
+    match settlement {
+        Settlement::Publish { event } => publish_event(ctx, publish, &event).await?,
+        Settlement::DeadLetter {
+            mut event,
+            label,
+            reason,
+        } => {
+            event.worker = ctx.worker_name.clone();
+            if let Some(key) = result_key.filter(|_| event.status == "failed") {
+                // A failed job keeps its outcome, so a redelivery publishes it again instead
+                // of working the job once more.
+                if let Ok(body) = serde_json::to_vec_pretty(&event) {
+                    if let Err(e) = ctx.storage.put(key, body, "application/json").await {
+                        warn!(error = %e.0, "cannot store the failed result.json");
+                    }
+                }
+            }
+            publish_event(ctx, publish, &event).await?;
+            dead_letter(ctx, publish, d, &event, label, &reason, attempt).await?;
+        }
+        Settlement::Retry {
+            next_attempt,
+            reason,
+        } => {
+            let delay = retry_delay(
+                attempt,
+                ctx.settings.worker.retry_backoff_ms,
+                ctx.settings.worker.retry_backoff_max_ms,
+            );
+            let level = next_attempt - 1;
+            republish(ctx, publish, d, Some(level), delay, |h| {
+                h.insert(ATTEMPT_HEADER.into(), AMQPValue::LongUInt(next_attempt));
+                h.insert(
+                    "x-r2f-last-error".into(),
+                    amqp::header_str(&bounded_header(&reason)),
+                );
+            })
+            .await?;
+            info!(retry_in_ms = delay.as_millis() as u64, next_attempt, error = ?reason, "job will be retried");
+        }
+        Settlement::GiveBack { reason } => {
+            let delay = Duration::from_millis(ctx.settings.worker.give_back_delay_ms);
+            republish(ctx, publish, d, Some(0), delay, |_| {}).await?;
+            ctx.metrics
+                .given_back
+                .with_label_values(&["sick_worker"])
+                .inc();
+            warn!(error = ?reason, "failure is this worker's, not the job's: job given back");
+        }
+        Settlement::Postpone => {
+            let delay = Duration::from_millis(ctx.settings.worker.give_back_delay_ms);
+            republish(ctx, publish, d, Some(0), delay, |_| {}).await?;
+            ctx.metrics.given_back.with_label_values(&["busy"]).inc();
+        }
+    }
+    d.ack(BasicAckOptions::default())
+        .await
+        .map(|_| ())
+        .map_err(amqp_error)
+}
+
+/// Puts a redelivered message back at the tail of the jobs queue with its unsettled-delivery
+/// count raised, and acks the redelivery: the count survives on the message itself, without
+/// Redis, before any validation.
+pub async fn count_redelivery(
+    ctx: &Context,
+    publish: &Channel,
+    d: &Delivery,
+    deliveries: u32,
+) -> anyhow::Result<()> {
+    republish(ctx, publish, d, None, Duration::ZERO, |h| {
+        h.insert(DELIVERIES_HEADER.into(), AMQPValue::LongUInt(deliveries));
+    })
+    .await?;
+    ctx.metrics
+        .given_back
+        .with_label_values(&["redelivered"])
+        .inc();
+    d.ack(BasicAckOptions::default())
+        .await
+        .map(|_| ())
+        .map_err(amqp_error)
+}
+
+/// Gives back a delivery that was never worked (prefetched when the worker paused or drained).
+pub async fn give_back_unworked(
+    ctx: &Context,
+    publish: &Channel,
+    d: &Delivery,
+) -> anyhow::Result<()> {
+    republish(ctx, publish, d, None, Duration::ZERO, |_| {}).await?;
+    d.ack(BasicAckOptions::default())
+        .await
+        .map(|_| ())
+        .map_err(amqp_error)
+}
+
+fn confirm_timeout(ctx: &Context) -> Duration {
+    Duration::from_secs(ctx.settings.amqp.confirm_timeout_secs.max(1))
+}
+
+fn bounded_header(s: &str) -> String {
+    super::outcome::bounded(s, 500)
+}
+
+/// Republishes the message unchanged but for its headers: to the retry queue of `level` with a
+/// per-message TTL of `delay`, or (level None) straight to the jobs queue.
+async fn republish(
+    ctx: &Context,
+    publish: &Channel,
+    d: &Delivery,
+    level: Option<u32>,
+    delay: Duration,
+    edit: impl FnOnce(&mut FieldTable),
+) -> anyhow::Result<()> {
+    let s = &ctx.settings.amqp;
+    let mut headers = d.properties.headers().clone().unwrap_or_default();
+    edit(&mut headers);
+    let mut props = d
+        .properties
+        .clone()
+        .with_headers(headers)
+        .with_delivery_mode(2);
+    if props.timestamp().is_none() {
+        props = props.with_timestamp(amqp::now_unix());
+    }
+    let queue = match level {
+        Some(level) => {
+            props = props.with_expiration(delay.as_millis().max(1).to_string().as_str().into());
+            amqp::retry_level_queue(s, level)
+        }
+        None => s.jobs_queue.clone(),
+    };
+    publish_confirmed(publish, "", &queue, &d.data, props, confirm_timeout(ctx)).await
+}
+
+/// Publishes a result event (confirmed) on `job.<status>`.
+pub async fn publish_event(
+    ctx: &Context,
+    publish: &Channel,
+    event: &ResultEvent,
+) -> anyhow::Result<()> {
+    let body = serde_json::to_vec(event)?;
+    let mut props = json_props().with_timestamp(amqp::now_unix());
+    if let Some(id) = amqp::message_id(&event.id) {
+        props = props.with_message_id(id);
+    }
+    publish_confirmed(
+        publish,
+        &ctx.settings.amqp.events_exchange,
+        &format!("job.{}", event.status),
+        &body,
+        props,
+        confirm_timeout(ctx),
+    )
+    .await
+}
+
+/// Copies the original message to the dead-letter queue (confirmed), with why.
+async fn dead_letter(
+    ctx: &Context,
+    publish: &Channel,
+    d: &Delivery,
+    event: &ResultEvent,
+    label: &str,
+    reason: &str,
+    attempt: u32,
+) -> anyhow::Result<()> {
+    let kind = event
+        .error
+        .as_ref()
+        .map(|e| e.kind.name())
+        .unwrap_or("internal");
+    let mut headers = d.properties.headers().clone().unwrap_or_default();
+    headers.insert(
+        "x-r2f-reason".into(),
+        amqp::header_str(&bounded_header(reason)),
+    );
+    headers.insert("x-r2f-error-kind".into(), amqp::header_str(kind));
+    headers.insert("x-r2f-status".into(), amqp::header_str(&event.status));
+    headers.insert(ATTEMPT_HEADER.into(), AMQPValue::LongUInt(attempt));
+    headers.insert("x-r2f-worker".into(), amqp::header_str(&ctx.worker_name));
+    let mut props = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_headers(headers)
+        .with_timestamp(amqp::now_unix());
+    if let Some(ct) = d.properties.content_type() {
+        props = props.with_content_type(ct.clone());
+    }
+    if let Some(id) = d.properties.message_id() {
+        props = props.with_message_id(id.clone());
+    }
+    publish_confirmed(
+        publish,
+        "",
+        &ctx.settings.amqp.dead_letter_queue,
+        &d.data,
+        props,
+        confirm_timeout(ctx),
+    )
+    .await?;
+    ctx.metrics.dead_lettered.with_label_values(&[label]).inc();
+    warn!(reason = ?reason, kind, "dead-lettered");
+    Ok(())
+}

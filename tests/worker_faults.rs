@@ -1,0 +1,360 @@
+//! The worker under hostile messages and sick dependencies, on the real RabbitMQ and Redis and
+//! an in-process S3: each test names the defect it guards against (issue #10).
+
+mod common;
+#[path = "common/fake_llm.rs"]
+mod fake_llm;
+#[path = "common/harness.rs"]
+mod harness;
+
+use std::time::Duration;
+
+use fake_llm::{FakeLlm, Reply};
+use harness::*;
+use serde_json::json;
+
+const T: Duration = Duration::from_secs(60);
+
+async fn s3_setup(name: &str) -> (Names, S3Server, WorkerConfig) {
+    let names = Names::new(&unique(name));
+    let bucket = format!("b{}", uuid::Uuid::new_v4().simple());
+    let s3 = S3Server::start(&bucket).await;
+    let mut cfg = WorkerConfig::new(&names);
+    cfg.s3_endpoint = Some(s3.endpoint());
+    cfg.bucket = bucket;
+    (names, s3, cfg)
+}
+
+async fn metric(worker: &WorkerProc, line_start: &str) -> f64 {
+    let (_, text) = worker.http("/metrics").await.unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with(line_start))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Defect 1: a job id of 256 bytes or more made the `rejected` event's AMQP message id panic,
+/// so every worker that took the message crashed, forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_300_byte_id_is_rejected_and_the_worker_lives_on() {
+    let (names, _s3, cfg) = s3_setup("longid").await;
+    let mut broker = Broker::connect(&names).await;
+    let mut worker = WorkerProc::spawn(&cfg);
+    assert!(worker.wait_ready(T).await, "{}", worker.log());
+    broker.publish(&tiny_job(&"x".repeat(300), 1)).await;
+    let mut nested = tiny_job("nested", 1);
+    nested["id"] = json!({"deep": ["x".repeat(300)]});
+    broker.publish(&nested).await;
+    broker.publish(&tiny_job("after-long-id", 1)).await;
+    let results = broker.wait_results(3, T).await;
+    assert_eq!(results.len(), 3, "{}", worker.log());
+    assert_eq!(
+        results.iter().filter(|r| r["status"] == "rejected").count(),
+        2,
+        "{results:?}"
+    );
+    let ok = results.iter().find(|r| r["id"] == "after-long-id").unwrap();
+    assert_eq!(ok["status"], "succeeded", "{ok}");
+    assert!(
+        worker.child.try_wait().unwrap().is_none(),
+        "the worker died"
+    );
+    let dead = broker.take_dead_letters().await;
+    assert_eq!(dead.len(), 2);
+    assert!(dead.iter().all(|d| d.1.contains("invalid job")), "{dead:?}");
+    broker.cleanup().await;
+}
+
+/// Defect 11: sizes the model cannot draw, an R2F+ plan in an `r2f` job and a pixel limit
+/// broken with one side given came out `failed` (kind model) after work; they are rejected
+/// before any work now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sizes_and_plans_the_model_cannot_run_are_rejected_not_failed() {
+    let (names, _s3, mut cfg) = s3_setup("caps").await;
+    cfg.extra = "[limits]\nmax_pixels = 65536\nmax_plan_prompts = 3\n".into();
+    let mut broker = Broker::connect(&names).await;
+    let mut worker = WorkerProc::spawn(&cfg);
+    assert!(worker.wait_ready(T).await, "{}", worker.log());
+    let mut cases = Vec::new();
+    // The tiny model's positional table is far smaller than 4096 pixels a side.
+    let mut j = tiny_job("too-wide", 1);
+    j["params"]["width"] = json!(4096);
+    j["params"]["height"] = json!(16);
+    cases.push((j, "larger than this model draws"));
+    // One side given: the other takes the model's default, and the product is checked.
+    let mut j = tiny_job("one-side", 1);
+    j["params"]["width"] = json!(8192);
+    j["params"].as_object_mut().unwrap().remove("height");
+    cases.push((j, "max_pixels"));
+    let mut j = tiny_job("regions-in-r2f", 1);
+    j["mode"] = json!("r2f");
+    j["plan"] = json!({"original_prompt": "a frog and a cat", "base_prompt": "a frog and a cat",
+        "objects": {"#1": {"prompt": "a frog", "object": "frog", "r2f": ["an animal", "a frog"],
+                            "visual_detail_levels": ["3"], "bbox": [0.0, 0.0, 0.5, 0.5]}}});
+    cases.push((j, "R2F+"));
+    let mut j = tiny_job("long-plan", 1);
+    j["mode"] = json!("r2f");
+    j["plan"] =
+        json!({"visual_detail_level": ["1", "2", "3"], "r2f_prompt": [["a", "b", "c", "d"]]});
+    cases.push((j, "max_plan_prompts"));
+    for (job, _) in &cases {
+        broker.publish(job).await;
+    }
+    let results = broker.wait_results(cases.len(), T).await;
+    assert_eq!(results.len(), cases.len(), "{}", worker.log());
+    for (job, want) in &cases {
+        let r = results.iter().find(|r| r["id"] == job["id"]).unwrap();
+        assert_eq!(r["status"], "rejected", "{r}");
+        let msg = r["error"]["message"].as_str().unwrap();
+        assert!(
+            msg.contains(want),
+            "{}: `{msg}` should say `{want}`",
+            job["id"]
+        );
+    }
+    assert!(!worker.log().contains("job succeeded"));
+    broker.cleanup().await;
+}
+
+/// Defect 4: an LLM that refuses the worker's key (401) failed every job at once and emptied
+/// the queue into the dead letters. Now the jobs are given back untouched and the worker
+/// pauses (readiness fails) after a few such failures in a row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_llm_refuses_it_pauses_and_keeps_the_backlog() {
+    let llm = FakeLlm::start().await;
+    llm.set_default(Some(Reply::Status(401)));
+    let names = Names::new(&unique("sick"));
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = WorkerConfig::new(&names);
+    cfg.local_dir = Some(dir.path().to_path_buf());
+    cfg.extra = llm.config(2);
+    cfg.pause_min_secs = 6;
+    let mut broker = Broker::connect(&names).await;
+    let mut worker = WorkerProc::spawn(&cfg);
+    assert!(worker.wait_ready(T).await, "{}", worker.log());
+    for i in 0..6 {
+        let mut j = tiny_job(&format!("needs-plan-{i}"), 1);
+        j["mode"] = json!("r2f");
+        broker.publish(&j).await;
+    }
+    assert!(
+        worker.wait_log("pausing consumption", T).await,
+        "{}",
+        worker.log()
+    );
+    let mut readyz = None;
+    for _ in 0..100 {
+        readyz = worker.http("/readyz").await;
+        if matches!(&readyz, Some((503, _))) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(readyz, Some((503, "paused after failures".to_string())));
+    assert_eq!(metric(&worker, "r2f_worker_paused ").await, 1.0);
+    // Nothing was consumed: no terminal event, no dead letter, all six jobs still queued.
+    let seen = broker.wait_results(1, Duration::from_secs(2)).await;
+    assert!(seen.is_empty(), "{seen:?}");
+    assert!(broker.take_dead_letters().await.is_empty());
+    assert_eq!(broker.queued_anywhere().await, 6, "{}", worker.log());
+    // The LLM is fixed: the worker resumes after its pause and every job succeeds.
+    llm.set_default(None);
+    let results = broker.wait_results(6, T).await;
+    assert_eq!(results.len(), 6, "{}", worker.log());
+    assert!(
+        results.iter().all(|r| r["status"] == "succeeded"),
+        "{results:?}"
+    );
+    assert!(results.iter().all(|r| r["attempt"] == 1), "{results:?}");
+    broker.cleanup().await;
+}
+
+/// Defect 5: an upload failure sent the job through the retry queue and the GPU generated it
+/// again. Now the encoded images are kept and the upload retried in-process: a short outage
+/// costs no attempt and no second generation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_s3_outage_during_upload_costs_no_attempt_and_no_regeneration() {
+    let names = Names::new(&unique("upload"));
+    let bucket = format!("b{}", uuid::Uuid::new_v4().simple());
+    let s3 = S3Server::start(&bucket).await;
+    let proxy = Proxy::start(&s3.addr.to_string()).await;
+    let mut cfg = WorkerConfig::new(&names);
+    cfg.s3_endpoint = Some(format!("http://{}", proxy.addr));
+    cfg.bucket = bucket;
+    cfg.storage_retry_budget_secs = 30;
+    let mut broker = Broker::connect(&names).await;
+    let mut worker = WorkerProc::spawn(&cfg);
+    assert!(worker.wait_ready(T).await, "{}", worker.log());
+    broker.publish(&tiny_job("through-outage", 150)).await;
+    // Generation has started (the result.json lookup is done): S3 goes away for 3 s.
+    let progress = broker
+        .wait_event(T, |v, rk| {
+            rk == "job.progress" && v["id"] == "through-outage"
+        })
+        .await;
+    assert!(progress.is_some(), "{}", worker.log());
+    proxy.set_refuse(true);
+    proxy.cut_all();
+    assert!(
+        worker.wait_log("upload failed; retrying", T).await,
+        "{}",
+        worker.log()
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    proxy.set_refuse(false);
+    let r = broker.wait_results(1, T).await;
+    assert_eq!(r.len(), 1, "{}", worker.log());
+    assert_eq!(r[0]["status"], "succeeded", "{}", r[0]);
+    assert_eq!(r[0]["attempt"], 1, "{}", r[0]);
+    assert_eq!(worker.log().matches("job received").count(), 1);
+    assert!(metric(&worker, "r2f_storage_retries_total").await >= 1.0);
+    assert!(s3.keys().contains(&"out/through-outage/0.png".to_string()));
+    broker.cleanup().await;
+}
+
+/// Defect 7: with Redis down the job ran without its lock. Now taking the lock is a step that
+/// can fail: the job is retried and, Redis staying down, fails without generating anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_for_the_lock_is_a_transient_failure_not_an_unlocked_run() {
+    let (names, s3, mut cfg) = s3_setup("nolock").await;
+    cfg.pause_min_secs = 1;
+    cfg.redis_url = format!("redis://127.0.0.1:{}", free_port());
+    cfg.max_attempts = 2;
+    let mut broker = Broker::connect(&names).await;
+    let mut worker = WorkerProc::spawn(&cfg);
+    assert!(worker.wait_ready(T).await, "{}", worker.log());
+    broker.publish(&tiny_job("unlockable", 1)).await;
+    let r = broker.wait_results(1, T).await;
+    assert_eq!(r.len(), 1, "{}", worker.log());
+    assert_eq!(r[0]["status"], "failed", "{}", r[0]);
+    assert_eq!(r[0]["attempt"], 2, "{}", r[0]);
+    assert!(!worker.log().contains("job succeeded"));
+    assert!(
+        !s3.keys().iter().any(|k| k.ends_with(".png")),
+        "{:?}",
+        s3.keys()
+    );
+    broker.cleanup().await;
+}
+
+/// Defect 8: a message that kills whoever takes it was counted only with Redis and after
+/// validation. Now each unsettled delivery is counted on the message itself: after
+/// `max_attempts` of them it is dead-lettered with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_whose_workers_keep_dying_is_dead_lettered_after_max_attempts() {
+    let (names, s3, mut cfg) = s3_setup("poison").await;
+    cfg.max_attempts = 3;
+    let mut broker = Broker::connect(&names).await;
+    broker.publish(&tiny_job("kills-workers", 200)).await;
+    // Three workers take it and die holding it; the fourth dead-letters it before any work.
+    let mut logs = String::new();
+    for round in 0..4 {
+        let mut worker = WorkerProc::spawn(&cfg);
+        assert!(worker.wait_ready(T).await, "{}", worker.log());
+        if round < 3 {
+            // Generating (the dead worker's lock may first postpone it for its TTL).
+            assert!(worker.wait_log("generating", T).await, "{}", worker.log());
+            worker.signal(libc::SIGKILL);
+            worker.wait_exit(T).await;
+            logs.push_str(&worker.log());
+        } else {
+            let r = broker.wait_results(1, T).await;
+            assert_eq!(r.len(), 1, "{}", worker.log());
+            assert_eq!(
+                r[0]["status"],
+                "failed",
+                "{}\n{logs}\n{}",
+                r[0],
+                worker.log()
+            );
+            assert_eq!(r[0]["id"], "kills-workers");
+            let msg = r[0]["error"]["message"].as_str().unwrap();
+            assert!(msg.contains("delivered 3 times"), "{msg}");
+            assert!(!worker.log().contains("job received"), "{}", worker.log());
+        }
+    }
+    let dead = broker.take_dead_letters().await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(dead[0].1.contains("without finishing"), "{dead:?}");
+    assert!(!s3.keys().iter().any(|k| k.ends_with(".png")));
+    broker.cleanup().await;
+}
+
+/// Defect 13: a failed job that was redelivered (or sent again) was worked again. Its failed
+/// result is stored now, and published again instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_job_sent_again_publishes_its_stored_failure() {
+    let llm = FakeLlm::start().await;
+    // Unusable answers: the job fails by its own fault (the planner cannot plan this prompt).
+    llm.set_default(Some(Reply::Answer("I cannot help with that.".into())));
+    let names = Names::new(&unique("failonce"));
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = WorkerConfig::new(&names);
+    cfg.local_dir = Some(dir.path().to_path_buf());
+    cfg.extra = llm.config(1);
+    let mut broker = Broker::connect(&names).await;
+    let mut worker = WorkerProc::spawn(&cfg);
+    assert!(worker.wait_ready(T).await, "{}", worker.log());
+    let mut j = tiny_job("fails-once", 1);
+    j["mode"] = json!("r2f");
+    broker.publish(&j).await;
+    let r = broker.wait_results(1, T).await;
+    assert_eq!(r.len(), 1, "{}", worker.log());
+    assert_eq!(r[0]["status"], "failed", "{}", r[0]);
+    let calls = llm.calls();
+    broker.publish(&j).await;
+    let again = broker.wait_results(1, T).await;
+    assert_eq!(again.len(), 1, "{}", worker.log());
+    assert_eq!(again[0], r[0], "the stored failure is published again");
+    assert_eq!(llm.calls(), calls, "the job was not planned again");
+    assert_eq!(broker.take_dead_letters().await.len(), 1);
+    broker.cleanup().await;
+}
+
+/// Defect 13: internal error text (paths, hosts) stays in the logs; clients get a short
+/// reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_failures_reach_clients_as_a_short_reason() {
+    let names = Names::new(&unique("short"));
+    let bucket = format!("b{}", uuid::Uuid::new_v4().simple());
+    let s3 = S3Server::start(&bucket).await;
+    let proxy = Proxy::start(&s3.addr.to_string()).await;
+    let mut cfg = WorkerConfig::new(&names);
+    cfg.s3_endpoint = Some(format!("http://{}", proxy.addr));
+    cfg.bucket = bucket;
+    cfg.max_attempts = 1;
+    let mut broker = Broker::connect(&names).await;
+    let mut worker = WorkerProc::spawn(&cfg);
+    assert!(worker.wait_ready(T).await, "{}", worker.log());
+    proxy.set_refuse(true);
+    proxy.cut_all();
+    broker.publish(&tiny_job("no-store", 1)).await;
+    let r = broker.wait_results(1, T).await;
+    assert_eq!(r.len(), 1, "{}", worker.log());
+    assert_eq!(r[0]["status"], "failed", "{}", r[0]);
+    assert_eq!(r[0]["error"]["message"], "storing the images failed");
+    assert!(worker.log().contains("S3 GET of"), "the detail is logged");
+    broker.cleanup().await;
+}
+
+/// Defect 13: a prompt with newlines cannot forge log lines in the text log format.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prompts_cannot_forge_log_lines() {
+    let (names, _s3, cfg) = s3_setup("forge").await;
+    let mut broker = Broker::connect(&names).await;
+    let mut worker = WorkerProc::spawn(&cfg);
+    assert!(worker.wait_ready(T).await, "{}", worker.log());
+    let mut j = tiny_job("forger", 1);
+    j["prompt"] = json!("a frog\n2026-11-30T00:00:00Z  INFO job succeeded job_id=fake");
+    broker.publish(&j).await;
+    assert_eq!(broker.wait_results(1, T).await.len(), 1);
+    assert!(
+        !worker
+            .log()
+            .lines()
+            .any(|l| l.starts_with("2026-11-30T00:00:00Z")),
+        "{}",
+        worker.log()
+    );
+    broker.cleanup().await;
+}
