@@ -107,6 +107,9 @@ pub struct RedisSettings {
     pub plan_ttl_secs: u64,
     pub lock_ttl_secs: u64,
     pub timeout_ms: u64,
+    /// Redis down for the job lock: a transient failure (true), or run the job unlocked,
+    /// counted and logged, relying on idempotent outputs (false).
+    pub require_lock: bool,
 }
 
 impl std::fmt::Debug for RedisSettings {

@@ -452,6 +452,14 @@ async fn readyz_waits_for_the_model_and_metrics_carry_every_contract_name() {
     for m in CONTRACT_METRICS {
         assert!(names_exported.contains(*m), "{m} not exported:\n{text}");
     }
+    // Process metrics for the OOM runbook (resident memory, CPU, open files).
+    for m in [
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+        "process_open_fds",
+    ] {
+        assert!(names_exported.contains(m), "{m} not exported:\n{text}");
+    }
     // Every r2f_ metric the dashboard and the alert rules use is exported.
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut used = std::collections::BTreeSet::new();

@@ -358,3 +358,106 @@ async fn prompts_cannot_forge_log_lines() {
     );
     broker.cleanup().await;
 }
+
+/// A TCP server that accepts connections, reads, and never answers.
+async fn black_hole() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    (addr, task)
+}
+
+/// Defect 3: the S3 client had no timeouts: a store that accepts connections and never
+/// answers held the job (and the GPU slot) forever. Now every call is bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storage_that_never_answers_is_bounded_by_its_timeout() {
+    let names = Names::new(&unique("hung"));
+    let (addr, _hole) = black_hole().await;
+    let mut cfg = WorkerConfig::new(&names);
+    cfg.s3_endpoint = Some(format!("http://{addr}"));
+    cfg.bucket = "hung".into();
+    cfg.storage_timeout_secs = 1;
+    cfg.max_attempts = 1;
+    let mut broker = Broker::connect(&names).await;
+    let mut worker = WorkerProc::spawn(&cfg);
+    assert!(worker.wait_ready(T).await, "{}", worker.log());
+    assert!(worker.log().contains("storage not reachable at start"));
+    let t = std::time::Instant::now();
+    broker.publish(&tiny_job("into-the-void", 1)).await;
+    let r = broker.wait_results(1, T).await;
+    assert_eq!(r.len(), 1, "{}", worker.log());
+    assert_eq!(r[0]["status"], "failed", "{}", r[0]);
+    assert_eq!(r[0]["error"]["kind"], "storage");
+    // One S3 call: at most three 1 s attempts, plus the SDK's backoff between them.
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+    broker.cleanup().await;
+}
+
+/// Defect 3: a job that never ends kept its worker busy and healthy-looking forever. Past
+/// `job_timeout_secs` it is abandoned: retried as a transient failure, /healthz failing while
+/// the GPU is still busy with it, and healthy again once it is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_past_its_timeout_is_abandoned_and_health_fails_until_the_gpu_is_free() {
+    let (names, s3, mut cfg) = s3_setup("timeout").await;
+    cfg.worker_extra = "job_timeout_secs = 1".into();
+    cfg.max_attempts = 2;
+    let mut broker = Broker::connect(&names).await;
+    let mut worker = WorkerProc::spawn(&cfg);
+    assert!(worker.wait_ready(T).await, "{}", worker.log());
+    broker.publish(&tiny_job("slow", 200)).await;
+    assert!(
+        worker.wait_log("job ran past job_timeout_secs", T).await,
+        "{}",
+        worker.log()
+    );
+    assert_eq!(worker.http("/healthz").await.unwrap().0, 503);
+    let r = broker.wait_results(1, T).await;
+    assert_eq!(r.len(), 1, "{}", worker.log());
+    assert_eq!(r[0]["status"], "failed", "{}", r[0]);
+    assert_eq!(r[0]["attempt"], 2);
+    let msg = r[0]["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("job_timeout_secs"), "{msg}");
+    // Once the GPU has finished the abandoned work, the worker is healthy again.
+    let deadline = std::time::Instant::now() + T;
+    while worker.http("/healthz").await.map(|x| x.0) != Some(200) {
+        assert!(std::time::Instant::now() < deadline, "{}", worker.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        !s3.keys().iter().any(|k| k.ends_with(".png")),
+        "no outputs of an abandoned job"
+    );
+    broker.cleanup().await;
+}
+
+/// Defect 9: the reconnect backoff reset after every successful connect, so a broker link
+/// that breaks right after opening made a hot reconnect loop. It resets only after a stable
+/// period now, and doubles otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_break_at_once_back_off_instead_of_looping() {
+    let names = Names::new(&unique("flap"));
+    let proxy = Proxy::start(AMQP_ADDR).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = WorkerConfig::new(&names);
+    cfg.local_dir = Some(dir.path().to_path_buf());
+    cfg.amqp_url = format!("amqp://guest:guest@{}/%2f", proxy.addr);
+    let _broker = Broker::connect(&names).await;
+    let mut worker = WorkerProc::spawn(&cfg);
+    assert!(worker.wait_ready(T).await, "{}", worker.log());
+    // From now on every connection lives 300 ms: connect succeeds, then breaks.
+    proxy.set_cut_after(Some(Duration::from_millis(300)));
+    proxy.cut_all();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let log = worker.log();
+    let losses =
+        log.matches("broker connection lost").count() + log.matches("broker unavailable").count();
+    // reconnect_min_ms 100, max 1000: backing off, about 8 s / (0.3 s + up to 1 s) ≈ 6–10
+    // losses; resetting after each connect (the defect) gives about 8 s / 0.35 s ≈ 20.
+    assert!((2..=13).contains(&losses), "{losses} losses:\n{log}");
+    _broker.cleanup().await;
+}

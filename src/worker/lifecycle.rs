@@ -168,6 +168,12 @@ async fn locked(
             info!("another worker holds this job: postponed");
             return JobOutcome::Busy;
         }
+        Err(e) if !ctx.settings.redis.require_lock => {
+            ctx.metrics.redis_errors.with_label_values(&["lock"]).inc();
+            warn!(error = %e, "job lock unavailable: running unlocked (redis.require_lock = false)");
+            let (_never_lost, lost) = watch::channel(false);
+            return with_lock(ctx, &job, &key, &msg, progress, &lost).await;
+        }
         Err(e) => {
             ctx.metrics.redis_errors.with_label_values(&["lock"]).inc();
             return failed(

@@ -126,6 +126,8 @@ impl S3Server {
 pub struct Proxy {
     pub addr: SocketAddr,
     refuse: Arc<AtomicBool>,
+    /// Milliseconds after which each new connection is cut (0: never).
+    cut_after_ms: Arc<std::sync::atomic::AtomicU64>,
     conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
     accept: tokio::task::JoinHandle<()>,
 }
@@ -135,8 +137,10 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let refuse = Arc::new(AtomicBool::new(false));
+        let cut_after_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
         let (r, c, target) = (refuse.clone(), conns.clone(), target.to_string());
+        let cut = cut_after_ms.clone();
         let accept = tokio::spawn(async move {
             loop {
                 let Ok((mut inbound, _)) = listener.accept().await else {
@@ -147,9 +151,15 @@ impl Proxy {
                     continue;
                 }
                 let target = target.clone();
+                let cut_ms = cut.load(Ordering::SeqCst);
                 let h = tokio::spawn(async move {
                     if let Ok(mut outbound) = TcpStream::connect(&target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        let copy = tokio::io::copy_bidirectional(&mut inbound, &mut outbound);
+                        if cut_ms == 0 {
+                            let _ = copy.await;
+                        } else {
+                            let _ = tokio::time::timeout(Duration::from_millis(cut_ms), copy).await;
+                        }
                     }
                 });
                 c.lock().unwrap().push(h);
@@ -158,9 +168,16 @@ impl Proxy {
         Self {
             addr,
             refuse,
+            cut_after_ms,
             conns,
             accept,
         }
+    }
+
+    /// Each connection opened from now on is cut after `after` (None: kept).
+    pub fn set_cut_after(&self, after: Option<Duration>) {
+        let ms = after.map(|d| d.as_millis().max(1) as u64).unwrap_or(0);
+        self.cut_after_ms.store(ms, Ordering::SeqCst);
     }
 
     /// New connections are closed at once while set.
@@ -459,6 +476,12 @@ pub struct WorkerConfig {
     pub storage_retry_budget_secs: u64,
     /// The first pause of a worker whose failures are its own.
     pub pause_min_secs: u64,
+    /// S3 call timeout (per attempt).
+    pub storage_timeout_secs: u64,
+    /// More lines for the `[worker]` section.
+    pub worker_extra: String,
+    /// `redis.require_lock`.
+    pub redis_require_lock: bool,
     pub redis_url: String,
     pub extra: String,
     pub env: Vec<(String, String)>,
@@ -478,6 +501,9 @@ impl WorkerConfig {
             drain_timeout_secs: 60,
             storage_retry_budget_secs: 2,
             pause_min_secs: 1,
+            storage_timeout_secs: 5,
+            worker_extra: String::new(),
+            redis_require_lock: true,
             redis_url: "redis://127.0.0.1:6379".into(),
             extra: String::new(),
             env: vec![("R2F_TEST_LLM_KEY".into(), "sk-test-0123456789".into())],
@@ -488,8 +514,8 @@ impl WorkerConfig {
         let n = &self.names;
         let storage = match (&self.s3_endpoint, &self.local_dir) {
             (Some(ep), _) => format!(
-                "[storage]\nbackend = \"s3\"\nbucket = \"{}\"\nprefix = \"out\"\nretry_budget_secs = {}\ntimeout_secs = 5\n[storage.s3]\nendpoint = \"{ep}\"\nregion = \"us-east-1\"\nforce_path_style = true\nrequest_checksums = true\n",
-                self.bucket, self.storage_retry_budget_secs
+                "[storage]\nbackend = \"s3\"\nbucket = \"{}\"\nprefix = \"out\"\nretry_budget_secs = {}\ntimeout_secs = {}\n[storage.s3]\nendpoint = \"{ep}\"\nregion = \"us-east-1\"\nforce_path_style = true\nrequest_checksums = true\n",
+                self.bucket, self.storage_retry_budget_secs, self.storage_timeout_secs
             ),
             (None, Some(dir)) => format!(
                 "[storage]\nbackend = \"local\"\nlocal_dir = \"{}\"\nretry_budget_secs = {}\n",
@@ -514,6 +540,7 @@ name = "{prefix}-worker"
 pause_min_secs = {pause}
 pause_max_secs = {pause}
 give_back_delay_ms = 200
+{worker_extra}
 [amqp]
 url = "{amqp}"
 jobs_queue = "{jobs}"
@@ -528,6 +555,7 @@ confirm_timeout_secs = 10
 url = "{redis}"
 key_prefix = "{prefix}"
 timeout_ms = 500
+require_lock = {require_lock}
 lock_ttl_secs = 5
 [metrics]
 listen = "127.0.0.1:{port}"
@@ -540,6 +568,8 @@ listen = "127.0.0.1:{port}"
             backoff = self.retry_backoff_ms,
             drain = self.drain_timeout_secs,
             pause = self.pause_min_secs,
+            worker_extra = self.worker_extra,
+            require_lock = self.redis_require_lock,
             prefix = n.prefix,
             amqp = self.amqp_url,
             jobs = n.jobs,
@@ -572,7 +602,11 @@ impl WorkerProc {
     pub fn spawn(cfg: &WorkerConfig) -> Self {
         let mut file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
         std::io::Write::write_all(&mut file, cfg.toml().as_bytes()).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_r2f"))
+        // R2F_TEST_BIN runs the tests against another build (for example an older commit's, to
+        // show that a regression test fails there).
+        let bin =
+            std::env::var("R2F_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_r2f").into());
+        let mut child = Command::new(bin)
             .args(["worker", "--config"])
             .arg(file.path())
             .env("AWS_ACCESS_KEY_ID", S3_KEY)
