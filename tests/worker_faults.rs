@@ -344,10 +344,15 @@ async fn prompts_cannot_forge_log_lines() {
     let mut broker = Broker::connect(&names).await;
     let mut worker = WorkerProc::spawn(&cfg);
     assert!(worker.wait_ready(T).await, "{}", worker.log());
+    let forged = "\n2026-11-30T00:00:00Z  INFO job succeeded job_id=fake";
     let mut j = tiny_job("forger", 1);
-    j["prompt"] = json!("a frog\n2026-11-30T00:00:00Z  INFO job succeeded job_id=fake");
+    j["prompt"] = json!(format!("a frog{forged}"));
     broker.publish(&j).await;
-    assert_eq!(broker.wait_results(1, T).await.len(), 1);
+    // Text of a message that ends up in a rejection reason.
+    let mut j = tiny_job("forger-2", 1);
+    j["mode"] = json!(format!("r2f{forged}"));
+    broker.publish(&j).await;
+    assert_eq!(broker.wait_results(2, T).await.len(), 2);
     assert!(
         !worker
             .log()

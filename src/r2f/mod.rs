@@ -5,6 +5,8 @@
 //! its stop step a concept's frequent prompt conditions the even steps and the rare prompt the odd
 //! ones; after it the rare prompt alone finishes the image.
 
+pub mod regions;
+
 use serde::{Deserialize, Serialize};
 
 /// Steps between frequent-prompt steps (`alt_step` in the official code).
@@ -138,7 +140,7 @@ mod tests {
 
     #[test]
     fn frequent_steps_per_level_match_the_method_tables() {
-        // r2f-method.md §2.1: SD3 map 3/5/10/15/20, SDXL map 2/3/5/10/15 for levels 1..5.
+        // docs/method.md §2: SD3 map 3/5/10/15/20, SDXL map 2/3/5/10/15 for levels 1..5.
         for (map, want) in [
             (StopStepMap::SD3, [3, 5, 10, 15, 20]),
             (StopStepMap::SDXL, [2, 3, 5, 10, 15]),

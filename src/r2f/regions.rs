@@ -1,0 +1,918 @@
+//! R2F+ region geometry: the pure, model-free parts of the official R2F+ pipeline
+//! (`R2Fplus_Diffusion_sd3.py` in krafton-ai/Rare-to-Frequent @ 834f459; `Lnnn` below are its
+//! line numbers, `§x.y` are sections of `docs/r2fplus.md`).
+//!
+//! What lives here:
+//! - Python's `round` ([`round_half_even`]), used for every grid and shift rounding (§5 Q5);
+//! - the centred box of stage A ([`centered_bbox`], L1331–1336) and the shift back to the real box
+//!   ([`center_shift`], L1374; [`latent_shift`], L1098);
+//! - the detector-free object masks at **image (pixel) resolution** H×W ([`box_mask`],
+//!   [`ellipse_mask`], [`RegionMask`]; §2.2). They stand in for `get_single_object_mask`
+//!   (L1036–1078), which returns an H×W mask of the decoded object image;
+//! - `refine_latents_and_mask` (L1080–1108, §1.8): bilinear resize of the mask to the latent grid
+//!   h×w, `torch.roll` (with wrap) of the per-step latents, zero-filled shift of the mask
+//!   ([`mask_to_latent`], [`roll_latent`], [`shift_mask`], [`refine_latents_and_mask`]);
+//! - the stage-B fusion (L1233–1240, §1.9: [`fuse_latents`], [`fuse_step`]);
+//! - the per-step phrase rule of R2F+ objects (L759–767, §1.4: [`frequent_phrase_index`],
+//!   [`object_phrase`]) and the tokenizer-free half of the token-index computation
+//!   ([`token_diff_span`], [`joint_token_indices`]).
+
+use std::ops::Range;
+
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+/// A box `[x_min, y_min, x_max, y_max]` in normalised image coordinates (`[0, 1]`).
+pub type BBox = [f64; 4];
+
+/// Python's `round(x)` on a float (and numpy's `rint`): to the nearest integer, ties to even.
+///
+/// The official code rounds with Python's built-in `round` in the bbox-loss grid mask (L833–835)
+/// and in the latent shift (L1098); both round half to even (§5 Q5). `-0.5` rounds to `0`.
+/// Values beyond the `i64` range saturate (Python would return a big integer; sizes here are
+/// small).
+pub fn round_half_even(x: f64) -> i64 {
+    x.round_ties_even() as i64
+}
+
+/// The box moved to the image centre, as stage A of the official code computes it with
+/// `use_centered_bbox=True` (L1331–1336, §1.3, §1.7):
+///
+/// `[(1 - x1 + x0)/2, (1 - y1 + y0)/2, (1 + x1 - x0)/2, (1 + y1 - y0)/2]`
+///
+/// evaluated left to right in f64 exactly as Python does (`((1 - x1) + x0) / 2`, …), so the result
+/// is bit-identical to the official one. Width and height are kept; the centre is `(0.5, 0.5)`.
+pub fn centered_bbox(bbox: &BBox) -> BBox {
+    let [x0, y0, x1, y1] = *bbox;
+    [
+        (1.0 - x1 + x0) / 2.0,
+        (1.0 - y1 + y0) / 2.0,
+        (1.0 + x1 - x0) / 2.0,
+        (1.0 + y1 - y0) / 2.0,
+    ]
+}
+
+/// The offset `(dy, dx)` of the real box's centre from the image centre, in image fractions, as
+/// the official code computes it (L1374, §1.3): `((y0 + y1 - 1) / 2, (x0 + x1 - 1) / 2)`,
+/// evaluated left to right in f64. Positive means down / right.
+pub fn center_shift(bbox: &BBox) -> (f64, f64) {
+    let [x0, y0, x1, y1] = *bbox;
+    ((y0 + y1 - 1.0) / 2.0, (x0 + x1 - 1.0) / 2.0)
+}
+
+/// The integer shift `(sy, sx)` on a latent grid of `h × w` cells (L1098, §1.8):
+/// `(round(dy * h), round(dx * w))` with Python's `round` (ties to even). `h`, `w` are the latent
+/// height and width (`H/8`, `W/8`: 128 at 1024²), not the image size.
+pub fn latent_shift(shift: (f64, f64), h: i64, w: i64) -> (i64, i64) {
+    (
+        round_half_even(shift.0 * h as f64),
+        round_half_even(shift.1 * w as f64),
+    )
+}
+
+/// The detector-free object mask that replaces GroundingDINO + SAM (§2.2).
+///
+/// Serialised as `"ellipse"` / `"box"`; the default is `Ellipse` (the spec's proposed default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RegionMask {
+    /// The ellipse inscribed in the box ([`ellipse_mask`]).
+    #[default]
+    Ellipse,
+    /// The box itself, rasterised with ties-to-even edges ([`box_mask`]).
+    Box,
+}
+
+impl RegionMask {
+    /// `ellipse` or `box`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "ellipse" => Ok(Self::Ellipse),
+            "box" => Ok(Self::Box),
+            other => Err(format!(
+                "unknown region mask `{other}` (expected ellipse or box)"
+            )),
+        }
+    }
+
+    /// The lowercase name, as accepted by [`RegionMask::parse`] and used by serde.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Ellipse => "ellipse",
+            Self::Box => "box",
+        }
+    }
+
+    /// The mask of `bbox` at image resolution `height × width` (float32 `[height, width]` on the
+    /// CPU, 1 inside, 0 outside). In the faithful pipeline `bbox` is the **centred** box
+    /// ([`centered_bbox`]) and `height × width` the image size: this is the stand-in for the
+    /// official `get_single_object_mask(image, …)` (L1036–1078), whose output is an H×W mask of
+    /// the object image (§2.2, §4).
+    pub fn mask(&self, bbox: &BBox, height: i64, width: i64) -> Tensor {
+        match self {
+            Self::Ellipse => ellipse_mask(bbox, height, width),
+            Self::Box => box_mask(bbox, height, width),
+        }
+    }
+}
+
+impl std::fmt::Display for RegionMask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for RegionMask {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse(s)
+    }
+}
+
+fn mask_tensor(values: Vec<f32>, height: i64, width: i64) -> Tensor {
+    Tensor::from_slice(&values).view([height, width])
+}
+
+/// The `box` mask of §2.2: `m[r, c] = 1` iff `rhe(y0·H) ≤ r < rhe(y1·H)` and
+/// `rhe(x0·W) ≤ c < rhe(x1·W)`, with `rhe` = [`round_half_even`]. Float32 `[height, width]` on
+/// the CPU.
+///
+/// For a box inside `[0, 1]` this is exactly the official slice assignment
+/// `mask[round(y0*H):round(y1*H), round(x0*W):round(x1*W)] = 1`; with `height = width = G` it is
+/// also the bbox-loss mask on the G×G token grid (L833–838, §1.5). Coordinates outside `[0, 1]`
+/// follow the inequality above (they clip), not Python's negative-index slicing.
+pub fn box_mask(bbox: &BBox, height: i64, width: i64) -> Tensor {
+    let [x0, y0, x1, y1] = *bbox;
+    let (r0, r1) = (
+        round_half_even(y0 * height as f64),
+        round_half_even(y1 * height as f64),
+    );
+    let (c0, c1) = (
+        round_half_even(x0 * width as f64),
+        round_half_even(x1 * width as f64),
+    );
+    let mut values = Vec::with_capacity((height * width).max(0) as usize);
+    for r in 0..height {
+        let row_in = (r0..r1).contains(&r);
+        for c in 0..width {
+            values.push(if row_in && (c0..c1).contains(&c) {
+                1.0
+            } else {
+                0.0
+            });
+        }
+    }
+    mask_tensor(values, height, width)
+}
+
+/// The `ellipse` mask of §2.2: the ellipse inscribed in the box. `m[r, c] = 1` iff
+/// `dx·dx + dy·dy ≤ 1`, all in f64 and evaluated as written:
+/// `dx = (c + 0.5 − cx)/rx`, `dy = (r + 0.5 − cy)/ry`, `cx = (x0 + x1)/2·W`, `cy = (y0 + y1)/2·H`,
+/// `rx = (x1 − x0)/2·W`, `ry = (y1 − y0)/2·H`. Empty when `rx ≤ 0` or `ry ≤ 0` (or NaN). Float32
+/// `[height, width]` on the CPU. Pixel centres exactly on the ellipse are inside.
+pub fn ellipse_mask(bbox: &BBox, height: i64, width: i64) -> Tensor {
+    let [x0, y0, x1, y1] = *bbox;
+    let (hf, wf) = (height as f64, width as f64);
+    let cx = (x0 + x1) / 2.0 * wf;
+    let cy = (y0 + y1) / 2.0 * hf;
+    let rx = (x1 - x0) / 2.0 * wf;
+    let ry = (y1 - y0) / 2.0 * hf;
+    let n = (height * width).max(0) as usize;
+    if rx.is_nan() || ry.is_nan() || rx <= 0.0 || ry <= 0.0 {
+        return mask_tensor(vec![0.0; n], height, width);
+    }
+    let mut values = Vec::with_capacity(n);
+    for r in 0..height {
+        let dy = (r as f64 + 0.5 - cy) / ry;
+        for c in 0..width {
+            let dx = (c as f64 + 0.5 - cx) / rx;
+            values.push(if dx * dx + dy * dy <= 1.0 { 1.0 } else { 0.0 });
+        }
+    }
+    mask_tensor(values, height, width)
+}
+
+/// The first half of `refine_latents_and_mask` (L1086–1094, §1.8): the image-resolution mask
+/// (`[H, W]`, any kind; the official one is bool) to the latent grid `h × w`.
+///
+/// Exactly `F.interpolate(mask.float()[None, None], size=(h, w), mode='bilinear',
+/// align_corners=False)` (no antialias, no scale factors; the same ATen kernel), then
+/// `.to(model_kind)` as the official `.to(dtype=self.text_encoder.dtype)` does (a no-op for
+/// float32 runs; for `Half` it rounds through fp16). Returns `[1, 1, h, w]` of `model_kind`.
+///
+/// With `H = 8h` each output cell samples source coordinate `8i + 3.5`, i.e. it is the mean of
+/// the 2×2 centre pixels of its 8×8 block (values in {0, .25, .5, .75, 1}; §5 Q6).
+pub fn mask_to_latent(mask: &Tensor, h: i64, w: i64, model_kind: Kind) -> Tensor {
+    let size = mask.size();
+    let (mh, mw) = (size[size.len() - 2], size[size.len() - 1]);
+    mask.to_kind(Kind::Float)
+        .reshape([1, 1, mh, mw])
+        .upsample_bilinear2d([h, w], false, None, None)
+        .to_kind(model_kind)
+}
+
+/// `torch.roll(latent, shifts=(sy, sx), dims=(-2, -1))` (L1099–1101, §1.8): the per-step object
+/// latents are moved **with wrap-around**: `out[.., r, c] = z[.., (r − sy) mod h, (c − sx) mod w]`.
+pub fn roll_latent(latent: &Tensor, shift: (i64, i64)) -> Tensor {
+    latent.roll([shift.0, shift.1], [-2, -1])
+}
+
+/// The official mask shift (L1103–1106, §1.8): pad the mask with zeros to `2h × 2w`
+/// (bottom, then right), `torch.roll` by `(sy, sx)` over the last two dims, crop back to
+/// `[.., :h, :w]`. For `|sy| ≤ h` and `|sx| ≤ w` (always: `|shift| ≤ 0.5`) this is a shift
+/// **without wrap**: `out[r, c] = m[r − sy, c − sx]` when in range, else 0.
+///
+/// The zeros are float32 (`torch.zeros(shape)` takes the default dtype), so `torch.cat` promotes
+/// and the result is **float32** whatever the mask's kind; it stays on the mask's device.
+pub fn shift_mask(mask: &Tensor, shift: (i64, i64)) -> Tensor {
+    let size = mask.size();
+    let nd = size.len();
+    let (h, w) = (size[nd - 2], size[nd - 1]);
+    let device = mask.device();
+    // fp16 -> fp32 is exact, so converting first equals cat's type promotion.
+    let m = mask.to_kind(Kind::Float);
+    let zeros_h = Tensor::zeros(m.size(), (Kind::Float, device));
+    let padded = Tensor::cat(&[&m, &zeros_h], -2);
+    let zeros_w = Tensor::zeros(padded.size(), (Kind::Float, device));
+    let padded = Tensor::cat(&[&padded, &zeros_w], -1);
+    padded
+        .roll([shift.0, shift.1], [-2, -1])
+        .narrow(-2, 0, h)
+        .narrow(-1, 0, w)
+}
+
+/// One object's stage-A output moved to its real box: what the official code stores in
+/// `object_latents_dict_by_step[i][key]` and `object_mask_dict[key]` (L1376–1384).
+#[derive(Debug)]
+pub struct ShiftedObject {
+    /// The rolled latent after each object-run step `i` (`[1, C, h, w]`), step order.
+    pub latents_by_step: Vec<Tensor>,
+    /// The soft mask on the latent grid, `[1, 1, h, w]`.
+    pub mask: Tensor,
+}
+
+/// `refine_latents_and_mask(latents_by_step, object_mask, shifts)` (L1080–1108, §1.8).
+///
+/// - `latents_by_step`: the object run's latent after each step (`[1, C, h, w]`); the latent
+///   grid `h × w` is read from the last one, as officially.
+/// - `mask`: the image-resolution mask (`[H, W]`, any kind; e.g. [`RegionMask::mask`] of the
+///   centred box).
+/// - `shift`: [`center_shift`] of the real box, or `None` for `use_centered_bbox=False`.
+/// - `model_kind`: the pipeline dtype (`text_encoder.dtype`), through which the resized mask is
+///   rounded.
+///
+/// Steps: [`mask_to_latent`]; then, when `shift` is `Some`, `(sy, sx) =` [`latent_shift`],
+/// every latent [`roll_latent`]-ed (with wrap) and the mask [`shift_mask`]-ed (zero fill,
+/// float32). The official `if shifts:` is true for any 2-tuple, `(0.0, 0.0)` included, so
+/// `Some((0.0, 0.0))` still converts the mask to float32; with `None` the mask stays in
+/// `model_kind` and the latents are returned unchanged (shallow copies).
+pub fn refine_latents_and_mask(
+    latents_by_step: &[Tensor],
+    mask: &Tensor,
+    shift: Option<(f64, f64)>,
+    model_kind: Kind,
+) -> Result<ShiftedObject, String> {
+    let last = latents_by_step
+        .last()
+        .ok_or_else(|| "refine_latents_and_mask: no latents".to_string())?;
+    let size = last.size();
+    if size.len() < 2 || mask.dim() != 2 {
+        return Err(format!(
+            "refine_latents_and_mask: expected [.., h, w] latents and an [H, W] mask, got {:?} and {:?}",
+            size,
+            mask.size()
+        ));
+    }
+    let (h, w) = (size[size.len() - 2], size[size.len() - 1]);
+    let resized = mask_to_latent(mask, h, w, model_kind);
+    Ok(match shift {
+        Some(s) => {
+            let s = latent_shift(s, h, w);
+            ShiftedObject {
+                latents_by_step: latents_by_step.iter().map(|z| roll_latent(z, s)).collect(),
+                mask: shift_mask(&resized, s),
+            }
+        }
+        None => ShiftedObject {
+            latents_by_step: latents_by_step.iter().map(|z| z.shallow_clone()).collect(),
+            mask: resized,
+        },
+    })
+}
+
+/// The stage-B fusion of one step (L1235–1240, §1.9), **in place** on `latents`, for the objects
+/// `(object_latent, mask)` in **plan order**:
+///
+/// ```text
+/// for each object: latents *= 1 - mask; latents += object_latent * mask
+/// ```
+///
+/// i.e. `x ← x·(1 − m_k) + z_k·m_k`, as two in-place ops (not `x + (z − x)·m`: the rounding
+/// differs). Later objects overwrite earlier ones where masks overlap, in proportion to their
+/// mask value. Object latents and masks are moved to `latents`' device first (the official
+/// `.to(device)`); the arithmetic follows ATen's type promotion, so an fp16 `latents` with an
+/// fp32 mask is computed in fp32 and stored in fp16, as officially. The official code applies
+/// this after the Euler step of each step `i < latent_fusion_steps` (20), with `object_latent`
+/// the object's rolled latent after ITS step `i`.
+///
+/// In place like the official `*=`/`+=`: any shallow clone of `latents` sees the change.
+pub fn fuse_latents(latents: &mut Tensor, objects: &[(&Tensor, &Tensor)]) {
+    let device = latents.device();
+    for (object_latent, mask) in objects {
+        let mask = mask.to_device(device);
+        let object_latent = object_latent.to_device(device);
+        let _ = latents.g_mul_(&mask.rsub_scalar(1.0));
+        let _ = latents.g_add_(&(&object_latent * &mask));
+    }
+}
+
+/// [`fuse_latents`] with every object's latent after step `step`, objects in plan order.
+/// Errors (before touching `latents`) when an object has no latent for that step.
+pub fn fuse_step(
+    latents: &mut Tensor,
+    objects: &[ShiftedObject],
+    step: usize,
+) -> Result<(), String> {
+    let mut pairs = Vec::with_capacity(objects.len());
+    for (k, o) in objects.iter().enumerate() {
+        let z = o.latents_by_step.get(step).ok_or_else(|| {
+            format!(
+                "fuse_step: object {k} has {} stored steps, step {step} requested",
+                o.latents_by_step.len()
+            )
+        })?;
+        pairs.push((z, &o.mask));
+    }
+    fuse_latents(latents, &pairs);
+    Ok(())
+}
+
+/// The R2F+ per-object phrase rule (L759–767, §1.4), as an index into the object's `r2f` list:
+/// `Some(j)` = the frequent phrase `r2f[j]`, `None` = the rare phrase `object`.
+///
+/// ```text
+/// j = 0; while j < len(r2f) and step >= M[levels[j]]: j += 1
+/// frequent r2f[j] if j < len(r2f) and step % alt_step == 0, else rare
+/// ```
+///
+/// - `stop_steps` is `M` (`visual_detail_level_to_transition_step`), indexed by level. Faithful
+///   mode passes the **unscaled** `[0, 5, 10, 20, 30, 40]` (`StopStepMap::SD3.0`) and absolute
+///   steps (§5 Q15); see [`check_stop_steps`]. `alt_step` is 2 (`super::ALT_STEP`).
+/// - A level of 0 is skipped at once (`M[0] = 0`); an empty `r2f` always gives the rare phrase.
+/// - Deviations only for plans the validator rejects (the official code raises): levels past the
+///   end of `stop_steps` use its last entry, as `StopStepMap::stop_step` does; `levels` shorter
+///   than `r2f_len` counts only the levels given; `alt_step == 0` never picks a frequent phrase.
+pub fn frequent_phrase_index(
+    r2f_len: usize,
+    levels: &[u8],
+    step: usize,
+    stop_steps: &[usize],
+    alt_step: usize,
+) -> Option<usize> {
+    let stop = |level: u8| -> usize {
+        let l = (level as usize).min(stop_steps.len().saturating_sub(1));
+        stop_steps.get(l).copied().unwrap_or(0)
+    };
+    let n = r2f_len.min(levels.len());
+    let mut j = 0;
+    while j < n && step >= stop(levels[j]) {
+        j += 1;
+    }
+    let frequent_step = alt_step != 0 && step.is_multiple_of(alt_step);
+    (j < n && frequent_step).then_some(j)
+}
+
+/// The phrase that replaces the object's `#N` key at `step` (L764–767, §1.4): `r2f[j]` for
+/// `Some(j) =` [`frequent_phrase_index`], else `rare` (the object's `object` field). Identical in
+/// stage A (object template) and stage B (base prompt).
+pub fn object_phrase<'a, S: AsRef<str>>(
+    rare: &'a str,
+    r2f: &'a [S],
+    levels: &[u8],
+    step: usize,
+    stop_steps: &[usize],
+    alt_step: usize,
+) -> &'a str {
+    match frequent_phrase_index(r2f.len(), levels, step, stop_steps, alt_step) {
+        Some(j) => r2f[j].as_ref(),
+        None => rare,
+    }
+}
+
+/// `check_inputs` on the stop-step map (L587–592, §1.2): `M` strictly increasing and
+/// `M[-1] < steps` (so the faithful map needs at least 41 steps).
+pub fn check_stop_steps(stop_steps: &[usize], steps: usize) -> Result<(), String> {
+    let Some(&last) = stop_steps.last() else {
+        return Err("the stop-step map is empty".into());
+    };
+    if stop_steps.windows(2).any(|p| p[0] >= p[1]) {
+        return Err(format!(
+            "the stop-step map {stop_steps:?} must be strictly increasing"
+        ));
+    }
+    if last >= steps {
+        return Err(format!(
+            "the stop-step map {stop_steps:?} needs more than {last} steps (got {steps})"
+        ));
+    }
+    Ok(())
+}
+
+/// CLIP-L's `model_max_length`: T5 token positions are offset by it in the 333-row joint text
+/// sequence (`self.tokenizer_max_length`, L799).
+pub const CLIP_TOKEN_OFFSET: usize = 77;
+
+/// The span of tokens that differ between the token ids of a prompt before (`old`) and after
+/// (`new`) one key's substitution (L773–797, §1.4), as positions in `new`:
+///
+/// - `start` = the first `i < len(new)` with `old[i] != new[i]`;
+/// - `s` = the number of equal tokens counted from the back (`old[-1-j] == new[-1-j]`) while
+///   `j < len(new)`; `end = len(new) − s`.
+///
+/// The prefix and suffix may overlap. The raw `start..end` is returned as is: `end == start` is
+/// an empty set (an empty phrase; Q11: the official loss then averages over nothing and turns
+/// NaN), and `end < start` is a reversed range, on which the official `torch.arange(start, end)`
+/// raises ("upper bound and lower bound inconsistent with step sign"); [`joint_token_indices`]
+/// reports that as an error. The ids must be the
+/// **unpadded** ids (BOS/EOS or `</s>` included), so the special tokens fall in the common
+/// prefix/suffix. Where `old` is shorter than the comparison reaches, the official code raises
+/// IndexError; this stops there instead (never the case for framed, i.e. BOS/EOS-delimited, ids).
+pub fn token_diff_span<T: PartialEq>(old: &[T], new: &[T]) -> Range<usize> {
+    let mut start = 0;
+    while start < new.len() && start < old.len() && old[start] == new[start] {
+        start += 1;
+    }
+    let mut s = 0;
+    while s < new.len() && s < old.len() && old[old.len() - 1 - s] == new[new.len() - 1 - s] {
+        s += 1;
+    }
+    start..new.len() - s
+}
+
+/// `torch.cat([arange(clip), arange(t5) + 77])` (L784–801): the object's rows in the joint
+/// 333-row text sequence (CLIP rows 0–76, T5 rows from 77). An empty span (`end == start`)
+/// contributes nothing; a reversed span (`end < start`) is an error, as `torch.arange` raises
+/// on it officially.
+pub fn joint_token_indices(clip: Range<usize>, t5: Range<usize>) -> Result<Vec<i64>, String> {
+    for (name, r) in [("CLIP", &clip), ("T5", &t5)] {
+        if r.end < r.start {
+            return Err(format!(
+                "{name} token span {}..{} is reversed (the substitution's prefix and suffix overlap)",
+                r.start, r.end
+            ));
+        }
+    }
+    Ok(clip
+        .map(|i| i as i64)
+        .chain(t5.map(|i| (i + CLIP_TOKEN_OFFSET) as i64))
+        .collect())
+}
+
+// TODO(r2fplus): the tokenizer-dependent rest of `get_current_prompt_and_object_indices`
+// (L735–807) is not here. It needs: (1) the keys in order of appearance as Python's
+// `re.findall(r'#\d+', prompt)` finds them (`\d` is any Unicode decimal digit, unlike
+// `plan::placeholders`' ASCII scan); (2) for each key in that order, `prompt.replace(key, phrase)`
+// replacing EVERY occurrence (Q7: `#1` also hits `#10`); (3) unpadded token ids of the prompt
+// before and after each substitution: CLIP-L truncated to 77 with BOS/EOS, T5 truncated to 256
+// with `</s>` (`PromptTokenizer` always pads, so a truncate-only encode is needed, §3.3); then
+// `token_diff_span` on both and `joint_token_indices`, the prompt and ids carried to the next key.
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::r2f::{StopStepMap, ALT_STEP};
+    use tch::Device;
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        Vec::<f32>::try_from(t.to_kind(Kind::Float).flatten(0, -1)).unwrap()
+    }
+
+    fn grid(rows: &[&str]) -> Vec<f32> {
+        rows.iter()
+            .flat_map(|r| r.chars().map(|c| if c == '#' { 1.0 } else { 0.0 }))
+            .collect()
+    }
+
+    #[test]
+    fn round_half_even_ties_to_even() {
+        assert_eq!(round_half_even(0.5), 0);
+        assert_eq!(round_half_even(1.5), 2);
+        assert_eq!(round_half_even(2.5), 2);
+        assert_eq!(round_half_even(-0.5), 0);
+        assert_eq!(round_half_even(-1.5), -2);
+        assert_eq!(round_half_even(-2.5), -2);
+        assert_eq!(round_half_even(3.5), 4);
+        assert_eq!(round_half_even(0.49999999999999994), 0);
+        assert_eq!(round_half_even(2.5000000000000004), 3);
+        assert_eq!(round_half_even(-25.6), -26);
+    }
+
+    #[test]
+    fn centered_bbox_off_centre_matches_python_bits() {
+        // Python: [(1 - .7 + .1)/2, (1 - .85 + .15)/2, (1 + .7 - .1)/2, (1 + .85 - .15)/2]
+        //       = [0.2, 0.15000000000000002, 0.7999999999999999, 0.8500000000000001]
+        let c = centered_bbox(&[0.1, 0.15, 0.7, 0.85]);
+        assert_eq!(
+            c,
+            [
+                0.2,
+                0.15000000000000002,
+                0.7999999999999999,
+                0.8500000000000001
+            ]
+        );
+        // Another evaluation order, ((1 + x0) - x1) / 2, gives 0.20000000000000007: not official.
+        assert_ne!(c[0], ((1.0 + 0.1) - 0.7) / 2.0);
+        // Size kept, centre at 0.5.
+        let c = centered_bbox(&[0.5, 0.5, 1.0, 1.0]);
+        assert_eq!(c, [0.25, 0.25, 0.75, 0.75]);
+    }
+
+    #[test]
+    fn centered_bbox_full_frame_is_the_full_frame() {
+        assert_eq!(centered_bbox(&[0.0, 0.0, 1.0, 1.0]), [0.0, 0.0, 1.0, 1.0]);
+        assert_eq!(center_shift(&[0.0, 0.0, 1.0, 1.0]), (0.0, 0.0));
+        assert_eq!(latent_shift((0.0, 0.0), 128, 128), (0, 0));
+    }
+
+    #[test]
+    fn center_shift_and_latent_shift_round_half_even() {
+        // Python: ((.15 + .85 - 1)/2, (.1 + .7 - 1)/2) = (0.0, -0.10000000000000003)
+        let s = center_shift(&[0.1, 0.15, 0.7, 0.85]);
+        assert_eq!(s, (0.0, -0.10000000000000003));
+        assert_eq!(latent_shift(s, 128, 128), (0, -13)); // -12.8 -> -13
+                                                         // Exact ties on an 8-cell grid: y0 + y1 = 1.125 -> 0.0625 * 8 = 0.5 -> 0;
+                                                         // x0 + x1 = 1.375 -> 0.1875 * 8 = 1.5 -> 2.
+        let s = center_shift(&[0.625, 0.5, 0.75, 0.625]);
+        assert_eq!(s, (0.0625, 0.1875));
+        assert_eq!(latent_shift(s, 8, 8), (0, 2));
+        // 2.5 -> 2 and -0.5 -> 0.
+        assert_eq!(latent_shift((0.3125, -0.0625), 8, 8), (2, 0));
+    }
+
+    #[test]
+    fn box_mask_half_pixel_edges_non_square() {
+        // H=4, W=6: rows rhe(0.5)=0 .. rhe(3.5)=4, cols rhe(1.5)=2 .. rhe(4.5)=4.
+        let m = box_mask(&[0.25, 0.125, 0.75, 0.875], 4, 6);
+        assert_eq!(m.size(), vec![4, 6]);
+        assert_eq!(m.kind(), Kind::Float);
+        assert_eq!(m.device(), Device::Cpu);
+        assert_eq!(values(&m), grid(&["..##..", "..##..", "..##..", "..##.."]));
+        // H=4, W=6: rows rhe(1.5)=2 .. rhe(2.5)=2 -> empty.
+        let m = box_mask(&[0.0, 0.375, 1.0, 0.625], 4, 6);
+        assert!(values(&m).iter().all(|&v| v == 0.0));
+        // H=2, W=5: rows rhe(1)=1 .. 2, cols rhe(0.5)=0 .. rhe(2.5)=2.
+        let m = box_mask(&[0.1, 0.5, 0.5, 1.0], 2, 5);
+        assert_eq!(values(&m), grid(&[".....", "##..."]));
+    }
+
+    #[test]
+    fn box_mask_of_the_centred_box_is_the_token_grid_mask() {
+        // Centred [0.25, 0.25, 0.75, 0.75] on a 4x4 grid: rows/cols 1..3.
+        let m = box_mask(&centered_bbox(&[0.5, 0.5, 1.0, 1.0]), 4, 4);
+        assert_eq!(values(&m), grid(&["....", ".##.", ".##.", "...."]));
+        // Full frame covers everything.
+        let m = box_mask(&[0.0, 0.0, 1.0, 1.0], 3, 5);
+        assert!(values(&m).iter().all(|&v| v == 1.0));
+    }
+
+    #[test]
+    fn ellipse_mask_hand_computed_non_square() {
+        // H=4, W=6, full frame: cx=3, cy=2, rx=3, ry=2.
+        // dx^2 per col: .694 .25 .028 .028 .25 .694; dy^2 per row: .5625 .0625 .0625 .5625.
+        let m = ellipse_mask(&[0.0, 0.0, 1.0, 1.0], 4, 6);
+        assert_eq!(m.size(), vec![4, 6]);
+        assert_eq!(m.kind(), Kind::Float);
+        assert_eq!(values(&m), grid(&[".####.", "######", "######", ".####."]));
+    }
+
+    #[test]
+    fn ellipse_mask_boundary_is_inside() {
+        // H=1, W=4, x in [0.125, 0.375]: cx = 1, rx = 0.5; cy = ry = 0.5.
+        // c=0: dx=-1, c=1: dx=1 (exactly on the ellipse -> inside), c=2: dx=3.
+        let m = ellipse_mask(&[0.125, 0.0, 0.375, 1.0], 1, 4);
+        assert_eq!(values(&m), vec![1.0, 1.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn ellipse_mask_degenerate_is_empty() {
+        let m = ellipse_mask(&[0.5, 0.2, 0.5, 0.8], 4, 6);
+        assert_eq!(m.size(), vec![4, 6]);
+        assert!(values(&m).iter().all(|&v| v == 0.0));
+        let m = ellipse_mask(&[0.2, 0.5, 0.8, 0.5], 4, 6);
+        assert!(values(&m).iter().all(|&v| v == 0.0));
+        // x1 < x0: rx < 0.
+        let m = ellipse_mask(&[0.8, 0.2, 0.2, 0.8], 4, 6);
+        assert!(values(&m).iter().all(|&v| v == 0.0));
+    }
+
+    #[test]
+    fn region_mask_names_parse_and_serde() {
+        assert_eq!(RegionMask::default(), RegionMask::Ellipse);
+        for m in [RegionMask::Ellipse, RegionMask::Box] {
+            assert_eq!(RegionMask::parse(m.name()), Ok(m));
+            assert_eq!(m.to_string().parse::<RegionMask>(), Ok(m));
+            let json = serde_json::to_string(&m).unwrap();
+            assert_eq!(json, format!("\"{}\"", m.name()));
+            assert_eq!(serde_json::from_str::<RegionMask>(&json).unwrap(), m);
+        }
+        assert!(RegionMask::parse("Ellipse").is_err());
+        assert!(RegionMask::parse("sam").is_err());
+        let b = [0.0, 0.0, 1.0, 1.0];
+        assert_eq!(
+            values(&RegionMask::Box.mask(&b, 4, 6)),
+            values(&box_mask(&b, 4, 6))
+        );
+        assert_eq!(
+            values(&RegionMask::Ellipse.mask(&b, 4, 6)),
+            values(&ellipse_mask(&b, 4, 6))
+        );
+    }
+
+    #[test]
+    fn mask_to_latent_is_the_mean_of_the_2x2_centre_pixels() {
+        // H=16, W=24 -> h=2, w=3: an irregular pattern, compared per block with the mean of
+        // pixels (8i+3|8i+4) x (8j+3|8j+4).
+        let (hh, ww) = (16i64, 24i64);
+        let px: Vec<f32> = (0..hh * ww)
+            .map(|k| {
+                let (r, c) = (k / ww, k % ww);
+                if (r * 7 + c * 3) % 5 == 0 || (r + c) % 4 == 1 {
+                    1.0
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let mask = Tensor::from_slice(&px).view([hh, ww]).to_kind(Kind::Bool);
+        let lat = mask_to_latent(&mask, 2, 3, Kind::Float);
+        assert_eq!(lat.size(), vec![1, 1, 2, 3]);
+        assert_eq!(lat.kind(), Kind::Float);
+        let got = values(&lat);
+        for i in 0..2 {
+            for j in 0..3 {
+                let at = |r: i64, c: i64| px[(r * ww + c) as usize];
+                let want = (at(8 * i + 3, 8 * j + 3)
+                    + at(8 * i + 3, 8 * j + 4)
+                    + at(8 * i + 4, 8 * j + 3)
+                    + at(8 * i + 4, 8 * j + 4))
+                    / 4.0;
+                assert_eq!(got[(i * 3 + j) as usize], want, "cell {i},{j}");
+            }
+        }
+        // Only the centre pixels matter: a block with every other pixel set reads 0.
+        let mut ring = vec![1.0f32; 64];
+        for (r, c) in [(3, 3), (3, 4), (4, 3), (4, 4)] {
+            ring[r * 8 + c] = 0.0;
+        }
+        ring[3 * 8 + 4] = 1.0;
+        let lat = mask_to_latent(&Tensor::from_slice(&ring).view([8, 8]), 1, 1, Kind::Half);
+        assert_eq!(lat.kind(), Kind::Half);
+        assert_eq!(values(&lat), vec![0.25]);
+    }
+
+    #[test]
+    fn roll_latent_wraps_with_known_pattern() {
+        // [1, 2, 3, 4] latent with value 100*ch + 10*r + c.
+        let z = Tensor::from_slice(
+            &(0..24)
+                .map(|k| (100 * (k / 12) + 10 * ((k / 4) % 3) + k % 4) as f32)
+                .collect::<Vec<_>>(),
+        )
+        .view([1, 2, 3, 4]);
+        let out = values(&roll_latent(&z, (1, -1)));
+        for ch in 0..2i64 {
+            for r in 0..3i64 {
+                for c in 0..4i64 {
+                    let (sr, sc) = ((r - 1).rem_euclid(3), (c + 1).rem_euclid(4));
+                    let want = (100 * ch + 10 * sr + sc) as f32;
+                    assert_eq!(out[(ch * 12 + r * 4 + c) as usize], want);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn shift_mask_zero_fills_where_roll_wraps() {
+        // 1 at the bottom-right corner of a 4x4 mask, shifted by (1, 1).
+        let mut px = vec![0.0f32; 16];
+        px[15] = 1.0;
+        let m = Tensor::from_slice(&px).view([1, 1, 4, 4]);
+        let shifted = shift_mask(&m, (1, 1));
+        let rolled = roll_latent(&m, (1, 1));
+        assert!(values(&shifted).iter().all(|&v| v == 0.0));
+        assert_eq!(values(&rolled)[0], 1.0);
+        // Negative shift of a top-left block: moves up/left, zero fill at the bottom/right.
+        let m = Tensor::from_slice(&grid(&["##..", "##..", "....", "...."])).view([1, 1, 4, 4]);
+        assert_eq!(
+            values(&shift_mask(&m, (-1, -1))),
+            grid(&["#...", "....", "....", "...."])
+        );
+        assert_eq!(
+            values(&roll_latent(&m, (-1, -1))),
+            grid(&["#..#", "....", "....", "#..#"])
+        );
+        // Half in, float out; shape and interior values kept.
+        let out = shift_mask(&m.to_kind(Kind::Half), (1, 2));
+        assert_eq!(out.kind(), Kind::Float);
+        assert_eq!(out.size(), vec![1, 1, 4, 4]);
+        assert_eq!(values(&out), grid(&["....", "..##", "..##", "...."]));
+    }
+
+    #[test]
+    fn refine_moves_the_centred_object_to_its_box() {
+        // Image 32x32 -> latent 4x4; real box [0.5, 0.5, 1, 1] (bottom-right quarter).
+        let real = [0.5, 0.5, 1.0, 1.0];
+        let centred = centered_bbox(&real); // [.25, .25, .75, .75]
+        let mask = RegionMask::Box.mask(&centred, 32, 32); // pixels 8..24
+        let z: Vec<Tensor> = (0..3)
+            .map(|s| {
+                Tensor::from_slice(&(0..32).map(|k| (k + 100 * s) as f32).collect::<Vec<_>>())
+                    .view([1, 2, 4, 4])
+            })
+            .collect();
+        let shift = center_shift(&real); // (0.25, 0.25) -> (1, 1) cells
+        let out = refine_latents_and_mask(&z, &mask, Some(shift), Kind::Float).unwrap();
+        assert_eq!(out.mask.size(), vec![1, 1, 4, 4]);
+        assert_eq!(out.mask.kind(), Kind::Float);
+        assert_eq!(values(&out.mask), grid(&["....", "....", "..##", "..##"]));
+        assert_eq!(out.latents_by_step.len(), 3);
+        for (a, b) in z.iter().zip(&out.latents_by_step) {
+            assert_eq!(values(b), values(&a.roll([1, 1], [-2, -1])));
+        }
+        // No shift (use_centered_bbox=False): latents untouched, mask stays in the model kind.
+        let out = refine_latents_and_mask(&z, &mask, None, Kind::Half).unwrap();
+        assert_eq!(out.mask.kind(), Kind::Half);
+        assert_eq!(values(&out.mask), grid(&["....", ".##.", ".##.", "...."]));
+        assert_eq!(values(&out.latents_by_step[2]), values(&z[2]));
+        // A zero shift still goes through the float32 pad/roll/crop.
+        let out = refine_latents_and_mask(&z, &mask, Some((0.0, 0.0)), Kind::Half).unwrap();
+        assert_eq!(out.mask.kind(), Kind::Float);
+        assert!(refine_latents_and_mask(&[], &mask, None, Kind::Float).is_err());
+    }
+
+    #[test]
+    fn fusion_later_objects_overwrite_earlier_ones() {
+        let x0 = Tensor::zeros([1, 1, 1, 3], (Kind::Float, Device::Cpu));
+        let za = Tensor::ones([1, 1, 1, 3], (Kind::Float, Device::Cpu));
+        let zb = Tensor::full([1, 1, 1, 3], 2.0, (Kind::Float, Device::Cpu));
+        let ma = Tensor::from_slice(&[1.0f32, 1.0, 0.5]).view([1, 1, 1, 3]);
+        let mb = Tensor::from_slice(&[0.0f32, 1.0, 1.0]).view([1, 1, 1, 3]);
+        let mut x = x0.copy();
+        fuse_latents(&mut x, &[(&za, &ma), (&zb, &mb)]);
+        assert_eq!(values(&x), vec![1.0, 2.0, 2.0]);
+        let mut y = x0.copy();
+        fuse_latents(&mut y, &[(&zb, &mb), (&za, &ma)]);
+        assert_eq!(values(&y), vec![1.0, 1.0, 1.5]);
+        // In place: a shallow clone sees the fused values.
+        let mut w = x0.copy();
+        let alias = w.shallow_clone();
+        fuse_latents(&mut w, &[(&za, &ma)]);
+        assert_eq!(values(&alias), vec![1.0, 1.0, 0.5]);
+    }
+
+    #[test]
+    fn fusion_uses_the_two_op_form() {
+        let (x, z, m) = (0.1f32, 4.0f32 / 7.0, 0.75f32);
+        let want = x * (1.0 - m) + z * m;
+        assert_ne!(
+            want,
+            x + (z - x) * m,
+            "the test values must tell the forms apart"
+        );
+        let mut lat = Tensor::from_slice(&[x]).view([1, 1, 1, 1]);
+        let zt = Tensor::from_slice(&[z]).view([1, 1, 1, 1]);
+        let mt = Tensor::from_slice(&[m]).view([1, 1, 1, 1]);
+        fuse_latents(&mut lat, &[(&zt, &mt)]);
+        assert_eq!(values(&lat), vec![want]);
+        // fp16 latents stay fp16 with an fp32 mask.
+        let mut half = Tensor::from_slice(&[x])
+            .view([1, 1, 1, 1])
+            .to_kind(Kind::Half);
+        fuse_latents(&mut half, &[(&zt.to_kind(Kind::Half), &mt)]);
+        assert_eq!(half.kind(), Kind::Half);
+    }
+
+    #[test]
+    fn fuse_step_picks_each_objects_step_in_plan_order() {
+        let mk = |v: f32| Tensor::full([1, 1, 1, 2], v as f64, (Kind::Float, Device::Cpu));
+        let objs = vec![
+            ShiftedObject {
+                latents_by_step: vec![mk(1.0), mk(3.0)],
+                mask: Tensor::from_slice(&[1.0f32, 1.0]).view([1, 1, 1, 2]),
+            },
+            ShiftedObject {
+                latents_by_step: vec![mk(5.0), mk(7.0)],
+                mask: Tensor::from_slice(&[0.0f32, 1.0]).view([1, 1, 1, 2]),
+            },
+        ];
+        let mut x = mk(0.0);
+        fuse_step(&mut x, &objs, 1).unwrap();
+        assert_eq!(values(&x), vec![3.0, 7.0]);
+        let mut y = mk(0.0);
+        assert!(fuse_step(&mut y, &objs, 2).is_err());
+        assert_eq!(values(&y), vec![0.0, 0.0]);
+    }
+
+    #[test]
+    fn phrase_rule_two_levels() {
+        // Levels [1, 2] with M = [0, 5, 10, 20, 30, 40]: r2f[0] on 0, 2, 4; r2f[1] on 6, 8;
+        // rare on odd steps and on every step >= 10.
+        let m = &StopStepMap::SD3.0;
+        let r2f = ["a furry animal", "a hairy fish"];
+        let phrase = |i| object_phrase("a hairy shark", &r2f, &[1, 2], i, m, ALT_STEP);
+        for i in 0..50 {
+            let want = match i {
+                0 | 2 | 4 => "a furry animal",
+                6 | 8 => "a hairy fish",
+                _ => "a hairy shark",
+            };
+            assert_eq!(phrase(i), want, "step {i}");
+        }
+        let idx: Vec<_> = (0..11)
+            .map(|i| frequent_phrase_index(2, &[1, 2], i, m, ALT_STEP))
+            .collect();
+        assert_eq!(
+            idx,
+            vec![
+                Some(0),
+                None,
+                Some(0),
+                None,
+                Some(0),
+                None,
+                Some(1),
+                None,
+                Some(1),
+                None,
+                None
+            ]
+        );
+    }
+
+    #[test]
+    fn phrase_rule_empty_r2f_is_always_rare() {
+        let m = &StopStepMap::SD3.0;
+        let r2f: [&str; 0] = [];
+        for i in 0..50 {
+            assert_eq!(
+                object_phrase("a spotted clam", &r2f, &[], i, m, ALT_STEP),
+                "a spotted clam"
+            );
+        }
+    }
+
+    #[test]
+    fn phrase_rule_level_zero_is_skipped_and_counts_match_the_spec() {
+        let m = &StopStepMap::SD3.0;
+        // [0, 3]: the level-0 phrase is never used; r2f[1] on even steps < 20.
+        for i in 0..50 {
+            let want = (i < 20 && i % 2 == 0).then_some(1);
+            assert_eq!(
+                frequent_phrase_index(2, &[0, 3], i, m, ALT_STEP),
+                want,
+                "step {i}"
+            );
+        }
+        // One level L: 3 / 5 / 10 / 15 / 20 frequent steps for L = 1..5 (§1.4); none for L = 0.
+        for (level, want) in [(0u8, 0usize), (1, 3), (2, 5), (3, 10), (4, 15), (5, 20)] {
+            let n = (0..50)
+                .filter(|&i| frequent_phrase_index(1, &[level], i, m, ALT_STEP).is_some())
+                .count();
+            assert_eq!(n, want, "level {level}");
+        }
+    }
+
+    #[test]
+    fn stop_steps_checked_like_check_inputs() {
+        let m = &StopStepMap::SD3.0;
+        assert!(check_stop_steps(m, 50).is_ok());
+        assert!(check_stop_steps(m, 41).is_ok());
+        assert!(check_stop_steps(m, 40).is_err());
+        assert!(check_stop_steps(&[0, 5, 5, 20, 30, 40], 50).is_err());
+        assert!(check_stop_steps(&[], 50).is_err());
+    }
+
+    #[test]
+    fn token_diff_span_cases() {
+        // "a #1 ." -> "a hairy shark ." (made-up ids, BOS 1 / EOS 2).
+        let old = [1, 10, 20, 21, 30, 2];
+        let new = [1, 10, 40, 41, 42, 30, 2];
+        assert_eq!(token_diff_span(&old, &new), 2..5);
+        // Empty phrase: prefix and suffix meet, the span is empty.
+        let old = [1, 10, 20, 21, 30, 2];
+        let new = [1, 10, 30, 2];
+        let s = token_diff_span(&old, &new);
+        assert_eq!(s, 2..2);
+        assert_eq!(s.len(), 0);
+        // Overlapping prefix/suffix: [B x x E] -> [B x E] gives start 2, end 1 (reversed).
+        let s = token_diff_span(&[1, 5, 5, 2], &[1, 5, 2]);
+        assert_eq!((s.start, s.end), (2, 1));
+        // Joint rows: CLIP as is, T5 + 77; empty spans add nothing, reversed ones are errors
+        // (torch.arange(2, 1) raises officially).
+        assert_eq!(joint_token_indices(2..4, 1..3), Ok(vec![2, 3, 78, 79]));
+        assert_eq!(joint_token_indices(2..2, 0..0), Ok(vec![]));
+        assert!(joint_token_indices(s.clone(), 0..0).is_err());
+        assert!(joint_token_indices(0..1, s).is_err());
+    }
+}
