@@ -9,8 +9,13 @@ scripts/setup.sh >/dev/null
 # shellcheck source=scripts/env.sh
 source scripts/env.sh
 scripts/services.sh >/dev/null
-cargo build --profile "$R2F_PROFILE" --bin r2f -q
-r2f=$(r2f_bin)
+# R2F_BIN: benchmark another build (for example an older commit's) instead of building.
+if [ -n "${R2F_BIN:-}" ]; then
+  r2f=$R2F_BIN
+else
+  cargo build --profile "$R2F_PROFILE" --bin r2f -q
+  r2f=$(r2f_bin)
+fi
 jobs=${1:-100}
 work=$(mktemp -d)
 trap 'kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; rm -rf "$work"' EXIT

@@ -34,15 +34,6 @@ fn setup(name: &str, llm: &FakeLlm, llm_attempts: u32) -> (Names, WorkerConfig, 
     (names, cfg, dir)
 }
 
-async fn metric(worker: &WorkerProc, line_start: &str) -> f64 {
-    let (_, text) = worker.http("/metrics").await.unwrap();
-    text.lines()
-        .find(|l| l.starts_with(line_start))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_same_new_prompt_make_one_llm_call_then_cache_hits() {
     let llm = FakeLlm::start().await;

@@ -12,16 +12,6 @@ use serde_json::json;
 
 const T: Duration = Duration::from_secs(60);
 
-async fn s3_setup(name: &str) -> (Names, S3Server, WorkerConfig) {
-    let names = Names::new(&unique(name));
-    let bucket = format!("b{}", uuid::Uuid::new_v4().simple());
-    let s3 = S3Server::start(&bucket).await;
-    let mut cfg = WorkerConfig::new(&names);
-    cfg.s3_endpoint = Some(s3.endpoint());
-    cfg.bucket = bucket;
-    (names, s3, cfg)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn valid_jobs_produce_events_images_and_results_in_s3() {
     let (names, s3, cfg) = s3_setup("valid").await;

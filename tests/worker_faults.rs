@@ -15,24 +15,6 @@ use serde_json::json;
 
 const T: Duration = Duration::from_secs(60);
 
-async fn s3_setup(name: &str) -> (Names, S3Server, WorkerConfig) {
-    let names = Names::new(&unique(name));
-    let bucket = format!("b{}", uuid::Uuid::new_v4().simple());
-    let s3 = S3Server::start(&bucket).await;
-    let mut cfg = WorkerConfig::new(&names);
-    cfg.s3_endpoint = Some(s3.endpoint());
-    cfg.bucket = bucket;
-    (names, s3, cfg)
-}
-
-async fn metric(worker: &WorkerProc, line_start: &str) -> f64 {
-    let (_, text) = worker.http("/metrics").await.unwrap_or_default();
-    text.lines()
-        .filter(|l| l.starts_with(line_start))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// Defect 1: a job id of 256 bytes or more made the `rejected` event's AMQP message id panic,
 /// so every worker that took the message crashed, forever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -174,13 +156,7 @@ async fn a_worker_whose_llm_refuses_it_pauses_and_keeps_the_backlog() {
 /// costs no attempt and no second generation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_s3_outage_during_upload_costs_no_attempt_and_no_regeneration() {
-    let names = Names::new(&unique("upload"));
-    let bucket = format!("b{}", uuid::Uuid::new_v4().simple());
-    let s3 = S3Server::start(&bucket).await;
-    let proxy = Proxy::start(&s3.addr.to_string()).await;
-    let mut cfg = WorkerConfig::new(&names);
-    cfg.s3_endpoint = Some(format!("http://{}", proxy.addr));
-    cfg.bucket = bucket;
+    let (names, s3, proxy, mut cfg) = s3_behind_proxy("upload").await;
     cfg.storage_retry_budget_secs = 30;
     let mut broker = Broker::connect(&names).await;
     let mut worker = WorkerProc::spawn(&cfg);
@@ -254,6 +230,8 @@ async fn a_message_whose_workers_keep_dying_is_dead_lettered_after_max_attempts(
         if round < 3 {
             // Generating (the dead worker's lock may first postpone it for its TTL).
             assert!(worker.wait_log("generating", T).await, "{}", worker.log());
+            // Mid-job, with the worker's earlier acks on the wire.
+            tokio::time::sleep(Duration::from_millis(500)).await;
             worker.signal(libc::SIGKILL);
             worker.wait_exit(T).await;
             logs.push_str(&worker.log());
@@ -273,9 +251,14 @@ async fn a_message_whose_workers_keep_dying_is_dead_lettered_after_max_attempts(
             assert!(!worker.log().contains("job received"), "{}", worker.log());
         }
     }
+    // A kill between a republish and its ack can leave a second copy (at-least-once): every
+    // copy ends dead-lettered with the reason, none is generated to the end.
     let dead = broker.take_dead_letters().await;
-    assert_eq!(dead.len(), 1, "{dead:?}");
-    assert!(dead[0].1.contains("without finishing"), "{dead:?}");
+    assert!(!dead.is_empty());
+    for d in &dead {
+        assert_eq!(d.0["id"], "kills-workers", "{dead:?}");
+        assert!(d.1.contains("without finishing"), "{dead:?}");
+    }
     assert!(!s3.keys().iter().any(|k| k.ends_with(".png")));
     broker.cleanup().await;
 }
@@ -315,13 +298,7 @@ async fn a_failed_job_sent_again_publishes_its_stored_failure() {
 /// reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storage_failures_reach_clients_as_a_short_reason() {
-    let names = Names::new(&unique("short"));
-    let bucket = format!("b{}", uuid::Uuid::new_v4().simple());
-    let s3 = S3Server::start(&bucket).await;
-    let proxy = Proxy::start(&s3.addr.to_string()).await;
-    let mut cfg = WorkerConfig::new(&names);
-    cfg.s3_endpoint = Some(format!("http://{}", proxy.addr));
-    cfg.bucket = bucket;
+    let (names, _s3, proxy, mut cfg) = s3_behind_proxy("short").await;
     cfg.max_attempts = 1;
     let mut broker = Broker::connect(&names).await;
     let mut worker = WorkerProc::spawn(&cfg);

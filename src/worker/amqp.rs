@@ -26,6 +26,20 @@ fn durable() -> QueueDeclareOptions {
     }
 }
 
+/// Queue arguments that dead-letter expired or rejected messages to `queue` (default exchange).
+fn dead_letter_to(queue: &str) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(LongString::from("")),
+    );
+    args.insert(
+        "x-dead-letter-routing-key".into(),
+        AMQPValue::LongString(LongString::from(queue)),
+    );
+    args
+}
+
 /// Declares (idempotently) the events exchange, the jobs queue with its dead-letter route, the
 /// dead-letter queue and the retry queue that dead-letters back into the jobs queue.
 pub async fn declare_topology(ch: &Channel, s: &AmqpSettings) -> anyhow::Result<()> {
@@ -47,34 +61,21 @@ pub async fn declare_topology(ch: &Channel, s: &AmqpSettings) -> anyhow::Result<
     )
     .await
     .map_err(amqp_error)?;
-    let mut jobs = FieldTable::default();
+    let mut jobs = dead_letter_to(&s.dead_letter_queue);
     jobs.insert(
         "x-max-priority".into(),
         AMQPValue::ShortShortUInt(s.max_priority),
     );
-    jobs.insert(
-        "x-dead-letter-exchange".into(),
-        AMQPValue::LongString(LongString::from("")),
-    );
-    jobs.insert(
-        "x-dead-letter-routing-key".into(),
-        AMQPValue::LongString(LongString::from(s.dead_letter_queue.as_str())),
-    );
     ch.queue_declare(s.jobs_queue.as_str().into(), durable(), jobs)
         .await
         .map_err(amqp_error)?;
-    let mut retry = FieldTable::default();
-    retry.insert(
-        "x-dead-letter-exchange".into(),
-        AMQPValue::LongString(LongString::from("")),
-    );
-    retry.insert(
-        "x-dead-letter-routing-key".into(),
-        AMQPValue::LongString(LongString::from(s.jobs_queue.as_str())),
-    );
-    ch.queue_declare(s.retry_queue.as_str().into(), durable(), retry)
-        .await
-        .map_err(amqp_error)?;
+    ch.queue_declare(
+        s.retry_queue.as_str().into(),
+        durable(),
+        dead_letter_to(&s.jobs_queue),
+    )
+    .await
+    .map_err(amqp_error)?;
     Ok(())
 }
 
@@ -142,18 +143,14 @@ pub async fn declare_retry_levels(
     levels: u32,
 ) -> anyhow::Result<()> {
     for level in 0..=levels {
-        let mut args = FieldTable::default();
-        args.insert(
-            "x-dead-letter-exchange".into(),
-            AMQPValue::LongString(LongString::from("")),
-        );
-        args.insert(
-            "x-dead-letter-routing-key".into(),
-            AMQPValue::LongString(LongString::from(s.jobs_queue.as_str())),
-        );
-        ch.queue_declare(retry_level_queue(s, level).as_str().into(), durable(), args)
-            .await
-            .map_err(amqp_error)?;
+        let queue = retry_level_queue(s, level);
+        ch.queue_declare(
+            queue.as_str().into(),
+            durable(),
+            dead_letter_to(&s.jobs_queue),
+        )
+        .await
+        .map_err(amqp_error)?;
     }
     Ok(())
 }

@@ -108,6 +108,10 @@ pub async fn settle(
             ctx.metrics.given_back.with_label_values(&["busy"]).inc();
         }
     }
+    ack(d).await
+}
+
+async fn ack(d: &Delivery) -> anyhow::Result<()> {
     d.ack(BasicAckOptions::default())
         .await
         .map(|_| ())
@@ -131,10 +135,7 @@ pub async fn count_redelivery(
         .given_back
         .with_label_values(&["redelivered"])
         .inc();
-    d.ack(BasicAckOptions::default())
-        .await
-        .map(|_| ())
-        .map_err(amqp_error)
+    ack(d).await
 }
 
 /// Gives back a delivery that was never worked (prefetched when the worker paused or drained).
@@ -144,10 +145,7 @@ pub async fn give_back_unworked(
     d: &Delivery,
 ) -> anyhow::Result<()> {
     republish(ctx, publish, d, None, Duration::ZERO, |_| {}).await?;
-    d.ack(BasicAckOptions::default())
-        .await
-        .map(|_| ())
-        .map_err(amqp_error)
+    ack(d).await
 }
 
 fn confirm_timeout(ctx: &Context) -> Duration {

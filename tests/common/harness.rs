@@ -355,18 +355,7 @@ impl Broker {
     }
 
     pub async fn queue_len(&self, queue: &str) -> u32 {
-        self.ch
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap()
-            .message_count()
+        passive_len(&self.ch, queue).await.unwrap()
     }
 
     /// Takes every message of the dead-letter queue: (body, reason header).
@@ -413,18 +402,7 @@ impl Broker {
         let Ok(ch) = self.conn.create_channel().await else {
             return 0;
         };
-        let n = ch
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map(|q| q.message_count())
-            .unwrap_or(0);
+        let n = passive_len(&ch, queue).await.unwrap_or(0);
         let _ = ch.close(200, "done".into()).await;
         n
     }
@@ -451,6 +429,18 @@ impl Broker {
             .await;
         let _ = ExchangeKind::Topic;
     }
+}
+
+/// A queue's message count through a passive declare.
+async fn passive_len(ch: &Channel, queue: &str) -> Result<u32, lapin::Error> {
+    let opts = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let q = ch
+        .queue_declare(queue.into(), opts, FieldTable::default())
+        .await?;
+    Ok(q.message_count())
 }
 
 /// A free loopback port (bound, then released).
@@ -696,6 +686,34 @@ impl Drop for WorkerProc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A worker config with its own broker names and a fresh in-process S3 bucket.
+pub async fn s3_setup(name: &str) -> (Names, S3Server, WorkerConfig) {
+    let names = Names::new(&unique(name));
+    let bucket = format!("b{}", uuid::Uuid::new_v4().simple());
+    let s3 = S3Server::start(&bucket).await;
+    let mut cfg = WorkerConfig::new(&names);
+    cfg.s3_endpoint = Some(s3.endpoint());
+    cfg.bucket = bucket;
+    (names, s3, cfg)
+}
+
+/// The same, with the S3 reached through a proxy that can refuse or cut connections.
+pub async fn s3_behind_proxy(name: &str) -> (Names, S3Server, Proxy, WorkerConfig) {
+    let (names, s3, mut cfg) = s3_setup(name).await;
+    let proxy = Proxy::start(&s3.addr.to_string()).await;
+    cfg.s3_endpoint = Some(format!("http://{}", proxy.addr));
+    (names, s3, proxy, cfg)
+}
+
+/// The sum of a worker's metric series whose lines start with `line_start` (0 when absent).
+pub async fn metric(worker: &WorkerProc, line_start: &str) -> f64 {
+    let (_, text) = worker.http("/metrics").await.unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with(line_start))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// A job for the tiny model: small and quick.
