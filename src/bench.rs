@@ -1,15 +1,19 @@
-//! Speed benchmark of the SD3 denoiser and VAE at full size with random weights (speed does not
-//! depend on the values, so no download is needed).
+//! Speed benchmarks: the SD3 or SDXL denoiser and VAE at full size with random weights (speed
+//! does not depend on the values, so no download is needed), the configurations `r2f bench`
+//! measures, and the reports of `r2f bench` and `r2f bench-service`.
 
+use std::fmt;
 use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 
+use crate::bench_service::ServiceReport;
 use crate::device::{device_name, dtype_name, synchronize};
 use crate::models::mmdit::{Mmdit, MmditConfig};
 use crate::models::unet::{Unet, UnetConfig};
 use crate::models::vae::{VaeConfig, VaeDecoder};
 use crate::models::weights::{Vb, Weights};
+use crate::pipelines::apply_cfg_to_batch;
 use crate::schedulers::flow_match::{FlowMatchConfig, FlowMatchSchedule};
 
 /// The denoiser to measure.
@@ -18,110 +22,263 @@ pub enum Denoiser {
     Sdxl(UnetConfig),
 }
 
+/// A configuration to measure: its name (as `r2f bench --model` spells it), denoiser and VAE.
+pub struct Preset {
+    pub name: &'static str,
+    pub denoiser: Denoiser,
+    pub vae: VaeConfig,
+}
+
+/// SD3-medium at full size.
+pub fn sd3_medium() -> Preset {
+    Preset {
+        name: "sd3",
+        denoiser: Denoiser::Sd3(MmditConfig::sd3_medium()),
+        vae: VaeConfig::sd3(),
+    }
+}
+
+/// SDXL base at full size.
+pub fn sdxl_base() -> Preset {
+    Preset {
+        name: "sdxl",
+        denoiser: Denoiser::Sdxl(UnetConfig::sdxl_base()),
+        vae: VaeConfig::sdxl(),
+    }
+}
+
+/// A small VAE for the smoke-run presets.
+fn tiny_vae(mut v: VaeConfig) -> VaeConfig {
+    v.block_out_channels = vec![32, 32, 64, 64];
+    v.layers_per_block = 1;
+    v
+}
+
+/// A two-layer SD3 transformer and a small VAE, for a smoke run.
+pub fn sd3_tiny() -> Preset {
+    let mut t = MmditConfig::sd3_medium();
+    t.num_layers = 2;
+    t.num_attention_heads = 2;
+    t.caption_projection_dim = 128;
+    t.joint_attention_dim = 256;
+    t.pooled_projection_dim = 64;
+    Preset {
+        name: "sd3-tiny",
+        denoiser: Denoiser::Sd3(t),
+        vae: tiny_vae(VaeConfig::sd3()),
+    }
+}
+
+/// A narrow SDXL UNet and a small VAE, for a smoke run.
+pub fn sdxl_tiny() -> Preset {
+    let mut u = UnetConfig::sdxl_base();
+    u.block_out_channels = vec![32, 64, 64];
+    u.heads = vec![2, 4, 4];
+    u.transformer_layers = vec![1, 1, 1];
+    u.cross_attention_dim = 64;
+    u.projection_class_embeddings_input_dim = 6 * 256 + 64;
+    Preset {
+        name: "sdxl-tiny",
+        denoiser: Denoiser::Sdxl(u),
+        vae: tiny_vae(VaeConfig::sdxl()),
+    }
+}
+
+/// The presets as `r2f bench --model` names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchModel {
+    /// SD3-medium.
+    Sd3,
+    /// SDXL base.
+    Sdxl,
+    #[value(name = "sd3-tiny")]
+    Sd3Tiny,
+    #[value(name = "sdxl-tiny")]
+    SdxlTiny,
+}
+
+impl BenchModel {
+    pub fn preset(self) -> Preset {
+        match self {
+            BenchModel::Sd3 => sd3_medium(),
+            BenchModel::Sdxl => sdxl_base(),
+            BenchModel::Sd3Tiny => sd3_tiny(),
+            BenchModel::SdxlTiny => sdxl_tiny(),
+        }
+    }
+}
+
 pub struct BenchOptions {
     pub device: Device,
-    pub kind: Kind,
+    pub dtype: Kind,
     pub width: i64,
     pub height: i64,
     pub steps: usize,
     pub warmup: usize,
     pub context_tokens: i64,
-    pub denoiser: Denoiser,
-    pub vae: VaeConfig,
+    pub preset: Preset,
 }
 
+/// What `r2f bench` prints, one `key=value` group a line.
 #[derive(Debug)]
 pub struct BenchReport {
+    pub model: &'static str,
+    pub width: i64,
+    pub height: i64,
+    pub device: Device,
+    pub dtype: Kind,
+    pub steps: usize,
     pub ms_per_step: f64,
     pub denoise_ms: f64,
     pub vae_decode_ms: f64,
     pub peak_gpu_bytes: Option<u64>,
 }
 
-pub fn run(o: &BenchOptions) -> anyhow::Result<BenchReport> {
-    let _guard = tch::no_grad_guard();
-    tch::manual_seed(0);
-    let vb = Vb::new(Weights::random(0, o.device, o.kind));
-    // SDXL's VAE runs in float32 when the model is fp16 (force_upcast), as diffusers does.
-    let vae_kind = match (&o.denoiser, o.kind) {
-        (Denoiser::Sdxl(_), Kind::Half) => Kind::Float,
-        _ => o.kind,
-    };
-    let vae = VaeDecoder::new(&Vb::new(Weights::random(1, o.device, vae_kind)), &o.vae)?;
-    let f = o.vae.scale_factor();
-    let (lh, lw) = (o.height / f, o.width / f);
-    let schedule = FlowMatchSchedule::new(&FlowMatchConfig::sd3(), o.steps.max(1));
-    let timesteps = Tensor::from_slice(&schedule.timesteps).to_device(o.device);
-    let (mmdit, unet, channels, context, pooled) = match &o.denoiser {
+impl fmt::Display for BenchReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "model={} size={}x{} dtype={} device={} steps={}",
+            self.model,
+            self.width,
+            self.height,
+            dtype_name(self.dtype),
+            device_name(self.device),
+            self.steps
+        )?;
+        writeln!(f, "ms_per_step={:.2}", self.ms_per_step)?;
+        writeln!(f, "denoise_ms={:.1}", self.denoise_ms)?;
+        writeln!(f, "vae_decode_ms={:.1}", self.vae_decode_ms)?;
+        match self.peak_gpu_bytes {
+            Some(b) => write!(f, "gpu_memory_mib={}", b >> 20),
+            None => write!(f, "gpu_memory_mib=n/a"),
+        }
+    }
+}
+
+/// What `r2f bench-service` prints, one `key=value` group a line.
+impl fmt::Display for ServiceReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "jobs={} succeeded={} wall_s={:.2}",
+            self.jobs,
+            self.succeeded,
+            self.wall.as_secs_f64()
+        )?;
+        writeln!(f, "jobs_per_second={:.2}", self.jobs_per_second)?;
+        writeln!(f, "model_ms_per_job={:.1}", self.model_ms)?;
+        writeln!(
+            f,
+            "worker_overhead_ms_per_job={:.1}",
+            self.worker_overhead_ms
+        )?;
+        write!(
+            f,
+            "saturated_overhead_ms_per_job={:.1}",
+            self.saturated_overhead_ms
+        )
+    }
+}
+
+/// The denoiser built with random weights, and random conditioning of its shapes (CFG batch 2).
+struct RandomDenoiser {
+    mmdit: Option<Mmdit>,
+    unet: Option<Unet>,
+    channels: i64,
+    context: Tensor,
+    pooled: Tensor,
+}
+
+fn build(o: &BenchOptions, vb: &Vb) -> anyhow::Result<RandomDenoiser> {
+    let opts = (o.dtype, o.device);
+    Ok(match &o.preset.denoiser {
         Denoiser::Sd3(cfg) => {
             eprintln!(
                 "building the SD3 transformer ({} layers, dim {}) with random weights on {} in {}",
                 cfg.num_layers,
                 cfg.inner_dim(),
                 device_name(o.device),
-                dtype_name(o.kind)
+                dtype_name(o.dtype)
             );
-            let ctx = Tensor::randn(
-                [2, o.context_tokens, cfg.joint_attention_dim],
-                (o.kind, o.device),
-            );
-            let pooled = Tensor::randn([2, cfg.pooled_projection_dim], (o.kind, o.device));
-            (
-                Some(Mmdit::new(&vb, cfg)?),
-                None,
-                cfg.in_channels,
-                ctx,
+            let context = Tensor::randn([2, o.context_tokens, cfg.joint_attention_dim], opts);
+            let pooled = Tensor::randn([2, cfg.pooled_projection_dim], opts);
+            RandomDenoiser {
+                mmdit: Some(Mmdit::new(vb, cfg)?),
+                unet: None,
+                channels: cfg.in_channels,
+                context,
                 pooled,
-            )
+            }
         }
         Denoiser::Sdxl(cfg) => {
             eprintln!(
                 "building the SDXL UNet (channels {:?}) with random weights on {} in {}",
                 cfg.block_out_channels,
                 device_name(o.device),
-                dtype_name(o.kind)
+                dtype_name(o.dtype)
             );
-            let ctx = Tensor::randn([2, 77, cfg.cross_attention_dim], (o.kind, o.device));
+            let context = Tensor::randn([2, 77, cfg.cross_attention_dim], opts);
             let pooled_dim =
                 cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim;
-            let pooled = Tensor::randn([2, pooled_dim], (o.kind, o.device));
-            (
-                None,
-                Some(Unet::new(&vb, cfg)?),
-                cfg.in_channels,
-                ctx,
+            let pooled = Tensor::randn([2, pooled_dim], opts);
+            RandomDenoiser {
+                mmdit: None,
+                unet: Some(Unet::new(vb, cfg)?),
+                channels: cfg.in_channels,
+                context,
                 pooled,
-            )
+            }
         }
+    })
+}
+
+pub fn run(o: &BenchOptions) -> anyhow::Result<BenchReport> {
+    if o.width % 16 != 0 || o.height % 16 != 0 || o.width <= 0 || o.height <= 0 {
+        anyhow::bail!("width and height must be positive multiples of 16");
+    }
+    if o.steps == 0 {
+        anyhow::bail!("steps must be at least 1");
+    }
+    let _guard = tch::no_grad_guard();
+    tch::manual_seed(0);
+    let vb = Vb::new(Weights::random(0, o.device, o.dtype));
+    // SDXL's VAE runs in float32 when the model is fp16 (force_upcast), as diffusers does.
+    let vae_dtype = match (&o.preset.denoiser, o.dtype) {
+        (Denoiser::Sdxl(_), Kind::Half) => Kind::Float,
+        _ => o.dtype,
     };
+    let vae_cfg = &o.preset.vae;
+    let vae = VaeDecoder::new(&Vb::new(Weights::random(1, o.device, vae_dtype)), vae_cfg)?;
+    let f = vae_cfg.scale_factor();
+    let (lh, lw) = (o.height / f, o.width / f);
+    let noise_schedule = FlowMatchSchedule::new(&FlowMatchConfig::sd3(), o.steps.max(1));
+    let timesteps = Tensor::from_slice(&noise_schedule.timesteps).to_device(o.device);
+    let d = build(o, &vb)?;
     let (h, w) = (o.height as f32, o.width as f32);
     let time_ids = Tensor::from_slice(&[h, w, 0.0, 0.0, h, w])
         .unsqueeze(0)
         .repeat([2, 1])
         .to_device(o.device)
-        .to_kind(o.kind);
-    let latents = Tensor::randn([1, channels, lh, lw], (o.kind, o.device));
+        .to_kind(o.dtype);
+    let latents = Tensor::randn([1, d.channels, lh, lw], (o.dtype, o.device));
 
+    // One CFG step (guidance 7) and a flow-matching Euler update, whatever the denoiser.
     let step = |latents: &Tensor, i: usize| -> anyhow::Result<Tensor> {
         let t = timesteps.narrow(0, i as i64, 1).expand([2], false);
         let input = Tensor::cat(&[latents, latents], 0);
-        let v = match (&mmdit, &unet) {
-            (Some(m), _) => m.forward(&input, &t, &context, &pooled)?,
-            (_, Some(u)) => u.forward(&input, &t, &context, &pooled, &time_ids),
+        let v = match (&d.mmdit, &d.unet) {
+            (Some(m), _) => m.forward(&input, &t, &d.context, &d.pooled)?,
+            (_, Some(u)) => u.forward(&input, &t, &d.context, &d.pooled, &time_ids),
             _ => unreachable!("one denoiser is built"),
         };
-        let parts = v.chunk(2, 0);
-        let v = &parts[0] + (&parts[1] - &parts[0]) * 7.0;
-        Ok(
-            (latents.to_kind(Kind::Float) + v.to_kind(Kind::Float) * schedule.dt(i) as f64)
-                .to_kind(o.kind),
-        )
+        Ok(noise_schedule.step(i, latents, &apply_cfg_to_batch(&v, 7.0)))
     };
 
     eprintln!("warm-up: {} steps", o.warmup);
     let mut x = latents.shallow_clone();
     for i in 0..o.warmup {
-        x = step(&x, i % schedule.steps())?;
+        x = step(&x, i % noise_schedule.steps())?;
     }
     synchronize(o.device);
 
@@ -135,7 +292,7 @@ pub fn run(o: &BenchOptions) -> anyhow::Result<BenchReport> {
     let denoise_ms = t0.elapsed().as_secs_f64() * 1e3;
 
     // One untimed decode to warm the kernels, then a timed one.
-    let x = x.to_kind(vae_kind);
+    let x = x.to_kind(vae_dtype);
     let _ = vae.decode_latents(&x);
     synchronize(o.device);
     let t0 = Instant::now();
@@ -145,6 +302,12 @@ pub fn run(o: &BenchOptions) -> anyhow::Result<BenchReport> {
     let _ = img.size();
 
     Ok(BenchReport {
+        model: o.preset.name,
+        width: o.width,
+        height: o.height,
+        device: o.device,
+        dtype: o.dtype,
+        steps: o.steps,
         ms_per_step: denoise_ms / o.steps as f64,
         denoise_ms,
         vae_decode_ms,

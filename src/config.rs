@@ -6,6 +6,8 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+use crate::device::{DType, DeviceSpec, OrAuto};
+
 const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
 #[derive(Debug, Clone, Deserialize)]
@@ -33,8 +35,10 @@ pub struct Limits {
 #[derive(Debug, Clone, Deserialize)]
 pub struct WorkerSettings {
     pub model: String,
-    pub device: String,
-    pub dtype: String,
+    /// `auto`, `cpu`, `cuda` or `cuda:N`.
+    pub device: OrAuto<DeviceSpec>,
+    /// `auto`, `fp32`, `fp16` or `bf16`.
+    pub dtype: OrAuto<DType>,
     pub prefetch: u16,
     pub max_attempts: u32,
     pub retry_backoff_ms: u64,
@@ -130,7 +134,7 @@ pub struct S3Settings {
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct StorageSettings {
-    pub backend: String,
+    pub backend: StorageBackend,
     pub local_dir: String,
     pub bucket: String,
     pub prefix: String,
@@ -140,6 +144,28 @@ pub struct StorageSettings {
     /// backoff, before giving the job back.
     pub retry_budget_secs: u64,
     pub s3: S3Settings,
+}
+
+/// Where images and result files go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum StorageBackend {
+    /// A folder (`storage.local_dir`).
+    Local,
+    /// An S3 bucket (`storage.bucket`, `[storage.s3]`).
+    S3,
+}
+
+impl TryFrom<String> for StorageBackend {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.as_str() {
+            "local" => Ok(Self::Local),
+            "s3" => Ok(Self::S3),
+            other => Err(format!("`{other}` is not local or s3")),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -189,7 +215,27 @@ pub struct MetricsSettings {
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct LogSettings {
-    pub format: String,
+    pub format: LogFormat,
+}
+
+/// How log lines are written (standard error).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl TryFrom<String> for LogFormat {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.as_str() {
+            "text" => Ok(Self::Text),
+            "json" => Ok(Self::Json),
+            other => Err(format!("`{other}` is not text or json")),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -270,12 +316,6 @@ impl Settings {
                 self.models.keys().cloned().collect::<Vec<_>>().join(", ")
             ));
         }
-        if !["auto", "fp32", "fp16", "bf16"].contains(&w.dtype.as_str()) {
-            return bad(format!(
-                "worker.dtype `{}` is not auto, fp32, fp16 or bf16",
-                w.dtype
-            ));
-        }
         for (name, url, schemes) in [
             ("amqp.url", &self.amqp.url, &["amqp", "amqps"][..]),
             ("redis.url", &self.redis.url, &["redis", "rediss"][..]),
@@ -293,13 +333,14 @@ impl Settings {
                 ));
             }
         }
-        match self.storage.backend.as_str() {
-            "local" if self.storage.local_dir.is_empty() => {
+        match self.storage.backend {
+            StorageBackend::Local if self.storage.local_dir.is_empty() => {
                 return bad("storage.local_dir is empty".into())
             }
-            "s3" if self.storage.bucket.is_empty() => return bad("storage.bucket is empty".into()),
-            "local" | "s3" => {}
-            other => return bad(format!("storage.backend `{other}` is not local or s3")),
+            StorageBackend::S3 if self.storage.bucket.is_empty() => {
+                return bad("storage.bucket is empty".into())
+            }
+            StorageBackend::Local | StorageBackend::S3 => {}
         }
         if !["openai", "llama"].contains(&self.llm.backend.as_str()) {
             return bad(format!(
@@ -315,12 +356,6 @@ impl Settings {
         }
         if self.llm.max_attempts == 0 {
             return bad("llm.max_attempts must be at least 1".into());
-        }
-        if !["text", "json"].contains(&self.log.format.as_str()) {
-            return bad(format!(
-                "log.format `{}` is not text or json",
-                self.log.format
-            ));
         }
         if self.metrics.listen.parse::<std::net::SocketAddr>().is_err() {
             return bad(format!(
@@ -416,6 +451,34 @@ mod tests {
         assert_eq!(s.worker.prefetch, 1);
         assert_eq!(s.amqp.jobs_queue, "r2f.jobs");
         assert!(s.models.contains_key("sd3"));
+    }
+
+    #[test]
+    fn closed_sets_name_their_values() {
+        let dir = tempfile::tempdir().unwrap();
+        for (toml, want) in [
+            ("[storage]\nbackend = \"gcs\"\n", "`gcs` is not local or s3"),
+            ("[log]\nformat = \"xml\"\n", "`xml` is not text or json"),
+            (
+                "[worker]\ndtype = \"fp8\"\n",
+                "fp32, fp16 or bf16), or auto",
+            ),
+            (
+                "[worker]\ndevice = \"tpu\"\n",
+                "cpu, cuda or cuda:N), or auto",
+            ),
+        ] {
+            let path = dir.path().join("c.toml");
+            std::fs::write(&path, toml).unwrap();
+            let e = Settings::load(Some(&path)).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        }
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[worker]\ndevice = \"cuda:1\"\ndtype = \"auto\"\n").unwrap();
+        let s = Settings::load(Some(&path)).unwrap();
+        assert_eq!(s.worker.device, OrAuto::Given(DeviceSpec::Cuda(1)));
+        assert_eq!(s.worker.dtype, OrAuto::Auto);
+        assert_eq!(s.storage.backend, StorageBackend::Local);
     }
 
     #[test]

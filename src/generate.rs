@@ -10,34 +10,47 @@ use tch::{Device, Kind};
 use crate::config::Limits;
 use crate::device::{device_name, dtype_name};
 use crate::image::encode_png;
+use crate::job::JobMode;
 use crate::models::hub::{Family, ModelFolder};
+use crate::pipelines::sd3::plus::{RegionKnobs, RegionRequest};
 use crate::pipelines::sd3::Sd3Pipeline;
 use crate::pipelines::sdxl::SdxlPipeline;
 use crate::pipelines::{Output, Request};
-use crate::plan::R2fPlan;
-use crate::r2f::{step_prompts, ScheduleKind, StopStepMap};
-use crate::schedulers::discrete::SamplerKind;
+use crate::plan::{R2fPlan, RegionPlan};
+use crate::r2f::{step_prompts, PromptSchedule, StopStepMap};
+use crate::schedulers::discrete::Scheduler;
 
-/// How the prompt conditions the steps.
+/// How the prompt conditions the steps: a mode with what it needs to run (its name alone is a
+/// [`JobMode`], as jobs and `--mode` spell it).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Mode {
     /// The base model with the prompt alone.
     Plain,
-    /// The rare-to-frequent schedule over the plan's prompts.
+    /// The rare-to-frequent prompt schedule over the plan's prompts.
     R2f {
         plan: R2fPlan,
-        schedule: ScheduleKind,
+        schedule: PromptSchedule,
         /// None: the model family's map (SD3 [0,5,10,20,30,40], SDXL [0,3,5,10,20,30]).
         stop_steps: Option<StopStepMap>,
+    },
+    /// R2F+ (SD3 only): R2F per object region, with bbox attention guidance and latent fusion.
+    R2fPlus {
+        plan: RegionPlan,
+        knobs: RegionKnobs,
     },
 }
 
 impl Mode {
-    pub fn name(&self) -> &'static str {
+    pub fn job_mode(&self) -> JobMode {
         match self {
-            Mode::Plain => "plain",
-            Mode::R2f { .. } => "r2f",
+            Mode::Plain => JobMode::Plain,
+            Mode::R2f { .. } => JobMode::R2f,
+            Mode::R2fPlus { .. } => JobMode::R2fplus,
         }
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.job_mode().name()
     }
 }
 
@@ -49,15 +62,19 @@ pub fn stop_step_map(family: Family) -> StopStepMap {
     }
 }
 
-/// The prompt list and per-step prompt index for a mode.
-pub fn conditioning_schedule(
+/// The former name of [`prompt_schedule`] (the parity tests still use it).
+pub use self::prompt_schedule as conditioning_schedule;
+
+/// The prompt schedule of a mode: the prompt list and the index of the prompt of each step.
+pub fn prompt_schedule(
     mode: &Mode,
     prompt: &str,
     steps: usize,
     family: Family,
 ) -> (Vec<String>, Vec<usize>) {
     match mode {
-        Mode::Plain => (vec![prompt.to_string()], vec![0; steps]),
+        // R2F+ conditions each run per step (`r2f::plus`); its overall prompt is the base one.
+        Mode::Plain | Mode::R2fPlus { .. } => (vec![prompt.to_string()], vec![0; steps]),
         Mode::R2f {
             plan,
             schedule,
@@ -80,7 +97,8 @@ pub struct Params {
     pub height: Option<i64>,
     pub negative_prompt: String,
     pub t5_tokens: Option<usize>,
-    /// SDXL sampler (`euler` or `dpm++2m-karras`); None: the model's default for the mode.
+    /// SDXL scheduler (a [`Scheduler`] spelling: `euler` or `dpm++2m-karras`); None: the
+    /// model's default for the mode.
     pub scheduler: Option<String>,
 }
 
@@ -133,7 +151,7 @@ pub fn validate(prompt: &str, p: &Params, limits: &Limits) -> anyhow::Result<()>
         }
     }
     if let Some(s) = &p.scheduler {
-        SamplerKind::parse(s).map_err(anyhow::Error::msg)?;
+        Scheduler::parse(s).map_err(anyhow::Error::msg)?;
     }
     if let Some(t) = p.t5_tokens {
         if !(1..=512).contains(&t) {
@@ -192,13 +210,13 @@ pub enum Engine {
 }
 
 impl Engine {
-    pub fn load(model: &ModelFolder, device: Device, kind: Kind) -> anyhow::Result<Self> {
+    pub fn load(model: &ModelFolder, device: Device, dtype: Kind) -> anyhow::Result<Self> {
         match model.family {
             Family::Sd3 => Ok(Engine::Sd3(Box::new(Sd3Pipeline::load(
-                model, device, kind,
+                model, device, dtype,
             )?))),
             Family::Sdxl => Ok(Engine::Sdxl(Box::new(SdxlPipeline::load(
-                model, device, kind,
+                model, device, dtype,
             )?))),
         }
     }
@@ -236,10 +254,10 @@ impl Engine {
         }
     }
 
-    pub fn kind(&self) -> Kind {
+    pub fn dtype(&self) -> Kind {
         match self {
-            Engine::Sd3(p) => p.kind(),
-            Engine::Sdxl(p) => p.kind(),
+            Engine::Sd3(p) => p.dtype(),
+            Engine::Sdxl(p) => p.dtype(),
         }
     }
 
@@ -248,7 +266,7 @@ impl Engine {
     pub fn resolve(&self, mode: &Mode, p: &Params, limits: &Limits) -> anyhow::Result<Resolved> {
         let (steps, guidance, size) = match self {
             Engine::Sd3(pipe) => (
-                if matches!(mode, Mode::R2f { .. }) {
+                if matches!(mode, Mode::R2f { .. } | Mode::R2fPlus { .. }) {
                     50
                 } else {
                     28
@@ -291,7 +309,30 @@ impl Engine {
         r: &Resolved,
         on_step: &mut dyn FnMut(usize, usize),
     ) -> anyhow::Result<Output> {
-        let (prompts, step_prompt) = conditioning_schedule(mode, prompt, r.steps, self.family());
+        if let Mode::R2fPlus { plan, knobs } = mode {
+            let Engine::Sd3(pipe) = self else {
+                bail!(
+                    "R2F+ runs on SD3 models only (this model is {:?})",
+                    self.family()
+                );
+            };
+            // R2F+ encodes T5 at 256 tokens, as the official pipeline and diffusers do.
+            pipe.t5_tokens = p
+                .t5_tokens
+                .unwrap_or(crate::pipelines::sd3::DEFAULT_T5_TOKENS);
+            let req = RegionRequest {
+                plan: plan.clone(),
+                negative_prompt: p.negative_prompt.clone(),
+                guidance: r.guidance,
+                seed: r.seed,
+                width: r.width,
+                height: r.height,
+                steps: r.steps,
+                knobs: knobs.clone(),
+            };
+            return Ok(pipe.generate_regions(&req, on_step)?.output);
+        }
+        let (prompts, step_prompt) = prompt_schedule(mode, prompt, r.steps, self.family());
         let req = Request {
             prompts,
             step_prompt,
@@ -305,8 +346,8 @@ impl Engine {
             Engine::Sd3(pipe) => {
                 // diffusers' SD3 pipeline encodes T5 at 256 tokens; the official R2F code at 77.
                 let default_t5 = match mode {
-                    Mode::Plain => crate::pipelines::sd3::DEFAULT_T5_TOKENS,
                     Mode::R2f { .. } => crate::pipelines::sd3::R2F_T5_TOKENS,
+                    _ => crate::pipelines::sd3::DEFAULT_T5_TOKENS,
                 };
                 pipe.t5_tokens = p.t5_tokens.unwrap_or(default_t5);
                 pipe.generate(&req, on_step)
@@ -314,14 +355,14 @@ impl Engine {
             Engine::Sdxl(pipe) => {
                 // Plain: the model folder's scheduler; R2F: DPM-Solver++ 2M Karras, as the
                 // official R2F-SDXL runs.
-                let sampler = match &p.scheduler {
-                    Some(s) => SamplerKind::parse(s).map_err(anyhow::Error::msg)?,
+                let scheduler = match &p.scheduler {
+                    Some(s) => Scheduler::parse(s).map_err(anyhow::Error::msg)?,
                     None => match mode {
-                        Mode::Plain => pipe.default_sampler(),
-                        Mode::R2f { .. } => SamplerKind::DpmSolverPp2mKarras,
+                        Mode::R2f { .. } => Scheduler::DpmSolverPp2mKarras,
+                        _ => pipe.default_scheduler(),
                     },
                 };
-                pipe.generate(&req, sampler, on_step)
+                pipe.generate(&req, scheduler, on_step)
             }
         }
     }
@@ -360,12 +401,13 @@ pub fn generate_png(
             "plan",
             match mode {
                 Mode::R2f { plan, .. } => plan.to_official_json().to_string(),
+                Mode::R2fPlus { plan, .. } => serde_json::to_string(plan)?,
                 Mode::Plain => String::new(),
             },
         ),
         ("steps", resolved.steps.to_string()),
         ("guidance", resolved.guidance.to_string()),
-        ("dtype", dtype_name(engine.kind()).to_string()),
+        ("dtype", dtype_name(engine.dtype()).to_string()),
         ("device", device_name(engine.device())),
         ("software", format!("r2f {}", env!("CARGO_PKG_VERSION"))),
     ];

@@ -8,7 +8,9 @@ use serde_json::Value;
 
 use crate::config::Limits;
 use crate::generate::Params;
+use crate::pipelines::sd3::plus::RegionKnobs;
 use crate::plan::Plan;
+use crate::r2f::regions::{check_stop_steps, RegionMask};
 
 /// A job message as published on `r2f.jobs`. Unknown fields are ignored.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -42,6 +44,16 @@ pub struct JobParams {
     pub scheduler: Option<String>,
     /// `paper` or `head` (R2F level -> stop-step map); default: the model's own.
     pub stop_step_map: Option<String>,
+    /// R2F+: `ellipse` (default) or `box`, the object masks of the latent fusion.
+    pub region_mask: Option<String>,
+    /// R2F+: steps with bbox attention guidance (default 10).
+    pub bbox_guidance_steps: Option<i64>,
+    /// R2F+: gradient steps per guided step (default 5).
+    pub bbox_guidance_iterations: Option<i64>,
+    /// R2F+: scale of the bbox loss (default 30).
+    pub bbox_loss_scale: Option<f64>,
+    /// R2F+: steps after which the object latents are pasted in (default 20).
+    pub latent_fusion_steps: Option<i64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -81,6 +93,8 @@ pub struct ValidJob {
     pub num_images: usize,
     pub schedule: crate::r2f::ScheduleKind,
     pub stop_steps: Option<crate::r2f::StopStepMap>,
+    /// R2F+ knobs (defaults unless the job sets them; unused by other modes).
+    pub regions: RegionKnobs,
     pub prefix: String,
 }
 
@@ -91,6 +105,95 @@ pub struct Rejection(pub String);
 
 fn reject<T>(msg: impl Into<String>) -> Result<T, Rejection> {
     Err(Rejection(msg.into()))
+}
+
+/// The most gradient steps per guided step a job may ask for: each costs a forward and a
+/// backward pass of the transformer per run.
+pub const MAX_BBOX_GUIDANCE_ITERATIONS: i64 = 20;
+
+/// The R2F+ knobs of a job's params, each checked against its bound.
+fn region_knobs(
+    p: &JobParams,
+    schedule: crate::r2f::PromptSchedule,
+    stop_steps: Option<crate::r2f::StopStepMap>,
+    limits: &Limits,
+) -> Result<RegionKnobs, Rejection> {
+    let mut k = RegionKnobs {
+        schedule,
+        ..RegionKnobs::default()
+    };
+    if let Some(m) = stop_steps {
+        k.stop_steps = m;
+    }
+    if let Some(m) = &p.region_mask {
+        k.mask = RegionMask::parse(m).map_err(Rejection)?;
+    }
+    let step_count = |name: &str, v: Option<i64>, default: usize| match v {
+        None => Ok(default),
+        Some(v) if (0..=limits.max_steps as i64).contains(&v) => Ok(v as usize),
+        Some(v) => reject(format!(
+            "{name} must be between 0 and {} (got {v}; max_steps)",
+            limits.max_steps
+        )),
+    };
+    k.guidance_steps = step_count(
+        "bbox_guidance_steps",
+        p.bbox_guidance_steps,
+        k.guidance_steps,
+    )?;
+    k.fusion_steps = step_count("latent_fusion_steps", p.latent_fusion_steps, k.fusion_steps)?;
+    if let Some(n) = p.bbox_guidance_iterations {
+        if !(0..=MAX_BBOX_GUIDANCE_ITERATIONS).contains(&n) {
+            return reject(format!(
+                "bbox_guidance_iterations must be between 0 and {MAX_BBOX_GUIDANCE_ITERATIONS} (got {n})"
+            ));
+        }
+        k.guidance_iterations = n as usize;
+    }
+    if let Some(s) = p.bbox_loss_scale {
+        if !s.is_finite() || !(0.0..=1e6).contains(&s) {
+            return reject(format!(
+                "bbox_loss_scale must be between 0 and 1e6 (got {s})"
+            ));
+        }
+        k.loss_scale = s;
+    }
+    Ok(k)
+}
+
+/// Faithful R2F+ refuses, before any work, what the official loop cannot run: guidance ≤ 1, a
+/// non-square size, too few steps for the stop-step map (sizes and steps the job leaves to the
+/// model's defaults are checked when the run starts).
+fn check_faithful_regions(
+    p: &JobParams,
+    steps: Option<usize>,
+    k: &RegionKnobs,
+) -> Result<(), Rejection> {
+    if k.schedule != crate::r2f::PromptSchedule::Faithful {
+        return Ok(());
+    }
+    if let (Some(w), Some(h)) = (p.width, p.height) {
+        if w != h {
+            return reject(format!(
+                "mode r2fplus with schedule faithful needs a square image (got {w}x{h}); use schedule clean"
+            ));
+        }
+    }
+    if let Some(g) = p.guidance {
+        if g <= 1.0 {
+            return reject(format!(
+                "mode r2fplus with schedule faithful needs guidance above 1 (got {g}); use schedule clean"
+            ));
+        }
+    }
+    if let Some(s) = steps {
+        check_stop_steps(&k.stop_steps.0, s).map_err(|e| {
+            Rejection(format!(
+                "mode r2fplus with schedule faithful: {e}; use 41 steps or more, or schedule clean"
+            ))
+        })?;
+    }
+    Ok(())
 }
 
 /// The id of a message that may not be a valid job (for its rejected event and the logs):
@@ -299,8 +402,14 @@ pub fn validate_message(
         plan.check_limits(limits)
             .map_err(|e| Rejection(format!("invalid plan: {e}")))?;
     }
+    if mode == JobMode::R2fplus && matches!(plan, Some(Plan::R2f(_))) {
+        return reject(
+            "mode r2fplus was given an R2F plan: send an R2F+ plan (base_prompt and objects), or mode r2f",
+        );
+    }
+    let regions = region_knobs(p, schedule, stop_steps, limits)?;
     if mode == JobMode::R2fplus {
-        return reject("mode r2fplus is not supported by this worker yet");
+        check_faithful_regions(p, steps, &regions)?;
     }
     if mode == JobMode::R2f && matches!(plan, Some(Plan::Regions(_))) {
         return reject(
@@ -326,6 +435,7 @@ pub fn validate_message(
         num_images,
         schedule,
         stop_steps,
+        regions,
         prefix,
     })
 }

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod bench_service;
+pub mod cli;
 pub mod config;
 pub mod device;
 pub mod enqueue;
@@ -17,3 +18,6 @@ pub mod redis_store;
 pub mod schedulers;
 pub mod storage;
 pub mod worker;
+
+// The R2F method's vocabulary at the crate root: `r2f::PromptSchedule`, not `r2f::r2f::...`.
+pub use crate::r2f::{step_prompts, PromptSchedule, StopStepMap};

@@ -2,15 +2,11 @@
 //! remote LLM, the machine's Redis as plan cache, RabbitMQ, the tiny SD3 model.
 
 mod common;
-#[path = "common/fake_llm.rs"]
-mod fake_llm;
-#[path = "common/harness.rs"]
-mod harness;
 
 use std::time::Duration;
 
-use fake_llm::{FakeLlm, Reply};
-use harness::*;
+use common::fake_llm::{FakeLlm, Reply};
+use common::harness::*;
 use serde_json::json;
 
 const T: Duration = Duration::from_secs(90);
@@ -201,7 +197,7 @@ async fn plan_command_prints_r2f_and_r2fplus_plans_through_the_cache() {
                 "--mode",
                 mode,
             ])
-            .env("R2F_TEST_LLM_KEY", fake_llm::API_KEY)
+            .env("R2F_TEST_LLM_KEY", common::fake_llm::API_KEY)
             .output()
             .unwrap()
     };
@@ -221,4 +217,105 @@ async fn plan_command_prints_r2f_and_r2fplus_plans_through_the_cache() {
     let regions: serde_json::Value = serde_json::from_slice(&out.2.stdout).unwrap();
     assert_eq!(regions["objects"]["#1"]["r2f"][0], "a hairy animal");
     assert_eq!(llm.calls(), 2, "the second r2f call is a cache hit");
+}
+
+/// An R2F+ job on the tiny model: clean schedule (the tiny model draws 64x48, not square) and
+/// few steps, so that guidance (1 step) and fusion (2 steps) both run.
+fn r2fplus_job(id: &str, prompt: &str) -> serde_json::Value {
+    json!({
+        "id": id,
+        "prompt": prompt,
+        "model": "tiny",
+        "mode": "r2fplus",
+        "params": {"steps": 6, "guidance": 5.0, "width": 64, "height": 48, "seed": 5,
+                   "schedule": "clean", "region_mask": "box", "bbox_guidance_iterations": 2}
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r2fplus_jobs_run_with_their_plan_or_the_llm_plan_and_bad_ones_are_rejected() {
+    let llm = FakeLlm::start().await;
+    let (names, cfg, dir) = setup("r2fplus", &llm, 3);
+    let mut broker = Broker::connect(&names).await;
+    let mut worker = WorkerProc::spawn(&cfg);
+    assert!(worker.wait_ready(T).await, "{}", worker.log());
+
+    // A plan given with the job, its objects listed #2 first: that order is kept.
+    let mut given = r2fplus_job("plus-given", "a furry frog and a glass sword");
+    given["plan"] = json!({
+        "original_prompt": "a furry frog and a glass sword",
+        "base_prompt": "a #1 next to a #2",
+        "objects": {
+            "#2": {"prompt": "a photo of a #2", "object": "glass sword", "r2f": [],
+                   "visual_detail_levels": [], "bbox": [0.5, 0.1, 0.9, 0.9]},
+            "#1": {"prompt": "a photo of a #1", "object": "furry frog", "r2f": ["furry animal"],
+                   "visual_detail_levels": [3], "bbox": [0.1, 0.2, 0.5, 0.8]}
+        }
+    });
+    broker.publish(&given).await;
+    // No plan: the LLM's R2F+ plan.
+    let prompt = format!("a hairy frog and a golden sword {}", names.prefix);
+    broker.publish(&r2fplus_job("plus-llm", &prompt)).await;
+    // An invalid R2F+ plan (the base prompt lacks #2), an R2F plan in an r2fplus job, and a
+    // faithful job on a size the official loop cannot draw.
+    let mut bad_plan = r2fplus_job("plus-bad-plan", "x");
+    bad_plan["plan"] = given["plan"].clone();
+    bad_plan["plan"]["base_prompt"] = json!("a #1 alone");
+    broker.publish(&bad_plan).await;
+    let mut r2f_plan = r2fplus_job("plus-r2f-plan", "x");
+    r2f_plan["plan"] =
+        json!({"visual_detail_level": "3", "r2f_prompt": [["a frog", "a hairy frog"]]});
+    broker.publish(&r2f_plan).await;
+    let mut faithful = r2fplus_job("plus-faithful-wide", "x");
+    faithful["params"]["schedule"] = json!("faithful");
+    faithful["params"]["steps"] = json!(50);
+    broker.publish(&faithful).await;
+
+    let results = broker.wait_results(5, Duration::from_secs(300)).await;
+    assert_eq!(
+        results.len(),
+        5,
+        "{:?}\n{}",
+        broker.events_seen,
+        worker.log()
+    );
+    let by_id = |id: &str| results.iter().find(|r| r["id"] == id).unwrap().clone();
+    let r = by_id("plus-given");
+    assert_eq!(r["status"], "succeeded", "{r}\n{}", worker.log());
+    let keys: Vec<&String> = r["plan"]["objects"].as_object().unwrap().keys().collect();
+    assert_eq!(keys, ["#2", "#1"], "plan order kept: {r}");
+    assert!(r["timings_ms"].get("guidance").is_some(), "{r}");
+    let r = by_id("plus-llm");
+    assert_eq!(r["status"], "succeeded", "{r}\n{}", worker.log());
+    assert_eq!(r["plan"]["base_prompt"], "#1 and #2", "{r}");
+    assert_eq!(llm.calls(), 1);
+    assert!(
+        llm.requests()[0]["messages"][1]["content"]
+            .as_str()
+            .unwrap()
+            .contains("Original prompt"),
+        "the R2F+ template was used"
+    );
+    for (id, reason) in [
+        ("plus-bad-plan", "invalid plan"),
+        ("plus-r2f-plan", "was given an R2F plan"),
+        ("plus-faithful-wide", "needs a square image"),
+    ] {
+        let r = by_id(id);
+        assert_eq!(r["status"], "rejected", "{r}");
+        let msg = r["error"]["message"].as_str().unwrap_or_default();
+        assert!(msg.contains(reason), "{id}: {r}");
+    }
+    let dead = broker.take_dead_letters().await;
+    assert_eq!(dead.len(), 3, "{dead:?}");
+    let stage = metric(&worker, r#"r2f_job_stage_seconds_count{stage="guidance"}"#).await;
+    assert_eq!(stage, 2.0, "guidance timed for both R2F+ jobs");
+    let ok = metric(
+        &worker,
+        r#"r2f_jobs_total{mode="r2fplus",model="tiny",status="succeeded"}"#,
+    )
+    .await;
+    assert_eq!(ok, 2.0);
+    drop(dir);
+    broker.cleanup().await;
 }

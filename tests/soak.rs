@@ -8,13 +8,11 @@
 //! jobs and a 30 s outage (`R2F_SOAK_JOBS`, `R2F_SOAK_OUTAGE_SECS`).
 
 mod common;
-#[path = "common/harness.rs"]
-mod harness;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use harness::*;
+use common::harness::*;
 use serde_json::json;
 
 fn env_or(name: &str, default: u64) -> u64 {

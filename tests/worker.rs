@@ -2,12 +2,10 @@
 //! (s3s-fs), the `r2f worker` binary with the tiny SD3 fixture model.
 
 mod common;
-#[path = "common/harness.rs"]
-mod harness;
 
 use std::time::Duration;
 
-use harness::*;
+use common::harness::*;
 use serde_json::json;
 
 const T: Duration = Duration::from_secs(60);

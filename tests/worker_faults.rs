@@ -2,15 +2,11 @@
 //! an in-process S3: each test names the defect it guards against (issue #10).
 
 mod common;
-#[path = "common/fake_llm.rs"]
-mod fake_llm;
-#[path = "common/harness.rs"]
-mod harness;
 
 use std::time::Duration;
 
-use fake_llm::{FakeLlm, Reply};
-use harness::*;
+use common::fake_llm::{FakeLlm, Reply};
+use common::harness::*;
 use serde_json::json;
 
 const T: Duration = Duration::from_secs(60);

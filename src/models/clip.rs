@@ -1,13 +1,18 @@
 //! CLIP text encoders (OpenAI CLIP-L and OpenCLIP bigG) as transformers' `CLIPTextModel` /
 //! `CLIPTextModelWithProjection`: causal self-attention, pre-LN blocks, final LayerNorm, pooled
 //! output at the end-of-text token, optional text projection.
+//!
+//! Struct fields are named as the checkpoint keys (`text_model.encoder.layers.3.mlp.fc1` is
+//! `text_model.encoder.layers[3].mlp.fc1`). Checkpoints come in two layouts, both loaded: the
+//! tower under `text_model.` (transformers 4, and `CLIPTextModelWithProjection`), or at the root
+//! (`CLIPTextModel` as transformers 5 writes it, without the wrapper).
 
 use std::path::Path;
 
 use serde::Deserialize;
 use tch::{Kind, Tensor};
 
-use super::layers::{attention, merge_heads, split_heads, LayerNorm, Linear};
+use super::layers::{attention, merge_heads, split_heads, Embedding, LayerNorm, Linear};
 use super::weights::Vb;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -20,7 +25,7 @@ pub struct ClipConfig {
     #[serde(default = "default_positions")]
     pub max_position_embeddings: i64,
     #[serde(default = "default_act")]
-    pub hidden_act: String,
+    pub hidden_act: HiddenAct,
     #[serde(default = "default_ln_eps")]
     pub layer_norm_eps: f64,
     #[serde(default)]
@@ -32,8 +37,8 @@ pub struct ClipConfig {
 fn default_positions() -> i64 {
     77
 }
-fn default_act() -> String {
-    "quick_gelu".into()
+fn default_act() -> HiddenAct {
+    HiddenAct::QuickGelu
 }
 fn default_ln_eps() -> f64 {
     1e-5
@@ -64,7 +69,7 @@ impl ClipConfig {
             num_hidden_layers: 12,
             num_attention_heads: 12,
             max_position_embeddings: 77,
-            hidden_act: "quick_gelu".into(),
+            hidden_act: HiddenAct::QuickGelu,
             layer_norm_eps: 1e-5,
             projection_dim: Some(768),
             eos_token_id: 2,
@@ -80,7 +85,7 @@ impl ClipConfig {
             num_hidden_layers: 32,
             num_attention_heads: 20,
             max_position_embeddings: 77,
-            hidden_act: "gelu".into(),
+            hidden_act: HiddenAct::Gelu,
             layer_norm_eps: 1e-5,
             projection_dim: Some(1280),
             eos_token_id: 2,
@@ -88,23 +93,36 @@ impl ClipConfig {
     }
 }
 
-enum Activation {
+/// `hidden_act` of a CLIP text config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum HiddenAct {
+    /// `x * sigmoid(1.702 x)` (OpenAI CLIP).
     QuickGelu,
+    /// Exact (erf) GELU (OpenCLIP bigG).
     Gelu,
+    /// GELU with the tanh approximation (`gelu_new`, `gelu_pytorch_tanh`).
     GeluTanh,
 }
 
-impl Activation {
-    fn parse(name: &str) -> anyhow::Result<Self> {
-        Ok(match name {
-            "quick_gelu" => Self::QuickGelu,
-            "gelu" => Self::Gelu,
-            "gelu_new" | "gelu_pytorch_tanh" => Self::GeluTanh,
-            other => anyhow::bail!("unsupported CLIP activation `{other}`"),
-        })
+impl TryFrom<String> for HiddenAct {
+    type Error = String;
+    fn try_from(value: String) -> Result<Self, String> {
+        super::choice(
+            "hidden_act",
+            &value,
+            &[
+                ("quick_gelu", Self::QuickGelu),
+                ("gelu", Self::Gelu),
+                ("gelu_new", Self::GeluTanh),
+                ("gelu_pytorch_tanh", Self::GeluTanh),
+            ],
+        )
     }
+}
 
-    fn forward(&self, x: &Tensor) -> Tensor {
+impl HiddenAct {
+    fn forward(self, x: &Tensor) -> Tensor {
         match self {
             Self::QuickGelu => x * (x * 1.702).sigmoid(),
             Self::Gelu => x.gelu("none"),
@@ -113,50 +131,167 @@ impl Activation {
     }
 }
 
-struct EncoderLayer {
-    ln1: LayerNorm,
-    qkv: Linear,
-    out: Linear,
-    ln2: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
+/// transformers' `CLIPAttention` (`self_attn`): causal multi-head self-attention.
+struct ClipAttention {
+    /// `q_proj`, `k_proj`, `v_proj` fused (one GEMM).
+    qkv_proj: Linear,
+    out_proj: Linear,
     heads: i64,
-    act: Activation,
 }
 
-impl EncoderLayer {
+impl ClipAttention {
     fn new(vb: &Vb, cfg: &ClipConfig) -> anyhow::Result<Self> {
         let h = cfg.hidden_size;
-        let attn = vb.pp("self_attn");
-        let q = Linear::new(&attn.pp("q_proj"), h, h, true)?;
-        let k = Linear::new(&attn.pp("k_proj"), h, h, true)?;
-        let v = Linear::new(&attn.pp("v_proj"), h, h, true)?;
+        let linear = |name: &str| Linear::new(&vb.pp(name), h, h, true);
         Ok(Self {
-            ln1: LayerNorm::new(&vb.pp("layer_norm1"), h, cfg.layer_norm_eps)?,
-            qkv: Linear::fuse(&[q, k, v]),
-            out: Linear::new(&attn.pp("out_proj"), h, h, true)?,
-            ln2: LayerNorm::new(&vb.pp("layer_norm2"), h, cfg.layer_norm_eps)?,
-            fc1: Linear::new(&vb.pp("mlp").pp("fc1"), h, cfg.intermediate_size, true)?,
-            fc2: Linear::new(&vb.pp("mlp").pp("fc2"), cfg.intermediate_size, h, true)?,
+            qkv_proj: Linear::fuse(&[linear("q_proj")?, linear("k_proj")?, linear("v_proj")?]),
+            out_proj: linear("out_proj")?,
             heads: cfg.num_attention_heads,
-            act: Activation::parse(&cfg.hidden_act)?,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
-        let h = self.ln1.forward(x);
-        let qkv = self.qkv.forward(&h).chunk(3, -1);
-        let (q, k, v) = (
-            split_heads(&qkv[0], self.heads),
-            split_heads(&qkv[1], self.heads),
-            split_heads(&qkv[2], self.heads),
-        );
-        let a = merge_heads(&attention(&q, &k, &v, true));
-        let x = x + self.out.forward(&a);
-        let h = self
-            .fc2
-            .forward(&self.act.forward(&self.fc1.forward(&self.ln2.forward(&x))));
+        let qkv = self.qkv_proj.forward(x).chunk(3, -1);
+        let q = split_heads(&qkv[0], self.heads);
+        let k = split_heads(&qkv[1], self.heads);
+        let v = split_heads(&qkv[2], self.heads);
+        self.out_proj
+            .forward(&merge_heads(&attention(&q, &k, &v, true)))
+    }
+}
+
+/// transformers' `CLIPMLP` (`mlp`).
+struct ClipMlp {
+    fc1: Linear,
+    fc2: Linear,
+    activation: HiddenAct,
+}
+
+impl ClipMlp {
+    fn new(vb: &Vb, cfg: &ClipConfig) -> anyhow::Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            fc1: Linear::new(&vb.pp("fc1"), h, i, true)?,
+            fc2: Linear::new(&vb.pp("fc2"), i, h, true)?,
+            activation: cfg.hidden_act,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        self.fc2
+            .forward(&self.activation.forward(&self.fc1.forward(x)))
+    }
+}
+
+/// transformers' `CLIPEncoderLayer` (`encoder.layers.N`): pre-LN attention and MLP residuals.
+struct ClipEncoderLayer {
+    layer_norm1: LayerNorm,
+    self_attn: ClipAttention,
+    layer_norm2: LayerNorm,
+    mlp: ClipMlp,
+}
+
+impl ClipEncoderLayer {
+    fn new(vb: &Vb, cfg: &ClipConfig) -> anyhow::Result<Self> {
+        let (h, eps) = (cfg.hidden_size, cfg.layer_norm_eps);
+        Ok(Self {
+            layer_norm1: LayerNorm::new(&vb.pp("layer_norm1"), h, eps)?,
+            self_attn: ClipAttention::new(&vb.pp("self_attn"), cfg)?,
+            layer_norm2: LayerNorm::new(&vb.pp("layer_norm2"), h, eps)?,
+            mlp: ClipMlp::new(&vb.pp("mlp"), cfg)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let x = x + self.self_attn.forward(&self.layer_norm1.forward(x));
+        let h = self.mlp.forward(&self.layer_norm2.forward(&x));
         x + h
+    }
+}
+
+/// transformers' `CLIPTextEmbeddings` (`embeddings`): token plus absolute position embeddings.
+struct ClipTextEmbeddings {
+    token_embedding: Embedding,
+    position_embedding: Embedding,
+}
+
+impl ClipTextEmbeddings {
+    fn new(vb: &Vb, cfg: &ClipConfig) -> anyhow::Result<Self> {
+        let h = cfg.hidden_size;
+        Ok(Self {
+            token_embedding: Embedding::new(&vb.pp("token_embedding"), cfg.vocab_size, h)?,
+            position_embedding: Embedding::new(
+                &vb.pp("position_embedding"),
+                cfg.max_position_embeddings,
+                h,
+            )?,
+        })
+    }
+
+    /// `ids [b, seq]` -> `[b, seq, hidden]`; positions 0..seq.
+    fn forward(&self, ids: &Tensor) -> Tensor {
+        let seq = ids.size()[1];
+        let positions = self.position_embedding.weight().narrow(0, 0, seq);
+        self.token_embedding.forward(ids) + positions
+    }
+}
+
+/// transformers' `CLIPEncoder` (`encoder`).
+struct ClipEncoder {
+    layers: Vec<ClipEncoderLayer>,
+}
+
+/// transformers' `CLIPTextTransformer` (`text_model`, or the checkpoint's root).
+struct ClipTextTransformer {
+    embeddings: ClipTextEmbeddings,
+    encoder: ClipEncoder,
+    final_layer_norm: LayerNorm,
+    eos_token_id: i64,
+}
+
+impl ClipTextTransformer {
+    fn new(vb: &Vb, cfg: &ClipConfig) -> anyhow::Result<Self> {
+        let layers = vb.pp("encoder").pp("layers");
+        Ok(Self {
+            embeddings: ClipTextEmbeddings::new(&vb.pp("embeddings"), cfg)?,
+            encoder: ClipEncoder {
+                layers: (0..cfg.num_hidden_layers)
+                    .map(|i| ClipEncoderLayer::new(&layers.pp(i), cfg))
+                    .collect::<anyhow::Result<Vec<_>>>()?,
+            },
+            final_layer_norm: LayerNorm::new(
+                &vb.pp("final_layer_norm"),
+                cfg.hidden_size,
+                cfg.layer_norm_eps,
+            )?,
+            eos_token_id: cfg.eos_token_id,
+        })
+    }
+
+    /// `(hidden_states[-2], pooled)`: the input of the last encoder layer, and the final-
+    /// LayerNormed state at the end-of-text position.
+    fn forward(&self, ids: &Tensor) -> (Tensor, Tensor) {
+        let mut x = self.embeddings.forward(ids);
+        // With no layers, `hidden_states[-2]` would be the embeddings: the same as here.
+        let mut penultimate = x.shallow_clone();
+        for layer in &self.encoder.layers {
+            penultimate = x.shallow_clone();
+            x = layer.forward(&x);
+        }
+        let last = self.final_layer_norm.forward(&x);
+        // transformers' pooling rule: the legacy configs (eos_token_id == 2) take the position of
+        // the largest id, which is `<|endoftext|>` in the real vocabulary; others take the first
+        // position holding eos_token_id.
+        let eos_pos = if self.eos_token_id == 2 {
+            ids.argmax(-1, false)
+        } else {
+            ids.eq(self.eos_token_id)
+                .to_kind(Kind::Int)
+                .argmax(-1, false)
+        };
+        let batch = Tensor::arange(ids.size()[0], (Kind::Int64, ids.device()));
+        let pooled = last.index(&[Some(batch), Some(eos_pos)]);
+        (penultimate, pooled)
     }
 }
 
@@ -170,75 +305,41 @@ pub struct ClipOutput {
     pub text_embeds: Option<Tensor>,
 }
 
+/// transformers' `CLIPTextModel`, or `CLIPTextModelWithProjection` with `text_projection`.
 pub struct ClipTextModel {
-    token_embedding: Tensor,
-    position_embedding: Tensor,
-    layers: Vec<EncoderLayer>,
-    final_ln: LayerNorm,
-    projection: Option<Linear>,
-    eos_token_id: i64,
+    text_model: ClipTextTransformer,
+    text_projection: Option<Linear>,
 }
 
 impl ClipTextModel {
-    /// `with_projection`: load `text_projection` (CLIPTextModelWithProjection).
+    /// `with_projection`: load `text_projection` (CLIPTextModelWithProjection). The tower is
+    /// read under `text_model.` or at the root, whichever the checkpoint has.
     pub fn new(vb: &Vb, cfg: &ClipConfig, with_projection: bool) -> anyhow::Result<Self> {
-        let tm = vb.pp("text_model");
-        let emb = tm.pp("embeddings");
-        let h = cfg.hidden_size;
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|i| EncoderLayer::new(&tm.pp("encoder").pp("layers").pp(i), cfg))
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        let projection = if with_projection {
+        let text_model =
+            vb.pp_first_containing(&["text_model", ""], "embeddings.token_embedding.weight")?;
+        let text_projection = if with_projection {
             let p = cfg
                 .projection_dim
                 .ok_or_else(|| anyhow::anyhow!("CLIP config has no projection_dim"))?;
-            Some(Linear::new(&vb.pp("text_projection"), h, p, false)?)
+            Some(Linear::new(
+                &vb.pp("text_projection"),
+                cfg.hidden_size,
+                p,
+                false,
+            )?)
         } else {
             None
         };
         Ok(Self {
-            token_embedding: emb
-                .pp("token_embedding")
-                .get("weight", &[cfg.vocab_size, h])?,
-            position_embedding: emb
-                .pp("position_embedding")
-                .get("weight", &[cfg.max_position_embeddings, h])?,
-            layers,
-            final_ln: LayerNorm::new(&tm.pp("final_layer_norm"), h, cfg.layer_norm_eps)?,
-            projection,
-            eos_token_id: cfg.eos_token_id,
+            text_model: ClipTextTransformer::new(&text_model, cfg)?,
+            text_projection,
         })
     }
 
     /// `ids`: `[batch, seq]` int64 on the model's device.
     pub fn forward(&self, ids: &Tensor) -> ClipOutput {
-        let (_b, seq) = ids.size2().expect("[batch, seq] token ids");
-        let positions = self.position_embedding.narrow(0, 0, seq);
-        let mut x = self.token_embedding.index_select(0, &ids.flatten(0, -1));
-        x = x.view([ids.size()[0], seq, -1]) + positions;
-        let mut penultimate = None;
-        let n = self.layers.len();
-        for (i, layer) in self.layers.iter().enumerate() {
-            if i + 1 == n {
-                penultimate = Some(x.shallow_clone());
-            }
-            x = layer.forward(&x);
-        }
-        let penultimate = penultimate.unwrap_or_else(|| x.shallow_clone());
-        let last = self.final_ln.forward(&x);
-        // transformers' pooling rule: the legacy configs (eos_token_id == 2) take the position of
-        // the largest id, which is `<|endoftext|>` in the real vocabulary; others take the first
-        // position holding eos_token_id.
-        let eos_pos = if self.eos_token_id == 2 {
-            ids.argmax(-1, false)
-        } else {
-            ids.eq(self.eos_token_id)
-                .to_kind(Kind::Int)
-                .argmax(-1, false)
-        };
-        let batch = Tensor::arange(ids.size()[0], (Kind::Int64, ids.device()));
-        let pooled = last.index(&[Some(batch), Some(eos_pos)]);
-        let text_embeds = self.projection.as_ref().map(|p| p.forward(&pooled));
+        let (penultimate, pooled) = self.text_model.forward(ids);
+        let text_embeds = self.text_projection.as_ref().map(|p| p.forward(&pooled));
         ClipOutput {
             penultimate,
             pooled,

@@ -1,4 +1,4 @@
-//! Small building blocks shared by every model: linear, norms, convolution, attention.
+//! Small building blocks shared by every model: linear, embedding, norms, convolution, attention.
 
 use tch::{Kind, Tensor};
 
@@ -35,21 +35,39 @@ impl Linear {
     }
 
     /// Several linears with the same input fused into one matrix multiply (q/k/v projections):
-    /// one GEMM instead of three, split afterwards.
+    /// one GEMM instead of three, split afterwards. The fused layer has a bias when every part
+    /// has one.
     pub fn fuse(parts: &[Linear]) -> Linear {
         let weight = Tensor::cat(&parts.iter().map(|p| &p.weight).collect::<Vec<_>>(), 0);
-        let bias = if parts.iter().all(|p| p.bias.is_some()) {
-            Some(Tensor::cat(
-                &parts
-                    .iter()
-                    .map(|p| p.bias.as_ref().unwrap())
-                    .collect::<Vec<_>>(),
-                0,
-            ))
-        } else {
-            None
-        };
+        let biases: Option<Vec<&Tensor>> = parts.iter().map(|p| p.bias.as_ref()).collect();
+        let bias = biases.map(|b| Tensor::cat(&b, 0));
         Linear { weight, bias }
+    }
+}
+
+/// A lookup table (`nn.Embedding`): row `i` of `weight` for token id `i`.
+pub struct Embedding {
+    weight: Tensor,
+}
+
+impl Embedding {
+    pub fn new(vb: &Vb, num_embeddings: i64, dim: i64) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get("weight", &[num_embeddings, dim])?,
+        })
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// `ids [..]` (int64) -> `[.., dim]`.
+    pub fn forward(&self, ids: &Tensor) -> Tensor {
+        let mut shape = ids.size();
+        shape.push(-1);
+        self.weight
+            .index_select(0, &ids.flatten(0, -1))
+            .view(shape.as_slice())
     }
 }
 
@@ -186,33 +204,10 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool) -> Tensor {
 
 /// `[b, s, heads*d]` -> `[b, heads, s, d]`.
 pub fn split_heads(x: &Tensor, heads: i64) -> Tensor {
-    let (b, s, hd) = x.size3().expect("3-d activations");
-    x.view([b, s, heads, hd / heads]).transpose(1, 2)
+    x.unflatten(-1, [heads, -1]).transpose(1, 2)
 }
 
 /// `[b, heads, s, d]` -> `[b, s, heads*d]`.
 pub fn merge_heads(x: &Tensor) -> Tensor {
-    let (b, h, s, d) = x.size4().expect("4-d activations");
-    x.transpose(1, 2).reshape([b, s, h * d])
-}
-
-/// Sinusoidal timestep features as diffusers' `Timesteps(dim, flip_sin_to_cos, downscale_freq_shift)`
-/// (`get_timestep_embedding`), computed in float32.
-pub fn timestep_features(t: &Tensor, dim: i64, flip_sin_to_cos: bool, shift: f64) -> Tensor {
-    let half = dim / 2;
-    let exponent = Tensor::arange(half, (Kind::Float, t.device())) * (-(10000f64).ln())
-        / (half as f64 - shift);
-    let freqs = exponent.exp();
-    let args = t.to_kind(Kind::Float).unsqueeze(1) * freqs.unsqueeze(0);
-    let (sin, cos) = (args.sin(), args.cos());
-    let emb = if flip_sin_to_cos {
-        Tensor::cat(&[cos, sin], -1)
-    } else {
-        Tensor::cat(&[sin, cos], -1)
-    };
-    if dim % 2 == 1 {
-        emb.constant_pad_nd([0, 1])
-    } else {
-        emb
-    }
+    x.transpose(1, 2).flatten(2, 3)
 }

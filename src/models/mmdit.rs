@@ -1,15 +1,17 @@
 //! The SD3 MMDiT (diffusers' `SD3Transformer2DModel`): patch embedding with a centre-cropped
 //! positional table, timestep + pooled-text conditioning, adaLN-zero joint blocks over
-//! [image tokens, text tokens], a context-pre-only last block, and the final modulated layer.
+//! [image tokens, context tokens], a context-pre-only last block, and the final modulated layer.
+//!
+//! Struct fields are named as the checkpoint keys (`transformer_blocks.3.norm1_context.linear`
+//! is `transformer_blocks[3].norm1_context.linear`); fused projections say which keys they fuse.
 
 use std::path::Path;
 
 use serde::Deserialize;
 use tch::Tensor;
 
-use super::layers::{
-    attention, merge_heads, split_heads, timestep_features, Conv2d, LayerNorm, Linear, RmsNorm,
-};
+use super::embeddings::{TimestepEmbedding, Timesteps};
+use super::layers::{attention, merge_heads, split_heads, Conv2d, LayerNorm, Linear, RmsNorm};
 use super::weights::Vb;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -30,8 +32,23 @@ pub struct MmditConfig {
     pub pos_embed_max_size: Option<i64>,
     #[serde(default)]
     pub dual_attention_layers: Vec<i64>,
+    /// `null` (SD3) or `"rms_norm"` (SD3.5).
     #[serde(default)]
-    pub qk_norm: Option<String>,
+    pub qk_norm: Option<QkNorm>,
+}
+
+/// `qk_norm` of the transformer config: the normalisation of queries and keys per head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum QkNorm {
+    RmsNorm,
+}
+
+impl TryFrom<String> for QkNorm {
+    type Error = String;
+    fn try_from(value: String) -> Result<Self, String> {
+        super::choice("qk_norm", &value, &[("rms_norm", Self::RmsNorm)])
+    }
 }
 
 fn default_sample() -> i64 {
@@ -71,201 +88,457 @@ impl MmditConfig {
     }
 }
 
-/// Linear -> SiLU -> Linear (diffusers' `TimestepEmbedding` and `PixArtAlphaTextProjection`).
-struct Mlp2 {
-    l1: Linear,
-    l2: Linear,
-}
-
-impl Mlp2 {
-    fn new(vb: &Vb, i: i64, h: i64) -> anyhow::Result<Self> {
-        Ok(Self {
-            l1: Linear::new(&vb.pp("linear_1"), i, h, true)?,
-            l2: Linear::new(&vb.pp("linear_2"), h, h, true)?,
-        })
-    }
-    fn forward(&self, x: &Tensor) -> Tensor {
-        self.l2.forward(&self.l1.forward(x).silu())
-    }
-}
-
-/// Linear(D, 4D) -> GELU(tanh) -> Linear(4D, D).
-struct FeedForward {
-    proj: Linear,
-    out: Linear,
-}
-
-impl FeedForward {
-    fn new(vb: &Vb, d: i64) -> anyhow::Result<Self> {
-        Ok(Self {
-            proj: Linear::new(&vb.pp("net.0.proj"), d, 4 * d, true)?,
-            out: Linear::new(&vb.pp("net.2"), 4 * d, d, true)?,
-        })
-    }
-    fn forward(&self, x: &Tensor) -> Tensor {
-        self.out.forward(&self.proj.forward(x).gelu("tanh"))
-    }
-}
-
 /// `x * (1 + scale) + shift` with per-sample `[b, d]` modulation.
 fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Tensor {
     x * (scale.unsqueeze(1) + 1.0) + shift.unsqueeze(1)
 }
 
-/// The per-stream half of a joint block.
-struct Stream {
-    /// adaLN modulation: 6 chunks (shift/scale/gate for attention and MLP), or 2 (scale, shift)
-    /// for the context stream of the last block.
-    ada: Linear,
-    qkv: Linear,
-    norm_q: Option<RmsNorm>,
-    norm_k: Option<RmsNorm>,
-    out: Option<Linear>,
-    ff: Option<FeedForward>,
+/// `x + gate * y` with a per-sample `[b, d]` gate.
+fn gated(x: &Tensor, gate: &Tensor, y: &Tensor) -> Tensor {
+    x + gate.unsqueeze(1) * y
 }
 
-struct JointBlock {
-    x: Stream,
-    c: Stream,
+/// The six adaLN-zero modulation vectors `[b, d]`, in the order the `linear` layer emits them.
+struct Modulation {
+    shift_msa: Tensor,
+    scale_msa: Tensor,
+    gate_msa: Tensor,
+    shift_mlp: Tensor,
+    scale_mlp: Tensor,
+    gate_mlp: Tensor,
+}
+
+/// diffusers' `AdaLayerNormZero` (`norm1`, `norm1_context`): LayerNorm without affine
+/// parameters, modulated by `linear(silu(temb))` split into six [`Modulation`] chunks.
+struct AdaLayerNormZero {
+    linear: Linear,
     norm: LayerNorm,
-    heads: i64,
-    context_pre_only: bool,
 }
 
-impl JointBlock {
-    fn new(vb: &Vb, cfg: &MmditConfig, context_pre_only: bool) -> anyhow::Result<Self> {
-        let d = cfg.inner_dim();
-        let hd = cfg.attention_head_dim;
-        let attn = vb.pp("attn");
-        let qk_norm = match cfg.qk_norm.as_deref() {
-            None => false,
-            Some("rms_norm") => true,
-            Some(other) => anyhow::bail!("unsupported qk_norm `{other}`"),
-        };
-        let norm = |name: &str| -> anyhow::Result<Option<RmsNorm>> {
-            Ok(if qk_norm {
-                Some(RmsNorm::new(&attn.pp(name), hd, 1e-6)?)
-            } else {
-                None
-            })
-        };
-        let lin = |name: &str| Linear::new(&attn.pp(name), d, d, true);
-        let x = Stream {
-            ada: Linear::new(&vb.pp("norm1.linear"), d, 6 * d, true)?,
-            qkv: Linear::fuse(&[lin("to_q")?, lin("to_k")?, lin("to_v")?]),
-            norm_q: norm("norm_q")?,
-            norm_k: norm("norm_k")?,
-            out: Some(lin("to_out.0")?),
-            ff: Some(FeedForward::new(&vb.pp("ff"), d)?),
-        };
-        let c = Stream {
-            ada: Linear::new(
-                &vb.pp("norm1_context.linear"),
-                d,
-                if context_pre_only { 2 * d } else { 6 * d },
-                true,
-            )?,
-            qkv: Linear::fuse(&[lin("add_q_proj")?, lin("add_k_proj")?, lin("add_v_proj")?]),
-            norm_q: norm("norm_added_q")?,
-            norm_k: norm("norm_added_k")?,
-            out: if context_pre_only {
-                None
-            } else {
-                Some(lin("to_add_out")?)
-            },
-            ff: if context_pre_only {
-                None
-            } else {
-                Some(FeedForward::new(&vb.pp("ff_context"), d)?)
-            },
-        };
+impl AdaLayerNormZero {
+    fn new(vb: &Vb, dim: i64) -> anyhow::Result<Self> {
         Ok(Self {
-            x,
-            c,
-            norm: LayerNorm::no_affine(d, 1e-6),
-            heads: cfg.num_attention_heads,
-            context_pre_only,
+            linear: Linear::new(&vb.pp("linear"), dim, 6 * dim, true)?,
+            norm: LayerNorm::no_affine(dim, 1e-6),
         })
     }
 
-    fn qkv(&self, s: &Stream, h: &Tensor) -> (Tensor, Tensor, Tensor) {
-        let parts = s.qkv.forward(h).chunk(3, -1);
-        let mut q = split_heads(&parts[0], self.heads);
-        let mut k = split_heads(&parts[1], self.heads);
-        let v = split_heads(&parts[2], self.heads);
-        if let Some(n) = &s.norm_q {
-            q = n.forward(&q);
-        }
-        if let Some(n) = &s.norm_k {
-            k = n.forward(&k);
-        }
-        (q, k, v)
+    /// The attention input `norm(x) * (1 + scale_msa) + shift_msa`, and the modulation.
+    fn forward(&self, x: &Tensor, silu_temb: &Tensor) -> (Tensor, Modulation) {
+        let emb = self.linear.forward(silu_temb).chunk(6, 1);
+        let chunk = |i: usize| emb[i].shallow_clone();
+        let m = Modulation {
+            shift_msa: chunk(0),
+            scale_msa: chunk(1),
+            gate_msa: chunk(2),
+            shift_mlp: chunk(3),
+            scale_mlp: chunk(4),
+            gate_mlp: chunk(5),
+        };
+        (
+            modulate(&self.norm.forward(x), &m.shift_msa, &m.scale_msa),
+            m,
+        )
+    }
+}
+
+/// diffusers' `AdaLayerNormContinuous` (`norm_out`, and `norm1_context` of the last block):
+/// LayerNorm without affine parameters, modulated by `linear(silu(temb))` split into
+/// (scale, shift) — scale first, unlike adaLN-zero.
+struct AdaLayerNormContinuous {
+    linear: Linear,
+    norm: LayerNorm,
+}
+
+impl AdaLayerNormContinuous {
+    fn new(vb: &Vb, dim: i64) -> anyhow::Result<Self> {
+        Ok(Self {
+            linear: Linear::new(&vb.pp("linear"), dim, 2 * dim, true)?,
+            norm: LayerNorm::no_affine(dim, 1e-6),
+        })
+    }
+
+    fn forward(&self, x: &Tensor, silu_temb: &Tensor) -> Tensor {
+        let emb = self.linear.forward(silu_temb).chunk(2, 1);
+        let (scale, shift) = (&emb[0], &emb[1]);
+        modulate(&self.norm.forward(x), shift, scale)
+    }
+}
+
+/// diffusers' `FeedForward` with GELU(tanh) (`ff`, `ff_context`): `net.0` is the activation with
+/// its input projection, `net.1` a dropout, `net.2` the output projection.
+struct FeedForward {
+    /// `net.0.proj`: D -> 4D.
+    net_0_proj: Linear,
+    /// `net.2`: 4D -> D.
+    net_2: Linear,
+}
+
+impl FeedForward {
+    fn new(vb: &Vb, dim: i64) -> anyhow::Result<Self> {
+        Ok(Self {
+            net_0_proj: Linear::new(&vb.pp("net.0.proj"), dim, 4 * dim, true)?,
+            net_2: Linear::new(&vb.pp("net.2"), 4 * dim, dim, true)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        self.net_2.forward(&self.net_0_proj.forward(x).gelu("tanh"))
+    }
+}
+
+/// One stream's q/k/v split into heads, after the optional RMS qk-norm (SD3.5), with the q and k
+/// from before the norm (what the R2F+ attention maps use).
+struct Projected {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_pre_norm: Tensor,
+    k_pre_norm: Tensor,
+}
+
+/// One stream's fused q/k/v projection split into heads, with the optional RMS qk-norm.
+fn project_qkv(
+    x: &Tensor,
+    to_qkv: &Linear,
+    norm_q: Option<&RmsNorm>,
+    norm_k: Option<&RmsNorm>,
+    heads: i64,
+) -> Projected {
+    let qkv = to_qkv.forward(x).chunk(3, -1);
+    let q_pre_norm = split_heads(&qkv[0], heads);
+    let k_pre_norm = split_heads(&qkv[1], heads);
+    let v = split_heads(&qkv[2], heads);
+    let q = match norm_q {
+        Some(norm) => norm.forward(&q_pre_norm),
+        None => q_pre_norm.shallow_clone(),
+    };
+    let k = match norm_k {
+        Some(norm) => norm.forward(&k_pre_norm),
+        None => k_pre_norm.shallow_clone(),
+    };
+    Projected {
+        q,
+        k,
+        v,
+        q_pre_norm,
+        k_pre_norm,
+    }
+}
+
+/// The image-to-text attention probabilities of one block, as the official R2F+ hook computes
+/// them (`docs/r2fplus.md` §1.5): `softmax(q_img · k_txtᵀ · (1/√head_dim))` over the text keys
+/// only, from the projections **before** any qk-norm, scaled after the matmul.
+/// `[b, heads, n_image, n_text]`.
+fn text_attention_map(q_image: &Tensor, k_text: &Tensor) -> Tensor {
+    let scale = 1.0 / (q_image.size()[3] as f64).sqrt();
+    (q_image.matmul(&k_text.transpose(-2, -1)) * scale).softmax(-1, q_image.kind())
+}
+
+/// diffusers' joint `Attention` (`attn`): image-token projections (`to_q`, `to_k`, `to_v`,
+/// `to_out.0`) and context-token projections (`add_q_proj`, `add_k_proj`, `add_v_proj`,
+/// `to_add_out`) around one attention over both. `AddOut` is the context output projection:
+/// a [`Linear`] (`to_add_out`) in full blocks, `()` in the last, context-pre-only block, which
+/// has none.
+struct JointAttention<AddOut> {
+    /// `to_q`, `to_k`, `to_v` fused (one GEMM).
+    to_qkv: Linear,
+    norm_q: Option<RmsNorm>,
+    norm_k: Option<RmsNorm>,
+    /// `add_q_proj`, `add_k_proj`, `add_v_proj` fused.
+    to_added_qkv: Linear,
+    norm_added_q: Option<RmsNorm>,
+    norm_added_k: Option<RmsNorm>,
+    /// `to_out.0`.
+    to_out: Linear,
+    to_add_out: AddOut,
+    heads: i64,
+}
+
+impl<AddOut> JointAttention<AddOut> {
+    fn with_add_out(vb: &Vb, cfg: &MmditConfig, to_add_out: AddOut) -> anyhow::Result<Self> {
+        let (d, hd) = (cfg.inner_dim(), cfg.attention_head_dim);
+        let linear = |name: &str| Linear::new(&vb.pp(name), d, d, true);
+        let qk_norm = |name: &str| -> anyhow::Result<Option<RmsNorm>> {
+            Ok(match cfg.qk_norm {
+                Some(QkNorm::RmsNorm) => Some(RmsNorm::new(&vb.pp(name), hd, 1e-6)?),
+                None => None,
+            })
+        };
+        Ok(Self {
+            to_qkv: Linear::fuse(&[linear("to_q")?, linear("to_k")?, linear("to_v")?]),
+            norm_q: qk_norm("norm_q")?,
+            norm_k: qk_norm("norm_k")?,
+            to_added_qkv: Linear::fuse(&[
+                linear("add_q_proj")?,
+                linear("add_k_proj")?,
+                linear("add_v_proj")?,
+            ]),
+            norm_added_q: qk_norm("norm_added_q")?,
+            norm_added_k: qk_norm("norm_added_k")?,
+            to_out: linear("to_out.0")?,
+            to_add_out,
+            heads: cfg.num_attention_heads,
+        })
+    }
+
+    /// One attention over [image tokens, context tokens] (that order, as diffusers'
+    /// `JointAttnProcessor2_0`): the image part through `to_out`, the context part unprojected,
+    /// and, when `want_map`, the block's [`text_attention_map`].
+    fn attend(
+        &self,
+        hidden: &Tensor,
+        context: &Tensor,
+        want_map: bool,
+    ) -> (Tensor, Tensor, Option<Tensor>) {
+        let (norm_q, norm_k) = (self.norm_q.as_ref(), self.norm_k.as_ref());
+        let image = project_qkv(hidden, &self.to_qkv, norm_q, norm_k, self.heads);
+        let (norm_q, norm_k) = (self.norm_added_q.as_ref(), self.norm_added_k.as_ref());
+        let text = project_qkv(context, &self.to_added_qkv, norm_q, norm_k, self.heads);
+        let map = want_map.then(|| text_attention_map(&image.q_pre_norm, &text.k_pre_norm));
+        let q = Tensor::cat(&[image.q, text.q], 2);
+        let k = Tensor::cat(&[image.k, text.k], 2);
+        let v = Tensor::cat(&[image.v, text.v], 2);
+        let out = merge_heads(&attention(&q, &k, &v, false));
+        let n_image = hidden.size()[1];
+        let hidden_out = out.narrow(1, 0, n_image);
+        let context_out = out.narrow(1, n_image, out.size()[1] - n_image);
+        (self.to_out.forward(&hidden_out), context_out, map)
+    }
+
+    /// [`text_attention_map`] alone (no attention): the image queries and text keys only.
+    fn text_map(&self, hidden: &Tensor, context: &Tensor) -> Tensor {
+        let q = split_heads(&self.to_qkv.forward(hidden).chunk(3, -1)[0], self.heads);
+        let k = split_heads(
+            &self.to_added_qkv.forward(context).chunk(3, -1)[1],
+            self.heads,
+        );
+        text_attention_map(&q, &k)
+    }
+}
+
+impl JointAttention<Linear> {
+    fn new(vb: &Vb, cfg: &MmditConfig) -> anyhow::Result<Self> {
+        let d = cfg.inner_dim();
+        Self::with_add_out(vb, cfg, Linear::new(&vb.pp("to_add_out"), d, d, true)?)
+    }
+
+    /// (image tokens, context tokens) attention outputs, both projected.
+    fn forward(
+        &self,
+        hidden: &Tensor,
+        context: &Tensor,
+        want_map: bool,
+    ) -> (Tensor, Tensor, Option<Tensor>) {
+        let (hidden_out, context_out, map) = self.attend(hidden, context, want_map);
+        (hidden_out, self.to_add_out.forward(&context_out), map)
+    }
+}
+
+impl JointAttention<()> {
+    fn new(vb: &Vb, cfg: &MmditConfig) -> anyhow::Result<Self> {
+        Self::with_add_out(vb, cfg, ())
+    }
+
+    /// The image tokens' attention output (the context tokens only serve as keys and values).
+    fn forward(&self, hidden: &Tensor, context: &Tensor) -> Tensor {
+        self.attend(hidden, context, false).0
+    }
+}
+
+/// The second half of a stream in a joint block, after attention: the gated attention residual,
+/// then the gated feed-forward residual on the re-normalised, modulated tokens.
+fn attention_and_ff_residuals(
+    x: &Tensor,
+    attn_output: &Tensor,
+    m: &Modulation,
+    norm2: &LayerNorm,
+    ff: &FeedForward,
+) -> Tensor {
+    let x = gated(x, &m.gate_msa, attn_output);
+    let ff_output = ff.forward(&modulate(&norm2.forward(&x), &m.shift_mlp, &m.scale_mlp));
+    gated(&x, &m.gate_mlp, &ff_output)
+}
+
+/// diffusers' `JointTransformerBlock`: both streams modulated by adaLN-zero, one joint
+/// attention, and a feed-forward per stream.
+struct JointTransformerBlock {
+    norm1: AdaLayerNormZero,
+    norm1_context: AdaLayerNormZero,
+    attn: JointAttention<Linear>,
+    norm2: LayerNorm,
+    ff: FeedForward,
+    norm2_context: LayerNorm,
+    ff_context: FeedForward,
+}
+
+impl JointTransformerBlock {
+    fn new(vb: &Vb, cfg: &MmditConfig) -> anyhow::Result<Self> {
+        let d = cfg.inner_dim();
+        Ok(Self {
+            norm1: AdaLayerNormZero::new(&vb.pp("norm1"), d)?,
+            norm1_context: AdaLayerNormZero::new(&vb.pp("norm1_context"), d)?,
+            attn: JointAttention::<Linear>::new(&vb.pp("attn"), cfg)?,
+            norm2: LayerNorm::no_affine(d, 1e-6),
+            ff: FeedForward::new(&vb.pp("ff"), d)?,
+            norm2_context: LayerNorm::no_affine(d, 1e-6),
+            ff_context: FeedForward::new(&vb.pp("ff_context"), d)?,
+        })
     }
 
     /// `silu_temb`: SiLU of the conditioning embedding (shared by every block).
-    fn forward(&self, x: &Tensor, c: &Tensor, silu_temb: &Tensor) -> (Tensor, Option<Tensor>) {
-        let xm = self.x.ada.forward(silu_temb).chunk(6, 1);
-        let x_norm = modulate(&self.norm.forward(x), &xm[0], &xm[1]);
-        let cm = self.c.ada.forward(silu_temb);
-        let (c_norm, cm) = if self.context_pre_only {
-            // AdaLayerNormContinuous: (scale, shift).
-            let m = cm.chunk(2, 1);
-            (modulate(&self.norm.forward(c), &m[1], &m[0]), None)
-        } else {
-            let m = cm.chunk(6, 1);
-            (modulate(&self.norm.forward(c), &m[0], &m[1]), Some(m))
-        };
+    /// Returns the updated (image tokens, context tokens), and the block's text attention map
+    /// when `want_map`.
+    fn forward(
+        &self,
+        hidden: &Tensor,
+        context: &Tensor,
+        silu_temb: &Tensor,
+        want_map: bool,
+    ) -> (Tensor, Tensor, Option<Tensor>) {
+        let (norm_hidden, m) = self.norm1.forward(hidden, silu_temb);
+        let (norm_context, c_m) = self.norm1_context.forward(context, silu_temb);
+        let (attn_output, context_attn_output, map) =
+            self.attn.forward(&norm_hidden, &norm_context, want_map);
+        let hidden = attention_and_ff_residuals(hidden, &attn_output, &m, &self.norm2, &self.ff);
+        let context = attention_and_ff_residuals(
+            context,
+            &context_attn_output,
+            &c_m,
+            &self.norm2_context,
+            &self.ff_context,
+        );
+        (hidden, context, map)
+    }
+}
 
-        let n_img = x.size()[1];
-        let (xq, xk, xv) = self.qkv(&self.x, &x_norm);
-        let (cq, ck, cv) = self.qkv(&self.c, &c_norm);
-        // Image tokens first, then text, as diffusers' JointAttnProcessor2_0.
-        let q = Tensor::cat(&[xq, cq], 2);
-        let k = Tensor::cat(&[xk, ck], 2);
-        let v = Tensor::cat(&[xv, cv], 2);
-        let a = merge_heads(&attention(&q, &k, &v, false));
-        let x_attn = a.narrow(1, 0, n_img);
-        let c_attn = a.narrow(1, n_img, a.size()[1] - n_img);
+/// The last joint block (`context_pre_only`): the context tokens only enter the attention as
+/// keys and values, through an `AdaLayerNormContinuous`; no context output projection or
+/// feed-forward, and no context output.
+struct ContextPreOnlyJointBlock {
+    norm1: AdaLayerNormZero,
+    norm1_context: AdaLayerNormContinuous,
+    attn: JointAttention<()>,
+    norm2: LayerNorm,
+    ff: FeedForward,
+}
 
-        let x_attn = self
-            .x
-            .out
-            .as_ref()
-            .expect("image stream has out")
-            .forward(&x_attn);
-        let x = x + xm[2].unsqueeze(1) * x_attn;
-        let x_ff = self
-            .x
-            .ff
-            .as_ref()
-            .expect("image stream has ff")
-            .forward(&modulate(&self.norm.forward(&x), &xm[3], &xm[4]));
-        let x = &x + xm[5].unsqueeze(1) * x_ff;
+impl ContextPreOnlyJointBlock {
+    fn new(vb: &Vb, cfg: &MmditConfig) -> anyhow::Result<Self> {
+        let d = cfg.inner_dim();
+        Ok(Self {
+            norm1: AdaLayerNormZero::new(&vb.pp("norm1"), d)?,
+            norm1_context: AdaLayerNormContinuous::new(&vb.pp("norm1_context"), d)?,
+            attn: JointAttention::<()>::new(&vb.pp("attn"), cfg)?,
+            norm2: LayerNorm::no_affine(d, 1e-6),
+            ff: FeedForward::new(&vb.pp("ff"), d)?,
+        })
+    }
 
-        let c = cm.map(|cm| {
-            let c_attn = self.c.out.as_ref().expect("context out").forward(&c_attn);
-            let c = c + cm[2].unsqueeze(1) * c_attn;
-            let c_ff = self.c.ff.as_ref().expect("context ff").forward(&modulate(
-                &self.norm.forward(&c),
-                &cm[3],
-                &cm[4],
-            ));
-            &c + cm[5].unsqueeze(1) * c_ff
-        });
-        (x, c)
+    /// Returns the updated image tokens.
+    fn forward(&self, hidden: &Tensor, context: &Tensor, silu_temb: &Tensor) -> Tensor {
+        let (norm_hidden, m) = self.norm1.forward(hidden, silu_temb);
+        let norm_context = self.norm1_context.forward(context, silu_temb);
+        let attn_output = self.attn.forward(&norm_hidden, &norm_context);
+        attention_and_ff_residuals(hidden, &attn_output, &m, &self.norm2, &self.ff)
+    }
+
+    /// The block's text attention map only: its attention output does not feed any map.
+    fn text_map(&self, hidden: &Tensor, context: &Tensor, silu_temb: &Tensor) -> Tensor {
+        let (norm_hidden, _) = self.norm1.forward(hidden, silu_temb);
+        let norm_context = self.norm1_context.forward(context, silu_temb);
+        self.attn.text_map(&norm_hidden, &norm_context)
+    }
+}
+
+/// diffusers' `PatchEmbed` (`pos_embed`): a patch-size-strided conv and the positional table,
+/// centre-cropped to the patch grid.
+struct PatchEmbed {
+    proj: Conv2d,
+    /// `[1, max * max, D]` for a `max x max` grid (`pos_embed_max_size`).
+    pos_embed: Tensor,
+    pos_embed_max_size: i64,
+}
+
+impl PatchEmbed {
+    fn new(vb: &Vb, cfg: &MmditConfig) -> anyhow::Result<Self> {
+        let (d, p) = (cfg.inner_dim(), cfg.patch_size);
+        let max = cfg
+            .pos_embed_max_size
+            .ok_or_else(|| anyhow::anyhow!("transformer config has no pos_embed_max_size"))?;
+        Ok(Self {
+            proj: Conv2d::new(&vb.pp("proj"), cfg.in_channels, d, p, p, 0)?,
+            pos_embed: vb.get("pos_embed", &[1, max * max, d])?,
+            pos_embed_max_size: max,
+        })
+    }
+
+    /// The positional table centre-cropped to an `h x w` patch grid.
+    fn cropped_pos_embed(&self, h: i64, w: i64) -> anyhow::Result<Tensor> {
+        let max = self.pos_embed_max_size;
+        if h > max || w > max {
+            anyhow::bail!(
+                "image of {h}x{w} patches exceeds the model's positional table of {max}x{max}"
+            );
+        }
+        let (top, left) = ((max - h) / 2, (max - w) / 2);
+        Ok(self
+            .pos_embed
+            .view([1, max, max, -1])
+            .narrow(1, top, h)
+            .narrow(2, left, w)
+            .reshape([1, h * w, -1]))
+    }
+
+    /// `latents [b, c, h, w]` -> patch tokens `[b, (h/p) * (w/p), D]` with positions added.
+    fn forward(&self, latents: &Tensor, grid_h: i64, grid_w: i64) -> anyhow::Result<Tensor> {
+        let x = self.proj.forward(latents).flatten(2, -1).transpose(1, 2);
+        Ok((x + self.cropped_pos_embed(grid_h, grid_w)?).to_kind(latents.kind()))
+    }
+}
+
+/// diffusers' `CombinedTimestepTextProjEmbeddings` (`time_text_embed`): the embedded timestep
+/// plus the projected pooled text embedding.
+struct CombinedTimestepTextProjEmbeddings {
+    time_proj: Timesteps,
+    timestep_embedder: TimestepEmbedding,
+    text_embedder: TimestepEmbedding,
+}
+
+impl CombinedTimestepTextProjEmbeddings {
+    fn new(vb: &Vb, cfg: &MmditConfig) -> anyhow::Result<Self> {
+        let d = cfg.inner_dim();
+        Ok(Self {
+            time_proj: Timesteps {
+                num_channels: 256,
+                flip_sin_to_cos: true,
+                downscale_freq_shift: 0.0,
+            },
+            timestep_embedder: TimestepEmbedding::new(&vb.pp("timestep_embedder"), 256, d)?,
+            text_embedder: TimestepEmbedding::new(
+                &vb.pp("text_embedder"),
+                cfg.pooled_projection_dim,
+                d,
+            )?,
+        })
+    }
+
+    fn forward(&self, timestep: &Tensor, pooled: &Tensor) -> Tensor {
+        let t = self.time_proj.forward(timestep).to_kind(pooled.kind());
+        self.timestep_embedder.forward(&t) + self.text_embedder.forward(pooled)
     }
 }
 
 pub struct Mmdit {
     cfg: MmditConfig,
-    patch: Conv2d,
-    pos_embed: Tensor,
-    t_embed: Mlp2,
-    pooled_embed: Mlp2,
-    context_embed: Linear,
-    blocks: Vec<JointBlock>,
-    norm_out_ada: Linear,
-    norm_out: LayerNorm,
+    pos_embed: PatchEmbed,
+    time_text_embed: CombinedTimestepTextProjEmbeddings,
+    context_embedder: Linear,
+    /// `transformer_blocks.0` to `transformer_blocks.{num_layers - 2}`.
+    transformer_blocks: Vec<JointTransformerBlock>,
+    /// `transformer_blocks.{num_layers - 1}`.
+    last_transformer_block: ContextPreOnlyJointBlock,
+    norm_out: AdaLayerNormContinuous,
     proj_out: Linear,
 }
 
@@ -283,37 +556,29 @@ impl Mmdit {
                 cfg.caption_projection_dim
             );
         }
+        if cfg.num_layers < 1 {
+            anyhow::bail!("transformer config: num_layers must be at least 1");
+        }
+        let blocks = vb.pp("transformer_blocks");
+        let last = cfg.num_layers - 1;
         let p = cfg.patch_size;
-        let max = cfg
-            .pos_embed_max_size
-            .ok_or_else(|| anyhow::anyhow!("transformer config has no pos_embed_max_size"))?;
-        let blocks = (0..cfg.num_layers)
-            .map(|i| {
-                JointBlock::new(
-                    &vb.pp("transformer_blocks").pp(i),
-                    cfg,
-                    i == cfg.num_layers - 1,
-                )
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(Self {
-            patch: Conv2d::new(&vb.pp("pos_embed.proj"), cfg.in_channels, d, p, p, 0)?,
-            pos_embed: vb.pp("pos_embed").get("pos_embed", &[1, max * max, d])?,
-            t_embed: Mlp2::new(&vb.pp("time_text_embed.timestep_embedder"), 256, d)?,
-            pooled_embed: Mlp2::new(
-                &vb.pp("time_text_embed.text_embedder"),
-                cfg.pooled_projection_dim,
-                d,
+            pos_embed: PatchEmbed::new(&vb.pp("pos_embed"), cfg)?,
+            time_text_embed: CombinedTimestepTextProjEmbeddings::new(
+                &vb.pp("time_text_embed"),
+                cfg,
             )?,
-            context_embed: Linear::new(
+            context_embedder: Linear::new(
                 &vb.pp("context_embedder"),
                 cfg.joint_attention_dim,
                 cfg.caption_projection_dim,
                 true,
             )?,
-            blocks,
-            norm_out_ada: Linear::new(&vb.pp("norm_out.linear"), d, 2 * d, true)?,
-            norm_out: LayerNorm::no_affine(d, 1e-6),
+            transformer_blocks: (0..last)
+                .map(|i| JointTransformerBlock::new(&blocks.pp(i), cfg))
+                .collect::<anyhow::Result<Vec<_>>>()?,
+            last_transformer_block: ContextPreOnlyJointBlock::new(&blocks.pp(last), cfg)?,
+            norm_out: AdaLayerNormContinuous::new(&vb.pp("norm_out"), d)?,
             proj_out: Linear::new(&vb.pp("proj_out"), d, p * p * cfg.out_channels(), true)?,
             cfg: cfg.clone(),
         })
@@ -323,34 +588,40 @@ impl Mmdit {
         &self.cfg
     }
 
-    /// The positional table centre-cropped to an `h x w` patch grid.
-    fn cropped_pos_embed(&self, h: i64, w: i64) -> anyhow::Result<Tensor> {
-        let max = self.cfg.pos_embed_max_size.unwrap_or(0);
-        if h > max || w > max {
-            anyhow::bail!(
-                "image of {h}x{w} patches exceeds the model's positional table of {max}x{max}"
-            );
-        }
-        let (top, left) = ((max - h) / 2, (max - w) / 2);
-        Ok(self
-            .pos_embed
-            .view([1, max, max, -1])
-            .narrow(1, top, h)
-            .narrow(2, left, w)
-            .reshape([1, h * w, -1]))
-    }
-
     /// Checks that a latent of `h x w` fits the positional table and the patch size.
     pub fn check_latent_size(&self, h: i64, w: i64) -> anyhow::Result<()> {
         let p = self.cfg.patch_size;
         if h % p != 0 || w % p != 0 {
             anyhow::bail!("latent size {h}x{w} is not a multiple of the patch size {p}");
         }
-        self.cropped_pos_embed(h / p, w / p).map(|_| ())
+        self.pos_embed.cropped_pos_embed(h / p, w / p).map(|_| ())
     }
 
-    /// `latents [b, c, h, w]`, `timestep [b]` (sigma x 1000, float), `context [b, seq, joint]`,
-    /// `pooled [b, pooled_dim]` -> velocity `[b, c_out, h, w]`.
+    /// The patch tokens, the SiLU'd conditioning embedding and the embedded context of a
+    /// forward's inputs, with the patch grid.
+    fn embed(
+        &self,
+        latents: &Tensor,
+        timestep: &Tensor,
+        context: &Tensor,
+        pooled: &Tensor,
+    ) -> anyhow::Result<(Tensor, Tensor, Tensor, (i64, i64))> {
+        let (_b, _c, h, w) = latents.size4()?;
+        let p = self.cfg.patch_size;
+        let grid = (h / p, w / p);
+        let hidden = self.pos_embed.forward(latents, grid.0, grid.1)?;
+        let silu_temb = self.time_text_embed.forward(timestep, pooled).silu();
+        Ok((
+            hidden,
+            silu_temb,
+            self.context_embedder.forward(context),
+            grid,
+        ))
+    }
+
+    /// `latents [b, c, h, w]`, `timestep [b]` (sigma x 1000, float), `context [b, seq, joint]`
+    /// (diffusers' `encoder_hidden_states`), `pooled [b, pooled_dim]` -> velocity
+    /// `[b, c_out, h, w]`.
     pub fn forward(
         &self,
         latents: &Tensor,
@@ -358,30 +629,54 @@ impl Mmdit {
         context: &Tensor,
         pooled: &Tensor,
     ) -> anyhow::Result<Tensor> {
-        let (b, _c, h, w) = latents.size4()?;
-        let p = self.cfg.patch_size;
-        let (gh, gw) = (h / p, w / p);
-        let x = self.patch.forward(latents).flatten(2, -1).transpose(1, 2);
-        let x = (x + self.cropped_pos_embed(gh, gw)?).to_kind(latents.kind());
-
-        let t = timestep_features(timestep, 256, true, 0.0).to_kind(pooled.kind());
-        let temb = self.t_embed.forward(&t) + self.pooled_embed.forward(pooled);
-        let silu_temb = temb.silu();
-        let mut c = self.context_embed.forward(context);
-        let mut x = x;
-        for block in &self.blocks {
-            let (nx, nc) = block.forward(&x, &c, &silu_temb);
-            x = nx;
-            if let Some(nc) = nc {
-                c = nc;
-            }
+        let b = latents.size()[0];
+        let (mut hidden, silu_temb, mut context, (grid_h, grid_w)) =
+            self.embed(latents, timestep, context, pooled)?;
+        for block in &self.transformer_blocks {
+            (hidden, context, _) = block.forward(&hidden, &context, &silu_temb, false);
         }
-        let m = self.norm_out_ada.forward(&silu_temb).chunk(2, 1);
-        let x = modulate(&self.norm_out.forward(&x), &m[1], &m[0]);
-        let x = self.proj_out.forward(&x);
+        let hidden = self
+            .last_transformer_block
+            .forward(&hidden, &context, &silu_temb);
+        let hidden = self.norm_out.forward(&hidden, &silu_temb);
+        let hidden = self.proj_out.forward(&hidden);
+        // Unpatchify: [b, gh*gw, p*p*c] -> [b, c, gh*p, gw*p].
+        let p = self.cfg.patch_size;
         let co = self.cfg.out_channels();
-        Ok(x.view([b, gh, gw, p, p, co])
+        Ok(hidden
+            .view([b, grid_h, grid_w, p, p, co])
             .permute([0, 5, 1, 3, 2, 4])
-            .reshape([b, co, gh * p, gw * p]))
+            .reshape([b, co, grid_h * p, grid_w * p]))
+    }
+
+    /// The text attention map of every block, `transformer_blocks.0` to the last (each
+    /// `[b, heads, n_image, n_text]`; `docs/r2fplus.md` §1.5, §3.2), from the same inputs as
+    /// [`Mmdit::forward`]. Stops after the last block's map: nothing later feeds a map.
+    /// Differentiable with respect to `latents`, for the R2F+ bbox guidance.
+    pub fn text_attention_maps(
+        &self,
+        latents: &Tensor,
+        timestep: &Tensor,
+        context: &Tensor,
+        pooled: &Tensor,
+    ) -> anyhow::Result<Vec<Tensor>> {
+        let (mut hidden, silu_temb, mut context, _) =
+            self.embed(latents, timestep, context, pooled)?;
+        let mut maps = Vec::with_capacity(self.cfg.num_layers as usize);
+        for block in &self.transformer_blocks {
+            let map;
+            (hidden, context, map) = block.forward(&hidden, &context, &silu_temb, true);
+            maps.extend(map);
+        }
+        maps.push(
+            self.last_transformer_block
+                .text_map(&hidden, &context, &silu_temb),
+        );
+        Ok(maps)
+    }
+
+    /// The token grid `(rows, columns)` of a latent of `h x w`.
+    pub fn token_grid(&self, h: i64, w: i64) -> (i64, i64) {
+        (h / self.cfg.patch_size, w / self.cfg.patch_size)
     }
 }

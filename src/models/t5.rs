@@ -1,13 +1,19 @@
 //! The T5 v1.1 encoder (SD3's `text_encoder_3`) as transformers' `T5EncoderModel`: RMS
 //! LayerNorms, unscaled attention with a bucketed relative position bias computed by the first
 //! layer and shared by all, gated-GELU (or ReLU) feed-forward.
+//!
+//! Struct fields are named as the checkpoint keys, snake-cased, with `_` for an index
+//! (`encoder.block.3.layer.1.DenseReluDense.wi_0` is
+//! `encoder.block[3].layer_1.dense_relu_dense.wi_0`). The stack is read under `encoder.` or at
+//! the root, whichever the checkpoint has; the token embedding is `shared`, or the stack's
+//! `embed_tokens` when there is no `shared`.
 
 use std::path::Path;
 
 use serde::Deserialize;
 use tch::{Kind, Tensor};
 
-use super::layers::{merge_heads, split_heads, Linear, RmsNorm};
+use super::layers::{merge_heads, split_heads, Embedding, Linear, RmsNorm};
 use super::weights::Vb;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -25,7 +31,7 @@ pub struct T5Config {
     #[serde(default = "default_eps")]
     pub layer_norm_epsilon: f64,
     #[serde(default = "default_ff")]
-    pub feed_forward_proj: String,
+    pub feed_forward_proj: FeedForwardProj,
 }
 
 fn default_buckets() -> i64 {
@@ -37,8 +43,8 @@ fn default_distance() -> i64 {
 fn default_eps() -> f64 {
     1e-6
 }
-fn default_ff() -> String {
-    "relu".into()
+fn default_ff() -> FeedForwardProj {
+    FeedForwardProj::Relu
 }
 
 impl T5Config {
@@ -58,141 +64,181 @@ impl T5Config {
             relative_attention_num_buckets: 32,
             relative_attention_max_distance: 128,
             layer_norm_epsilon: 1e-6,
-            feed_forward_proj: "gated-gelu".into(),
+            feed_forward_proj: FeedForwardProj::GatedGelu,
         }
     }
 }
 
-enum FeedForward {
-    /// `gated-gelu`: wo(gelu_tanh(wi_0 x) * wi_1 x).
-    GatedGelu {
-        wi0: Linear,
-        wi1: Linear,
-        wo: Linear,
-    },
-    /// `relu`: wo(relu(wi x)).
-    Relu { wi: Linear, wo: Linear },
+/// `feed_forward_proj` of a T5 config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum FeedForwardProj {
+    /// `wo(relu(wi x))` (T5 v1.0).
+    Relu,
+    /// `wo(gelu_tanh(wi_0 x) * wi_1 x)` (T5 v1.1, SD3).
+    GatedGelu,
 }
 
-impl FeedForward {
+impl TryFrom<String> for FeedForwardProj {
+    type Error = String;
+    fn try_from(value: String) -> Result<Self, String> {
+        super::choice(
+            "feed_forward_proj",
+            &value,
+            &[("relu", Self::Relu), ("gated-gelu", Self::GatedGelu)],
+        )
+    }
+}
+
+/// transformers' `T5DenseActDense` / `T5DenseGatedActDense` (`DenseReluDense`).
+enum DenseReluDense {
+    Relu {
+        wi: Linear,
+        wo: Linear,
+    },
+    GatedGelu {
+        wi_0: Linear,
+        wi_1: Linear,
+        wo: Linear,
+    },
+}
+
+impl DenseReluDense {
     fn new(vb: &Vb, cfg: &T5Config) -> anyhow::Result<Self> {
         let (d, f) = (cfg.d_model, cfg.d_ff);
-        Ok(match cfg.feed_forward_proj.as_str() {
-            "gated-gelu" => Self::GatedGelu {
-                wi0: Linear::new(&vb.pp("wi_0"), d, f, false)?,
-                wi1: Linear::new(&vb.pp("wi_1"), d, f, false)?,
-                wo: Linear::new(&vb.pp("wo"), f, d, false)?,
-            },
-            "relu" => Self::Relu {
+        Ok(match cfg.feed_forward_proj {
+            FeedForwardProj::Relu => Self::Relu {
                 wi: Linear::new(&vb.pp("wi"), d, f, false)?,
                 wo: Linear::new(&vb.pp("wo"), f, d, false)?,
             },
-            other => anyhow::bail!("unsupported T5 feed_forward_proj `{other}`"),
+            FeedForwardProj::GatedGelu => Self::GatedGelu {
+                wi_0: Linear::new(&vb.pp("wi_0"), d, f, false)?,
+                wi_1: Linear::new(&vb.pp("wi_1"), d, f, false)?,
+                wo: Linear::new(&vb.pp("wo"), f, d, false)?,
+            },
         })
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
         match self {
-            Self::GatedGelu { wi0, wi1, wo } => {
-                wo.forward(&(wi0.forward(x).gelu("tanh") * wi1.forward(x)))
-            }
             Self::Relu { wi, wo } => wo.forward(&wi.forward(x).relu()),
+            Self::GatedGelu { wi_0, wi_1, wo } => {
+                wo.forward(&(wi_0.forward(x).gelu("tanh") * wi_1.forward(x)))
+            }
         }
     }
 }
 
-struct Block {
-    attn_norm: RmsNorm,
+/// transformers' `T5Attention` (`SelfAttention`), unscaled; the position bias comes from the
+/// stack.
+struct T5Attention {
+    /// `q`, `k`, `v` fused (one GEMM).
     qkv: Linear,
     o: Linear,
-    ff_norm: RmsNorm,
-    ff: FeedForward,
     heads: i64,
 }
 
-impl Block {
+impl T5Attention {
     fn new(vb: &Vb, cfg: &T5Config) -> anyhow::Result<Self> {
         let inner = cfg.num_heads * cfg.d_kv;
-        let sa = vb.pp("layer").pp(0).pp("SelfAttention");
-        let q = Linear::new(&sa.pp("q"), cfg.d_model, inner, false)?;
-        let k = Linear::new(&sa.pp("k"), cfg.d_model, inner, false)?;
-        let v = Linear::new(&sa.pp("v"), cfg.d_model, inner, false)?;
+        let linear = |name: &str| Linear::new(&vb.pp(name), cfg.d_model, inner, false);
         Ok(Self {
-            attn_norm: RmsNorm::new(
-                &vb.pp("layer").pp(0).pp("layer_norm"),
-                cfg.d_model,
-                cfg.layer_norm_epsilon,
-            )?,
-            qkv: Linear::fuse(&[q, k, v]),
-            o: Linear::new(&sa.pp("o"), inner, cfg.d_model, false)?,
-            ff_norm: RmsNorm::new(
-                &vb.pp("layer").pp(1).pp("layer_norm"),
-                cfg.d_model,
-                cfg.layer_norm_epsilon,
-            )?,
-            ff: FeedForward::new(&vb.pp("layer").pp(1).pp("DenseReluDense"), cfg)?,
+            qkv: Linear::fuse(&[linear("q")?, linear("k")?, linear("v")?]),
+            o: Linear::new(&vb.pp("o"), inner, cfg.d_model, false)?,
             heads: cfg.num_heads,
         })
     }
 
-    fn forward(&self, x: &Tensor, bias: &Tensor) -> Tensor {
-        let h = self.attn_norm.forward(x);
-        let qkv = self.qkv.forward(&h).chunk(3, -1);
-        let (q, k, v) = (
-            split_heads(&qkv[0], self.heads),
-            split_heads(&qkv[1], self.heads),
-            split_heads(&qkv[2], self.heads),
-        );
+    fn forward(&self, x: &Tensor, position_bias: &Tensor) -> Tensor {
+        let qkv = self.qkv.forward(x).chunk(3, -1);
+        let q = split_heads(&qkv[0], self.heads);
+        let k = split_heads(&qkv[1], self.heads);
+        let v = split_heads(&qkv[2], self.heads);
         // T5 does not scale the scores by 1/sqrt(d); the position bias enters as an additive mask.
         let a = Tensor::scaled_dot_product_attention(
             &q,
             &k,
             &v,
-            Some(bias),
+            Some(position_bias),
             0.0,
             false,
             Some(1.0),
             false,
         );
-        let x = x + self.o.forward(&merge_heads(&a));
-        let h = self.ff_norm.forward(&x);
-        &x + self.ff.forward(&h)
+        self.o.forward(&merge_heads(&a))
     }
 }
 
-pub struct T5Encoder {
-    embed: Tensor,
-    relative_bias: Tensor,
-    blocks: Vec<Block>,
-    final_norm: RmsNorm,
+/// transformers' `T5LayerSelfAttention` (`layer.0`): pre-norm attention with a residual.
+struct T5LayerSelfAttention {
+    /// `SelfAttention`.
+    self_attention: T5Attention,
+    layer_norm: RmsNorm,
+}
+
+/// transformers' `T5LayerFF` (`layer.1`): pre-norm feed-forward with a residual.
+struct T5LayerFF {
+    /// `DenseReluDense`.
+    dense_relu_dense: DenseReluDense,
+    layer_norm: RmsNorm,
+}
+
+/// transformers' `T5Block` (`block.N`) of an encoder.
+struct T5Block {
+    layer_0: T5LayerSelfAttention,
+    layer_1: T5LayerFF,
+}
+
+impl T5Block {
+    fn new(vb: &Vb, cfg: &T5Config) -> anyhow::Result<Self> {
+        let (d, eps) = (cfg.d_model, cfg.layer_norm_epsilon);
+        let (layer_0, layer_1) = (vb.pp("layer.0"), vb.pp("layer.1"));
+        Ok(Self {
+            layer_0: T5LayerSelfAttention {
+                self_attention: T5Attention::new(&layer_0.pp("SelfAttention"), cfg)?,
+                layer_norm: RmsNorm::new(&layer_0.pp("layer_norm"), d, eps)?,
+            },
+            layer_1: T5LayerFF {
+                dense_relu_dense: DenseReluDense::new(&layer_1.pp("DenseReluDense"), cfg)?,
+                layer_norm: RmsNorm::new(&layer_1.pp("layer_norm"), d, eps)?,
+            },
+        })
+    }
+
+    fn forward(&self, x: &Tensor, position_bias: &Tensor) -> Tensor {
+        let attn = &self.layer_0;
+        let x = x + attn
+            .self_attention
+            .forward(&attn.layer_norm.forward(x), position_bias);
+        let ff = &self.layer_1;
+        &x + ff.dense_relu_dense.forward(&ff.layer_norm.forward(&x))
+    }
+}
+
+/// transformers' `T5Stack` as an encoder (`encoder`).
+struct T5Stack {
+    block: Vec<T5Block>,
+    /// `block.0.layer.0.SelfAttention.relative_attention_bias`: buckets x heads, owned by the
+    /// first block's attention in the checkpoint, and shared by every block.
+    relative_attention_bias: Embedding,
+    final_layer_norm: RmsNorm,
     num_buckets: i64,
     max_distance: i64,
 }
 
-impl T5Encoder {
-    pub fn new(vb: &Vb, cfg: &T5Config) -> anyhow::Result<Self> {
-        let embed_name = if vb.contains("shared.weight") {
-            "shared"
-        } else {
-            "encoder.embed_tokens"
-        };
-        let enc = vb.pp("encoder");
-        let blocks = (0..cfg.num_layers)
-            .map(|i| Block::new(&enc.pp("block").pp(i), cfg))
-            .collect::<anyhow::Result<Vec<_>>>()?;
+impl T5Stack {
+    fn new(vb: &Vb, cfg: &T5Config) -> anyhow::Result<Self> {
         Ok(Self {
-            embed: vb
-                .pp(embed_name)
-                .get("weight", &[cfg.vocab_size, cfg.d_model])?,
-            relative_bias: enc
-                .pp("block.0.layer.0.SelfAttention.relative_attention_bias")
-                .get(
-                    "weight",
-                    &[cfg.relative_attention_num_buckets, cfg.num_heads],
-                )?,
-            blocks,
-            final_norm: RmsNorm::new(
-                &enc.pp("final_layer_norm"),
+            block: (0..cfg.num_layers)
+                .map(|i| T5Block::new(&vb.pp("block").pp(i), cfg))
+                .collect::<anyhow::Result<Vec<_>>>()?,
+            relative_attention_bias: Embedding::new(
+                &vb.pp("block.0.layer.0.SelfAttention.relative_attention_bias"),
+                cfg.relative_attention_num_buckets,
+                cfg.num_heads,
+            )?,
+            final_layer_norm: RmsNorm::new(
+                &vb.pp("final_layer_norm"),
                 cfg.d_model,
                 cfg.layer_norm_epsilon,
             )?,
@@ -201,9 +247,9 @@ impl T5Encoder {
         })
     }
 
-    /// Bidirectional relative position buckets, as `T5Attention._relative_position_bucket`.
-    fn position_bias(&self, seq: i64) -> Tensor {
-        let device = self.embed.device();
+    /// Bidirectional relative position buckets, as `T5Attention._relative_position_bucket`,
+    /// looked up: `[1, heads, seq, seq]`.
+    fn position_bias(&self, seq: i64, device: tch::Device) -> Tensor {
         let ctx = Tensor::arange(seq, (Kind::Int64, device)).unsqueeze(1);
         let mem = Tensor::arange(seq, (Kind::Int64, device)).unsqueeze(0);
         let relative = mem - ctx; // key position minus query position
@@ -218,22 +264,51 @@ impl T5Encoder {
         let large = (large.to_kind(Kind::Int64) + max_exact).clamp_max(half - 1);
         buckets += rel.where_self(&is_small, &large);
         // [seq, seq, heads] -> [1, heads, seq, seq]
-        let bias = self.relative_bias.index_select(0, &buckets.flatten(0, -1));
-        bias.view([seq, seq, -1]).permute([2, 0, 1]).unsqueeze(0)
+        self.relative_attention_bias
+            .forward(&buckets)
+            .permute([2, 0, 1])
+            .unsqueeze(0)
+    }
+
+    fn forward(&self, embeds: &Tensor) -> Tensor {
+        let seq = embeds.size()[1];
+        let bias = self
+            .position_bias(seq, embeds.device())
+            .to_kind(embeds.kind());
+        let mut x = embeds.shallow_clone();
+        for block in &self.block {
+            x = block.forward(&x, &bias);
+        }
+        self.final_layer_norm.forward(&x)
+    }
+}
+
+/// transformers' `T5EncoderModel`.
+pub struct T5Encoder {
+    shared: Embedding,
+    encoder: T5Stack,
+}
+
+impl T5Encoder {
+    pub fn new(vb: &Vb, cfg: &T5Config) -> anyhow::Result<Self> {
+        let encoder =
+            vb.pp_first_containing(&["encoder", ""], "block.0.layer.0.SelfAttention.q.weight")?;
+        // `shared` and the stack's `embed_tokens` are the same tied table; checkpoints keep one
+        // or both.
+        let shared = if vb.contains("shared.weight") {
+            vb.pp("shared")
+        } else {
+            encoder.pp("embed_tokens")
+        };
+        Ok(Self {
+            shared: Embedding::new(&shared, cfg.vocab_size, cfg.d_model)?,
+            encoder: T5Stack::new(&encoder, cfg)?,
+        })
     }
 
     /// `ids`: `[batch, seq]`; returns the last hidden state `[batch, seq, d_model]`.
     /// No attention mask: the SD3 pipeline passes none, so padding tokens are attended to.
     pub fn forward(&self, ids: &Tensor) -> Tensor {
-        let (b, seq) = ids.size2().expect("[batch, seq] token ids");
-        let mut x = self
-            .embed
-            .index_select(0, &ids.flatten(0, -1))
-            .view([b, seq, -1]);
-        let bias = self.position_bias(seq).to_kind(x.kind());
-        for block in &self.blocks {
-            x = block.forward(&x, &bias);
-        }
-        self.final_norm.forward(&x)
+        self.encoder.forward(&self.shared.forward(ids))
     }
 }

@@ -245,4 +245,21 @@ impl PromptTokenizer {
             .map_err(|e| TokenizerError::Encode(e.to_string()))?;
         Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
     }
+
+    /// The ids without padding (transformers' `padding="do_not_pad", truncation=True`): special
+    /// tokens added, at most `length` ids. What the official R2F+ code diffs to find an
+    /// object's tokens.
+    pub fn encode_unpadded(&self, text: &str) -> Result<Vec<i64>, TokenizerError> {
+        let enc = self
+            .inner
+            .encode(text, true)
+            .map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        Ok(enc
+            .get_ids()
+            .iter()
+            .zip(enc.get_attention_mask())
+            .filter(|(_, &m)| m == 1)
+            .map(|(&i, _)| i as i64)
+            .collect())
+    }
 }

@@ -1,6 +1,10 @@
 //! The decoder half of diffusers' `AutoencoderKL` (SD3's 16-channel VAE and SDXL's 4-channel
 //! one): optional post-quant conv, mid block (resnet, single-head attention, resnet), up blocks
-//! with nearest-neighbour upsampling, GroupNorm + SiLU + conv out.
+//! with nearest-neighbour upsampling, GroupNorm + SiLU + conv out. The encoder (`encoder.*`,
+//! `quant_conv`) is not loaded: r2f only decodes.
+//!
+//! Struct fields are named as the checkpoint keys (`decoder.up_blocks.1.resnets.0.conv1` is
+//! `decoder.up_blocks[1].resnets[0].conv1`).
 
 use std::path::Path;
 
@@ -8,6 +12,7 @@ use serde::Deserialize;
 use tch::Tensor;
 
 use super::layers::{attention, Conv2d, GroupNorm, Linear};
+use super::resnet::{ResnetBlock2D, Upsample2D};
 use super::weights::Vb;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -95,160 +100,192 @@ impl VaeConfig {
     }
 }
 
-/// diffusers' `ResnetBlock2D` (default time-scale-shift): GroupNorm, SiLU, conv; plus the
-/// projected time embedding when the block has one (UNet); 1x1 shortcut when channels change.
-pub(crate) struct ResnetBlock {
-    norm1: GroupNorm,
-    conv1: Conv2d,
-    time_proj: Option<Linear>,
-    norm2: GroupNorm,
-    conv2: Conv2d,
-    shortcut: Option<Conv2d>,
+/// The resnets of the VAE: no time embedding, GroupNorm eps 1e-6.
+fn resnet(
+    vb: &Vb,
+    in_channels: i64,
+    out_channels: i64,
+    groups: i64,
+) -> anyhow::Result<ResnetBlock2D> {
+    Ok(ResnetBlock2D::new(
+        vb,
+        in_channels,
+        out_channels,
+        None,
+        groups,
+        1e-6,
+    )?)
 }
 
-impl ResnetBlock {
-    fn new(vb: &Vb, cin: i64, cout: i64, groups: i64) -> anyhow::Result<Self> {
-        Self::with_time(vb, cin, cout, groups, 1e-6, None)
-    }
+/// diffusers' `Attention` as the VAE mid block uses it: single-head spatial self-attention
+/// behind a GroupNorm, with a residual connection.
+struct Attention {
+    group_norm: GroupNorm,
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    /// `to_out.0`.
+    to_out: Linear,
+}
 
-    pub(crate) fn with_time(
-        vb: &Vb,
-        cin: i64,
-        cout: i64,
-        groups: i64,
-        eps: f64,
-        temb_channels: Option<i64>,
-    ) -> anyhow::Result<Self> {
+impl Attention {
+    fn new(vb: &Vb, channels: i64, groups: i64) -> anyhow::Result<Self> {
+        let linear = |name: &str| Linear::new(&vb.pp(name), channels, channels, true);
         Ok(Self {
-            norm1: GroupNorm::new(&vb.pp("norm1"), groups, cin, eps)?,
-            conv1: Conv2d::new(&vb.pp("conv1"), cin, cout, 3, 1, 1)?,
-            time_proj: match temb_channels {
-                Some(t) => Some(Linear::new(&vb.pp("time_emb_proj"), t, cout, true)?),
-                None => None,
-            },
-            norm2: GroupNorm::new(&vb.pp("norm2"), groups, cout, eps)?,
-            conv2: Conv2d::new(&vb.pp("conv2"), cout, cout, 3, 1, 1)?,
-            shortcut: if cin != cout {
-                Some(Conv2d::new(&vb.pp("conv_shortcut"), cin, cout, 1, 1, 0)?)
-            } else {
-                None
-            },
+            group_norm: GroupNorm::new(&vb.pp("group_norm"), groups, channels, 1e-6)?,
+            to_q: linear("to_q")?,
+            to_k: linear("to_k")?,
+            to_v: linear("to_v")?,
+            to_out: linear("to_out.0")?,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
-        self.forward_t(x, None)
-    }
-
-    /// `silu_temb`: SiLU of the time embedding (the block projects it).
-    pub(crate) fn forward_t(&self, x: &Tensor, silu_temb: Option<&Tensor>) -> Tensor {
-        let mut h = self.conv1.forward(&self.norm1.forward(x).silu());
-        if let (Some(p), Some(t)) = (&self.time_proj, silu_temb) {
-            h += p.forward(t).unsqueeze(-1).unsqueeze(-1);
-        }
-        let h = self.conv2.forward(&self.norm2.forward(&h).silu());
-        match &self.shortcut {
-            Some(s) => s.forward(x) + h,
-            None => x + h,
-        }
-    }
-}
-
-/// Single-head spatial self-attention with a residual connection.
-struct SpatialAttention {
-    norm: GroupNorm,
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    out: Linear,
-}
-
-impl SpatialAttention {
-    fn new(vb: &Vb, ch: i64, groups: i64) -> anyhow::Result<Self> {
-        Ok(Self {
-            norm: GroupNorm::new(&vb.pp("group_norm"), groups, ch, 1e-6)?,
-            q: Linear::new(&vb.pp("to_q"), ch, ch, true)?,
-            k: Linear::new(&vb.pp("to_k"), ch, ch, true)?,
-            v: Linear::new(&vb.pp("to_v"), ch, ch, true)?,
-            out: Linear::new(&vb.pp("to_out.0"), ch, ch, true)?,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Tensor {
-        let (b, c, h, w) = x.size4().expect("4-d feature map");
-        let t = self.norm.forward(x).view([b, c, h * w]).transpose(1, 2);
-        let q = self.q.forward(&t).unsqueeze(1);
-        let k = self.k.forward(&t).unsqueeze(1);
-        let v = self.v.forward(&t).unsqueeze(1);
+        let size = x.size();
+        // [b, c, h, w] -> [b, h*w, c] tokens.
+        let tokens = self.group_norm.forward(x).flatten(2, 3).transpose(1, 2);
+        let q = self.to_q.forward(&tokens).unsqueeze(1);
+        let k = self.to_k.forward(&tokens).unsqueeze(1);
+        let v = self.to_v.forward(&tokens).unsqueeze(1);
         let a = attention(&q, &k, &v, false).squeeze_dim(1);
-        let a = self.out.forward(&a).transpose(1, 2).reshape([b, c, h, w]);
+        let a = self
+            .to_out
+            .forward(&a)
+            .transpose(1, 2)
+            .reshape(size.as_slice());
         a + x
     }
 }
 
-struct UpBlock {
-    resnets: Vec<ResnetBlock>,
-    upsample: Option<Conv2d>,
+/// diffusers' `UNetMidBlock2D` (`decoder.mid_block`): resnet, then (attention, resnet) pairs;
+/// the attention is absent when `mid_block_add_attention` is false.
+struct MidBlock {
+    /// `attentions.0`.
+    attentions: Option<Attention>,
+    /// `resnets.0`, `resnets.1`.
+    resnets: [ResnetBlock2D; 2],
+}
+
+impl MidBlock {
+    fn new(vb: &Vb, cfg: &VaeConfig, channels: i64) -> anyhow::Result<Self> {
+        let g = cfg.norm_num_groups;
+        Ok(Self {
+            attentions: if cfg.mid_block_add_attention {
+                Some(Attention::new(&vb.pp("attentions.0"), channels, g)?)
+            } else {
+                None
+            },
+            resnets: [
+                resnet(&vb.pp("resnets.0"), channels, channels, g)?,
+                resnet(&vb.pp("resnets.1"), channels, channels, g)?,
+            ],
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let [first, second] = &self.resnets;
+        let mut x = first.forward(x, None);
+        if let Some(attention) = &self.attentions {
+            x = attention.forward(&x);
+        }
+        second.forward(&x, None)
+    }
+}
+
+/// diffusers' `UpDecoderBlock2D` (`decoder.up_blocks.N`): resnets, then an upsampler except in
+/// the last block.
+struct UpDecoderBlock {
+    resnets: Vec<ResnetBlock2D>,
+    /// `upsamplers.0`.
+    upsamplers: Option<Upsample2D>,
+}
+
+impl UpDecoderBlock {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let mut x = x.shallow_clone();
+        for resnet in &self.resnets {
+            x = resnet.forward(&x, None);
+        }
+        match &self.upsamplers {
+            Some(upsampler) => upsampler.forward(&x, None),
+            None => x,
+        }
+    }
+}
+
+/// diffusers' `Decoder` (`decoder`).
+struct Decoder {
+    conv_in: Conv2d,
+    mid_block: MidBlock,
+    up_blocks: Vec<UpDecoderBlock>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+}
+
+impl Decoder {
+    fn new(vb: &Vb, cfg: &VaeConfig) -> anyhow::Result<Self> {
+        let g = cfg.norm_num_groups;
+        let channels = &cfg.block_out_channels;
+        let (Some(&first), Some(&top)) = (channels.first(), channels.last()) else {
+            anyhow::bail!("VAE config has no block_out_channels");
+        };
+        let mut up_blocks = Vec::new();
+        let mut prev = top;
+        for (i, &ch) in channels.iter().rev().enumerate() {
+            let block = vb.pp("up_blocks").pp(i);
+            let resnets = (0..cfg.layers_per_block + 1)
+                .map(|j| {
+                    let cin = if j == 0 { prev } else { ch };
+                    resnet(&block.pp("resnets").pp(j), cin, ch, g)
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let upsamplers = if i + 1 < channels.len() {
+                Some(Upsample2D::new(&block.pp("upsamplers.0"), ch)?)
+            } else {
+                None
+            };
+            up_blocks.push(UpDecoderBlock {
+                resnets,
+                upsamplers,
+            });
+            prev = ch;
+        }
+        Ok(Self {
+            conv_in: Conv2d::new(&vb.pp("conv_in"), cfg.latent_channels, top, 3, 1, 1)?,
+            mid_block: MidBlock::new(&vb.pp("mid_block"), cfg, top)?,
+            up_blocks,
+            conv_norm_out: GroupNorm::new(&vb.pp("conv_norm_out"), g, first, 1e-6)?,
+            conv_out: Conv2d::new(&vb.pp("conv_out"), first, cfg.out_channels, 3, 1, 1)?,
+        })
+    }
+
+    fn forward(&self, z: &Tensor) -> Tensor {
+        let mut x = self.mid_block.forward(&self.conv_in.forward(z));
+        for block in &self.up_blocks {
+            x = block.forward(&x);
+        }
+        self.conv_out
+            .forward(&self.conv_norm_out.forward(&x).silu())
+    }
 }
 
 pub struct VaeDecoder {
     cfg: VaeConfig,
-    post_quant: Option<Conv2d>,
-    conv_in: Conv2d,
-    mid_res1: ResnetBlock,
-    mid_attn: Option<SpatialAttention>,
-    mid_res2: ResnetBlock,
-    up: Vec<UpBlock>,
-    norm_out: GroupNorm,
-    conv_out: Conv2d,
+    post_quant_conv: Option<Conv2d>,
+    decoder: Decoder,
 }
 
 impl VaeDecoder {
     /// `vb`: the root of the `vae/` weights (keys `decoder.*`, `post_quant_conv.*`).
     pub fn new(vb: &Vb, cfg: &VaeConfig) -> anyhow::Result<Self> {
-        let g = cfg.norm_num_groups;
         let lat = cfg.latent_channels;
-        let chans = &cfg.block_out_channels;
-        let top = *chans
-            .last()
-            .ok_or_else(|| anyhow::anyhow!("VAE config has no block_out_channels"))?;
-        let dec = vb.pp("decoder");
-        let mid = dec.pp("mid_block");
-        let mut up = Vec::new();
-        let mut prev = top;
-        for (i, &ch) in chans.iter().rev().enumerate() {
-            let ub = dec.pp("up_blocks").pp(i);
-            let resnets = (0..cfg.layers_per_block + 1)
-                .map(|j| {
-                    let cin = if j == 0 { prev } else { ch };
-                    ResnetBlock::new(&ub.pp("resnets").pp(j), cin, ch, g)
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            let upsample = if i + 1 < chans.len() {
-                Some(Conv2d::new(&ub.pp("upsamplers.0.conv"), ch, ch, 3, 1, 1)?)
-            } else {
-                None
-            };
-            up.push(UpBlock { resnets, upsample });
-            prev = ch;
-        }
         Ok(Self {
-            post_quant: if cfg.use_post_quant_conv {
+            post_quant_conv: if cfg.use_post_quant_conv {
                 Some(Conv2d::new(&vb.pp("post_quant_conv"), lat, lat, 1, 1, 0)?)
             } else {
                 None
             },
-            conv_in: Conv2d::new(&dec.pp("conv_in"), lat, top, 3, 1, 1)?,
-            mid_res1: ResnetBlock::new(&mid.pp("resnets.0"), top, top, g)?,
-            mid_attn: if cfg.mid_block_add_attention {
-                Some(SpatialAttention::new(&mid.pp("attentions.0"), top, g)?)
-            } else {
-                None
-            },
-            mid_res2: ResnetBlock::new(&mid.pp("resnets.1"), top, top, g)?,
-            up,
-            norm_out: GroupNorm::new(&dec.pp("conv_norm_out"), g, chans[0], 1e-6)?,
-            conv_out: Conv2d::new(&dec.pp("conv_out"), chans[0], cfg.out_channels, 3, 1, 1)?,
+            decoder: Decoder::new(&vb.pp("decoder"), cfg)?,
             cfg: cfg.clone(),
         })
     }
@@ -259,26 +296,10 @@ impl VaeDecoder {
 
     /// Raw decoder: latent space -> image in [-1, 1] (not clamped).
     pub fn decode_raw(&self, z: &Tensor) -> Tensor {
-        let z = match &self.post_quant {
-            Some(c) => c.forward(z),
-            None => z.shallow_clone(),
-        };
-        let mut x = self.conv_in.forward(&z);
-        x = self.mid_res1.forward(&x);
-        if let Some(a) = &self.mid_attn {
-            x = a.forward(&x);
+        match &self.post_quant_conv {
+            Some(conv) => self.decoder.forward(&conv.forward(z)),
+            None => self.decoder.forward(z),
         }
-        x = self.mid_res2.forward(&x);
-        for block in &self.up {
-            for r in &block.resnets {
-                x = r.forward(&x);
-            }
-            if let Some(conv) = &block.upsample {
-                let (_, _, h, w) = x.size4().expect("4-d feature map");
-                x = conv.forward(&x.upsample_nearest2d([h * 2, w * 2], None, None));
-            }
-        }
-        self.conv_out.forward(&self.norm_out.forward(&x).silu())
     }
 
     /// Denoised latents -> image in [-1, 1], undoing the pipeline's latent scaling and shift.

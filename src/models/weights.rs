@@ -1,11 +1,12 @@
 //! Weights: memory-mapped safetensors (single files or sharded with an index), scoped by name
 //! prefix the way the diffusers/transformers state dicts are laid out, converted to the wanted
 //! dtype and device tensor by tensor. A `Random` source serves benchmarks at full size without
-//! any download.
+//! any download. The store records which tensors were read, so a test can check that a model
+//! loads every tensor of its checkpoint (`Weights::unused_keys`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype, Metadata, SafeTensors};
@@ -69,6 +70,8 @@ pub struct Weights {
     source: Source,
     device: Device,
     kind: Kind,
+    /// Names of the tensors read so far (files only).
+    read: Mutex<BTreeSet<String>>,
 }
 
 impl Weights {
@@ -186,6 +189,7 @@ impl Weights {
             },
             device,
             kind,
+            read: Mutex::default(),
         })
     }
 
@@ -194,6 +198,7 @@ impl Weights {
             source: Source::Random { seed },
             device,
             kind,
+            read: Mutex::default(),
         }
     }
 
@@ -209,6 +214,14 @@ impl Weights {
         matches!(self.source, Source::Random { .. })
     }
 
+    /// Where the tensors come from, for error messages.
+    fn location(&self) -> String {
+        match &self.source {
+            Source::Files { origin, .. } => origin.display().to_string(),
+            Source::Random { .. } => "random weights".into(),
+        }
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         match &self.source {
             Source::Files { index, .. } => index.contains_key(name),
@@ -222,6 +235,30 @@ impl Weights {
             Source::Files { index, .. } => index.keys().cloned().collect(),
             Source::Random { .. } => Vec::new(),
         }
+    }
+
+    /// Names of the tensors read so far by `get` / `get_kind`, sorted (empty for the random
+    /// source). `contains` does not count as a read.
+    pub fn read_keys(&self) -> Vec<String> {
+        self.read_set().iter().cloned().collect()
+    }
+
+    /// Names of the tensors never read so far, sorted: after a model is built, what its
+    /// checkpoint holds that the model does not use.
+    pub fn unused_keys(&self) -> Vec<String> {
+        let read = self.read_set();
+        let mut unused: Vec<String> = self
+            .names()
+            .into_iter()
+            .filter(|n| !read.contains(n))
+            .collect();
+        unused.sort();
+        unused
+    }
+
+    fn read_set(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+        // The set only ever grows by one name at a time: a poisoned lock still holds a valid set.
+        self.read.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The tensor `name`, checked against `shape`, on the store's device in the store's dtype.
@@ -283,6 +320,7 @@ impl Weights {
                     source,
                 };
                 let t = Tensor::f_from_data_size(bytes, shape, src_kind).map_err(torch_err)?;
+                self.read_set().insert(name.to_string());
                 // Move first, then convert: the conversion then runs on the device.
                 let t = t.f_to_device(self.device).map_err(torch_err)?;
                 Ok(if src_kind == kind {
@@ -335,6 +373,31 @@ impl Vb {
         }
     }
 
+    /// The view under the first of `prefixes` that holds `probe` (a name relative to the
+    /// prefix; `""` is this view itself), for checkpoints written in several layouts (a CLIP
+    /// tower under `text_model.` or at the root). Fails naming every place it looked.
+    pub fn pp_first_containing(&self, prefixes: &[&str], probe: &str) -> Result<Self, WeightError> {
+        let at = |prefix: &str| {
+            if prefix.is_empty() {
+                self.clone()
+            } else {
+                self.pp(prefix)
+            }
+        };
+        prefixes
+            .iter()
+            .map(|p| at(p))
+            .find(|vb| vb.contains(probe))
+            .ok_or_else(|| WeightError::Missing {
+                name: prefixes
+                    .iter()
+                    .map(|p| at(p).full(probe))
+                    .collect::<Vec<_>>()
+                    .join("` or `"),
+                location: self.weights.location(),
+            })
+    }
+
     pub fn get(&self, name: &str, shape: &[i64]) -> Result<Tensor, WeightError> {
         self.weights.get(&self.full(name), shape)
     }
@@ -357,5 +420,10 @@ impl Vb {
 
     pub fn is_random(&self) -> bool {
         self.weights.is_random()
+    }
+
+    /// The whole store (for `read_keys` / `unused_keys` after loading a model).
+    pub fn weights(&self) -> &Weights {
+        &self.weights
     }
 }

@@ -3,9 +3,14 @@
 pub mod sd3;
 pub mod sdxl;
 
+use std::path::Path;
 use std::time::Duration;
 
-use tch::Tensor;
+use anyhow::Context;
+use tch::{Device, Kind, Tensor};
+
+use crate::models::hub::ModelFolder;
+use crate::models::weights::Vb;
 
 /// What one generation asks for. `prompts` are the distinct prompts that condition the steps
 /// (one for a plain run; the frequent-to-rare sequence for R2F) and `step_prompt[i]` is the index
@@ -46,7 +51,7 @@ impl Request {
         self.step_prompt.len()
     }
 
-    /// Checks steps, the schedule's prompt indices and the size against the VAE factor `f`;
+    /// Checks steps, the prompt schedule's indices and the size against the VAE factor `f`;
     /// returns the latent size `(h, w)`.
     pub fn latent_size(&self, f: i64) -> anyhow::Result<(i64, i64)> {
         if self.steps() == 0 {
@@ -54,7 +59,7 @@ impl Request {
         }
         if let Some(bad) = self.step_prompt.iter().find(|&&i| i >= self.prompts.len()) {
             anyhow::bail!(
-                "step schedule names prompt {bad}, but only {} are given",
+                "prompt schedule names prompt {bad}, but only {} are given",
                 self.prompts.len()
             );
         }
@@ -89,10 +94,49 @@ impl Conditioning {
     }
 }
 
+/// Loads a model folder's components onto one device.
+pub(crate) struct ComponentLoader<'a> {
+    pub model: &'a ModelFolder,
+    pub device: Device,
+}
+
+impl ComponentLoader<'_> {
+    /// The component in folder `name` (logged as `what`): its weights opened in `dtype`, its
+    /// config read with `config`, the model built with `build` (a failure there names the
+    /// folder).
+    pub fn load<C, T>(
+        &self,
+        name: &str,
+        what: &str,
+        dtype: Kind,
+        config: impl FnOnce(&Path) -> anyhow::Result<C>,
+        build: impl FnOnce(&Vb, &C) -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
+        tracing::info!(component = what, "loading");
+        let dir = self.model.require(name)?;
+        let vb = Vb::from_dir(&dir, self.device, dtype)?;
+        build(&vb, &config(&dir)?).with_context(|| format!("loading {}", dir.display()))
+    }
+}
+
+/// Classifier-free guidance: `uncond + guidance * (cond - uncond)`.
+pub fn apply_cfg(uncond: &Tensor, cond: &Tensor, guidance: f64) -> Tensor {
+    uncond + (cond - uncond) * guidance
+}
+
+/// [`apply_cfg`] on the halves of a `[negative, positive]` batch output.
+pub fn apply_cfg_to_batch(output: &Tensor, guidance: f64) -> Tensor {
+    let halves = output.chunk(2, 0);
+    apply_cfg(&halves[0], &halves[1], guidance)
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct Timings {
     pub encode: Duration,
+    /// Denoising, without the R2F+ bbox guidance.
     pub denoise: Duration,
+    /// The R2F+ bbox guidance (forward and backward passes on the latent); zero otherwise.
+    pub guidance: Duration,
     pub decode: Duration,
 }
 

@@ -4,14 +4,19 @@
 //! positive]; flow-matching Euler steps in float32; VAE decode with scaling and shift.
 //!
 //! Each distinct prompt of a request is encoded once; every step picks its conditioning from
-//! those encodings, which is what R2F's alternating schedule needs.
+//! those encodings, which is what R2F's alternating prompt schedule needs.
+
+pub mod plus;
 
 use std::time::Instant;
 
 use anyhow::Context;
 use tch::{Device, Kind, Tensor};
 
-use super::{initial_latents, to_u8_image, Conditioning, Output, Request, Timings};
+use super::{
+    apply_cfg_to_batch, initial_latents, to_u8_image, ComponentLoader, Conditioning, Output,
+    Request, Timings,
+};
 use crate::device::synchronize;
 use crate::models::clip::{ClipConfig, ClipTextModel};
 use crate::models::hub::{Family, ModelFolder};
@@ -36,10 +41,10 @@ pub struct Sd3Pipeline {
     t5: Option<T5Encoder>,
     pub transformer: Mmdit,
     pub vae: VaeDecoder,
-    scheduler: FlowMatchConfig,
+    scheduler_config: FlowMatchConfig,
     device: Device,
-    kind: Kind,
-    t5_kind: Kind,
+    dtype: Kind,
+    t5_dtype: Kind,
     /// T5 sequence length (256 in diffusers' pipeline, 77 in the official R2F code).
     pub t5_tokens: usize,
 }
@@ -52,21 +57,20 @@ pub struct TokenIds {
 }
 
 impl Sd3Pipeline {
-    pub fn load(model: &ModelFolder, device: Device, kind: Kind) -> anyhow::Result<Self> {
+    pub fn load(model: &ModelFolder, device: Device, dtype: Kind) -> anyhow::Result<Self> {
         if model.family != Family::Sd3 {
             anyhow::bail!("{} is not an SD3 model folder", model.root.display());
         }
         let _guard = tch::no_grad_guard();
         // T5 overflows in fp16 (known); bf16 keeps its range.
-        let t5_kind = if kind == Kind::Half {
+        let t5_dtype = if dtype == Kind::Half {
             Kind::BFloat16
         } else {
-            kind
+            dtype
         };
         let start = Instant::now();
-        let step = |what: &str| tracing::info!(component = what, "loading");
 
-        step("tokenizers");
+        tracing::info!(component = "tokenizers", "loading");
         let tok_l = PromptTokenizer::clip(&model.require("tokenizer")?)?;
         let tok_g = PromptTokenizer::clip(&model.require("tokenizer_2")?)?;
         let tok_t5 = match model.component("tokenizer_3") {
@@ -74,33 +78,30 @@ impl Sd3Pipeline {
             None => None,
         };
 
-        step("text_encoder (CLIP-L)");
-        let dir = model.require("text_encoder")?;
-        let clip_l = ClipTextModel::new(
-            &Vb::from_dir(&dir, device, kind)?,
-            &ClipConfig::load(&dir)?,
-            true,
-        )
-        .with_context(|| format!("loading {}", dir.display()))?;
-        step("text_encoder_2 (CLIP-G)");
-        let dir = model.require("text_encoder_2")?;
-        let clip_g = ClipTextModel::new(
-            &Vb::from_dir(&dir, device, kind)?,
-            &ClipConfig::load(&dir)?,
-            true,
-        )
-        .with_context(|| format!("loading {}", dir.display()))?;
+        let loader = ComponentLoader { model, device };
+        let clip = |vb: &Vb, cfg: &ClipConfig| ClipTextModel::new(vb, cfg, true);
+        let clip_l = loader.load(
+            "text_encoder",
+            "text_encoder (CLIP-L)",
+            dtype,
+            ClipConfig::load,
+            clip,
+        )?;
+        let clip_g = loader.load(
+            "text_encoder_2",
+            "text_encoder_2 (CLIP-G)",
+            dtype,
+            ClipConfig::load,
+            clip,
+        )?;
         let t5 = match model.component("text_encoder_3") {
-            Some(dir) => {
-                step("text_encoder_3 (T5)");
-                Some(
-                    T5Encoder::new(
-                        &Vb::from_dir(&dir, device, t5_kind)?,
-                        &T5Config::load(&dir)?,
-                    )
-                    .with_context(|| format!("loading {}", dir.display()))?,
-                )
-            }
+            Some(_) => Some(loader.load(
+                "text_encoder_3",
+                "text_encoder_3 (T5)",
+                t5_dtype,
+                T5Config::load,
+                T5Encoder::new,
+            )?),
             None => {
                 tracing::warn!("no text_encoder_3: T5 features are zeros, as diffusers does");
                 None
@@ -113,18 +114,15 @@ impl Sd3Pipeline {
             );
         }
 
-        step("transformer");
-        let dir = model.require("transformer")?;
-        let transformer = Mmdit::new(
-            &Vb::from_dir(&dir, device, kind)?,
-            &MmditConfig::load(&dir)?,
-        )
-        .with_context(|| format!("loading {}", dir.display()))?;
-        step("vae");
-        let dir = model.require("vae")?;
-        let vae = VaeDecoder::new(&Vb::from_dir(&dir, device, kind)?, &VaeConfig::load(&dir)?)
-            .with_context(|| format!("loading {}", dir.display()))?;
-        let scheduler = FlowMatchConfig::load(&model.require("scheduler")?)?;
+        let transformer = loader.load(
+            "transformer",
+            "transformer",
+            dtype,
+            MmditConfig::load,
+            Mmdit::new,
+        )?;
+        let vae = loader.load("vae", "vae", dtype, VaeConfig::load, VaeDecoder::new)?;
+        let scheduler_config = FlowMatchConfig::load(&model.require("scheduler")?)?;
         tracing::info!(
             seconds = start.elapsed().as_secs_f64(),
             model = %model.root.display(),
@@ -139,10 +137,10 @@ impl Sd3Pipeline {
             t5,
             transformer,
             vae,
-            scheduler,
+            scheduler_config,
             device,
-            kind,
-            t5_kind,
+            dtype,
+            t5_dtype,
             t5_tokens: DEFAULT_T5_TOKENS,
         })
     }
@@ -151,12 +149,12 @@ impl Sd3Pipeline {
         self.device
     }
 
-    pub fn kind(&self) -> Kind {
-        self.kind
+    pub fn dtype(&self) -> Kind {
+        self.dtype
     }
 
     pub fn scheduler_config(&self) -> &FlowMatchConfig {
-        &self.scheduler
+        &self.scheduler_config
     }
 
     /// Pixels per latent along each side.
@@ -197,14 +195,14 @@ impl Sd3Pipeline {
         let clip_width = clip.size()[2];
         let clip = clip.constant_pad_nd([0, joint - clip_width]);
         let t5 = match (&self.t5, ids.t5) {
-            (Some(t5), Some(ids)) => t5.forward(&self.ids_tensor(&ids)).to_kind(self.kind),
+            (Some(t5), Some(ids)) => t5.forward(&self.ids_tensor(&ids)).to_kind(self.dtype),
             // diffusers pads with zeros of the CLIP length (tokenizer_max_length) when T5 is absent.
             _ => Tensor::zeros(
                 [1, self.tok_l.length() as i64, joint],
-                (self.kind, self.device),
+                (self.dtype, self.device),
             ),
         };
-        let context = Tensor::cat(&[clip.to_kind(self.kind), t5], 1);
+        let context = Tensor::cat(&[clip.to_kind(self.dtype), t5], 1);
         let pooled = Tensor::cat(
             &[
                 l.text_embeds.context("CLIP-L has no text projection")?,
@@ -212,7 +210,7 @@ impl Sd3Pipeline {
             ],
             -1,
         )
-        .to_kind(self.kind);
+        .to_kind(self.dtype);
         Ok(Conditioning { context, pooled })
     }
 
@@ -245,14 +243,14 @@ impl Sd3Pipeline {
         timings.encode = t0.elapsed();
 
         let t0 = Instant::now();
-        let schedule = FlowMatchSchedule::new(&self.scheduler, steps);
+        let noise_schedule = FlowMatchSchedule::new(&self.scheduler_config, steps);
         let channels = self.latent_channels();
         let mut latents = initial_latents(req.seed, &[1, channels, lh, lw])
             .to_device(self.device)
-            .to_kind(self.kind);
+            .to_kind(self.dtype);
         let batch = if cfg { 2 } else { 1 };
         // Timesteps go to the device once, before the loop: no host round trip per step.
-        let timesteps = Tensor::from_slice(&schedule.timesteps).to_device(self.device);
+        let timesteps = Tensor::from_slice(&noise_schedule.timesteps).to_device(self.device);
         for i in 0..steps {
             let cond = &conds[req.step_prompt[i]];
             let t = timesteps.narrow(0, i as i64, 1).expand([batch], false);
@@ -265,15 +263,11 @@ impl Sd3Pipeline {
                 .transformer
                 .forward(&input, &t, &cond.context, &cond.pooled)?;
             let v = if cfg {
-                let parts = v.chunk(2, 0);
-                &parts[0] + (&parts[1] - &parts[0]) * req.guidance
+                apply_cfg_to_batch(&v, req.guidance)
             } else {
                 v
             };
-            // Euler step in float32, cast back to the model dtype (the scheduler's `step`).
-            let next =
-                latents.to_kind(Kind::Float) + v.to_kind(Kind::Float) * schedule.dt(i) as f64;
-            latents = next.to_kind(self.kind);
+            latents = noise_schedule.step(i, &latents, &v);
             on_step(i + 1, steps);
         }
         synchronize(self.device);
@@ -290,7 +284,7 @@ impl Sd3Pipeline {
         })
     }
 
-    pub fn t5_kind(&self) -> Kind {
-        self.t5_kind
+    pub fn t5_dtype(&self) -> Kind {
+        self.t5_dtype
     }
 }

@@ -9,7 +9,10 @@ use std::time::Instant;
 use anyhow::Context;
 use tch::{Device, Kind, Tensor};
 
-use super::{initial_latents, to_u8_image, Conditioning, Output, Request, Timings};
+use super::{
+    apply_cfg_to_batch, initial_latents, to_u8_image, ComponentLoader, Conditioning, Output,
+    Request, Timings,
+};
 use crate::device::synchronize;
 use crate::models::clip::{ClipConfig, ClipTextModel};
 use crate::models::hub::{Family, ModelFolder};
@@ -17,7 +20,7 @@ use crate::models::tokenizer::PromptTokenizer;
 use crate::models::unet::{Unet, UnetConfig};
 use crate::models::vae::{VaeConfig, VaeDecoder};
 use crate::models::weights::Vb;
-use crate::schedulers::discrete::{DiscreteConfig, DiscreteSchedule, Sampler, SamplerKind};
+use crate::schedulers::discrete::{DiscreteConfig, DiscreteSchedule, Sampler, Scheduler};
 
 pub struct SdxlPipeline {
     tok_l: PromptTokenizer,
@@ -26,14 +29,14 @@ pub struct SdxlPipeline {
     clip_g: ClipTextModel,
     pub unet: Unet,
     pub vae: VaeDecoder,
-    scheduler: DiscreteConfig,
+    scheduler_config: DiscreteConfig,
     device: Device,
-    kind: Kind,
-    vae_kind: Kind,
+    dtype: Kind,
+    vae_dtype: Kind,
 }
 
 impl SdxlPipeline {
-    pub fn load(model: &ModelFolder, device: Device, kind: Kind) -> anyhow::Result<Self> {
+    pub fn load(model: &ModelFolder, device: Device, dtype: Kind) -> anyhow::Result<Self> {
         if model.family != Family::Sdxl {
             anyhow::bail!("{} is not an SDXL model folder", model.root.display());
         }
@@ -43,37 +46,33 @@ impl SdxlPipeline {
         step("tokenizers");
         let tok_l = PromptTokenizer::clip(&model.require("tokenizer")?)?;
         let tok_g = PromptTokenizer::clip(&model.require("tokenizer_2")?)?;
-        step("text_encoder (CLIP-L)");
-        let dir = model.require("text_encoder")?;
-        let clip_l = ClipTextModel::new(
-            &Vb::from_dir(&dir, device, kind)?,
-            &ClipConfig::load(&dir)?,
-            false,
-        )
-        .with_context(|| format!("loading {}", dir.display()))?;
-        step("text_encoder_2 (CLIP-G)");
-        let dir = model.require("text_encoder_2")?;
-        let clip_g = ClipTextModel::new(
-            &Vb::from_dir(&dir, device, kind)?,
-            &ClipConfig::load(&dir)?,
-            true,
-        )
-        .with_context(|| format!("loading {}", dir.display()))?;
-        step("unet");
-        let dir = model.require("unet")?;
-        let unet = Unet::new(&Vb::from_dir(&dir, device, kind)?, &UnetConfig::load(&dir)?)
-            .with_context(|| format!("loading {}", dir.display()))?;
+        let loader = ComponentLoader { model, device };
+        let clip_l = loader.load(
+            "text_encoder",
+            "text_encoder (CLIP-L)",
+            dtype,
+            ClipConfig::load,
+            |vb, cfg| ClipTextModel::new(vb, cfg, false),
+        )?;
+        let clip_g = loader.load(
+            "text_encoder_2",
+            "text_encoder_2 (CLIP-G)",
+            dtype,
+            ClipConfig::load,
+            |vb, cfg| ClipTextModel::new(vb, cfg, true),
+        )?;
+        let unet = loader.load("unet", "unet", dtype, UnetConfig::load, Unet::new)?;
         step("vae");
         let dir = model.require("vae")?;
         let vae_cfg = VaeConfig::load(&dir)?;
-        let vae_kind = if kind == Kind::Half && vae_cfg.force_upcast.unwrap_or(true) {
+        let vae_dtype = if dtype == Kind::Half && vae_cfg.force_upcast.unwrap_or(true) {
             Kind::Float
         } else {
-            kind
+            dtype
         };
-        let vae = VaeDecoder::new(&Vb::from_dir(&dir, device, vae_kind)?, &vae_cfg)
+        let vae = VaeDecoder::new(&Vb::from_dir(&dir, device, vae_dtype)?, &vae_cfg)
             .with_context(|| format!("loading {}", dir.display()))?;
-        let scheduler = DiscreteConfig::load(&model.require("scheduler")?)?;
+        let scheduler_config = DiscreteConfig::load(&model.require("scheduler")?)?;
         tracing::info!(seconds = start.elapsed().as_secs_f64(), model = %model.root.display(), "SDXL model loaded");
         Ok(Self {
             tok_l,
@@ -82,10 +81,10 @@ impl SdxlPipeline {
             clip_g,
             unet,
             vae,
-            scheduler,
+            scheduler_config,
             device,
-            kind,
-            vae_kind,
+            dtype,
+            vae_dtype,
         })
     }
 
@@ -93,8 +92,8 @@ impl SdxlPipeline {
         self.device
     }
 
-    pub fn kind(&self) -> Kind {
-        self.kind
+    pub fn dtype(&self) -> Kind {
+        self.dtype
     }
 
     pub fn vae_scale_factor(&self) -> i64 {
@@ -103,11 +102,11 @@ impl SdxlPipeline {
 
     /// The folder's scheduler is Euler discrete (SDXL's published config) unless it asks for
     /// Karras sigmas.
-    pub fn default_sampler(&self) -> SamplerKind {
-        if self.scheduler.use_karras_sigmas {
-            SamplerKind::DpmSolverPp2mKarras
+    pub fn default_scheduler(&self) -> Scheduler {
+        if self.scheduler_config.use_karras_sigmas {
+            Scheduler::DpmSolverPp2mKarras
         } else {
-            SamplerKind::EulerDiscrete
+            Scheduler::EulerDiscrete
         }
     }
 
@@ -129,7 +128,7 @@ impl SdxlPipeline {
     pub fn generate(
         &self,
         req: &Request,
-        sampler: SamplerKind,
+        scheduler: Scheduler,
         on_step: &mut dyn FnMut(usize, usize),
     ) -> anyhow::Result<Output> {
         let _g = tch::no_grad_guard();
@@ -165,18 +164,18 @@ impl SdxlPipeline {
             .unsqueeze(0)
             .repeat([batch, 1])
             .to_device(self.device)
-            .to_kind(self.kind);
+            .to_kind(self.dtype);
         synchronize(self.device);
         timings.encode = t0.elapsed();
 
         let t0 = Instant::now();
-        let schedule = DiscreteSchedule::new(&self.scheduler, sampler, steps)?;
-        let timesteps = Tensor::from_slice(&schedule.timesteps).to_device(self.device);
-        let init_sigma = schedule.init_noise_sigma as f64;
-        let mut sampler = Sampler::new(schedule);
+        let noise_schedule = DiscreteSchedule::new(&self.scheduler_config, scheduler, steps)?;
+        let timesteps = Tensor::from_slice(&noise_schedule.timesteps).to_device(self.device);
+        let init_sigma = noise_schedule.init_noise_sigma as f64;
+        let mut sampler = Sampler::new(noise_schedule);
         let mut latents = initial_latents(req.seed, &[1, self.unet.config().in_channels, lh, lw])
             .to_device(self.device)
-            .to_kind(self.kind)
+            .to_kind(self.dtype)
             * init_sigma;
         for i in 0..steps {
             let cond = &conds[req.step_prompt[i]];
@@ -186,13 +185,12 @@ impl SdxlPipeline {
             } else {
                 latents.shallow_clone()
             };
-            let input = sampler.schedule.scale_model_input(&input, i);
+            let input = sampler.scale_model_input(&input, i);
             let eps = self
                 .unet
                 .forward(&input, &t, &cond.context, &cond.pooled, &time_ids);
             let eps = if cfg {
-                let parts = eps.chunk(2, 0);
-                &parts[0] + (&parts[1] - &parts[0]) * req.guidance
+                apply_cfg_to_batch(&eps, req.guidance)
             } else {
                 eps
             };
@@ -203,7 +201,7 @@ impl SdxlPipeline {
         timings.denoise = t0.elapsed();
 
         let t0 = Instant::now();
-        let decoded = self.vae.decode_latents(&latents.to_kind(self.vae_kind));
+        let decoded = self.vae.decode_latents(&latents.to_kind(self.vae_dtype));
         let image = to_u8_image(&decoded);
         timings.decode = t0.elapsed();
         Ok(Output {

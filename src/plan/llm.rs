@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 
 use super::parse::{parse_r2f_answer, parse_r2fplus_answer};
 use super::template::{self, TEMPLATE_VERSION};
-use super::{PlanError, PlanFuture, Planner, RegionPlan};
+use super::{PlanError, PlanFuture, Planner, RegionPlanFuture};
 use crate::config::{redact_text, Limits, LlmSettings};
 use crate::metrics::Metrics;
 use crate::redis_store::RedisStore;
@@ -361,16 +361,6 @@ impl CachedPlanner {
             }
         }
     }
-
-    pub async fn plan_regions(
-        &self,
-        prompt: &str,
-        metrics: &Metrics,
-    ) -> Result<RegionPlan, PlanError> {
-        let v = self.plan_value(prompt, PlanMode::R2fPlus, metrics).await?;
-        serde_json::from_value(v)
-            .map_err(|e| permanent(format!("cached R2F+ plan unreadable: {e}")))
-    }
 }
 
 impl Planner for CachedPlanner {
@@ -381,6 +371,17 @@ impl Planner for CachedPlanner {
                 Ok(super::Plan::R2f(p)) => Ok(p),
                 Ok(_) => Err(permanent("cached plan is not an R2F plan".into())),
                 Err(e) => Err(permanent(format!("cached plan invalid: {e}"))),
+            }
+        })
+    }
+
+    fn plan_regions<'a>(&'a self, prompt: &'a str, metrics: &'a Metrics) -> RegionPlanFuture<'a> {
+        Box::pin(async move {
+            let v = self.plan_value(prompt, PlanMode::R2fPlus, metrics).await?;
+            match super::Plan::from_json(&v, prompt) {
+                Ok(super::Plan::Regions(p)) => Ok(p),
+                Ok(_) => Err(permanent("cached plan is not an R2F+ plan".into())),
+                Err(e) => Err(permanent(format!("cached R2F+ plan invalid: {e}"))),
             }
         })
     }

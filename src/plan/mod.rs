@@ -1,7 +1,7 @@
 //! R2F and R2F+ plans: the canonical types, and the two official JSON shapes jobs may carry
 //! (and that the LLM answers are turned into).
 
-use std::collections::BTreeMap;
+use indexmap::IndexMap;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -25,6 +25,8 @@ impl std::fmt::Display for PlanError {
 
 pub type PlanFuture<'a> =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<R2fPlan, PlanError>> + Send + 'a>>;
+pub type RegionPlanFuture<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<RegionPlan, PlanError>> + Send + 'a>>;
 
 pub mod llm;
 pub mod parse;
@@ -38,9 +40,14 @@ pub fn planner_from_settings(
     Ok(llm::planner(settings)?.map(|p| p as std::sync::Arc<dyn Planner>))
 }
 
-/// Something that turns a prompt into an R2F plan (the LLM behind the plan cache).
+/// Something that turns a prompt into an R2F or R2F+ plan (the LLM behind the plan cache).
 pub trait Planner: Send + Sync {
     fn plan<'a>(&'a self, prompt: &'a str, metrics: &'a crate::metrics::Metrics) -> PlanFuture<'a>;
+    fn plan_regions<'a>(
+        &'a self,
+        prompt: &'a str,
+        metrics: &'a crate::metrics::Metrics,
+    ) -> RegionPlanFuture<'a>;
 }
 
 /// An R2F plan: prompts `p0 ... pK` from frequent to rare (`pK` is the rare prompt) and one
@@ -104,11 +111,15 @@ pub struct RegionObject {
 }
 
 /// An R2F+ plan: a base prompt with `#N` placeholders and one region per object.
+///
+/// `objects` keeps the JSON order, as the official code's `dict` does: it fixes the order of the
+/// object runs (and so which noise draw each gets), the fusion order (later objects overwrite
+/// earlier ones) and the order of the loss terms. A sorted map would put `#10` before `#2`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RegionPlan {
     pub original_prompt: String,
     pub base_prompt: String,
-    pub objects: BTreeMap<String, RegionObject>,
+    pub objects: IndexMap<String, RegionObject>,
 }
 
 fn placeholders(s: &str) -> Vec<String> {

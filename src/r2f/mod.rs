@@ -1,10 +1,12 @@
-//! The Rare-to-Frequent method, model-agnostic: which prompt conditions each denoising step.
+//! The Rare-to-Frequent method, model-agnostic: which prompt conditions each denoising step
+//! (the *prompt schedule*; the noise schedule is [`crate::schedulers`]' business).
 //!
 //! A plan holds prompts `p0 ... pK` from frequent to rare (`pK` is the rare prompt) and one
 //! visual-detail level per concept. A level maps to a stop step through a per-model table; before
 //! its stop step a concept's frequent prompt conditions the even steps and the rare prompt the odd
 //! ones; after it the rare prompt alone finishes the image.
 
+pub mod plus;
 pub mod regions;
 
 use serde::{Deserialize, Serialize};
@@ -27,13 +29,8 @@ impl StopStepMap {
     /// `paper` (the paper-era map, used for every backbone then) or `head` (SDXL's map at the
     /// official repository's HEAD); `sd3` and `sdxl` name the per-model defaults.
     pub fn parse(s: &str) -> Result<Self, String> {
-        match s {
-            "paper" | "sd3" => Ok(Self::SD3),
-            "head" | "sdxl" => Ok(Self::SDXL),
-            other => Err(format!(
-                "unknown stop-step map `{other}` (expected paper or head)"
-            )),
-        }
+        <Self as clap::ValueEnum>::from_str(s, false)
+            .map_err(|_| format!("unknown stop-step map `{s}` (expected paper or head)"))
     }
 
     /// The stop step of `level` for a run of `steps` steps: the map's value scaled by
@@ -48,10 +45,34 @@ impl StopStepMap {
     }
 }
 
-/// How the per-step choice is made.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+/// The named maps, as `--stop-step-map` and the job parameter `stop_step_map` spell them.
+impl clap::ValueEnum for StopStepMap {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[Self::SD3, Self::SDXL]
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        use clap::builder::PossibleValue;
+        match *self {
+            Self::SD3 => Some(PossibleValue::new("paper").alias("sd3")),
+            Self::SDXL => Some(PossibleValue::new("head").alias("sdxl")),
+            _ => None,
+        }
+    }
+}
+
+impl std::str::FromStr for StopStepMap {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::parse(s)
+    }
+}
+
+/// How the per-step prompt choice is made (`--schedule` and the job parameter `schedule`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
-pub enum ScheduleKind {
+pub enum PromptSchedule {
     /// The official loop, quirks included (levels in LLM order, a non-monotone stop list freezes
     /// the advance, a leading 0 freezes it at p0, a single prompt is a plain run).
     #[default]
@@ -61,15 +82,21 @@ pub enum ScheduleKind {
     Clean,
 }
 
-impl ScheduleKind {
+/// The former name of [`PromptSchedule`] (the parity tests and `job.rs` still use it).
+pub type ScheduleKind = PromptSchedule;
+
+impl PromptSchedule {
     pub fn parse(s: &str) -> Result<Self, String> {
-        match s {
-            "faithful" => Ok(Self::Faithful),
-            "clean" => Ok(Self::Clean),
-            other => Err(format!(
-                "unknown schedule `{other}` (expected faithful or clean)"
-            )),
-        }
+        <Self as clap::ValueEnum>::from_str(s, false)
+            .map_err(|_| format!("unknown schedule `{s}` (expected faithful or clean)"))
+    }
+}
+
+impl std::str::FromStr for PromptSchedule {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::parse(s)
     }
 }
 
@@ -81,15 +108,15 @@ pub fn step_prompts(
     levels: &[u8],
     steps: usize,
     map: &StopStepMap,
-    kind: ScheduleKind,
+    schedule: PromptSchedule,
 ) -> Vec<usize> {
     let rare = num_prompts.saturating_sub(1);
     if num_prompts <= 1 {
         // A single prompt is a plain run (SD3's length-1 guard; the SDXL crash is not kept).
         return vec![0; steps];
     }
-    match kind {
-        ScheduleKind::Faithful => {
+    match schedule {
+        PromptSchedule::Faithful => {
             // Official loop: T = [M[l] for l in levels] + [N]; advance while i == T[mode] != 0.
             let mut stops: Vec<usize> = levels.iter().map(|&l| map.stop_step(l, steps)).collect();
             stops.push(steps);
@@ -108,7 +135,7 @@ pub fn step_prompts(
                 })
                 .collect()
         }
-        ScheduleKind::Clean => {
+        PromptSchedule::Clean => {
             let mut stops: Vec<usize> = levels.iter().map(|&l| map.stop_step(l, steps)).collect();
             stops.sort_unstable();
             (0..steps)
@@ -124,9 +151,9 @@ pub fn step_prompts(
     }
 }
 
-/// Number of steps conditioned by a prompt other than the rare one.
-pub fn frequent_steps(schedule: &[usize], rare: usize) -> usize {
-    schedule.iter().filter(|&&p| p != rare).count()
+/// Number of steps conditioned by a prompt other than the rare one, of a per-step prompt list.
+pub fn frequent_steps(step_prompt: &[usize], rare: usize) -> usize {
+    step_prompt.iter().filter(|&&p| p != rare).count()
 }
 
 #[cfg(test)]

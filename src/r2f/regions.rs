@@ -468,14 +468,8 @@ pub fn joint_token_indices(clip: Range<usize>, t5: Range<usize>) -> Result<Vec<i
         .collect())
 }
 
-// TODO(r2fplus): the tokenizer-dependent rest of `get_current_prompt_and_object_indices`
-// (L735–807) is not here. It needs: (1) the keys in order of appearance as Python's
-// `re.findall(r'#\d+', prompt)` finds them (`\d` is any Unicode decimal digit, unlike
-// `plan::placeholders`' ASCII scan); (2) for each key in that order, `prompt.replace(key, phrase)`
-// replacing EVERY occurrence (Q7: `#1` also hits `#10`); (3) unpadded token ids of the prompt
-// before and after each substitution: CLIP-L truncated to 77 with BOS/EOS, T5 truncated to 256
-// with `</s>` (`PromptTokenizer` always pads, so a truncate-only encode is needed, §3.3); then
-// `token_diff_span` on both and `joint_token_indices`, the prompt and ids carried to the next key.
+// The tokenizer-dependent rest of `get_current_prompt_and_object_indices` (keys in order of
+// appearance, the substitution, the unpadded ids) is `super::plus::step_text`.
 
 #[cfg(test)]
 mod tests {

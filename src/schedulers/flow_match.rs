@@ -6,6 +6,7 @@
 use std::path::Path;
 
 use serde::Deserialize;
+use tch::{Kind, Tensor};
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct FlowMatchConfig {
@@ -134,6 +135,14 @@ impl FlowMatchSchedule {
     /// The Euler step size `sigma_{i+1} - sigma_i` (float32, as the scheduler computes it).
     pub fn dt(&self, i: usize) -> f32 {
         self.sigmas[i + 1] - self.sigmas[i]
+    }
+
+    /// The Euler step of the flow ODE `dx/dsigma = velocity` from `sigmas[i]` to
+    /// `sigmas[i + 1]`: `x + dt * velocity` in float32, cast back to the sample's dtype (the
+    /// scheduler's `step`).
+    pub fn step(&self, i: usize, sample: &Tensor, velocity: &Tensor) -> Tensor {
+        let next = sample.to_kind(Kind::Float) + velocity.to_kind(Kind::Float) * self.dt(i) as f64;
+        next.to_kind(sample.kind())
     }
 }
 

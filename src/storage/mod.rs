@@ -266,8 +266,9 @@ impl Storage for S3Storage {
 
 /// The backend the settings name.
 pub async fn from_settings(s: &StorageSettings) -> Result<Box<dyn Storage>, StorageError> {
-    match s.backend.as_str() {
-        "s3" => Ok(Box::new(S3Storage::new(s).await?)),
-        _ => Ok(Box::new(LocalStorage::new(&s.local_dir)?)),
+    use crate::config::StorageBackend;
+    match s.backend {
+        StorageBackend::S3 => Ok(Box::new(S3Storage::new(s).await?)),
+        StorageBackend::Local => Ok(Box::new(LocalStorage::new(&s.local_dir)?)),
     }
 }

@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::Settings;
-use crate::device::{default_device, default_dtype, parse_device, parse_dtype};
 use crate::generate::{generate_png, Engine, Mode, ModelCaps, Params};
 use crate::metrics::Metrics;
 use crate::models::hub;
@@ -95,14 +94,8 @@ impl GpuWorker {
             .spawn(move || {
                 let loaded = (|| -> anyhow::Result<Engine> {
                     let w = &settings.worker;
-                    let device = match w.device.as_str() {
-                        "auto" => default_device(),
-                        d => parse_device(d)?,
-                    };
-                    let kind = match w.dtype.as_str() {
-                        "auto" => default_dtype(device),
-                        k => parse_dtype(k)?,
-                    };
+                    let device = w.device.resolve()?;
+                    let kind = w.dtype.resolve(device);
                     let source = settings.model_source(&w.model);
                     let start = Instant::now();
                     let folder = hub::resolve(&source)?;
@@ -225,6 +218,7 @@ pub fn total_timings(images: &[GeneratedImage]) -> Timings {
     for i in images {
         t.encode += i.timings.encode;
         t.denoise += i.timings.denoise;
+        t.guidance += i.timings.guidance;
         t.decode += i.timings.decode;
     }
     t

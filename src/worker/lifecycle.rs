@@ -17,6 +17,7 @@ use crate::generate::Mode;
 use crate::job::{
     best_effort_id, validate_message, ErrorKind, JobMode, OutputImage, ResultEvent, ValidJob,
 };
+use crate::models::hub::Family;
 use crate::plan::Plan;
 use crate::storage::join_key;
 
@@ -84,9 +85,20 @@ pub async fn run_job(
         };
         return (outcome, info);
     }
-    if job.mode == JobMode::R2f && job.plan.is_none() && ctx.planner.is_none() {
-        let reason = "mode r2f without a plan needs the LLM planner, which this worker has disabled: send a plan"
-            .to_string();
+    let reason = if job.mode == JobMode::R2fplus && ctx.caps.family != Family::Sd3 {
+        Some(format!(
+            "mode r2fplus runs on SD3 models only; model `{}` is {:?}",
+            job.model, ctx.caps.family
+        ))
+    } else if job.mode != JobMode::Plain && job.plan.is_none() && ctx.planner.is_none() {
+        Some(format!(
+            "mode {} without a plan needs the LLM planner, which this worker has disabled: send a plan",
+            job.mode.name()
+        ))
+    } else {
+        None
+    };
+    if let Some(reason) = reason {
         warn!(job_id = %job.id, reason = ?reason, "job rejected");
         return (
             JobOutcome::Rejected {
@@ -263,12 +275,12 @@ async fn with_lock(
     };
     let mut stages = vec![("plan", plan_time)];
     let timings = total_timings(&images);
-    stages.extend([
-        ("encode", timings.encode),
-        ("denoise", timings.denoise),
-        ("decode", timings.decode),
-        ("upload", t.elapsed()),
-    ]);
+    stages.extend([("encode", timings.encode), ("denoise", timings.denoise)]);
+    if !timings.guidance.is_zero() {
+        // R2F+ bbox guidance, apart from the denoising it precedes.
+        stages.push(("guidance", timings.guidance));
+    }
+    stages.extend([("decode", timings.decode), ("upload", t.elapsed())]);
     let total = started.elapsed();
     observe(ctx, &stages, &images, msg.queue_ms, total);
     let mut timings_ms: BTreeMap<String, u64> = stages
@@ -315,6 +327,19 @@ fn storage_error(e: crate::storage::StorageError) -> JobError {
     JobError::new(ErrorKind::Storage, fault, e.0)
 }
 
+/// A planner failure as a job error: the LLM refusing this worker is the worker's fault,
+/// an outage transient, a bad answer the job's.
+fn plan_error(e: crate::plan::PlanError) -> JobError {
+    let fault = if e.planner_fault {
+        Fault::Worker
+    } else if e.transient {
+        Fault::Transient
+    } else {
+        Fault::Job
+    };
+    JobError::new(ErrorKind::Llm, fault, e.message)
+}
+
 /// The mode to run and the plan to report: the job's own plan, or one from the planner.
 async fn plan(
     ctx: &Context,
@@ -331,9 +356,41 @@ async fn plan(
             Some(json),
         )
     };
+    let regions = |p: crate::plan::RegionPlan| {
+        let json = serde_json::to_value(&p).ok();
+        (
+            Mode::R2fPlus {
+                plan: p,
+                knobs: job.regions.clone(),
+            },
+            json,
+        )
+    };
     match (job.mode, &job.plan) {
         (JobMode::Plain, _) => Ok((Mode::Plain, None)),
         (JobMode::R2f, Some(Plan::R2f(p))) => Ok(r2f(p.clone())),
+        (JobMode::R2fplus, Some(Plan::Regions(p))) => Ok(regions(p.clone())),
+        (JobMode::R2fplus, None) => {
+            let Some(planner) = &ctx.planner else {
+                return Err(JobError::new(
+                    ErrorKind::InvalidJob,
+                    Fault::Job,
+                    "mode r2fplus without a plan needs the LLM planner",
+                ));
+            };
+            let p = planner
+                .plan_regions(&job.prompt, &ctx.metrics)
+                .await
+                .map_err(plan_error)?;
+            if let Err(reason) = Plan::Regions(p.clone()).check_limits(&ctx.settings.limits) {
+                return Err(JobError::new(
+                    ErrorKind::Llm,
+                    Fault::Job,
+                    format!("the planner's plan is unusable: {reason}"),
+                ));
+            }
+            Ok(regions(p))
+        }
         (JobMode::R2f, None) => {
             let Some(planner) = &ctx.planner else {
                 // Rejected in `run_job` before any work.
@@ -343,16 +400,10 @@ async fn plan(
                     "mode r2f without a plan needs the LLM planner",
                 ));
             };
-            let p = planner.plan(&job.prompt, &ctx.metrics).await.map_err(|e| {
-                let fault = if e.planner_fault {
-                    Fault::Worker
-                } else if e.transient {
-                    Fault::Transient
-                } else {
-                    Fault::Job
-                };
-                JobError::new(ErrorKind::Llm, fault, e.message)
-            })?;
+            let p = planner
+                .plan(&job.prompt, &ctx.metrics)
+                .await
+                .map_err(plan_error)?;
             if let Err(reason) = Plan::R2f(p.clone()).check_limits(&ctx.settings.limits) {
                 return Err(JobError::new(
                     ErrorKind::Llm,

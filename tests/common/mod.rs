@@ -1,6 +1,9 @@
 //! Shared helpers for the integration tests.
 #![allow(dead_code)]
 
+pub mod fake_llm;
+pub mod harness;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 

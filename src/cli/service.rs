@@ -1,0 +1,94 @@
+//! The commands that talk to the services: `worker`, `plan`, `enqueue`, `bench-service`.
+
+use std::path::Path;
+use std::time::Duration;
+
+use super::runtime;
+use crate::config::Settings;
+use crate::metrics::Metrics;
+use crate::plan::llm::PlanMode;
+
+/// `r2f worker`: runs until a signal, then drains; past the drain deadline or at a second
+/// signal the process exits without acking (the broker redelivers the job in hand).
+pub fn worker(settings: Settings) -> anyhow::Result<()> {
+    runtime()?.block_on(async move {
+        let mut shutdown = crate::worker::shutdown_signal();
+        let planner = crate::plan::planner_from_settings(&settings)?;
+        let drain = Duration::from_secs(settings.worker.drain_timeout_secs);
+        let Some(worker) = crate::worker::Worker::start(settings, &mut shutdown, planner).await?
+        else {
+            return Ok(());
+        };
+        // The drain deadline and the second signal are decided here, not in the job code:
+        // past either, the process ends without acking (the broker redelivers the job).
+        let mut watch = shutdown.clone();
+        let deadline = async move {
+            let _ = watch.wait_for(|s| *s > 0).await;
+            tokio::select! {
+                _ = tokio::time::sleep(drain) => 1,
+                _ = watch.wait_for(|s| *s > 1) => 130,
+            }
+        };
+        tokio::select! {
+            r = worker.run(shutdown) => r,
+            code = deadline => {
+                tracing::error!(code, "drain not finished in time (or second signal): exiting without acking; the job in hand will be redelivered");
+                std::process::exit(code);
+            }
+        }
+    })
+}
+
+/// `r2f plan`: the LLM's plan (through the plan cache), printed as JSON.
+pub fn plan(settings: &Settings, prompt: &str, mode: PlanMode) -> anyhow::Result<()> {
+    if prompt.trim().is_empty() {
+        anyhow::bail!("prompt is empty");
+    }
+    let planner = crate::plan::llm::planner(settings)?.ok_or_else(|| {
+        anyhow::anyhow!("the LLM is disabled in the configuration ([llm] enabled)")
+    })?;
+    let metrics = Metrics::new();
+    let plan = runtime()?
+        .block_on(planner.plan_value(prompt.trim(), mode, &metrics))
+        .map_err(|e| anyhow::anyhow!("planning failed: {e}"))?;
+    println!("{}", serde_json::to_string_pretty(&plan)?);
+    Ok(())
+}
+
+/// `r2f enqueue`: publishes a JSON-lines file (`-`: standard input) with publisher confirms;
+/// an error when any line was not published.
+pub fn enqueue(settings: &Settings, file: &Path) -> anyhow::Result<()> {
+    let reader: Box<dyn std::io::BufRead> = if file.as_os_str() == "-" {
+        Box::new(std::io::BufReader::new(std::io::stdin()))
+    } else {
+        Box::new(std::io::BufReader::new(std::fs::File::open(file).map_err(
+            |e| anyhow::anyhow!("cannot read {}: {e}", file.display()),
+        )?))
+    };
+    let report = runtime()?.block_on(crate::enqueue::enqueue(settings, reader))?;
+    for (line, reason) in &report.refused {
+        eprintln!("line {line}: not published: {reason}");
+    }
+    println!(
+        "{} published (confirmed by the broker), {} refused",
+        report.accepted.len(),
+        report.refused.len()
+    );
+    if report.refused.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!("{} line(s) were not published", report.refused.len())
+    }
+}
+
+/// `r2f bench-service`: jobs per second and service overhead against a running worker.
+pub fn bench_service(
+    settings: &Settings,
+    jobs: usize,
+    steps: u32,
+    size: u32,
+) -> anyhow::Result<()> {
+    let report = runtime()?.block_on(crate::bench_service::run(settings, jobs, steps, size))?;
+    println!("{report}");
+    Ok(())
+}
