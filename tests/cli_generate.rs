@@ -323,3 +323,148 @@ fn sdxl_schedule_uses_its_own_map_and_the_paper_map_on_request() {
     assert_eq!(frequent_steps(&["--stop-step-map", "paper"]), 10);
     assert_eq!(frequent_steps(&["--stop-step-map", "head"]), 5);
 }
+
+/// A two-object R2F+ plan whose JSON lists `#2` first.
+fn region_plan_file(dir: &std::path::Path) -> std::path::PathBuf {
+    let plan = serde_json::json!({
+        "original_prompt": "a furry frog and a glass sword",
+        "base_prompt": "a #1 next to a #2",
+        "objects": {
+            "#2": {"prompt": "a photo of a #2", "object": "glass sword", "r2f": [],
+                   "visual_detail_levels": [], "bbox": [0.5, 0.1, 0.9, 0.9]},
+            "#1": {"prompt": "a photo of a #1", "object": "furry frog", "r2f": ["furry animal"],
+                   "visual_detail_levels": [1], "bbox": [0.1, 0.2, 0.5, 0.8]}
+        }
+    });
+    let path = dir.join("plus.json");
+    std::fs::write(&path, plan.to_string()).unwrap();
+    path
+}
+
+#[test]
+fn generate_runs_r2fplus_from_a_plan_file_and_refuses_what_faithful_mode_cannot_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = region_plan_file(dir.path());
+    let model = model_dir("sd3-tiny-a");
+    let model = model.to_str().unwrap();
+    let png = dir.path().join("plus.png");
+    let mut args = generate_args(model, &[]);
+    args.retain(|a| a != "/tmp/r2f-never.png");
+    let pos = args.iter().position(|a| a == "--out").unwrap();
+    args.insert(pos + 1, png.to_str().unwrap().to_string());
+    let extra = [
+        "--plan",
+        plan.to_str().unwrap(),
+        "--schedule",
+        "clean",
+        "--steps",
+        "6",
+        "--region-mask",
+        "box",
+        "--bbox-guidance-iterations",
+        "2",
+        "--width",
+        "64",
+        "--height",
+        "48",
+    ];
+    let out = r2f().args(&args).args(extra).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "r2f generate failed: {stderr}");
+    assert!(stderr.contains("guidance_ms"), "{stderr}");
+    let (w, h, _, text) = r2f::image::decode_png(&std::fs::read(&png).unwrap()).unwrap();
+    assert_eq!((w, h), (64, 48));
+    let mode = text
+        .iter()
+        .find(|(k, _)| k == "mode")
+        .map(|(_, v)| v.as_str());
+    assert_eq!(mode, Some("r2fplus"));
+    // Faithful mode (the default) refuses the tiny model's non-square size, naming why.
+    let plan_arg = [
+        "--plan",
+        plan.to_str().unwrap(),
+        "--steps",
+        "50",
+        "--width",
+        "64",
+        "--height",
+        "48",
+    ];
+    assert_one_line_error(&generate_args(model, &plan_arg), "square");
+    assert_one_line_error(
+        &generate_args(
+            model,
+            &["--plan", plan.to_str().unwrap(), "--region-mask", "star"],
+        ),
+        "region-mask",
+    );
+}
+
+#[test]
+fn schedule_prints_every_run_of_an_r2fplus_plan_with_token_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = region_plan_file(dir.path());
+    let out = r2f()
+        .args([
+            "schedule",
+            "--plan",
+            plan.to_str().unwrap(),
+            "--steps",
+            "50",
+        ])
+        .args(["--model", "sd3", "--tokenizers"])
+        .arg(model_dir("sd3-tiny-a"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let runs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = runs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["run"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["#2", "#1", "overall"]);
+    // Object runs end with the fusion steps (20), the overall run has all 50.
+    assert_eq!(runs[1]["steps"].as_array().unwrap().len(), 20);
+    let overall = runs[2]["steps"].as_array().unwrap();
+    assert_eq!(overall.len(), 50);
+    // Level 1 stops at step 5: the frequent phrase on steps 0, 2, 4.
+    assert_eq!(overall[4]["prompt"], "a furry animal next to a glass sword");
+    assert_eq!(overall[5]["prompt"], "a furry frog next to a glass sword");
+    assert_eq!(overall[6]["prompt"], "a furry frog next to a glass sword");
+    // "a furry frog next to a glass sword": CLIP rows 2-3 and 7-8 (BOS at 0), and T5 rows
+    // after the 77 CLIP rows.
+    let rows = |key: &str| -> Vec<i64> {
+        overall[6]["objects"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|o| o["key"] == key)
+            .unwrap()["indices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_i64().unwrap())
+            .collect()
+    };
+    let one = rows("#1");
+    assert_eq!(&one[..2], &[2, 3], "{one:?}");
+    assert!(one[2..].iter().all(|&r| r >= 77), "{one:?}");
+    let two = rows("#2");
+    assert_eq!(&two[..2], &[7, 8], "{two:?}");
+    // Without tokenizers an R2F+ plan cannot be scheduled.
+    assert_one_line_error(
+        &[
+            "schedule".into(),
+            "--plan".into(),
+            plan.to_str().unwrap().into(),
+            "--steps".into(),
+            "50".into(),
+            "--model".into(),
+            "sd3".into(),
+        ],
+        "--tokenizers",
+    );
+}
