@@ -98,6 +98,16 @@ pub enum BenchModel {
 }
 
 impl BenchModel {
+    /// The name `--model` spells.
+    pub fn name(self) -> &'static str {
+        match self {
+            BenchModel::Sd3 => "sd3",
+            BenchModel::Sdxl => "sdxl",
+            BenchModel::Sd3Tiny => "sd3-tiny",
+            BenchModel::SdxlTiny => "sdxl-tiny",
+        }
+    }
+
     pub fn preset(self) -> Preset {
         match self {
             BenchModel::Sd3 => sd3_medium(),
@@ -132,6 +142,24 @@ pub struct BenchReport {
     pub denoise_ms: f64,
     pub vae_decode_ms: f64,
     pub peak_gpu_bytes: Option<u64>,
+}
+
+impl BenchReport {
+    /// The report as JSON (`r2f bench --json`).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "model": self.model,
+            "width": self.width,
+            "height": self.height,
+            "device": device_name(self.device),
+            "dtype": dtype_name(self.dtype),
+            "steps": self.steps,
+            "ms_per_step": self.ms_per_step,
+            "denoise_ms": self.denoise_ms,
+            "vae_decode_ms": self.vae_decode_ms,
+            "peak_gpu_bytes": self.peak_gpu_bytes,
+        })
+    }
 }
 
 impl fmt::Display for BenchReport {

@@ -1,6 +1,7 @@
 //! r2f: Rare-to-Frequent text-to-image generation on libtorch.
 
 pub mod bench;
+pub mod bench_e2e;
 pub mod bench_service;
 pub mod cli;
 pub mod config;
@@ -11,6 +12,7 @@ pub mod image;
 pub mod job;
 pub mod metrics;
 pub mod models;
+pub mod parity;
 pub mod pipelines;
 pub mod plan;
 pub mod r2f;

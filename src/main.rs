@@ -21,6 +21,7 @@ fn main() -> ExitCode {
         Command::Generate(a) => cli::generate(&settings, *a),
         Command::Bench(a) => cli::bench(a),
         Command::Schedule(a) => cli::schedule(a),
+        Command::Parity(a) => cli::parity(a),
         Command::Worker => cli::worker(settings),
         Command::Plan { prompt, mode } => cli::plan(&settings, &prompt, mode),
         Command::BenchService { jobs, steps, size } => {

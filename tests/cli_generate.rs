@@ -468,3 +468,49 @@ fn schedule_prints_every_run_of_an_r2fplus_plan_with_token_rows() {
         "--tokenizers",
     );
 }
+
+#[test]
+fn gpu_check_cpu_smoke_runs_every_step_and_prints_its_table() {
+    let out_dir = tempfile::tempdir().unwrap();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new("bash")
+        .arg(root.join("scripts/gpu_check.sh"))
+        .arg("--cpu-smoke")
+        .env("R2F_BIN", env!("CARGO_BIN_EXE_r2f"))
+        .env("OUT", out_dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    for row in [
+        "parity fp32 (cpu)",
+        "parity bf16 (cpu)",
+        "bench sd3-tiny 64x64",
+        "bench sdxl-tiny 64x64",
+        "e2e sd3-tiny plain 2 steps",
+        "e2e sd3-tiny r2f 4 steps",
+        "e2e sd3-tiny r2fplus 4 steps",
+        "e2e sdxl-tiny r2f 4 steps",
+    ] {
+        assert!(stdout.contains(row), "missing `{row}` in:\n{stdout}");
+    }
+    let read = |name: &str| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(out_dir.path().join(name)).unwrap()).unwrap()
+    };
+    let parity = read("parity-fp32.json");
+    assert_eq!(parity["ok"], true, "{parity}");
+    assert_eq!(parity["cases"].as_array().unwrap().len(), 6);
+    let e2e = read("e2e-sd3-tiny.json");
+    let jobs: Vec<&str> = e2e["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["job"].as_str().unwrap())
+        .collect();
+    assert_eq!(jobs, ["plain", "r2f", "r2fplus"]);
+    assert!(
+        e2e["jobs"][2]["guidance_s"].as_f64().unwrap() > 0.0,
+        "{e2e}"
+    );
+}

@@ -5,7 +5,7 @@ use std::path::Path;
 use anyhow::bail;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::{runtime, BenchArgs, GenerateArgs, PromptScheduleArgs};
+use super::{runtime, BenchArgs, GenerateArgs, ParityArgs, PromptScheduleArgs};
 use crate::config::Settings;
 use crate::device::{default_device, device_name, dtype_name, DType, DeviceSpec};
 use crate::generate::{
@@ -245,19 +245,54 @@ fn region_schedule(a: &PromptScheduleArgs, plan: RegionPlan) -> anyhow::Result<(
     Ok(())
 }
 
-/// `r2f bench`: denoiser and VAE speed with random weights.
+/// `r2f bench`: denoiser and VAE speed with random weights, or (`--e2e`) whole jobs.
 pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
     let (device, dtype) = device_and_dtype(a.device, a.dtype)?;
-    let report = crate::bench::run(&crate::bench::BenchOptions {
-        device,
-        dtype,
-        width: a.width,
-        height: a.height,
-        steps: a.steps,
-        warmup: a.warmup,
-        context_tokens: a.context_tokens,
-        preset: a.model.preset(),
-    })?;
+    let json = if a.e2e {
+        let report = crate::bench_e2e::run(&crate::bench_e2e::E2eOptions {
+            model: a.model,
+            device,
+            dtype,
+            width: a.width,
+            height: a.height,
+            tokenizers: a.tokenizers.clone(),
+            plain_steps: a.plain_steps,
+            r2f_steps: a.r2f_steps,
+            r2fplus: a.r2fplus,
+        })?;
+        println!("{report}");
+        serde_json::to_string_pretty(&report)?
+    } else {
+        let report = crate::bench::run(&crate::bench::BenchOptions {
+            device,
+            dtype,
+            width: a.width,
+            height: a.height,
+            steps: a.steps,
+            warmup: a.warmup,
+            context_tokens: a.context_tokens,
+            preset: a.model.preset(),
+        })?;
+        println!("{report}");
+        serde_json::to_string_pretty(&report.to_json())?
+    };
+    if let Some(path) = &a.json {
+        write_atomic(path, json.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// `r2f parity`: the bundled parity cases on a device and dtype.
+pub fn parity(a: ParityArgs) -> anyhow::Result<()> {
+    let (device, dtype) = device_and_dtype(a.device, a.dtype)?;
+    let fixtures = a.fixtures.unwrap_or_else(crate::parity::default_fixtures);
+    let report = crate::parity::run(&fixtures, device, dtype, a.tolerance)?;
     println!("{report}");
+    if let Some(path) = &a.json {
+        write_atomic(path, serde_json::to_string_pretty(&report)?.as_bytes())?;
+    }
+    if !report.ok {
+        bail!("a parity case is over the tolerance");
+    }
     Ok(())
 }

@@ -18,7 +18,7 @@ use crate::r2f::regions::RegionMask;
 use crate::r2f::{PromptSchedule, StopStepMap};
 use crate::schedulers::discrete::Scheduler;
 
-pub use local::{bench, generate, schedule};
+pub use local::{bench, generate, parity, schedule};
 pub use service::{bench_service, enqueue, plan, worker};
 
 #[derive(Parser)]
@@ -46,6 +46,9 @@ pub enum Command {
     Bench(BenchArgs),
     /// Print the prompt that conditions each step of an R2F plan, as a JSON array.
     Schedule(PromptScheduleArgs),
+    /// Run the bundled tiny-model parity cases on a device and dtype and report the distance
+    /// to the diffusers references (the GPU check's correctness half).
+    Parity(ParityArgs),
     /// The daemon: consume jobs, plan, generate, store, publish results, serve metrics.
     Worker,
     /// Ask the configured LLM (through the plan cache) and print the plan as JSON.
@@ -194,6 +197,25 @@ impl RegionArgs {
 }
 
 #[derive(clap::Args)]
+pub struct ParityArgs {
+    /// The fixtures folder (default: tests/fixtures of the repository).
+    #[arg(long)]
+    pub fixtures: Option<PathBuf>,
+    /// Default: fp16 on CUDA, fp32 on the CPU.
+    #[arg(long, value_enum, ignore_case = true)]
+    pub dtype: Option<DType>,
+    /// cpu, cuda or cuda:N (default: cuda when available).
+    #[arg(long)]
+    pub device: Option<DeviceSpec>,
+    /// Fail (exit 2) when a case's final latents are further than this, relative.
+    #[arg(long)]
+    pub tolerance: Option<f64>,
+    /// Also write the report as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
 pub struct BenchArgs {
     /// sd3 (SD3-medium) or sdxl (SDXL base) at full size, or sd3-tiny / sdxl-tiny (small
     /// configurations for a smoke run).
@@ -217,6 +239,25 @@ pub struct BenchArgs {
     /// cpu, cuda or cuda:N (default: cuda when available).
     #[arg(long)]
     pub device: Option<DeviceSpec>,
+    /// Whole jobs through the worker's generate path (plain, R2F), every component with random
+    /// weights built in memory, instead of the denoiser and VAE alone.
+    #[arg(long)]
+    pub e2e: bool,
+    /// --e2e: also an R2F+ job with two objects (SD3).
+    #[arg(long, requires = "e2e")]
+    pub r2fplus: bool,
+    /// --e2e: steps of the R2F (and R2F+) job.
+    #[arg(long, default_value_t = 50, requires = "e2e")]
+    pub r2f_steps: usize,
+    /// --e2e: steps of the plain job (default 28 for SD3, 30 for SDXL).
+    #[arg(long, requires = "e2e")]
+    pub plain_steps: Option<usize>,
+    /// --e2e: a model folder whose tokenizer folders to use (default: the bundled fixtures).
+    #[arg(long, requires = "e2e")]
+    pub tokenizers: Option<PathBuf>,
+    /// Also write the report as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
 }
 
 /// Starts logging to standard error, as text or JSON lines, filtered by `RUST_LOG` (default

@@ -24,7 +24,7 @@ use crate::models::mmdit::{Mmdit, MmditConfig};
 use crate::models::t5::{T5Config, T5Encoder};
 use crate::models::tokenizer::PromptTokenizer;
 use crate::models::vae::{VaeConfig, VaeDecoder};
-use crate::models::weights::Vb;
+use crate::models::weights::{Vb, Weights};
 use crate::schedulers::flow_match::{FlowMatchConfig, FlowMatchSchedule};
 
 /// diffusers' default `max_sequence_length` for SD3.
@@ -47,6 +47,32 @@ pub struct Sd3Pipeline {
     t5_dtype: Kind,
     /// T5 sequence length (256 in diffusers' pipeline, 77 in the official R2F code).
     pub t5_tokens: usize,
+}
+
+/// The component configurations of an SD3 model, for [`Sd3Pipeline::random`].
+#[derive(Debug, Clone)]
+pub struct Sd3Configs {
+    pub clip_l: ClipConfig,
+    pub clip_g: ClipConfig,
+    pub t5: Option<T5Config>,
+    pub transformer: MmditConfig,
+    pub vae: VaeConfig,
+    pub scheduler: FlowMatchConfig,
+}
+
+impl Sd3Configs {
+    /// stabilityai/stable-diffusion-3-medium: CLIP-L, CLIP-G, T5-XXL, the 24-block MMDiT, the
+    /// 16-channel VAE.
+    pub fn sd3_medium() -> Self {
+        Self {
+            clip_l: ClipConfig::clip_l(),
+            clip_g: ClipConfig::clip_g(),
+            t5: Some(T5Config::t5_xxl()),
+            transformer: MmditConfig::sd3_medium(),
+            vae: VaeConfig::sd3(),
+            scheduler: FlowMatchConfig::sd3(),
+        }
+    }
 }
 
 /// A prompt's token ids: CLIP-L and CLIP-G (77 each) and T5 (`t5_tokens`, when there is a T5).
@@ -138,6 +164,61 @@ impl Sd3Pipeline {
             transformer,
             vae,
             scheduler_config,
+            device,
+            dtype,
+            t5_dtype,
+            t5_tokens: DEFAULT_T5_TOKENS,
+        })
+    }
+
+    /// An SD3 pipeline with random weights for every component (speed measurements: the
+    /// values do not matter), built in memory on `device`, with the tokenizers of the model
+    /// folder `tokenizers` (`tokenizer/`, `tokenizer_2/`, `tokenizer_3/`).
+    pub fn random(
+        cfg: &Sd3Configs,
+        tokenizers: &std::path::Path,
+        device: Device,
+        dtype: Kind,
+    ) -> anyhow::Result<Self> {
+        let _guard = tch::no_grad_guard();
+        let t5_dtype = if dtype == Kind::Half {
+            Kind::BFloat16
+        } else {
+            dtype
+        };
+        let vb = |kind| Vb::new(Weights::random(0, device, kind));
+        let tok = |name: &str| PromptTokenizer::clip(&tokenizers.join(name));
+        let tok_t5 = match &cfg.t5 {
+            Some(_) => Some(PromptTokenizer::t5(
+                &tokenizers.join("tokenizer_3"),
+                DEFAULT_T5_TOKENS,
+            )?),
+            None => None,
+        };
+        let built = |what: &str| tracing::info!(component = what, "built with random weights");
+        let clip_l = ClipTextModel::new(&vb(dtype), &cfg.clip_l, true)?;
+        built("text_encoder (CLIP-L)");
+        let clip_g = ClipTextModel::new(&vb(dtype), &cfg.clip_g, true)?;
+        built("text_encoder_2 (CLIP-G)");
+        let t5 = match &cfg.t5 {
+            Some(c) => Some(T5Encoder::new(&vb(t5_dtype), c)?),
+            None => None,
+        };
+        built("text_encoder_3 (T5)");
+        let transformer = Mmdit::new(&vb(dtype), &cfg.transformer)?;
+        built("transformer");
+        let vae = VaeDecoder::new(&vb(dtype), &cfg.vae)?;
+        built("vae");
+        Ok(Self {
+            tok_l: tok("tokenizer")?,
+            tok_g: tok("tokenizer_2")?,
+            tok_t5,
+            clip_l,
+            clip_g,
+            t5,
+            transformer,
+            vae,
+            scheduler_config: cfg.scheduler.clone(),
             device,
             dtype,
             t5_dtype,

@@ -19,8 +19,33 @@ use crate::models::hub::{Family, ModelFolder};
 use crate::models::tokenizer::PromptTokenizer;
 use crate::models::unet::{Unet, UnetConfig};
 use crate::models::vae::{VaeConfig, VaeDecoder};
-use crate::models::weights::Vb;
+use crate::models::weights::{Vb, Weights};
 use crate::schedulers::discrete::{DiscreteConfig, DiscreteSchedule, Sampler, Scheduler};
+
+/// The component configurations of an SDXL model, for [`SdxlPipeline::random`].
+#[derive(Debug, Clone)]
+pub struct SdxlConfigs {
+    pub clip_l: ClipConfig,
+    pub clip_g: ClipConfig,
+    pub unet: UnetConfig,
+    pub vae: VaeConfig,
+    pub scheduler: DiscreteConfig,
+}
+
+impl SdxlConfigs {
+    /// stabilityai/stable-diffusion-xl-base-1.0.
+    pub fn sdxl_base() -> Self {
+        let mut clip_l = ClipConfig::clip_l();
+        clip_l.projection_dim = None;
+        Self {
+            clip_l,
+            clip_g: ClipConfig::clip_g(),
+            unet: UnetConfig::sdxl_base(),
+            vae: VaeConfig::sdxl(),
+            scheduler: DiscreteConfig::sdxl(),
+        }
+    }
+}
 
 pub struct SdxlPipeline {
     tok_l: PromptTokenizer,
@@ -82,6 +107,45 @@ impl SdxlPipeline {
             unet,
             vae,
             scheduler_config,
+            device,
+            dtype,
+            vae_dtype,
+        })
+    }
+
+    /// An SDXL pipeline with random weights for every component (speed measurements), built
+    /// in memory on `device`, with the tokenizers of the model folder `tokenizers`.
+    pub fn random(
+        cfg: &SdxlConfigs,
+        tokenizers: &std::path::Path,
+        device: Device,
+        dtype: Kind,
+    ) -> anyhow::Result<Self> {
+        let _g = tch::no_grad_guard();
+        // The VAE runs in float32 under fp16 (force_upcast), as the published config asks.
+        let vae_dtype = if dtype == Kind::Half && cfg.vae.force_upcast.unwrap_or(true) {
+            Kind::Float
+        } else {
+            dtype
+        };
+        let vb = |kind| Vb::new(Weights::random(0, device, kind));
+        let built = |what: &str| tracing::info!(component = what, "built with random weights");
+        let clip_l = ClipTextModel::new(&vb(dtype), &cfg.clip_l, false)?;
+        built("text_encoder (CLIP-L)");
+        let clip_g = ClipTextModel::new(&vb(dtype), &cfg.clip_g, true)?;
+        built("text_encoder_2 (CLIP-G)");
+        let unet = Unet::new(&vb(dtype), &cfg.unet)?;
+        built("unet");
+        let vae = VaeDecoder::new(&vb(vae_dtype), &cfg.vae)?;
+        built("vae");
+        Ok(Self {
+            tok_l: PromptTokenizer::clip(&tokenizers.join("tokenizer"))?,
+            tok_g: PromptTokenizer::clip(&tokenizers.join("tokenizer_2"))?,
+            clip_l,
+            clip_g,
+            unet,
+            vae,
+            scheduler_config: cfg.scheduler.clone(),
             device,
             dtype,
             vae_dtype,

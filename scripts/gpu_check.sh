@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# The one command to run on a lent GPU machine (docs/gpu.md says how to get it there). It builds
+# nothing: it takes the release binary built elsewhere (R2F_BIN, default target/release/r2f) and
+# the repository's bundled fixtures, and in a few minutes measures:
+#   1. CUDA visible through tch;
+#   2. the tiny-model parity cases on CUDA in fp32 (expected within 1e-4 of the CPU references)
+#      and in fp16 (reported);
+#   3. `r2f bench` for SD3-medium and SDXL at 1024² (ms per denoising step, VAE decode, memory);
+#   4. `r2f bench --e2e` for both (whole plain and R2F jobs, and an R2F+ job with 2 objects for
+#      SD3; random weights built on the device);
+# then prints one short table and leaves every report as JSON under $OUT.
+#
+#   scripts/gpu_check.sh              # on the GPU machine
+#   scripts/gpu_check.sh --cpu-smoke  # the same steps with the tiny presets on the CPU (the test
+#                                     # suite runs this, so the script cannot rot)
+set -uo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+mode=gpu
+if [ "${1:-}" = --cpu-smoke ]; then
+  mode=cpu
+elif [ -n "${1:-}" ]; then
+  echo "usage: $0 [--cpu-smoke]" >&2
+  exit 2
+fi
+bin=${R2F_BIN:-$root/target/release/r2f}
+if [ ! -x "$bin" ]; then
+  echo "gpu_check: no r2f binary at $bin (build it with cargo build --release, or set R2F_BIN)" >&2
+  exit 2
+fi
+out=${OUT:-$(mktemp -d)}
+mkdir -p "$out"
+py=$(command -v python3 || true)
+
+if [ "$mode" = gpu ]; then
+  # The image's libtorch (docs/gpu.md): the binary was linked against the same 2.11.0 build.
+  if [ -z "${LD_LIBRARY_PATH:-}" ] && [ -n "$py" ]; then
+    lib=$("$py" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))' 2>/dev/null || true)
+    [ -n "$lib" ] && export LD_LIBRARY_PATH=$lib
+  fi
+  device=cuda
+  sd3=sd3 sdxl=sdxl size=1024 half=fp16 steps=20 warmup=3 plain_steps="" r2f_steps=50
+else
+  device=cpu
+  # bf16 stands in for fp16 on the CPU (the half-precision path of every op).
+  sd3=sd3-tiny sdxl=sdxl-tiny size=64 half=bf16 steps=2 warmup=1 plain_steps="--plain-steps 2" r2f_steps=4
+fi
+
+failures=0
+step() { # name, command...: runs one step, its output to $out/<name>.log, notes a failure
+  local name=$1
+  shift
+  local t0=$SECONDS
+  echo "== $name: $*" >&2
+  if "$@" >"$out/$name.log" 2>&1; then
+    echo "   ok ($((SECONDS - t0)) s)" >&2
+  else
+    echo "   FAILED ($((SECONDS - t0)) s), see $out/$name.log:" >&2
+    tail -5 "$out/$name.log" >&2
+    failures=$((failures + 1))
+  fi
+}
+
+# 1. CUDA through tch: a one-step bench on the device fails at once when libtorch sees no GPU.
+step device "$bin" bench --model sd3-tiny --device "$device" --width 64 --height 64 --steps 1 --warmup 0 \
+  --json "$out/device.json"
+# 2. Parity: fp32 within 1e-4 of the CPU references; the half type reported.
+step parity-fp32 "$bin" parity --device "$device" --dtype fp32 --tolerance 1e-4 --json "$out/parity-fp32.json"
+step "parity-$half" "$bin" parity --device "$device" --dtype "$half" --json "$out/parity-$half.json"
+# 3. Denoiser and VAE speed.
+for m in "$sd3" "$sdxl"; do
+  step "bench-$m" "$bin" bench --model "$m" --device "$device" --width "$size" --height "$size" \
+    --steps "$steps" --warmup "$warmup" --json "$out/bench-$m.json"
+done
+# 4. Whole jobs (R2F+ for SD3; a non-square smoke size runs it in clean mode, few steps).
+e2e_h=$size
+[ "$mode" = cpu ] && e2e_h=48
+# shellcheck disable=SC2086
+step "e2e-$sd3" "$bin" bench --e2e --r2fplus --model "$sd3" --device "$device" --width "$size" --height "$e2e_h" \
+  --r2f-steps "$r2f_steps" $plain_steps --json "$out/e2e-$sd3.json"
+# shellcheck disable=SC2086
+step "e2e-$sdxl" "$bin" bench --e2e --model "$sdxl" --device "$device" --width "$size" --height "$e2e_h" \
+  --r2f-steps "$r2f_steps" $plain_steps --json "$out/e2e-$sdxl.json"
+
+# The table, from the JSON reports (python3's standard library only).
+if [ -n "$py" ]; then
+  "$py" - "$out" "$sd3" "$sdxl" "$half" <<'EOF'
+import json, os, sys
+out, sd3, sdxl, half = sys.argv[1:5]
+def load(name):
+    p = os.path.join(out, name)
+    return json.load(open(p)) if os.path.exists(p) else None
+rows = []
+for dt in ("fp32", half):
+    r = load(f"parity-{dt}.json")
+    if r:
+        worst = max(c["latents_rel_err"] for c in r["cases"])
+        pix = min(c["pixels_within_1"] for c in r["cases"])
+        rows.append((f"parity {dt} ({r['device']})", f"worst latents rel err {worst:.2e}, pixels within 1 >= {pix*100:.2f}%"))
+for m in (sd3, sdxl):
+    r = load(f"bench-{m}.json")
+    if r:
+        mem = r.get("peak_gpu_bytes")
+        mem = f", peak {mem/2**30:.1f} GiB" if mem else ""
+        rows.append((f"bench {m} {r['width']}x{r['height']} {r['dtype']}", f"{r['ms_per_step']:.1f} ms/step, VAE decode {r['vae_decode_ms']:.0f} ms{mem}"))
+for m in (sd3, sdxl):
+    r = load(f"e2e-{m}.json")
+    if r:
+        for j in r["jobs"]:
+            rows.append((f"e2e {m} {j['job']} {j['steps']} steps", f"total {j['total_s']:.2f} s (encode {j['encode_s']:.2f}, denoise {j['denoise_s']:.2f}, guidance {j['guidance_s']:.2f}, decode {j['decode_s']:.2f}, png {j['png_s']:.2f})"))
+        mem = r.get("peak_gpu_bytes")
+        if mem:
+            rows.append((f"e2e {m} peak GPU memory", f"{mem/2**30:.1f} GiB"))
+w = max((len(a) for a, _ in rows), default=0)
+print(f"gpu_check summary ({out})")
+for a, b in rows:
+    print(f"  {a:<{w}}  {b}")
+EOF
+fi
+echo "gpu_check: $failures failed step(s); reports in $out" >&2
+[ "$failures" -eq 0 ]
