@@ -1,8 +1,8 @@
 """Generate tiny random-weight Stable Diffusion 3 and SDXL fixtures plus diffusers reference outputs.
 
 Usage:
-    python scripts/make_fixtures.py [--out tests/fixtures]
-    (or, from scripts/: python -m r2f_fixtures [--out DIR])
+    python scripts/make_fixtures.py [--out tests/fixtures] [--official R2FPLUS_FILE_OR_REPO]
+    (or, from scripts/: python -m r2f_fixtures [--out DIR] [--official ...])
 
 Writes (under --out, default tests/fixtures):
     sd3-tiny-a/   diffusers-layout SD3 model folder (VAE scale factor 8, non-square run)
@@ -30,6 +30,11 @@ Writes (under --out, default tests/fixtures):
                   R2F on SDXL (r2f.SDXL_R2F_RUN: HEAD stop-step map, DPM++ 2M Karras, zero
                   negatives) by a hand-written loop, checked against
                   StableDiffusionXLPipeline.__call__ first.
+    ref/sd3-r2fplus.safetensors, ref/sd3-r2fplus.json
+                  R2F+ references of the OFFICIAL R2Fplus_Diffusion_sd3.py (krafton-ai/
+                  Rare-to-Frequent @ 834f459, imported unmodified from --official, never copied
+                  here) on sd3-tiny-a/-b, detectors replaced by box/ellipse masks (r2fplus.py).
+                  Without --official the existing files are kept as they are.
 
 Everything is float32 on CPU and fully deterministic: running the script twice gives
 byte-identical files.  Install the pinned environment with scripts/requirements-fixtures.txt
@@ -47,6 +52,7 @@ Modules (one per family, like diffusers' per-pipeline get_dummy_components()):
     sd3              SD3 configs, model folders and pipeline references
     sdxl             SDXL configs, model folders and pipeline references
     r2f              the R2F reference runs (hand-written loops) for SD3 and SDXL
+    r2fplus          the R2F+ reference runs of the official pipeline (needs --official)
     main             orchestration and the printed summary
 """
 

@@ -20,7 +20,14 @@ from .tokenizer_files import TokenizerFiles, tokenizer_reference
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=PACKAGE_DOC.split("\n")[0])
     ap.add_argument("--out", default="tests/fixtures")
+    ap.add_argument("--official", default=None,
+                    help="R2Fplus_Diffusion_sd3.py of krafton-ai/Rare-to-Frequent @ 834f459 (the "
+                         "file, a checkout or a git dir): regenerates the R2F+ references; without "
+                         "it the existing ref/sd3-r2fplus.* are kept")
     return ap.parse_args(argv)
+
+
+R2FPLUS_FILES = ("sd3-r2fplus.json", "sd3-r2fplus.safetensors")
 
 
 def clean_out_dir(out):
@@ -137,7 +144,11 @@ def print_files(out):
 
 
 def main(argv=None):
-    out = Path(parse_args(argv).out)
+    args = parse_args(argv)
+    out = Path(args.out)
+    # The R2F+ references need the official file, which is not in this repository: without
+    # --official they are carried over unchanged.
+    kept = {n: (out / "ref" / n).read_bytes() for n in R2FPLUS_FILES if (out / "ref" / n).exists()}
     ref_dir = clean_out_dir(out)
     tokenizer_files = TokenizerFiles.build()
     tokenizers = tokenizer_files.load()
@@ -147,6 +158,15 @@ def main(argv=None):
     sdxl_summary = make_sdxl(out, ref_dir, tokenizer_files, tokenizers)
     sdxl_r2f_meta = make_r2f(out, ref_dir, SDXL_R2F_RUN, compute_sdxl_r2f_reference,
                              strict_json=True)
+
+    if args.official:
+        from .r2fplus import compute_r2fplus_references
+        compute_r2fplus_references(out, args.official, ref_dir)
+    else:
+        for name, data in kept.items():
+            (ref_dir / name).write_bytes(data)
+        print(f"R2F+ references kept as they were ({', '.join(kept) or 'none'}): pass --official "
+              f"to regenerate them")
 
     print(f"T5 tokenizer vocab size: {tokenizer_files.t5_vocab_size}")
     print_sd3_summary(sd3_summary, r2f_meta)
