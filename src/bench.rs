@@ -127,6 +127,10 @@ pub struct BenchOptions {
     pub warmup: usize,
     pub context_tokens: i64,
     pub preset: Preset,
+    /// A diffusers-layout model folder whose denoiser (`transformer/` for SD3 presets, `unet/`
+    /// for SDXL ones: config and weights) replaces the preset's random one: the same weights
+    /// another implementation loads, for a side-by-side measurement.
+    pub weights: Option<std::path::PathBuf>,
 }
 
 /// What `r2f bench` prints, one `key=value` group a line.
@@ -261,6 +265,25 @@ fn build(o: &BenchOptions, vb: &Vb) -> anyhow::Result<RandomDenoiser> {
     })
 }
 
+/// The denoiser's weights: random, or (`weights`) the folder's `transformer/` or `unet/` with
+/// the configuration it holds, which then replaces the preset's.
+fn denoiser_weights(o: &BenchOptions) -> anyhow::Result<(Vb, Option<Denoiser>)> {
+    let Some(dir) = &o.weights else {
+        return Ok((Vb::new(Weights::random(0, o.device, o.dtype)), None));
+    };
+    let (name, what) = match &o.preset.denoiser {
+        Denoiser::Sd3(_) => ("transformer", "SD3 transformer"),
+        Denoiser::Sdxl(_) => ("unet", "SDXL UNet"),
+    };
+    let dir = dir.join(name);
+    eprintln!("loading the {what} from {}", dir.display());
+    let denoiser = match &o.preset.denoiser {
+        Denoiser::Sd3(_) => Denoiser::Sd3(MmditConfig::load(&dir)?),
+        Denoiser::Sdxl(_) => Denoiser::Sdxl(UnetConfig::load(&dir)?),
+    };
+    Ok((Vb::from_dir(&dir, o.device, o.dtype)?, Some(denoiser)))
+}
+
 pub fn run(o: &BenchOptions) -> anyhow::Result<BenchReport> {
     if o.width % 16 != 0 || o.height % 16 != 0 || o.width <= 0 || o.height <= 0 {
         anyhow::bail!("width and height must be positive multiples of 16");
@@ -270,7 +293,23 @@ pub fn run(o: &BenchOptions) -> anyhow::Result<BenchReport> {
     }
     let _guard = tch::no_grad_guard();
     tch::manual_seed(0);
-    let vb = Vb::new(Weights::random(0, o.device, o.dtype));
+    let (vb, denoiser) = denoiser_weights(o)?;
+    let loaded;
+    let o = match denoiser {
+        Some(denoiser) => {
+            loaded = BenchOptions {
+                preset: Preset {
+                    name: o.preset.name,
+                    denoiser,
+                    vae: o.preset.vae.clone(),
+                },
+                weights: o.weights.clone(),
+                ..*o
+            };
+            &loaded
+        }
+        None => o,
+    };
     // SDXL's VAE runs in float32 when the model is fp16 (force_upcast), as diffusers does.
     let vae_dtype = match (&o.preset.denoiser, o.dtype) {
         (Denoiser::Sdxl(_), Kind::Half) => Kind::Float,

@@ -272,6 +272,7 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
             warmup: a.warmup,
             context_tokens: a.context_tokens,
             preset: a.model.preset(),
+            weights: a.weights.clone(),
         })?;
         println!("{report}");
         serde_json::to_string_pretty(&report.to_json())?

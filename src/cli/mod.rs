@@ -258,6 +258,11 @@ pub struct BenchArgs {
     /// Also write the report as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// A diffusers-layout folder whose `transformer/` (SD3 presets) or `unet/` (SDXL presets)
+    /// replaces the random denoiser: the same weights diffusers loads, for a side-by-side
+    /// measurement (scripts/bench_vs_diffusers.py).
+    #[arg(long, conflicts_with = "e2e")]
+    pub weights: Option<PathBuf>,
 }
 
 /// Starts logging to standard error, as text or JSON lines, filtered by `RUST_LOG` (default

@@ -18,6 +18,7 @@ pub struct GeneratedImage {
     pub png: Vec<u8>,
     pub width: i64,
     pub height: i64,
+    /// Denoising steps taken for this image, every run counted (R2F+: object runs too).
     pub steps: usize,
     pub timings: Timings,
 }
@@ -176,7 +177,10 @@ fn run_task(
         params.seed = task.params.seed.wrapping_add(index as i64);
         let progress = task.progress.clone();
         let n = task.num_images;
-        let mut on_step = move |s: usize, steps: usize| {
+        // `steps` counts every run of the image (R2F+: each object run, then the overall one).
+        let run_steps = std::cell::Cell::new(0);
+        let mut on_step = |s: usize, steps: usize| {
+            run_steps.set(steps);
             let _ = progress.send((index * steps + s, n * steps));
         };
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -196,7 +200,8 @@ fn run_task(
                 png: g.png,
                 width: g.resolved.width,
                 height: g.resolved.height,
-                steps: g.resolved.steps,
+                // The denoising steps taken, all runs together (the per-step metric divides by it).
+                steps: run_steps.get().max(g.resolved.steps),
                 timings: g.output.timings,
             }),
             Ok(Err(e)) => {

@@ -389,27 +389,7 @@ impl Sd3Pipeline {
 
         let t0 = Instant::now();
         let (object_runs, overall) = runs.split_at(runs.len() - 1);
-        let mut objects: Vec<ShiftedObject> = Vec::with_capacity(object_runs.len());
-        for ((run, noise), (_, obj)) in object_runs.iter().zip(&noise).zip(&req.plan.objects) {
-            let mut by_step = Vec::with_capacity(run.steps.len());
-            // The object's per-step latents are what it contributes; its last latent is not used.
-            let _ = self.region_run(run, noise, &mut enc, &mut ctx, on_step, &mut |_, z| {
-                by_step.push(z.shallow_clone());
-                Ok(())
-            })?;
-            let mask = req
-                .knobs
-                .mask
-                .mask(&centered_bbox(&obj.bbox), req.height, req.width);
-            let shifted = refine_latents_and_mask(
-                &by_step,
-                &mask,
-                Some(center_shift(&obj.bbox)),
-                self.dtype(),
-            )
-            .map_err(anyhow::Error::msg)?;
-            objects.push(shifted);
-        }
+        let objects = self.object_runs(req, object_runs, &noise, &mut enc, &mut ctx, on_step)?;
         let fusion_steps = setup.fusion_steps;
         let latents = self.region_run(
             &overall[0],
@@ -448,6 +428,38 @@ impl Sd3Pipeline {
                 .collect(),
             runs,
         })
+    }
+
+    /// Stage A (§1.7, §1.8): each object's run with its centred box, in plan order, and its
+    /// per-step latents and mask moved back to the real box.
+    fn object_runs(
+        &self,
+        req: &RegionRequest,
+        runs: &[RunText],
+        noise: &[Tensor],
+        enc: &mut Encodings,
+        ctx: &mut RunContext,
+        on_step: &mut dyn FnMut(usize, usize),
+    ) -> anyhow::Result<Vec<ShiftedObject>> {
+        let mut objects = Vec::with_capacity(runs.len());
+        for ((run, noise), (_, obj)) in runs.iter().zip(noise).zip(&req.plan.objects) {
+            let mut by_step = Vec::with_capacity(run.steps.len());
+            // The object's per-step latents are what it contributes; its last latent is not used.
+            let _ = self.region_run(run, noise, enc, ctx, on_step, &mut |_, z| {
+                by_step.push(z.shallow_clone());
+                Ok(())
+            })?;
+            let mask = req
+                .knobs
+                .mask
+                .mask(&centered_bbox(&obj.bbox), req.height, req.width);
+            let shift = Some(center_shift(&obj.bbox));
+            objects.push(
+                refine_latents_and_mask(&by_step, &mask, shift, self.dtype())
+                    .map_err(anyhow::Error::msg)?,
+            );
+        }
+        Ok(objects)
     }
 
     /// One run (an object's or the overall image's): per step, the conditioning of `run`, the
