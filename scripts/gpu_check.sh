@@ -24,6 +24,12 @@ elif [ -n "${1:-}" ]; then
   exit 2
 fi
 bin=${R2F_BIN:-$root/target/release/r2f}
+# A gzip-compressed binary (what travels best: the working tree that goes to a lent machine is
+# limited to 64 MiB) is unpacked first.
+if [ "${bin%.gz}" != "$bin" ] && [ -f "$bin" ]; then
+  unpacked=$(mktemp -d)/r2f
+  gunzip -c "$bin" >"$unpacked" && chmod +x "$unpacked" && bin=$unpacked
+fi
 if [ ! -x "$bin" ]; then
   echo "gpu_check: no r2f binary at $bin (build it with cargo build --release, or set R2F_BIN)" >&2
   exit 2
