@@ -234,7 +234,12 @@ struct LossTerm {
 
 /// `Σ_k loss_k / divisor` over the objects' terms, each
 /// `((Σ (1 − mask)·a) / (1 + Σ a))² · scale` with `a` the token-mean, block-mean, head-mean map.
-fn bbox_loss(maps: &[Tensor], terms: &[LossTerm], divisor: usize, scale: f64) -> Tensor {
+fn bbox_loss(
+    maps: &[Tensor],
+    terms: &[LossTerm],
+    divisor: usize,
+    scale: f64,
+) -> anyhow::Result<Tensor> {
     let mut total: Option<Tensor> = None;
     for term in terms {
         // [blocks, heads, n_image]: the token mean per block, as the official mean(-1) on the
@@ -258,7 +263,7 @@ fn bbox_loss(maps: &[Tensor], terms: &[LossTerm], divisor: usize, scale: f64) ->
             None => loss,
         });
     }
-    total.expect("at least one loss term") / divisor as f64
+    Ok(total.ok_or_else(|| anyhow!("no bbox loss term"))? / divisor as f64)
 }
 
 /// The encodings of a generation, by prompt (each distinct string encoded once).
@@ -561,7 +566,7 @@ impl Sd3Pipeline {
                 let maps =
                     self.transformer
                         .text_attention_maps(&x, t, &cond.context, &cond.pooled)?;
-                let loss = bbox_loss(&maps, &terms, divisor, scale);
+                let loss = bbox_loss(&maps, &terms, divisor, scale)?;
                 let mut grads = Tensor::run_backward(&[&loss], &[&x], false, false);
                 grads
                     .pop()
