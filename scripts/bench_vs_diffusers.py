@@ -104,6 +104,47 @@ def log(msg: str) -> None:
     print(f"[bench_vs_diffusers] {msg}", file=sys.stderr, flush=True)
 
 
+def machine_busy_s() -> float | None:
+    """CPU seconds the whole machine spent busy since boot (/proc/stat, all cores)."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    ticks = [int(v) for v in fields[:8]]
+    busy = sum(ticks) - ticks[3] - ticks[4]  # minus idle and iowait
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    """CPU seconds of this process and its waited-for children."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+class ForeignLoad:
+    """The cores that OTHER processes kept busy while a run lasted: the machine's busy CPU time
+    minus this process's and its children's, over the wall time.  Near 0 on a quiet machine."""
+
+    def __enter__(self):
+        self.m0, self.o0, self.t0 = machine_busy_s(), own_cpu_s(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        m1, o1, wall = machine_busy_s(), own_cpu_s(), time.perf_counter() - self.t0
+        self.cores = (None if self.m0 is None or m1 is None
+                      else max(0.0, ((m1 - self.m0) - (o1 - self.o0)) / wall))
+        return False
+
+
+def idle_fraction(seconds: float = 3.0) -> float | None:
+    m0, t0 = machine_busy_s(), time.perf_counter()
+    time.sleep(seconds)
+    m1, wall = machine_busy_s(), time.perf_counter() - t0
+    if m0 is None or m1 is None:
+        return None
+    return 1.0 - (m1 - m0) / (wall * os.cpu_count())
+
+
 def default_r2f() -> str:
     root = Path(__file__).resolve().parent.parent
     candidates = []
@@ -412,6 +453,11 @@ class DiffusersSide:
 # ---------------------------------------------------------------------------------------------
 
 
+def busy_note(run: dict) -> str:
+    c = run.get("foreign_cores")
+    return f"; other processes kept {c:.2f} cores busy meanwhile" if c and c > 0.1 else ""
+
+
 def spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values),
             "runs": values}
@@ -480,9 +526,10 @@ def main() -> int:
         "load_average_start": os.getloadavg(),
         "models": {},
     }
-    if results["load_average_start"][0] > 0.5:
-        log(f"warning: load average {results['load_average_start'][0]:.2f} before the run: other "
-            "work on this machine skews both sides")
+    idle = results["idle_fraction_start"] = idle_fraction()
+    if idle is not None and idle < 0.9:
+        log(f"warning: the CPUs were only {idle:.0%} idle before the run: other work on this "
+            "machine skews both sides (see foreign_cores per run in --json)")
     for kind in kinds:
         model_info = ensure_model(kind, root, a.regenerate)
         side = DiffusersSide(a, kind, root)
@@ -491,15 +538,19 @@ def main() -> int:
         r2f_runs, diff_runs = [], []
         for r in range(a.repeats):
             log(f"{kind}: repeat {r + 1}/{a.repeats}: r2f ...")
-            rr = run_r2f(a, kind, root, env)
+            with ForeignLoad() as fl:
+                rr = run_r2f(a, kind, root, env)
+            rr["foreign_cores"] = fl.cores
             r2f_runs.append(rr)
             log(f"{kind}:   r2f {rr['ms_per_step']:.1f} ms/step (process {rr['process_wall_s']:.1f} s,"
                 f" {rr['process_cpu_s'] / rr['process_wall_s']:.2f} cores, "
-                f"{rr['process_max_os_threads']} threads)")
+                f"{rr['process_max_os_threads']} threads){busy_note(rr)}")
             log(f"{kind}: repeat {r + 1}/{a.repeats}: diffusers ...")
-            dr = side.run()
+            with ForeignLoad() as fl:
+                dr = side.run()
+            dr["foreign_cores"] = fl.cores
             diff_runs.append(dr)
-            log(f"{kind}:   diffusers {dr['ms_per_step']:.1f} ms/step")
+            log(f"{kind}:   diffusers {dr['ms_per_step']:.1f} ms/step{busy_note(dr)}")
         r2f_s = spread([r["ms_per_step"] for r in r2f_runs])
         diff_s = spread([r["ms_per_step"] for r in diff_runs])
         context = a.context_tokens if kind == "sd3" else SDXL_CONTEXT_TOKENS
