@@ -54,6 +54,8 @@ pub struct JobParams {
     pub bbox_loss_scale: Option<f64>,
     /// R2F+: steps after which the object latents are pasted in (default 20).
     pub latent_fusion_steps: Option<i64>,
+    /// R2F+: recompute the transformer block by block in the guidance's backward pass.
+    pub bbox_guidance_recompute: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -149,6 +151,9 @@ fn region_knobs(
             ));
         }
         k.guidance_iterations = n as usize;
+    }
+    if let Some(r) = p.bbox_guidance_recompute {
+        k.recompute_blocks = r;
     }
     if let Some(s) = p.bbox_loss_scale {
         if !s.is_finite() || !(0.0..=1e6).contains(&s) {

@@ -174,6 +174,10 @@ pub struct RegionArgs {
     /// R2F+: steps after which the object latents are pasted into the overall image.
     #[arg(long, default_value_t = 20)]
     pub latent_fusion_steps: usize,
+    /// R2F+: recompute the transformer block by block in the guidance's backward pass (the
+    /// memory of one block's activations instead of all; one more forward per iteration).
+    #[arg(long)]
+    pub bbox_guidance_recompute: bool,
 }
 
 impl RegionArgs {
@@ -191,6 +195,7 @@ impl RegionArgs {
             fusion_steps: self.latent_fusion_steps,
             schedule,
             stop_steps: stop_steps.unwrap_or(StopStepMap::SD3),
+            recompute_blocks: self.bbox_guidance_recompute,
             full_object_runs: false,
         }
     }

@@ -675,6 +675,99 @@ impl Mmdit {
         Ok(maps)
     }
 
+    /// The gradient with respect to `latents` of `loss(reduced maps)`, where `reduce` first turns
+    /// each block's text attention map (as [`Mmdit::text_attention_maps`]) into what the loss
+    /// needs (e.g. the token means of a few objects). With `recompute`, only each block's inputs
+    /// are kept: the forward runs without gradients, then the backward recomputes one block at a
+    /// time (the activations of one block instead of all, for one extra forward) and chains the
+    /// vector-Jacobian products block by block. Both ways give the same gradient.
+    #[allow(clippy::too_many_arguments)]
+    pub fn text_map_gradient(
+        &self,
+        latents: &Tensor,
+        timestep: &Tensor,
+        context: &Tensor,
+        pooled: &Tensor,
+        reduce: &dyn Fn(&Tensor) -> Tensor,
+        loss: &dyn Fn(&[Tensor]) -> anyhow::Result<Tensor>,
+        recompute: bool,
+    ) -> anyhow::Result<Tensor> {
+        let backward = |outputs: &Tensor, inputs: &[&Tensor]| -> Vec<Tensor> {
+            Tensor::run_backward(&[outputs], inputs, false, false)
+        };
+        if !recompute {
+            return tch::with_grad(|| {
+                let x = latents.detach().set_requires_grad(true);
+                let maps = self.text_attention_maps(&x, timestep, context, pooled)?;
+                let reduced: Vec<Tensor> = maps.iter().map(reduce).collect();
+                let objective = loss(&reduced)?;
+                Ok(backward(&objective, &[&x]).remove(0))
+            });
+        }
+        // 1. Forward without gradients, keeping every block's inputs and reduced map.
+        let (hidden, silu_temb, context, (gh, gw)) =
+            tch::no_grad(|| self.embed(latents, timestep, context, pooled))?;
+        let last = self.transformer_blocks.len();
+        let mut inputs = Vec::with_capacity(last + 1);
+        let mut reduced = Vec::with_capacity(last + 1);
+        tch::no_grad(|| {
+            let (mut h, mut c) = (hidden, context);
+            for block in &self.transformer_blocks {
+                let (h_next, c_next, map) = block.forward(&h, &c, &silu_temb, true);
+                reduced.extend(map.as_ref().map(reduce));
+                inputs.push((h, c));
+                (h, c) = (h_next, c_next);
+            }
+            reduced.push(reduce(
+                &self.last_transformer_block.text_map(&h, &c, &silu_temb),
+            ));
+            inputs.push((h, c));
+        });
+        // 2. The loss's gradient with respect to each block's reduced map.
+        let grad_reduced = tch::with_grad(|| -> anyhow::Result<Vec<Tensor>> {
+            let leaves: Vec<Tensor> = reduced
+                .iter()
+                .map(|r| r.detach().set_requires_grad(true))
+                .collect();
+            let objective = loss(&leaves)?;
+            Ok(backward(&objective, &leaves.iter().collect::<Vec<_>>()))
+        })?;
+        // 3. Back through the blocks, last first: each block recomputed from its inputs, the
+        //    gradient of (its map's share + its outputs' share) taken with respect to them.
+        let mut grad_out: Option<(Tensor, Tensor)> = None;
+        for (b, (h_in, c_in)) in inputs.iter().enumerate().rev() {
+            let grads = tch::with_grad(|| -> anyhow::Result<Vec<Tensor>> {
+                let h = h_in.detach().set_requires_grad(true);
+                let c = c_in.detach().set_requires_grad(true);
+                let objective = match (&grad_out, self.transformer_blocks.get(b)) {
+                    (Some((g_h, g_c)), Some(block)) => {
+                        let (h_out, c_out, map) = block.forward(&h, &c, &silu_temb, true);
+                        let map = map.ok_or_else(|| anyhow::anyhow!("block {b} gave no map"))?;
+                        (reduce(&map) * &grad_reduced[b]).sum(None)
+                            + (h_out * g_h).sum(None)
+                            + (c_out * g_c).sum(None)
+                    }
+                    _ => (reduce(&self.last_transformer_block.text_map(&h, &c, &silu_temb))
+                        * &grad_reduced[b])
+                        .sum(None),
+                };
+                Ok(backward(&objective, &[&h, &c]))
+            })?;
+            let mut grads = grads.into_iter();
+            match (grads.next(), grads.next()) {
+                (Some(g_h), Some(g_c)) => grad_out = Some((g_h, g_c)),
+                _ => anyhow::bail!("no gradient for the inputs of block {b}"),
+            }
+        }
+        // 4. Through the patch embedding (the context does not depend on the latent).
+        let (g_hidden, _) = grad_out.ok_or_else(|| anyhow::anyhow!("no transformer block"))?;
+        tch::with_grad(|| {
+            let x = latents.detach().set_requires_grad(true);
+            let hidden = self.pos_embed.forward(&x, gh, gw)?;
+            Ok(backward(&(hidden * g_hidden).sum(None), &[&x]).remove(0))
+        })
+    }
+
     /// The token grid `(rows, columns)` of a latent of `h x w`.
     pub fn token_grid(&self, h: i64, w: i64) -> (i64, i64) {
         (h / self.cfg.patch_size, w / self.cfg.patch_size)

@@ -151,8 +151,23 @@ pub struct Output {
 /// Initial latents per the contract: libtorch's global generator seeded with `seed`, drawn on
 /// the CPU in float32, so the same seed gives the same noise on any machine.
 pub fn initial_latents(seed: i64, shape: &[i64]) -> Tensor {
+    seeded_draws(seed, &[shape]).remove(0)
+}
+
+/// Consecutive draws of `shapes` from libtorch's global CPU generator after one
+/// `manual_seed(seed)` (float32, CPU): the same stream as a `torch.Generator("cpu")` seeded with
+/// `seed`. The seeding and the draws hold one process-wide lock, so that no other thread's use
+/// of the global generator can interleave (two generations in one process, or tests).
+pub fn seeded_draws(seed: i64, shapes: &[&[i64]]) -> Vec<Tensor> {
+    static GLOBAL_GENERATOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _lock = GLOBAL_GENERATOR
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     tch::manual_seed(seed);
-    Tensor::randn(shape, (tch::Kind::Float, tch::Device::Cpu))
+    shapes
+        .iter()
+        .map(|shape| Tensor::randn(*shape, (tch::Kind::Float, tch::Device::Cpu)))
+        .collect()
 }
 
 /// A decoded `[1, 3, H, W]` image in [-1, 1] -> `[H, W, 3]` uint8, as diffusers'

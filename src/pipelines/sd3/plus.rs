@@ -19,7 +19,9 @@ use tch::{Device, Kind, Tensor};
 use super::Sd3Pipeline;
 use crate::device::synchronize;
 use crate::models::tokenizer::PromptTokenizer;
-use crate::pipelines::{apply_cfg_to_batch, to_u8_image, Conditioning, Output, Timings};
+use crate::pipelines::{
+    apply_cfg_to_batch, seeded_draws, to_u8_image, Conditioning, Output, Timings,
+};
 use crate::plan::RegionPlan;
 use crate::r2f::plus::{
     check_guided_rows, plan_text, KeySubstitution, PhraseRule, RunText, StepText, TokenIds,
@@ -48,6 +50,10 @@ pub struct RegionKnobs {
     pub schedule: PromptSchedule,
     /// The level -> stop-step map `M` (officially `[0, 5, 10, 20, 30, 40]`, not scaled).
     pub stop_steps: StopStepMap,
+    /// Guidance keeps only each transformer block's inputs and recomputes one block at a time
+    /// in the backward pass: the memory of one block's activations instead of all of them, for
+    /// one more forward per iteration (large images on small GPUs). Same result.
+    pub recompute_blocks: bool,
     /// Runs every object run to the last step, as the official code does for its detector.
     /// The masks here do not depend on the object image, so the steps after the fusion steps
     /// change nothing; this exists to show that (a test compares both).
@@ -64,6 +70,7 @@ impl Default for RegionKnobs {
             fusion_steps: 20,
             schedule: PromptSchedule::Faithful,
             stop_steps: StopStepMap::SD3,
+            recompute_blocks: false,
             full_object_runs: false,
         }
     }
@@ -232,26 +239,33 @@ struct LossTerm {
     outside: Tensor,
 }
 
-/// `Σ_k loss_k / divisor` over the objects' terms, each
-/// `((Σ (1 − mask)·a) / (1 + Σ a))² · scale` with `a` the token-mean, block-mean, head-mean map.
+/// One block's text attention map `[1, heads, n_image, n_text]` reduced to what the loss needs:
+/// per object, the mean over its text rows, `[objects, heads, n_image]` (the official
+/// `mean(-1)` on the indexed maps, taken block by block).
+fn token_means(map: &Tensor, terms: &[LossTerm]) -> Tensor {
+    let per_object: Vec<Tensor> = terms
+        .iter()
+        .map(|t| {
+            map.get(0)
+                .index_select(-1, &t.rows)
+                .mean_dim(-1, false, None)
+        })
+        .collect();
+    Tensor::stack(&per_object, 0)
+}
+
+/// `Σ_k loss_k / divisor` over the objects' terms (L824–870), from every block's
+/// [`token_means`]: each `((Σ (1 − mask)·a) / (1 + Σ a))² · scale` with `a` the block mean, then
+/// the head mean of object `k`'s token means.
 fn bbox_loss(
-    maps: &[Tensor],
+    token_means: &[Tensor],
     terms: &[LossTerm],
     divisor: usize,
     scale: f64,
 ) -> anyhow::Result<Tensor> {
     let mut total: Option<Tensor> = None;
-    for term in terms {
-        // [blocks, heads, n_image]: the token mean per block, as the official mean(-1) on the
-        // stacked, indexed maps; then the block mean and the head mean.
-        let per_block: Vec<Tensor> = maps
-            .iter()
-            .map(|m| {
-                m.get(0)
-                    .index_select(-1, &term.rows)
-                    .mean_dim(-1, false, None)
-            })
-            .collect();
+    for (k, term) in terms.iter().enumerate() {
+        let per_block: Vec<Tensor> = token_means.iter().map(|m| m.get(k as i64)).collect();
         let a = Tensor::stack(&per_block, 0)
             .mean_dim(0, false, None)
             .mean_dim(0, false, None);
@@ -365,16 +379,8 @@ impl Sd3Pipeline {
 
         // One draw per run, consecutively from one seeding: objects in plan order, then the
         // overall image (§1.10).
-        tch::manual_seed(req.seed);
-        let noise: Vec<Tensor> = runs
-            .iter()
-            .map(|_| {
-                Tensor::randn(
-                    [1, self.latent_channels(), lh, lw],
-                    (Kind::Float, Device::Cpu),
-                )
-            })
-            .collect();
+        let shape = [1, self.latent_channels(), lh, lw];
+        let noise = seeded_draws(req.seed, &vec![&shape[..]; runs.len()]);
 
         let t0 = Instant::now();
         let mut enc = Encodings::new(self, &req.negative_prompt, req.guidance > 1.0)?;
@@ -560,18 +566,18 @@ impl Sd3Pipeline {
         let divisor = st.objects.len();
         let scale = ctx.req.knobs.loss_scale;
         let mut latents = latents.detach();
+        let reduce = |map: &Tensor| token_means(map, &terms);
+        let loss = |means: &[Tensor]| bbox_loss(means, &terms, divisor, scale);
         for _ in 0..ctx.req.knobs.guidance_iterations {
-            let grad = tch::with_grad(|| -> anyhow::Result<Tensor> {
-                let x = latents.detach().set_requires_grad(true);
-                let maps =
-                    self.transformer
-                        .text_attention_maps(&x, t, &cond.context, &cond.pooled)?;
-                let loss = bbox_loss(&maps, &terms, divisor, scale)?;
-                let mut grads = Tensor::run_backward(&[&loss], &[&x], false, false);
-                grads
-                    .pop()
-                    .ok_or_else(|| anyhow!("no gradient for the latent"))
-            })?;
+            let grad = self.transformer.text_map_gradient(
+                &latents,
+                t,
+                &cond.context,
+                &cond.pooled,
+                &reduce,
+                &loss,
+                ctx.req.knobs.recompute_blocks,
+            )?;
             // Not in place: the caller still holds the latent this one was detached from.
             latents = latents.g_sub(&(grad * step_size));
         }
