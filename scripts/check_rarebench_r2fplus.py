@@ -63,7 +63,6 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 import argparse
 import concurrent.futures
 import hashlib
-import importlib.util
 import json
 import subprocess
 import sys
@@ -73,10 +72,9 @@ import traceback
 import types
 from pathlib import Path
 
-OFFICIAL_REPO = "krafton-ai/Rare-to-Frequent"
-OFFICIAL_FILE = "R2Fplus_Diffusion_sd3.py"
-OFFICIAL_COMMIT = "834f459aa9ae90a7b653abc4bf0ad8a230056bc1"
-OFFICIAL_SHA256 = "809fe25adc84f6fc633b3989c851a5ff13ab7eb045060bb525c7e65fc966df91"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from r2f_fixtures import official as official_file  # noqa: E402
+from r2f_fixtures.official import OFFICIAL_FILE, OFFICIAL_REPO  # noqa: E402
 
 DEFAULT_RAREBENCH = "/work/shared/rarebench/test/r2fplus_prompt/rarebench"
 DEFAULT_TOKENIZERS = "tests/fixtures/sd3-tiny-a"
@@ -94,48 +92,10 @@ FORMAT = "r2fplus-rarebench-schedule/1"
 # The official file.
 # --------------------------------------------------------------------------------------------
 
-def is_git_dir(p):
-    return (p / "HEAD").is_file() and (p / "objects").is_dir()
-
-
-def resolve_official(official, tmp):
-    """-> (path of the official file, commit it was read at or None)."""
-    p = Path(official)
-    if p.is_file():
-        return p, None
-    if p.is_dir() and (p / OFFICIAL_FILE).is_file():
-        return p / OFFICIAL_FILE, None
-    for g in (p, p / ".git", p / "repo"):
-        if g.is_dir() and is_git_dir(g):
-            data = subprocess.run(
-                ["git", f"--git-dir={g}", "show", f"{OFFICIAL_COMMIT}:{OFFICIAL_FILE}"],
-                check=True, capture_output=True).stdout
-            out = Path(tmp) / OFFICIAL_FILE
-            out.write_bytes(data)
-            return out, OFFICIAL_COMMIT
-    raise SystemExit(f"--official {official}: neither {OFFICIAL_FILE}, a directory holding it, "
-                     f"nor a git directory of {OFFICIAL_REPO}")
-
-
 def load_official(official, tmp, allow_unpinned):
-    path, _ = resolve_official(official, tmp)
-    sha = hashlib.sha256(path.read_bytes()).hexdigest()
-    commit = OFFICIAL_COMMIT
-    if sha != OFFICIAL_SHA256:
-        if not allow_unpinned:
-            raise SystemExit(f"{path}: sha256 {sha} is not the pinned {OFFICIAL_SHA256} "
-                             f"({OFFICIAL_REPO}@{OFFICIAL_COMMIT[:7]}); use --allow-unpinned")
-        commit = None
-    # No shim is needed with diffusers 0.42.1 / transformers 5.x: the file imports as is.
-    # PIL.ImageDraw is loaded only because the official file uses it after a bare `import PIL`
-    # (in _draw_object_bboxes, which this check never calls).
-    import PIL.ImageDraw  # noqa: F401
-    spec = importlib.util.spec_from_file_location("r2fplus_official_sd3", str(path))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    info = {"repository": OFFICIAL_REPO, "file": OFFICIAL_FILE, "commit": commit, "sha256": sha}
-    return mod, info
+    """The official module and its provenance (r2f_fixtures.official). No shim is needed with
+    diffusers 0.42.1 / transformers 5.x: the file imports as is."""
+    return official_file.load_official(official, tmp, allow_unpinned)
 
 
 # --------------------------------------------------------------------------------------------

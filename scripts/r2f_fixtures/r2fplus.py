@@ -52,11 +52,8 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 import argparse
 import copy
 import hashlib
-import importlib.util
 import inspect
 import json
-import math
-import subprocess
 import sys
 import tempfile
 import time
@@ -65,10 +62,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-OFFICIAL_REPO = "krafton-ai/Rare-to-Frequent"
-OFFICIAL_FILE = "R2Fplus_Diffusion_sd3.py"
-OFFICIAL_COMMIT = "834f459aa9ae90a7b653abc4bf0ad8a230056bc1"
-OFFICIAL_SHA256 = "809fe25adc84f6fc633b3989c851a5ff13ab7eb045060bb525c7e65fc966df91"
+from .official import OFFICIAL_FILE, OFFICIAL_REPO, load_official  # noqa: F401
+
 OUT_STEM = "sd3-r2fplus"
 STEPS = 50
 GUIDANCE = 7.0
@@ -214,52 +209,6 @@ MASKS = {"box": box_mask, "ellipse": ellipse_mask, "none": empty_mask}
 # --------------------------------------------------------------------------------------------
 # The official file.
 # --------------------------------------------------------------------------------------------
-
-def is_git_dir(p):
-    return (p / "HEAD").is_file() and (p / "objects").is_dir()
-
-
-def resolve_official(official, tmp):
-    """-> (path of the official file, commit it was read at or None)."""
-    p = Path(official)
-    if p.is_file():
-        return p, None
-    if p.is_dir() and (p / OFFICIAL_FILE).is_file():
-        return p / OFFICIAL_FILE, None
-    for g in (p, p / ".git"):
-        if g.is_dir() and is_git_dir(g):
-            data = subprocess.run(
-                ["git", f"--git-dir={g}", "show", f"{OFFICIAL_COMMIT}:{OFFICIAL_FILE}"],
-                check=True, capture_output=True).stdout
-            out = Path(tmp) / OFFICIAL_FILE
-            out.write_bytes(data)
-            return out, OFFICIAL_COMMIT
-    raise SystemExit(f"--official {official}: neither {OFFICIAL_FILE}, a directory holding it, "
-                     f"nor a git directory of {OFFICIAL_REPO}")
-
-
-def import_official(path):
-    import PIL.ImageDraw  # noqa: F401  (the official file uses PIL.ImageDraw after `import PIL`)
-    spec = importlib.util.spec_from_file_location("r2fplus_official_sd3", str(path))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def load_official(official, tmp, allow_unpinned=False):
-    path, commit = resolve_official(official, tmp)
-    sha = hashlib.sha256(path.read_bytes()).hexdigest()
-    if sha != OFFICIAL_SHA256:
-        if not allow_unpinned:
-            raise SystemExit(f"{path}: sha256 {sha} is not the pinned {OFFICIAL_SHA256} "
-                             f"({OFFICIAL_REPO}@{OFFICIAL_COMMIT[:7]}); use --allow-unpinned")
-        commit = None
-    else:
-        commit = OFFICIAL_COMMIT
-    info = {"repository": OFFICIAL_REPO, "file": OFFICIAL_FILE, "commit": commit, "sha256": sha}
-    return import_official(path), info
-
 
 # --------------------------------------------------------------------------------------------
 # Recording subclass of the official pipeline.

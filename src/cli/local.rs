@@ -231,16 +231,8 @@ fn region_schedule(a: &PromptScheduleArgs, plan: RegionPlan) -> anyhow::Result<(
         steps: a.steps,
         knobs: a.regions.knobs(a.schedule, a.stop_step_map),
     };
-    let setup = req.setup()?;
     let tok = RegionTokenizer::new(&clip, t5.as_ref(), a.t5_tokens)?;
-    let runs = crate::r2f::plus::plan_text(
-        &req.plan,
-        req.steps,
-        setup.object_steps,
-        setup.object_runs,
-        &setup.rule,
-        &tok,
-    )?;
+    let runs = req.text(&tok)?;
     println!("{}", serde_json::to_string_pretty(&runs)?);
     Ok(())
 }

@@ -370,48 +370,41 @@ async fn plan(
         (JobMode::Plain, _) => Ok((Mode::Plain, None)),
         (JobMode::R2f, Some(Plan::R2f(p))) => Ok(r2f(p.clone())),
         (JobMode::R2fplus, Some(Plan::Regions(p))) => Ok(regions(p.clone())),
-        (JobMode::R2fplus, None) => {
-            let Some(planner) = &ctx.planner else {
-                return Err(JobError::new(
-                    ErrorKind::InvalidJob,
-                    Fault::Job,
-                    "mode r2fplus without a plan needs the LLM planner",
-                ));
-            };
-            let p = planner
-                .plan_regions(&job.prompt, &ctx.metrics)
-                .await
-                .map_err(plan_error)?;
-            if let Err(reason) = Plan::Regions(p.clone()).check_limits(&ctx.settings.limits) {
-                return Err(JobError::new(
-                    ErrorKind::Llm,
-                    Fault::Job,
-                    format!("the planner's plan is unusable: {reason}"),
-                ));
-            }
-            Ok(regions(p))
-        }
-        (JobMode::R2f, None) => {
+        (mode @ (JobMode::R2f | JobMode::R2fplus), None) => {
             let Some(planner) = &ctx.planner else {
                 // Rejected in `run_job` before any work.
                 return Err(JobError::new(
                     ErrorKind::InvalidJob,
                     Fault::Job,
-                    "mode r2f without a plan needs the LLM planner",
+                    format!("mode {} without a plan needs the LLM planner", mode.name()),
                 ));
             };
-            let p = planner
-                .plan(&job.prompt, &ctx.metrics)
-                .await
-                .map_err(plan_error)?;
-            if let Err(reason) = Plan::R2f(p.clone()).check_limits(&ctx.settings.limits) {
+            let plan = if mode == JobMode::R2f {
+                Plan::R2f(
+                    planner
+                        .plan(&job.prompt, &ctx.metrics)
+                        .await
+                        .map_err(plan_error)?,
+                )
+            } else {
+                Plan::Regions(
+                    planner
+                        .plan_regions(&job.prompt, &ctx.metrics)
+                        .await
+                        .map_err(plan_error)?,
+                )
+            };
+            if let Err(reason) = plan.check_limits(&ctx.settings.limits) {
                 return Err(JobError::new(
                     ErrorKind::Llm,
                     Fault::Job,
                     format!("the planner's plan is unusable: {reason}"),
                 ));
             }
-            Ok(r2f(p))
+            Ok(match plan {
+                Plan::R2f(p) => r2f(p),
+                Plan::Regions(p) => regions(p),
+            })
         }
         // Validation rejects every other combination before any work.
         (mode, _) => Err(JobError::new(

@@ -112,6 +112,19 @@ fn scaled(x: usize, steps: usize) -> usize {
 }
 
 impl RegionRequest {
+    /// Every run's per-step prompts and token rows, with `tok`'s token ids.
+    pub fn text(&self, tok: &dyn TokenIds) -> anyhow::Result<Vec<RunText>> {
+        let setup = self.setup()?;
+        plan_text(
+            &self.plan,
+            self.steps,
+            setup.object_steps,
+            setup.object_runs,
+            &setup.rule,
+            tok,
+        )
+    }
+
     /// Checks the request against what the mode can run and resolves its step counts. Faithful
     /// mode refuses what crashes or turns NaN in the official code (§5: non-square images Q8,
     /// guidance ≤ 1 Q9, fewer steps than the stop-step map needs Q15).
@@ -342,16 +355,8 @@ impl Sd3Pipeline {
     /// The per-run, per-step prompts and token rows of an R2F+ request (what `r2f schedule`
     /// prints), computed with this pipeline's tokenizers.
     pub fn region_text(&self, req: &RegionRequest) -> anyhow::Result<Vec<RunText>> {
-        let setup = req.setup()?;
         let tok = RegionTokenizer::new(&self.tok_l, self.tok_t5.as_ref(), self.t5_tokens)?;
-        plan_text(
-            &req.plan,
-            req.steps,
-            setup.object_steps,
-            setup.object_runs,
-            &setup.rule,
-            &tok,
-        )
+        req.text(&tok)
     }
 
     /// Runs an R2F+ request. `on_step(done, total)` counts the steps of every run.
