@@ -124,7 +124,7 @@ fn tiny_clip(hidden: i64, projection_dim: Option<i64>, hidden_act: HiddenAct) ->
 
 /// The SD3 smoke configuration: the `sd3-tiny` transformer and VAE with text encoders of
 /// matching widths (CLIP 32 + 32 pooled into 64, T5 at the joint width 256).
-fn sd3_tiny_configs() -> Sd3Configs {
+pub fn sd3_tiny_configs() -> Sd3Configs {
     let p = sd3_tiny();
     let Denoiser::Sd3(transformer) = p.denoiser else {
         unreachable!("sd3_tiny is an SD3 preset")

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod bench_e2e;
+pub mod bench_model;
 pub mod bench_service;
 pub mod cli;
 pub mod config;

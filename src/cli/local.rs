@@ -240,6 +240,23 @@ fn region_schedule(a: &PromptScheduleArgs, plan: RegionPlan) -> anyhow::Result<(
 /// `r2f bench`: denoiser and VAE speed with random weights, or (`--e2e`) whole jobs.
 pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
     let (device, dtype) = device_and_dtype(a.device, a.dtype)?;
+    if let Some(dir) = &a.write_model {
+        let configs = match a.model {
+            crate::bench::BenchModel::Sd3 => crate::pipelines::sd3::Sd3Configs::sd3_medium(),
+            crate::bench::BenchModel::Sd3Tiny => crate::bench_e2e::sd3_tiny_configs(),
+            other => bail!(
+                "--write-model writes SD3 folders (sd3, sd3-tiny), not {}",
+                other.name()
+            ),
+        };
+        let tokenizers = a
+            .tokenizers
+            .clone()
+            .unwrap_or_else(|| crate::parity::default_fixtures().join("sd3-tiny-a"));
+        crate::bench_model::write_sd3(dir, &configs, &tokenizers, dtype)?;
+        println!("{}", dir.display());
+        return Ok(());
+    }
     let json = if a.e2e {
         let report = crate::bench_e2e::run(&crate::bench_e2e::E2eOptions {
             model: a.model,

@@ -257,8 +257,9 @@ pub struct BenchArgs {
     /// --e2e: steps of the plain job (default 28 for SD3, 30 for SDXL).
     #[arg(long, requires = "e2e")]
     pub plain_steps: Option<usize>,
-    /// --e2e: a model folder whose tokenizer folders to use (default: the bundled fixtures).
-    #[arg(long, requires = "e2e")]
+    /// --e2e, --write-model: a model folder whose tokenizer folders to use (default: the
+    /// bundled fixtures).
+    #[arg(long)]
     pub tokenizers: Option<PathBuf>,
     /// Also write the report as JSON.
     #[arg(long)]
@@ -268,6 +269,10 @@ pub struct BenchArgs {
     /// measurement (scripts/bench_vs_diffusers.py).
     #[arg(long, conflicts_with = "e2e")]
     pub weights: Option<PathBuf>,
+    /// Write an SD3 model folder (diffusers layout) with random weights in --dtype instead of
+    /// measuring (`--model sd3` or `sd3-tiny`): for the cold-start measurement.
+    #[arg(long, conflicts_with_all = ["e2e", "weights"])]
+    pub write_model: Option<PathBuf>,
 }
 
 /// Starts logging to standard error, as text or JSON lines, filtered by `RUST_LOG` (default

@@ -72,6 +72,9 @@ pub struct Weights {
     kind: Kind,
     /// Names of the tensors read so far (files only).
     read: Mutex<BTreeSet<String>>,
+    /// Random source only: every tensor handed out, by name, when asked to keep them (to
+    /// write a random-weight model folder).
+    kept: Option<Mutex<Vec<(String, Tensor)>>>,
 }
 
 impl Weights {
@@ -190,6 +193,7 @@ impl Weights {
             device,
             kind,
             read: Mutex::default(),
+            kept: None,
         })
     }
 
@@ -199,6 +203,23 @@ impl Weights {
             device,
             kind,
             read: Mutex::default(),
+            kept: None,
+        }
+    }
+
+    /// A random source that keeps every tensor it hands out ([`Weights::take_kept`]).
+    pub fn random_kept(seed: i64, device: Device, kind: Kind) -> Self {
+        Self {
+            kept: Some(Mutex::default()),
+            ..Self::random(seed, device, kind)
+        }
+    }
+
+    /// The tensors a [`Weights::random_kept`] source handed out so far, by name.
+    pub fn take_kept(&self) -> Vec<(String, Tensor)> {
+        match &self.kept {
+            Some(kept) => std::mem::take(&mut *kept.lock().unwrap_or_else(|e| e.into_inner())),
+            None => Vec::new(),
         }
     }
 
@@ -278,6 +299,11 @@ impl Weights {
                 } else {
                     Tensor::randn(shape, (kind, self.device)) * 0.02
                 };
+                if let Some(kept) = &self.kept {
+                    kept.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push((name.to_string(), t.shallow_clone()));
+                }
                 Ok(t)
             }
             Source::Files {
