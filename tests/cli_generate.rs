@@ -514,3 +514,47 @@ fn gpu_check_cpu_smoke_runs_every_step_and_prints_its_table() {
         "{e2e}"
     );
 }
+
+#[test]
+fn a_written_random_model_folder_loads_and_generates() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("sd3-random");
+    let out = r2f()
+        .args([
+            "bench", "--model", "sd3-tiny", "--device", "cpu", "--dtype", "fp32",
+        ])
+        .arg("--write-model")
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for component in [
+        "text_encoder",
+        "text_encoder_2",
+        "text_encoder_3",
+        "transformer",
+        "vae",
+    ] {
+        assert!(
+            model.join(component).join("config.json").is_file(),
+            "{component}"
+        );
+    }
+    let png = dir.path().join("img.png");
+    let mut args = generate_args(model.to_str().unwrap(), &["--steps", "2", "--width", "64"]);
+    args.extend(["--height".into(), "64".into()]);
+    let pos = args.iter().position(|a| a == "/tmp/r2f-never.png").unwrap();
+    args[pos] = png.to_str().unwrap().to_string();
+    let out = r2f().args(&args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (w, h, _, _) = r2f::image::decode_png(&std::fs::read(&png).unwrap()).unwrap();
+    assert_eq!((w, h), (64, 64));
+}
