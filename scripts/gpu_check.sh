@@ -34,8 +34,12 @@ if [ ! -x "$bin" ]; then
   echo "gpu_check: no r2f binary at $bin (build it with cargo build --release, or set R2F_BIN)" >&2
   exit 2
 fi
+# Every step writes its log and JSON report into a work folder; what is left under $OUT at the end
+# is one combined report (gpu_check.json) and one archive of the logs (gpu_check_logs.tar.gz):
+# a lent machine hands back at most 8 files.
 out=${OUT:-$(mktemp -d)}
 mkdir -p "$out"
+work=$(mktemp -d)
 py=$(command -v python3 || true)
 
 if [ "$mode" = gpu ]; then
@@ -53,49 +57,65 @@ else
 fi
 
 failures=0
-step() { # name, command...: runs one step, its output to $out/<name>.log, notes a failure
+step() { # name, command...: runs one step, its output to $work/<name>.log, notes a failure
   local name=$1
   shift
   local t0=$SECONDS
   echo "== $name: $*" >&2
-  if "$@" >"$out/$name.log" 2>&1; then
+  if "$@" >"$work/$name.log" 2>&1; then
     echo "   ok ($((SECONDS - t0)) s)" >&2
   else
-    echo "   FAILED ($((SECONDS - t0)) s), see $out/$name.log:" >&2
-    tail -5 "$out/$name.log" >&2
+    echo "   FAILED ($((SECONDS - t0)) s), see $name.log in $out/gpu_check_logs.tar.gz:" >&2
+    tail -5 "$work/$name.log" >&2
     failures=$((failures + 1))
   fi
 }
 
 # 1. CUDA through tch: a one-step bench on the device fails at once when libtorch sees no GPU.
 step device "$bin" bench --model sd3-tiny --device "$device" --width 64 --height 64 --steps 1 --warmup 0 \
-  --json "$out/device.json"
+  --json "$work/device.json"
 # 2. Parity: fp32 within 1e-4 of the CPU references; the half type reported.
-step parity-fp32 "$bin" parity --device "$device" --dtype fp32 --tolerance 1e-4 --json "$out/parity-fp32.json"
-step "parity-$half" "$bin" parity --device "$device" --dtype "$half" --json "$out/parity-$half.json"
+step parity-fp32 "$bin" parity --device "$device" --dtype fp32 --tolerance 1e-4 --json "$work/parity-fp32.json"
+step "parity-$half" "$bin" parity --device "$device" --dtype "$half" --json "$work/parity-$half.json"
 # 3. Denoiser and VAE speed.
 for m in "$sd3" "$sdxl"; do
   step "bench-$m" "$bin" bench --model "$m" --device "$device" --width "$size" --height "$size" \
-    --steps "$steps" --warmup "$warmup" --json "$out/bench-$m.json"
+    --steps "$steps" --warmup "$warmup" --json "$work/bench-$m.json"
 done
 # 4. Whole jobs (R2F+ for SD3; a non-square smoke size runs it in clean mode, few steps).
 e2e_h=$size
 [ "$mode" = cpu ] && e2e_h=48
 # shellcheck disable=SC2086
 step "e2e-$sd3" "$bin" bench --e2e --r2fplus --model "$sd3" --device "$device" --width "$size" --height "$e2e_h" \
-  --r2f-steps "$r2f_steps" $plain_steps --json "$out/e2e-$sd3.json"
+  --r2f-steps "$r2f_steps" $plain_steps --json "$work/e2e-$sd3.json"
 # shellcheck disable=SC2086
 step "e2e-$sdxl" "$bin" bench --e2e --model "$sdxl" --device "$device" --width "$size" --height "$e2e_h" \
-  --r2f-steps "$r2f_steps" $plain_steps --json "$out/e2e-$sdxl.json"
+  --r2f-steps "$r2f_steps" $plain_steps --json "$work/e2e-$sdxl.json"
+
+# 5. Optional (COLD_START=1, GPU mode): write a random-weight SD3-medium folder (15 GB, fp16) and
+#    time a process from start to its first image with it: the model load (logged as "SD3 model
+#    loaded seconds=…") is what a worker's cold start adds to the broker connection (no broker
+#    runs on the lent machine; scripts/cold_start.sh measures the whole /readyz path elsewhere).
+if [ "${COLD_START:-0}" = 1 ] && [ "$mode" = gpu ]; then
+  cold_dir=${COLD_START_DIR:-/tmp/r2f-sd3-medium-random}
+  [ -f "$cold_dir/model_index.json" ] ||
+    step write-model "$bin" bench --write-model "$cold_dir" --model sd3 --dtype fp16 --device cpu
+  t0=$(date +%s.%N)
+  step cold-start "$bin" generate --model "$cold_dir" --device cuda --dtype fp16 --steps 1 \
+    --prompt "a furry frog warrior" --out "$work/cold-start.png"
+  echo "   process start to first image: $(echo "$(date +%s.%N) - $t0" | bc -l) s;" \
+    "$(grep -o 'SD3 model loaded seconds=[0-9.]*' "$work/cold-start.log" || true)" >&2
+fi
 
 # The table, from the JSON reports (python3's standard library only).
 if [ -n "$py" ]; then
-  "$py" - "$out" "$sd3" "$sdxl" "$half" <<'EOF'
-import json, os, sys
-out, sd3, sdxl, half = sys.argv[1:5]
+  "$py" - "$work" "$sd3" "$sdxl" "$half" "$out/gpu_check.json" <<'EOF'
+import glob, json, os, sys
+work, sd3, sdxl, half, combined = sys.argv[1:6]
+reports = {os.path.basename(p)[:-5]: json.load(open(p)) for p in sorted(glob.glob(os.path.join(work, "*.json")))}
+json.dump(reports, open(combined, "w"), indent=1)
 def load(name):
-    p = os.path.join(out, name)
-    return json.load(open(p)) if os.path.exists(p) else None
+    return reports.get(name[:-5])
 rows = []
 for dt in ("fp32", half):
     r = load(f"parity-{dt}.json")
@@ -118,10 +138,11 @@ for m in (sd3, sdxl):
         if mem:
             rows.append((f"e2e {m} peak GPU memory", f"{mem/2**30:.1f} GiB"))
 w = max((len(a) for a, _ in rows), default=0)
-print(f"gpu_check summary ({out})")
+print(f"gpu_check summary ({combined})")
 for a, b in rows:
     print(f"  {a:<{w}}  {b}")
 EOF
 fi
-echo "gpu_check: $failures failed step(s); reports in $out" >&2
+tar czf "$out/gpu_check_logs.tar.gz" -C "$work" . && rm -rf "$work"
+echo "gpu_check: $failures failed step(s); reports in $out (gpu_check.json, gpu_check_logs.tar.gz)" >&2
 [ "$failures" -eq 0 ]

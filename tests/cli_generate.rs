@@ -495,13 +495,21 @@ fn gpu_check_cpu_smoke_runs_every_step_and_prints_its_table() {
     ] {
         assert!(stdout.contains(row), "missing `{row}` in:\n{stdout}");
     }
-    let read = |name: &str| -> serde_json::Value {
-        serde_json::from_slice(&std::fs::read(out_dir.path().join(name)).unwrap()).unwrap()
-    };
-    let parity = read("parity-fp32.json");
+    // What a lent machine hands back: one combined report and one archive of the logs.
+    let mut files: Vec<String> = std::fs::read_dir(out_dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    assert_eq!(files, ["gpu_check.json", "gpu_check_logs.tar.gz"]);
+    let all: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_dir.path().join("gpu_check.json")).unwrap())
+            .unwrap();
+    let read = |name: &str| all[name].clone();
+    let parity = read("parity-fp32");
     assert_eq!(parity["ok"], true, "{parity}");
     assert_eq!(parity["cases"].as_array().unwrap().len(), 6);
-    let e2e = read("e2e-sd3-tiny.json");
+    let e2e = read("e2e-sd3-tiny");
     let jobs: Vec<&str> = e2e["jobs"]
         .as_array()
         .unwrap()
