@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -12,26 +13,36 @@ use crate::pipelines::sd3::plus::RegionKnobs;
 use crate::plan::Plan;
 use crate::r2f::regions::{check_stop_steps, RegionMask};
 
-/// A job message as published on `r2f.jobs`. Unknown fields are ignored.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+/// A job message as published on `r2f.jobs`. Unknown fields are ignored. The rules each field
+/// must meet (a violation rejects the job) are in docs/contract.md.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 pub struct JobMessage {
+    /// The idempotency key, chosen by the client: 1-128 characters of `A-Z a-z 0-9 - _ . :`.
     pub id: String,
+    /// The prompt (not empty; at most `limits.max_prompt_chars` characters).
     pub prompt: String,
+    /// The model to run; default: the worker's. A worker serves one model.
     #[serde(default)]
     pub model: Option<String>,
+    /// `r2f` (default), `r2fplus` (SD3) or `plain`.
     #[serde(default)]
     pub mode: Option<String>,
+    /// An R2F plan (`visual_detail_level`, `r2f_prompt`) or an R2F+ plan (`original_prompt`,
+    /// `base_prompt`, `objects`) in the official shapes; without one the worker asks the LLM.
     #[serde(default)]
     pub plan: Option<Value>,
+    /// Generation parameters; each missing one takes the model's default.
     #[serde(default)]
     pub params: JobParams,
+    /// Read by `r2f enqueue` only (copied, capped, into the AMQP priority property).
     #[serde(default)]
     pub priority: Option<u8>,
+    /// Where the outputs go under the storage prefix.
     #[serde(default)]
     pub output: Option<JobOutput>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
 pub struct JobParams {
     pub steps: Option<i64>,
     pub guidance: Option<f64>,
@@ -58,7 +69,7 @@ pub struct JobParams {
     pub bbox_guidance_recompute: Option<bool>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
 pub struct JobOutput {
     #[serde(default)]
     pub prefix: Option<String>,
@@ -446,7 +457,7 @@ pub fn validate_message(
 }
 
 /// Error kinds of failed and rejected jobs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorKind {
     InvalidJob,
@@ -468,7 +479,7 @@ impl ErrorKind {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 pub struct OutputImage {
     pub uri: String,
     pub width: i64,
@@ -476,17 +487,20 @@ pub struct OutputImage {
     pub sha256: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 pub struct EventError {
     pub kind: ErrorKind,
     pub message: String,
 }
 
 /// The result event (and the content of `<id>/result.json`).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 pub struct ResultEvent {
+    /// The job's id (empty when a rejected message had none that could be read).
     pub id: String,
+    /// `succeeded`, `failed` or `rejected`.
     pub status: String,
+    /// The delivery attempt that produced this event (1 for the first).
     pub attempt: u32,
     #[serde(default)]
     pub outputs: Vec<OutputImage>,
@@ -499,7 +513,9 @@ pub struct ResultEvent {
     pub worker: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// A progress event: `step` of `steps` denoising steps done (every image and, for R2F+, every
+/// run of the job counted).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct ProgressEvent {
     pub id: String,
     pub step: usize,

@@ -19,6 +19,7 @@ pub mod plan;
 pub mod r2f;
 pub mod redis_store;
 pub mod schedulers;
+pub mod schema;
 pub mod storage;
 pub mod worker;
 

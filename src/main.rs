@@ -22,6 +22,10 @@ fn main() -> ExitCode {
         Command::Bench(a) => cli::bench(a),
         Command::Schedule(a) => cli::schedule(a),
         Command::Parity(a) => cli::parity(a),
+        Command::Schema { document } => {
+            print!("{}", document.schema_json());
+            Ok(())
+        }
         Command::Worker => cli::worker(settings),
         Command::Plan { prompt, mode } => cli::plan(&settings, &prompt, mode),
         Command::BenchService { jobs, steps, size } => {

@@ -49,6 +49,11 @@ pub enum Command {
     /// Run the bundled tiny-model parity cases on a device and dtype and report the distance
     /// to the diffusers references (the GPU check's correctness half).
     Parity(ParityArgs),
+    /// Print the JSON Schema of a document clients exchange with r2f.
+    Schema {
+        #[arg(value_enum)]
+        document: crate::schema::Document,
+    },
     /// The daemon: consume jobs, plan, generate, store, publish results, serve metrics.
     Worker,
     /// Ask the configured LLM (through the plan cache) and print the plan as JSON.
