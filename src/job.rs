@@ -564,6 +564,53 @@ mod tests {
         j
     }
 
+    /// An r2fplus job with `params` overrides.
+    fn plus(params: &[(&str, Value)]) -> Value {
+        let mut j = with(&["mode"], json!("r2fplus"));
+        for (k, v) in params {
+            j["params"][*k] = v.clone();
+        }
+        j
+    }
+
+    trait WithPlan {
+        fn with_plan(self, plan: Value) -> Value;
+    }
+
+    impl WithPlan for Value {
+        fn with_plan(mut self, plan: Value) -> Value {
+            self["plan"] = plan;
+            self
+        }
+    }
+
+    #[test]
+    fn r2fplus_knobs_reach_the_job_and_clean_mode_takes_any_size() {
+        let j = validate(&plus(&[
+            ("schedule", json!("clean")),
+            ("region_mask", json!("box")),
+            ("bbox_guidance_steps", json!(4)),
+            ("bbox_guidance_iterations", json!(2)),
+            ("bbox_loss_scale", json!(100.0)),
+            ("latent_fusion_steps", json!(8)),
+            ("bbox_guidance_recompute", json!(true)),
+        ]))
+        .unwrap();
+        assert_eq!(j.mode, JobMode::R2fplus);
+        let k = &j.regions;
+        assert_eq!(k.mask, RegionMask::Box);
+        assert_eq!(
+            (k.guidance_steps, k.guidance_iterations, k.fusion_steps),
+            (4, 2, 8)
+        );
+        assert_eq!(k.loss_scale, 100.0);
+        assert!(k.recompute_blocks);
+        assert_eq!(k.schedule, crate::r2f::PromptSchedule::Clean);
+        // Defaults: the official values.
+        let j = validate(&plus(&[("width", json!(128)), ("steps", json!(50))])).unwrap();
+        assert_eq!(j.regions, RegionKnobs::default());
+    }
+
     #[test]
     fn a_valid_job_takes_defaults_for_what_it_omits() {
         let j = validate(&json!({"id": "x", "prompt": " a frog "})).unwrap();
@@ -619,7 +666,43 @@ mod tests {
                 ),
                 "max_plan_prompts",
             ),
-            (with(&["mode"], json!("r2fplus")), "r2fplus"),
+            // R2F+ in faithful mode (the default): what the official loop cannot run.
+            (with(&["mode"], json!("r2fplus")), "needs a square image"),
+            (
+                plus(&[("width", json!(128)), ("guidance", json!(1.0))]),
+                "guidance above 1",
+            ),
+            (
+                plus(&[("width", json!(128)), ("steps", json!(40))]),
+                "41 steps",
+            ),
+            // R2F+ knobs out of bounds, in any mode.
+            (
+                with(&["params", "region_mask"], json!("star")),
+                "region mask",
+            ),
+            (
+                with(&["params", "bbox_guidance_iterations"], json!(21)),
+                "bbox_guidance_iterations",
+            ),
+            (
+                with(&["params", "bbox_loss_scale"], json!(-1.0)),
+                "bbox_loss_scale",
+            ),
+            (
+                with(&["params", "bbox_guidance_steps"], json!(51)),
+                "max_steps",
+            ),
+            (
+                with(&["params", "latent_fusion_steps"], json!(-1)),
+                "max_steps",
+            ),
+            (
+                plus(&[("width", json!(128))]).with_plan(json!(
+                    {"visual_detail_level": "3", "r2f_prompt": [["a frog", "a hairy frog"]]}
+                )),
+                "was given an R2F plan",
+            ),
             (json!([1, 2]), "not a JSON object"),
         ];
         for (msg, want) in cases {
