@@ -379,6 +379,42 @@ mod tests {
     }
 
     #[test]
+    fn r2fplus_knobs_default_to_the_official_values_and_parse() {
+        let a = generate_args(&["--mode", "r2fplus"]).unwrap();
+        assert_eq!(a.mode, Some(JobMode::R2fplus));
+        let k = a.regions.knobs(a.schedule, a.stop_step_map);
+        assert_eq!(k, crate::pipelines::sd3::plus::RegionKnobs::default());
+        let a = generate_args(&[
+            "--region-mask",
+            "box",
+            "--bbox-guidance-steps",
+            "3",
+            "--bbox-guidance-iterations",
+            "2",
+            "--bbox-loss-scale",
+            "100",
+            "--latent-fusion-steps",
+            "7",
+            "--bbox-guidance-recompute",
+        ])
+        .unwrap();
+        let k = a.regions.knobs(PromptSchedule::Clean, None);
+        assert_eq!(k.mask, RegionMask::Box);
+        assert_eq!(
+            (k.guidance_steps, k.guidance_iterations, k.fusion_steps),
+            (3, 2, 7)
+        );
+        assert_eq!(k.loss_scale, 100.0);
+        assert!(k.recompute_blocks);
+        // Bench modes: --r2fplus only with --e2e; --write-model not with --e2e.
+        assert!(Cli::try_parse_from(["r2f", "bench", "--r2fplus"]).is_err());
+        assert!(Cli::try_parse_from(["r2f", "bench", "--e2e", "--r2fplus"]).is_ok());
+        assert!(Cli::try_parse_from(["r2f", "bench", "--e2e", "--write-model", "d"]).is_err());
+        assert!(Cli::try_parse_from(["r2f", "schema", "result"]).is_ok());
+        assert!(Cli::try_parse_from(["r2f", "schema", "status"]).is_err());
+    }
+
+    #[test]
     fn a_wrong_value_lists_the_possible_ones() {
         for (flag, value, listed) in [
             ("--scheduler", "ddim", "euler, dpm++2m-karras"),
@@ -386,6 +422,7 @@ mod tests {
             ("--mode", "sideways", "r2f, r2fplus, plain"),
             ("--schedule", "fast", "faithful, clean"),
             ("--stop-step-map", "tail", "paper, head"),
+            ("--region-mask", "star", "ellipse, box"),
         ] {
             let e = generate_args(&[flag, value]).err().unwrap().to_string();
             assert!(e.contains("possible values") && e.contains(listed), "{e}");
