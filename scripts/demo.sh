@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: set up, build, start the worker daemon against the local
 # RabbitMQ and Redis with the bundled tiny SD3 model (config/demo.toml), enqueue the sample jobs
-# (config/demo-jobs.jsonl: plain, R2F with plans, one invalid job), wait for their results and
+# (config/demo-jobs.jsonl: plain, R2F with plans, R2F+ with a plan, one invalid job), wait for their results and
 # print where the images are; then drain the worker with SIGTERM.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
