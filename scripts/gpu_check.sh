@@ -44,10 +44,18 @@ py=$(command -v python3 || true)
 
 if [ "$mode" = gpu ]; then
   # The image's libtorch (docs/gpu.md): the binary was linked against the same 2.11.0 build.
-  if [ -z "${LD_LIBRARY_PATH:-}" ] && [ -n "$py" ]; then
-    lib=$("$py" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))' 2>/dev/null || true)
-    [ -n "$lib" ] && export LD_LIBRARY_PATH=$lib
+  # The image's torch is in python3 or in /opt/torch/.venv (docs/gpu.md).
+  if [ -z "${LD_LIBRARY_PATH:-}" ]; then
+    for p in "$py" /opt/torch/.venv/bin/python3; do
+      [ -n "$p" ] && [ -x "$p" ] || continue
+      lib=$("$p" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))' 2>/dev/null || true)
+      if [ -n "$lib" ]; then
+        export LD_LIBRARY_PATH=$lib
+        break
+      fi
+    done
   fi
+  echo "gpu_check: LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-unset}" >&2
   device=cuda
   sd3=sd3 sdxl=sdxl size=1024 half=fp16 steps=20 warmup=3 plain_steps="" r2f_steps=50
 else
