@@ -109,6 +109,8 @@ pub struct RedisSettings {
     pub url: String,
     pub key_prefix: String,
     pub plan_ttl_secs: u64,
+    /// Job status records live this long after their last transition.
+    pub status_ttl_secs: u64,
     pub lock_ttl_secs: u64,
     pub timeout_ms: u64,
     /// Redis down for the job lock: a transient failure (true), or run the job unlocked,

@@ -20,6 +20,7 @@ pub mod r2f;
 pub mod redis_store;
 pub mod schedulers;
 pub mod schema;
+pub mod status;
 pub mod storage;
 pub mod worker;
 

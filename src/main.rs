@@ -22,6 +22,12 @@ fn main() -> ExitCode {
         Command::Bench(a) => cli::bench(a),
         Command::Schedule(a) => cli::schedule(a),
         Command::Parity(a) => cli::parity(a),
+        Command::Status { id } => cli::status(&settings, &id),
+        Command::Wait { id, timeout } => cli::wait(
+            &settings,
+            &id,
+            std::time::Duration::from_secs_f64(timeout.clamp(0.0, 1e7)),
+        ),
         Command::Schema { document } => {
             print!("{}", document.schema_json());
             Ok(())

@@ -13,16 +13,24 @@ pub enum Document {
     Result,
     /// A progress event.
     Progress,
+    /// A job's status record (`r2f status ID`).
+    Status,
 }
 
 impl Document {
-    pub const ALL: [Document; 3] = [Document::Job, Document::Result, Document::Progress];
+    pub const ALL: [Document; 4] = [
+        Document::Job,
+        Document::Result,
+        Document::Progress,
+        Document::Status,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Document::Job => "job",
             Document::Result => "result",
             Document::Progress => "progress",
+            Document::Status => "status",
         }
     }
 
@@ -32,6 +40,7 @@ impl Document {
             Document::Job => schemars::schema_for!(JobMessage),
             Document::Result => schemars::schema_for!(ResultEvent),
             Document::Progress => schemars::schema_for!(ProgressEvent),
+            Document::Status => schemars::schema_for!(crate::status::JobStatus),
         };
         let mut text = serde_json::to_string_pretty(&schema).unwrap_or_default();
         text.push('\n');

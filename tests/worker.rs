@@ -573,3 +573,83 @@ async fn enqueue_publishes_with_confirms_and_reports_refused_lines() {
     assert_eq!(broker.queue_len(&names.jobs).await, 2);
     broker.cleanup().await;
 }
+
+/// `r2f status|wait ID` with the worker's own configuration file.
+fn status_cli(config: &std::path::Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_r2f"))
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_outcome_leaves_a_status_record_that_status_and_wait_read() {
+    let (names, _s3, cfg) = s3_setup("status").await;
+    let mut config = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    std::io::Write::write_all(&mut config, cfg.toml().as_bytes()).unwrap();
+    let config = config.into_temp_path();
+    let mut broker = Broker::connect(&names).await;
+    let mut worker = WorkerProc::spawn(&cfg);
+    assert!(worker.wait_ready(T).await, "{}", worker.log());
+    let ok = format!("{}-ok", names.prefix);
+    let bad = format!("{}-bad", names.prefix);
+    broker.publish(&tiny_job(&ok, 2)).await;
+    let mut bad_job = tiny_job(&bad, 2);
+    bad_job["params"]["width"] = json!(50);
+    broker.publish(&bad_job).await;
+    // `wait` blocks until the job is finished: exit 0 for the succeeded one.
+    let (c, id) = (config.to_path_buf(), ok.clone());
+    let waited =
+        tokio::task::spawn_blocking(move || status_cli(&c, &["wait", &id, "--timeout", "90"]))
+            .await
+            .unwrap();
+    assert!(
+        waited.status.success(),
+        "{}",
+        String::from_utf8_lossy(&waited.stderr)
+    );
+    let record: serde_json::Value = serde_json::from_slice(&waited.stdout).unwrap();
+    assert_eq!(record["state"], "succeeded", "{record}");
+    let states: Vec<&str> = record["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["running", "succeeded"], "{record}");
+    assert_eq!(
+        record["result"]["outputs"].as_array().unwrap().len(),
+        1,
+        "{record}"
+    );
+    broker.wait_results(2, T).await;
+    // The rejected one: `status` shows it with its reason, `wait` fails on it.
+    let out = status_cli(&config, &["status", &bad]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let record: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(record["state"], "rejected", "{record}");
+    assert!(
+        record["result"]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("multiple of 16"),
+        "{record}"
+    );
+    let out = status_cli(&config, &["wait", &bad, "--timeout", "5"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("rejected"));
+    // A job nobody took: no record, a clear error, and `wait` gives up after its timeout.
+    let none = format!("{}-none", names.prefix);
+    let out = status_cli(&config, &["status", &none]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no status"));
+    let out = status_cli(&config, &["wait", &none, "--timeout", "0.5"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not finished"));
+    broker.cleanup().await;
+}

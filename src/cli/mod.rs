@@ -19,7 +19,7 @@ use crate::r2f::{PromptSchedule, StopStepMap};
 use crate::schedulers::discrete::Scheduler;
 
 pub use local::{bench, generate, parity, schedule};
-pub use service::{bench_service, enqueue, plan, worker};
+pub use service::{bench_service, enqueue, plan, status, wait, worker};
 
 #[derive(Parser)]
 #[command(
@@ -49,6 +49,15 @@ pub enum Command {
     /// Run the bundled tiny-model parity cases on a device and dtype and report the distance
     /// to the diffusers references (the GPU check's correctness half).
     Parity(ParityArgs),
+    /// Print a job's status record (from Redis), as JSON.
+    Status { id: String },
+    /// Wait until a job is finished and print its status record; exit 0 only if it succeeded.
+    Wait {
+        id: String,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 600.0)]
+        timeout: f64,
+    },
     /// Print the JSON Schema of a document clients exchange with r2f.
     Schema {
         #[arg(value_enum)]
@@ -411,7 +420,7 @@ mod tests {
         assert!(Cli::try_parse_from(["r2f", "bench", "--e2e", "--r2fplus"]).is_ok());
         assert!(Cli::try_parse_from(["r2f", "bench", "--e2e", "--write-model", "d"]).is_err());
         assert!(Cli::try_parse_from(["r2f", "schema", "result"]).is_ok());
-        assert!(Cli::try_parse_from(["r2f", "schema", "status"]).is_err());
+        assert!(Cli::try_parse_from(["r2f", "schema", "cheese"]).is_err());
     }
 
     #[test]

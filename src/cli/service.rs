@@ -92,3 +92,42 @@ pub fn bench_service(
     println!("{report}");
     Ok(())
 }
+
+/// `r2f status ID`: the job's status record, as JSON.
+pub fn status(settings: &Settings, id: &str) -> anyhow::Result<()> {
+    let redis = crate::redis_store::RedisStore::new(&settings.redis);
+    let record = runtime()?.block_on(crate::status::read(&redis, id))?;
+    match record {
+        Some(r) => {
+            println!("{}", serde_json::to_string_pretty(&r)?);
+            Ok(())
+        }
+        None => anyhow::bail!(
+            "no status for job `{id}` (never taken by a worker, or older than redis.status_ttl_secs)"
+        ),
+    }
+}
+
+/// `r2f wait ID`: blocks until the job is finished, prints its status record; succeeds only
+/// when the job did.
+pub fn wait(settings: &Settings, id: &str, timeout: Duration) -> anyhow::Result<()> {
+    let redis = crate::redis_store::RedisStore::new(&settings.redis);
+    let deadline = std::time::Instant::now() + timeout;
+    runtime()?.block_on(async {
+        loop {
+            if let Some(r) = crate::status::read(&redis, id).await? {
+                if r.is_terminal() {
+                    println!("{}", serde_json::to_string_pretty(&r)?);
+                    if r.state == "succeeded" {
+                        return Ok(());
+                    }
+                    anyhow::bail!("job `{id}` {}", r.state);
+                }
+            }
+            if std::time::Instant::now() >= deadline {
+                anyhow::bail!("job `{id}` not finished after {} s", timeout.as_secs_f64());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+}

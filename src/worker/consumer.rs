@@ -15,7 +15,7 @@ use tracing::{error, info, warn};
 use super::amqp::{self, amqp_error, json_props};
 use super::backoff::Breaker;
 use super::lifecycle::{run_job, Incoming, ProgressTx};
-use super::outcome::{decide, Fault, JobError, JobOutcome};
+use super::outcome::{decide, Fault, JobError, JobOutcome, Settlement};
 use super::settle::{self, attempt_of, deliveries_of};
 use super::{Context, Shutdown};
 use crate::job::{best_effort_id, ErrorKind, ProgressEvent, ResultEvent};
@@ -222,6 +222,7 @@ impl Session {
         if let Some(status) = status {
             self.count(ctx, info.mode, status);
         }
+        record_status(ctx, d, attempt, &settlement).await;
         settle::settle(
             ctx,
             &self.publish,
@@ -308,6 +309,58 @@ async fn start_consumer(ch: &Channel, queue: &str, tag: &str) -> anyhow::Result<
 }
 
 /// A message's id for logs and events (a valid one, or none).
+/// The job's status record after a settlement: finished with its result event, `retrying` or
+/// `queued` (handed back) with the reason. Messages without a readable id have none.
+async fn record_status(ctx: &Context, d: &Delivery, attempt: u32, settlement: &Settlement) {
+    let fallback_id = best_effort_id_bounded(ctx, &d.data);
+    let (id, state, reason, result, attempt) = match settlement {
+        Settlement::Publish { event } => (
+            Some(event.id.clone()),
+            event.status.as_str(),
+            None,
+            Some(event),
+            attempt,
+        ),
+        Settlement::DeadLetter { event, reason, .. } => (
+            Some(event.id.clone()),
+            event.status.as_str(),
+            Some(reason.as_str()),
+            Some(event),
+            attempt,
+        ),
+        Settlement::Retry {
+            next_attempt,
+            reason,
+        } => (
+            fallback_id,
+            "retrying",
+            Some(reason.as_str()),
+            None,
+            *next_attempt,
+        ),
+        Settlement::GiveBack { reason } => {
+            (fallback_id, "queued", Some(reason.as_str()), None, attempt)
+        }
+        Settlement::Postpone => return,
+    };
+    let Some(id) = id.filter(|i| crate::job::valid_id(i)) else {
+        return;
+    };
+    crate::status::record(
+        &ctx.redis,
+        Duration::from_secs(ctx.settings.redis.status_ttl_secs),
+        crate::status::Update {
+            id: &id,
+            state,
+            attempt,
+            worker: &ctx.worker_name,
+            reason,
+            result,
+        },
+    )
+    .await;
+}
+
 fn best_effort_id_bounded(ctx: &Context, body: &[u8]) -> Option<String> {
     best_effort_id(body, ctx.settings.limits.max_message_bytes)
 }

@@ -116,6 +116,19 @@ pub async fn run_job(
         "job received"
     );
     drop(_enter);
+    crate::status::record(
+        &ctx.redis,
+        Duration::from_secs(s.redis.status_ttl_secs),
+        crate::status::Update {
+            id: &job.id,
+            state: "running",
+            attempt: msg.attempt,
+            worker: &ctx.worker_name,
+            reason: None,
+            result: None,
+        },
+    )
+    .await;
     let outcome = tracing::Instrument::instrument(locked(ctx, job, msg, progress), span).await;
     (outcome, info)
 }

@@ -1,0 +1,128 @@
+//! Job status records: what happened to a job, by id, at every transition (`running` when a
+//! worker takes it, `retrying` when it goes back with a delay, `queued` when it is handed back,
+//! then `succeeded`, `failed` or `rejected` with the result event).
+//!
+//! Kept in Redis under `<redis.key_prefix>:status:<id>` with a TTL (`redis.status_ttl_secs`):
+//! a client asks by id alone (the storage path of `result.json` depends on the job's output
+//! prefix, which `r2f status ID` does not know), each transition is one small write, and old
+//! records expire by themselves. `result.json` in the storage stays the durable record of
+//! finished jobs. Writes are best effort: Redis down costs a status record, never a job.
+
+use std::time::Duration;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::job::ResultEvent;
+use crate::redis_store::RedisStore;
+
+/// One transition of a job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Transition {
+    /// `running`, `retrying`, `queued`, `succeeded`, `failed` or `rejected`.
+    pub state: String,
+    /// The delivery attempt (1-based).
+    pub attempt: u32,
+    /// Milliseconds since the Unix epoch.
+    pub at_ms: u64,
+}
+
+/// A job's status record (`r2f status ID`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct JobStatus {
+    pub id: String,
+    /// The latest state (see [`Transition::state`]).
+    pub state: String,
+    pub attempt: u32,
+    /// The worker that wrote the latest transition.
+    pub worker: String,
+    pub updated_at_ms: u64,
+    /// Why the job is retrying or was handed back, when it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Every transition, oldest first.
+    pub history: Vec<Transition>,
+    /// The result event, once the job is finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<ResultEvent>,
+}
+
+impl JobStatus {
+    /// Whether the job is finished (`succeeded`, `failed` or `rejected`).
+    pub fn is_terminal(&self) -> bool {
+        is_terminal(&self.state)
+    }
+}
+
+pub fn is_terminal(state: &str) -> bool {
+    matches!(state, "succeeded" | "failed" | "rejected")
+}
+
+fn key(redis: &RedisStore, id: &str) -> String {
+    redis.key(&["status", id])
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The status record of `id`, if Redis holds one.
+pub async fn read(redis: &RedisStore, id: &str) -> anyhow::Result<Option<JobStatus>> {
+    let text = redis
+        .get(&key(redis, id))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    text.map(|t| serde_json::from_str(&t).map_err(|e| anyhow::anyhow!("status of {id}: {e}")))
+        .transpose()
+}
+
+/// What one transition writes.
+pub struct Update<'a> {
+    pub id: &'a str,
+    pub state: &'a str,
+    pub attempt: u32,
+    pub worker: &'a str,
+    pub reason: Option<&'a str>,
+    pub result: Option<&'a ResultEvent>,
+}
+
+/// Appends a transition to the record of `u.id` (best effort: a failure is logged).
+pub async fn record(redis: &RedisStore, ttl: Duration, u: Update<'_>) {
+    let previous = match read(redis, u.id).await {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(job_id = u.id, error = %e, "status record not written");
+            return;
+        }
+    };
+    let at_ms = now_ms();
+    let mut history = previous.map(|p| p.history).unwrap_or_default();
+    history.push(Transition {
+        state: u.state.to_string(),
+        attempt: u.attempt,
+        at_ms,
+    });
+    let status = JobStatus {
+        id: u.id.to_string(),
+        state: u.state.to_string(),
+        attempt: u.attempt,
+        worker: u.worker.to_string(),
+        updated_at_ms: at_ms,
+        reason: u.reason.map(str::to_string),
+        history,
+        result: u.result.cloned(),
+    };
+    let text = match serde_json::to_string(&status) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!(job_id = u.id, error = %e, "status record not written");
+            return;
+        }
+    };
+    if let Err(e) = redis.set_ex(&key(redis, u.id), &text, ttl).await {
+        tracing::warn!(job_id = u.id, error = %e, "status record not written");
+    }
+}
