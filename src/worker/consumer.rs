@@ -312,7 +312,6 @@ async fn start_consumer(ch: &Channel, queue: &str, tag: &str) -> anyhow::Result<
 /// The job's status record after a settlement: finished with its result event, `retrying` or
 /// `queued` (handed back) with the reason. Messages without a readable id have none.
 async fn record_status(ctx: &Context, d: &Delivery, attempt: u32, settlement: &Settlement) {
-    let fallback_id = best_effort_id_bounded(ctx, &d.data);
     let (id, state, reason, result, attempt) = match settlement {
         Settlement::Publish { event } => (
             Some(event.id.clone()),
@@ -328,19 +327,24 @@ async fn record_status(ctx: &Context, d: &Delivery, attempt: u32, settlement: &S
             Some(event),
             attempt,
         ),
+        // No event carries the id: read it back from the message, only here.
         Settlement::Retry {
             next_attempt,
             reason,
         } => (
-            fallback_id,
+            best_effort_id_bounded(ctx, &d.data),
             "retrying",
             Some(reason.as_str()),
             None,
             *next_attempt,
         ),
-        Settlement::GiveBack { reason } => {
-            (fallback_id, "queued", Some(reason.as_str()), None, attempt)
-        }
+        Settlement::GiveBack { reason } => (
+            best_effort_id_bounded(ctx, &d.data),
+            "queued",
+            Some(reason.as_str()),
+            None,
+            attempt,
+        ),
         Settlement::Postpone => return,
     };
     let Some(id) = id.filter(|i| crate::job::valid_id(i)) else {

@@ -116,19 +116,6 @@ pub async fn run_job(
         "job received"
     );
     drop(_enter);
-    crate::status::record(
-        &ctx.redis,
-        Duration::from_secs(s.redis.status_ttl_secs),
-        crate::status::Update {
-            id: &job.id,
-            state: "running",
-            attempt: msg.attempt,
-            worker: &ctx.worker_name,
-            reason: None,
-            result: None,
-        },
-    )
-    .await;
     let outcome = tracing::Instrument::instrument(locked(ctx, job, msg, progress), span).await;
     (outcome, info)
 }
@@ -266,6 +253,21 @@ async fn with_lock(
         Ok(None) => {}
         Err(e) => return failed(ctx, job, attempt, storage_error(e)),
     }
+    // `running` only once this worker holds the job and it is not finished already: a
+    // postponed or re-published delivery must not overwrite the state of the real run.
+    crate::status::record(
+        &ctx.redis,
+        Duration::from_secs(ctx.settings.redis.status_ttl_secs),
+        crate::status::Update {
+            id: &job.id,
+            state: "running",
+            attempt,
+            worker: &ctx.worker_name,
+            reason: None,
+            result: None,
+        },
+    )
+    .await;
     let started = Instant::now();
     let (mode, plan_json) = match plan(ctx, job).await {
         Ok(x) => x,
