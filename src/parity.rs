@@ -62,25 +62,35 @@ impl fmt::Display for ParityReport {
     }
 }
 
-fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
+/// `max |got − want| / max |want|` in f64 on the CPU: the relative error the parity checks
+/// bound (the tests use it too). Infinite when the shapes differ.
+pub fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
+    if got.size() != want.size() {
+        return f64::INFINITY;
+    }
     let got = got.to_device(Device::Cpu).to_kind(Kind::Double);
-    let want = want.to_kind(Kind::Double);
+    let want = want.to_device(Device::Cpu).to_kind(Kind::Double);
     let scale = want.abs().max().double_value(&[]).max(1e-12);
     (got - &want).abs().max().double_value(&[]) / scale
 }
 
-fn within_one(got: &Tensor, want: &Tensor) -> f64 {
-    let got = Vec::<u8>::try_from(got.flatten(0, -1)).unwrap_or_default();
-    let want = Vec::<u8>::try_from(want.flatten(0, -1)).unwrap_or_default();
+/// The fraction of byte values within 1 of the reference's (the tests use it too); 0 when the
+/// lengths differ or there are none.
+pub fn fraction_within_one(got: &[u8], want: &[u8]) -> f64 {
     if got.len() != want.len() || got.is_empty() {
         return 0.0;
     }
     let ok = got
         .iter()
-        .zip(&want)
+        .zip(want)
         .filter(|(a, b)| (**a as i16 - **b as i16).abs() <= 1)
         .count();
     ok as f64 / got.len() as f64
+}
+
+fn within_one(got: &Tensor, want: &Tensor) -> f64 {
+    let bytes = |t: &Tensor| Vec::<u8>::try_from(t.flatten(0, -1)).unwrap_or_default();
+    fraction_within_one(&bytes(got), &bytes(want))
 }
 
 struct Reference {

@@ -36,11 +36,7 @@ pub fn reference_json(config: &str) -> serde_json::Value {
 /// max |a - b| / max |b|: the relative error we bound in parity tests.
 pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.size(), b.size(), "shapes differ");
-    let a = a.to_kind(Kind::Double).to_device(tch::Device::Cpu);
-    let b = b.to_kind(Kind::Double).to_device(tch::Device::Cpu);
-    let diff = (&a - &b).abs().max().double_value(&[]);
-    let scale = b.abs().max().double_value(&[]).max(1e-12);
-    diff / scale
+    r2f::parity::rel_err(a, b)
 }
 
 pub fn ids(t: &Tensor, row: i64) -> Vec<i64> {
@@ -50,12 +46,7 @@ pub fn ids(t: &Tensor, row: i64) -> Vec<i64> {
 /// Fraction of u8 values that differ by at most 1.
 pub fn fraction_within_one(a: &[u8], b: &[u8]) -> f64 {
     assert_eq!(a.len(), b.len(), "image sizes differ");
-    let ok = a
-        .iter()
-        .zip(b)
-        .filter(|(x, y)| (**x as i16 - **y as i16).abs() <= 1)
-        .count();
-    ok as f64 / a.len() as f64
+    r2f::parity::fraction_within_one(a, b)
 }
 
 /// Asserts `rel_err(got, want) <= tol` and prints the measured error (visible with --nocapture).
