@@ -232,7 +232,7 @@ fn region_schedule(a: &PromptScheduleArgs, plan: RegionPlan) -> anyhow::Result<(
         knobs: a.regions.knobs(a.schedule, a.stop_step_map),
     };
     let tok = RegionTokenizer::new(&clip, t5.as_ref(), a.t5_tokens)?;
-    let runs = req.text(&tok)?;
+    let runs = req.text(&req.setup()?, &tok)?;
     println!("{}", serde_json::to_string_pretty(&runs)?);
     Ok(())
 }

@@ -112,9 +112,9 @@ fn scaled(x: usize, steps: usize) -> usize {
 }
 
 impl RegionRequest {
-    /// Every run's per-step prompts and token rows, with `tok`'s token ids.
-    pub fn text(&self, tok: &dyn TokenIds) -> anyhow::Result<Vec<RunText>> {
-        let setup = self.setup()?;
+    /// Every run's per-step prompts and token rows under `setup` (this request's
+    /// [`RegionRequest::setup`]), with `tok`'s token ids.
+    pub fn text(&self, setup: &RegionSetup, tok: &dyn TokenIds) -> anyhow::Result<Vec<RunText>> {
         plan_text(
             &self.plan,
             self.steps,
@@ -352,13 +352,6 @@ pub struct RegionOutput {
 }
 
 impl Sd3Pipeline {
-    /// The per-run, per-step prompts and token rows of an R2F+ request (what `r2f schedule`
-    /// prints), computed with this pipeline's tokenizers.
-    pub fn region_text(&self, req: &RegionRequest) -> anyhow::Result<Vec<RunText>> {
-        let tok = RegionTokenizer::new(&self.tok_l, self.tok_t5.as_ref(), self.t5_tokens)?;
-        req.text(&tok)
-    }
-
     /// Runs an R2F+ request. `on_step(done, total)` counts the steps of every run.
     pub fn generate_regions(
         &self,
@@ -377,7 +370,8 @@ impl Sd3Pipeline {
         }
         let (lh, lw) = (req.height / f, req.width / f);
         self.transformer.check_latent_size(lh, lw)?;
-        let runs = self.region_text(req)?;
+        let tok = RegionTokenizer::new(&self.tok_l, self.tok_t5.as_ref(), self.t5_tokens)?;
+        let runs = req.text(&setup, &tok)?;
         if setup.faithful && req.knobs.guidance_iterations > 0 {
             check_guided_rows(&runs, setup.guidance_steps)?;
         }
