@@ -20,27 +20,8 @@ jobs=${1:-100}
 work=$(mktemp -d)
 trap 'kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; rm -rf "$work"' EXIT
 name="bench$$"
-cat >"$work/config.toml" <<TOML
-[models.tiny]
-source = "$root/tests/fixtures/sd3-tiny-a"
-[worker]
-model = "tiny"
-device = "cpu"
-dtype = "fp32"
-progress_interval_ms = 1000000
-[amqp]
-jobs_queue = "$name.jobs"
-dead_letter_queue = "$name.dead"
-retry_queue = "$name.retry"
-events_exchange = "$name.events"
-[storage]
-backend = "local"
-local_dir = "$work/storage"
-[llm]
-enabled = false
-[metrics]
-listen = "127.0.0.1:0"
-TOML
+r2f_worker_toml "$name" tiny "$root/tests/fixtures/sd3-tiny-a" "$work/storage" 127.0.0.1:0 \
+  'device = "cpu"' 'dtype = "fp32"' 'progress_interval_ms = 1000000' >"$work/config.toml"
 "$r2f" worker --config "$work/config.toml" 2>"$work/worker.log" &
 pid=$!
 for _ in $(seq 1 300); do

@@ -27,27 +27,8 @@ port=$((20000 + RANDOM % 20000))
 pid=
 trap '[ -n "$pid" ] && kill "$pid" 2>/dev/null; wait 2>/dev/null; [ -n "${R2F_KEEP_LOG:-}" ] && cp "$work/worker.log" "$R2F_KEEP_LOG"; rm -rf "$work"' EXIT
 name="cold$$"
-cat >"$work/config.toml" <<TOML
-[models.cold]
-source = "$model"
-[worker]
-model = "cold"
-device = "$device"
-dtype = "$dtype"
-warmup = ${WARMUP:-true}
-[amqp]
-jobs_queue = "$name.jobs"
-dead_letter_queue = "$name.dead"
-retry_queue = "$name.retry"
-events_exchange = "$name.events"
-[storage]
-backend = "local"
-local_dir = "$work/storage"
-[llm]
-enabled = false
-[metrics]
-listen = "127.0.0.1:$port"
-TOML
+r2f_worker_toml "$name" cold "$model" "$work/storage" "127.0.0.1:$port" \
+  "device = \"$device\"" "dtype = \"$dtype\"" "warmup = ${WARMUP:-true}" >"$work/config.toml"
 ready() {
   if command -v curl >/dev/null; then
     [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/readyz")" = 200 ]

@@ -21,3 +21,27 @@ r2f_bin() {
   [ "$dir" = dev ] && dir=debug
   echo "${CARGO_TARGET_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/target}/$dir/r2f"
 }
+# Prints the configuration of a worker on the local services with queue names of its own
+# (`NAME.jobs`, `NAME.dead`, `NAME.retry`, `NAME.events`), local-folder storage and the LLM off:
+#   r2f_worker_toml NAME MODEL SOURCE STORAGE_DIR METRICS_LISTEN ['key = value' of [worker] ...]
+r2f_worker_toml() {
+  local name=$1 model=$2 source=$3 storage=$4 listen=$5
+  shift 5
+  printf '[models.%s]\nsource = "%s"\n[worker]\nmodel = "%s"\n' "$model" "$source" "$model"
+  local line
+  for line in "$@"; do printf '%s\n' "$line"; done
+  cat <<TOML
+[amqp]
+jobs_queue = "$name.jobs"
+dead_letter_queue = "$name.dead"
+retry_queue = "$name.retry"
+events_exchange = "$name.events"
+[storage]
+backend = "local"
+local_dir = "$storage"
+[llm]
+enabled = false
+[metrics]
+listen = "$listen"
+TOML
+}
