@@ -64,6 +64,52 @@ else
   sd3=sd3-tiny sdxl=sdxl-tiny size=64 half=bf16 steps=2 warmup=1 plain_steps="--plain-steps 2" r2f_steps=4
 fi
 
+# The table, from the JSON reports (python3's standard library only).
+summarize() { # [quiet]: writes gpu_check.json and the logs archive under $OUT; prints the table unless quiet
+  tar czf "$out/gpu_check_logs.tar.gz" -C "$work" .
+  [ -n "$py" ] || return 0
+  "$py" - "$work" "$sd3" "$sdxl" "$half" "$out/gpu_check.json" "${1:-}" <<'EOF'
+import glob, json, os, sys
+work, sd3, sdxl, half, combined, quiet = sys.argv[1:7]
+reports = {}
+for p in sorted(glob.glob(os.path.join(work, "*.json"))):
+    try:
+        reports[os.path.basename(p)[:-5]] = json.load(open(p))
+    except (OSError, ValueError):
+        pass  # a step cut short mid-write
+json.dump(reports, open(combined, "w"), indent=1)
+if quiet:
+    sys.exit(0)
+def load(name):
+    return reports.get(name[:-5])
+rows = []
+for dt in ("fp32", half):
+    r = load(f"parity-{dt}.json")
+    if r:
+        worst = max(c["latents_rel_err"] for c in r["cases"])
+        pix = min(c["pixels_within_1"] for c in r["cases"])
+        rows.append((f"parity {dt} ({r['device']})", f"worst latents rel err {worst:.2e}, pixels within 1 >= {pix*100:.2f}%"))
+for m in (sd3, sdxl):
+    r = load(f"bench-{m}.json")
+    if r:
+        mem = r.get("peak_gpu_bytes")
+        mem = f", peak {mem/2**30:.1f} GiB" if mem else ""
+        rows.append((f"bench {m} {r['width']}x{r['height']} {r['dtype']}", f"{r['ms_per_step']:.1f} ms/step, VAE decode {r['vae_decode_ms']:.0f} ms{mem}"))
+for m in (sd3, sdxl):
+    r = load(f"e2e-{m}.json")
+    if r:
+        for j in r["jobs"]:
+            rows.append((f"e2e {m} {j['job']} {j['steps']} steps", f"total {j['total_s']:.2f} s (encode {j['encode_s']:.2f}, denoise {j['denoise_s']:.2f}, guidance {j['guidance_s']:.2f}, decode {j['decode_s']:.2f}, png {j['png_s']:.2f})"))
+        mem = r.get("peak_gpu_bytes")
+        if mem:
+            rows.append((f"e2e {m} peak GPU memory", f"{mem/2**30:.1f} GiB"))
+w = max((len(a) for a, _ in rows), default=0)
+print(f"gpu_check summary ({combined})")
+for a, b in rows:
+    print(f"  {a:<{w}}  {b}")
+EOF
+}
+
 failures=0
 step() { # name, command...: runs one step, its output to $work/<name>.log, notes a failure
   local name=$1
@@ -77,8 +123,15 @@ step() { # name, command...: runs one step, its output to $work/<name>.log, note
     tail -5 "$work/$name.log" >&2
     failures=$((failures + 1))
   fi
+  # What is done so far is under $OUT after every step: a call cut short by its time limit
+  # still hands back the steps that finished.
+  summarize quiet
 }
 
+# 0. The machine, for the record (GPU mode; best effort).
+if [ "$mode" = gpu ] && command -v nvidia-smi >/dev/null; then
+  nvidia-smi >"$work/nvidia-smi.log" 2>&1 || true
+fi
 # 1. CUDA through tch: a one-step bench on the device fails at once when libtorch sees no GPU.
 step device "$bin" bench --model sd3-tiny --device "$device" --width 64 --height 64 --steps 1 --warmup 0 \
   --json "$work/device.json"
@@ -115,42 +168,6 @@ if [ "${COLD_START:-0}" = 1 ] && [ "$mode" = gpu ]; then
     "$(grep -o 'SD3 model loaded seconds=[0-9.]*' "$work/cold-start.log" || true)" >&2
 fi
 
-# The table, from the JSON reports (python3's standard library only).
-if [ -n "$py" ]; then
-  "$py" - "$work" "$sd3" "$sdxl" "$half" "$out/gpu_check.json" <<'EOF'
-import glob, json, os, sys
-work, sd3, sdxl, half, combined = sys.argv[1:6]
-reports = {os.path.basename(p)[:-5]: json.load(open(p)) for p in sorted(glob.glob(os.path.join(work, "*.json")))}
-json.dump(reports, open(combined, "w"), indent=1)
-def load(name):
-    return reports.get(name[:-5])
-rows = []
-for dt in ("fp32", half):
-    r = load(f"parity-{dt}.json")
-    if r:
-        worst = max(c["latents_rel_err"] for c in r["cases"])
-        pix = min(c["pixels_within_1"] for c in r["cases"])
-        rows.append((f"parity {dt} ({r['device']})", f"worst latents rel err {worst:.2e}, pixels within 1 >= {pix*100:.2f}%"))
-for m in (sd3, sdxl):
-    r = load(f"bench-{m}.json")
-    if r:
-        mem = r.get("peak_gpu_bytes")
-        mem = f", peak {mem/2**30:.1f} GiB" if mem else ""
-        rows.append((f"bench {m} {r['width']}x{r['height']} {r['dtype']}", f"{r['ms_per_step']:.1f} ms/step, VAE decode {r['vae_decode_ms']:.0f} ms{mem}"))
-for m in (sd3, sdxl):
-    r = load(f"e2e-{m}.json")
-    if r:
-        for j in r["jobs"]:
-            rows.append((f"e2e {m} {j['job']} {j['steps']} steps", f"total {j['total_s']:.2f} s (encode {j['encode_s']:.2f}, denoise {j['denoise_s']:.2f}, guidance {j['guidance_s']:.2f}, decode {j['decode_s']:.2f}, png {j['png_s']:.2f})"))
-        mem = r.get("peak_gpu_bytes")
-        if mem:
-            rows.append((f"e2e {m} peak GPU memory", f"{mem/2**30:.1f} GiB"))
-w = max((len(a) for a, _ in rows), default=0)
-print(f"gpu_check summary ({combined})")
-for a, b in rows:
-    print(f"  {a:<{w}}  {b}")
-EOF
-fi
-tar czf "$out/gpu_check_logs.tar.gz" -C "$work" . && rm -rf "$work"
+summarize && rm -rf "$work"
 echo "gpu_check: $failures failed step(s); reports in $out (gpu_check.json, gpu_check_logs.tar.gz)" >&2
 [ "$failures" -eq 0 ]
