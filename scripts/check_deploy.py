@@ -224,9 +224,12 @@ def check_rendering(objs: list[dict], where: str, problems: Problems) -> None:
         if grace < drain + 30:
             problems.add(dw, f"terminationGracePeriodSeconds {grace} must exceed the drain timeout "
                              f"{drain} s by at least 30 s")
-        jobs_queue = (cfg.get("amqp") or {}).get("jobs_queue", "r2f.jobs")
+        model = env_value(c, "R2F__WORKER__MODEL") or {}
+        model = model.get("value") or (cfg.get("worker") or {}).get("model", "sd3")
+        jobs_queue = (cfg.get("amqp") or {}).get("jobs_queue", "r2f.jobs.{model}")
+        jobs_queue = jobs_queue.replace("{model}", model)
     else:
-        jobs_queue = "r2f.jobs"
+        jobs_queue = "r2f.jobs.sd3"
 
     # Secrets: by reference only, nothing rendered.
     for s in by_kind(objs, "Secret"):

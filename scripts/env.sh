@@ -22,7 +22,8 @@ r2f_bin() {
   echo "${CARGO_TARGET_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/target}/$dir/r2f"
 }
 # Prints the configuration of a worker on the local services with queue names of its own
-# (`NAME.jobs`, `NAME.dead`, `NAME.retry`, `NAME.events`), local-folder storage and the LLM off:
+# (`NAME.route`, `NAME.inbox`, `NAME.jobs`, `NAME.dead`, `NAME.retry`, `NAME.events`), local-folder
+# storage and the LLM off:
 #   r2f_worker_toml NAME MODEL SOURCE STORAGE_DIR METRICS_LISTEN ['key = value' of [worker] ...]
 r2f_worker_toml() {
   local name=$1 model=$2 source=$3 storage=$4 listen=$5
@@ -32,6 +33,8 @@ r2f_worker_toml() {
   for line in "$@"; do printf '%s\n' "$line"; done
   cat <<TOML
 [amqp]
+jobs_exchange = "$name.route"
+inbox_queue = "$name.inbox"
 jobs_queue = "$name.jobs"
 dead_letter_queue = "$name.dead"
 retry_queue = "$name.retry"

@@ -25,6 +25,16 @@ if [ ! -f "$stamp" ]; then
   rm -f "$venv"/.r2f-setup-*
   touch "$stamp"
 fi
+# The client examples' one-line setups (the test suite runs both examples).
+ex_want=$(cat examples/python/requirements.txt examples/typescript/package-lock.json | sha256sum | cut -c1-16)
+if [ ! -f "$venv/.r2f-examples-$ex_want" ] || [ ! -x examples/typescript/node_modules/.bin/tsx ]; then
+  echo "setup: installing the client examples' dependencies (aio-pika, amqplib)"
+  "$venv/bin/python" -m pip install -q -r examples/python/requirements.txt
+  command -v npm >/dev/null || { echo "setup: npm not found; install Node.js 20+ for the TypeScript example" >&2; exit 1; }
+  npm ci --prefix examples/typescript --no-audit --no-fund --loglevel=error
+  rm -f "$venv"/.r2f-examples-*
+  touch "$venv/.r2f-examples-$ex_want"
+fi
 "$venv/bin/python" -c 'import torch; assert torch.__version__.startswith("2.11.0"), torch.__version__' \
   || { echo "setup: the virtualenv does not hold torch 2.11.0" >&2; exit 1; }
 echo "setup: ok ($venv, torch $("$venv/bin/python" -c 'import torch; print(torch.__version__)'))"

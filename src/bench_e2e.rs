@@ -327,7 +327,7 @@ pub fn run(o: &E2eOptions) -> anyhow::Result<E2eReport> {
         &Mode::Plain,
         &params(2),
         &limits,
-        &mut |_, _| {},
+        &mut |_, _| Ok(()),
     )?;
     let mut measured = Vec::new();
     for (name, mode, steps) in jobs {
@@ -339,7 +339,7 @@ pub fn run(o: &E2eOptions) -> anyhow::Result<E2eReport> {
             &mode,
             &params(steps),
             &limits,
-            &mut |_, _| {},
+            &mut |_, _| Ok(()),
         )?;
         let t = &out.output.timings;
         let parts = t.encode + t.denoise + t.guidance + t.decode;

@@ -33,7 +33,7 @@ pub async fn run(
     let s = &settings.amqp;
     let conn = amqp::connect(s, "r2f-bench-service").await?;
     let ch = amqp::confirm_channel(&conn).await?;
-    amqp::declare_topology(&ch, s).await?;
+    amqp::declare_topology(&ch, s, &settings.routed_models()).await?;
     let q = ch
         .queue_declare(
             "".into(),
@@ -85,7 +85,8 @@ pub async fn run(
         sent.insert(id.clone());
         let timeout = std::time::Duration::from_secs(s.confirm_timeout_secs.max(1));
         let body = job.to_string();
-        amqp::publish_confirmed(&ch, "", &s.jobs_queue, body.as_bytes(), props, timeout).await?;
+        let (exchange, model) = (&s.jobs_exchange, &settings.worker.model);
+        amqp::publish_confirmed(&ch, exchange, model, body.as_bytes(), props, timeout).await?;
     }
     let (mut done, mut ok) = (0, 0);
     let (mut worker_overhead, mut model) = (0.0, 0.0);

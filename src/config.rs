@@ -45,6 +45,8 @@ pub struct WorkerSettings {
     pub retry_backoff_max_ms: u64,
     pub drain_timeout_secs: u64,
     pub progress_interval_ms: u64,
+    /// How often a running job checks Redis for a cancellation request.
+    pub cancel_poll_ms: u64,
     pub warmup: bool,
     pub name: String,
     /// A job still running after this long is abandoned: given back to the queue, its lock no
@@ -64,8 +66,18 @@ pub struct WorkerSettings {
 #[derive(Clone, Deserialize)]
 pub struct AmqpSettings {
     pub url: String,
+    /// Clients publish jobs here (a direct exchange) with the job's model as routing key.
+    pub jobs_exchange: String,
+    /// The queue of one model's jobs; `{model}` stands for the model's name (see
+    /// [`AmqpSettings::queue_of`]).
     pub jobs_queue: String,
+    /// Jobs published straight to this queue (the single queue of earlier versions), and jobs
+    /// the exchange could not route: every worker routes them by their model, or rejects them.
+    pub inbox_queue: String,
+    /// The model of an inbox job that names none; empty: `worker.model`.
+    pub default_model: String,
     pub dead_letter_queue: String,
+    /// The prefix of one model's retry queues (`{model}` as in `jobs_queue`).
     pub retry_queue: String,
     pub events_exchange: String,
     pub max_priority: u8,
@@ -79,10 +91,14 @@ pub struct AmqpSettings {
 
 impl AmqpSettings {
     /// Settings with the given broker objects and the default tuning.
+    /// The jobs exchange is `<jobs>.route` and the inbox `<jobs>.inbox`.
     pub fn named(url: &str, jobs: &str, dead: &str, retry: &str, events: &str) -> Self {
         Self {
             url: url.into(),
+            jobs_exchange: format!("{jobs}.route"),
             jobs_queue: jobs.into(),
+            inbox_queue: format!("{jobs}.inbox"),
+            default_model: String::new(),
             dead_letter_queue: dead.into(),
             retry_queue: retry.into(),
             events_exchange: events.into(),
@@ -95,10 +111,29 @@ impl AmqpSettings {
     }
 }
 
+impl AmqpSettings {
+    /// The queue that holds `model`'s jobs.
+    pub fn queue_of(&self, model: &str) -> String {
+        self.jobs_queue.replace("{model}", model)
+    }
+
+    /// The prefix of `model`'s retry queues (`<prefix>.<level>`).
+    pub fn retry_queue_of(&self, model: &str) -> String {
+        self.retry_queue.replace("{model}", model)
+    }
+
+    /// Whether every model has a queue of its own (`jobs_queue` names `{model}`); otherwise the
+    /// one queue serves `worker.model` only.
+    pub fn queue_per_model(&self) -> bool {
+        self.jobs_queue.contains("{model}")
+    }
+}
+
 impl std::fmt::Debug for AmqpSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AmqpSettings")
             .field("url", &redact_url(&self.url))
+            .field("jobs_exchange", &self.jobs_exchange)
             .field("jobs_queue", &self.jobs_queue)
             .finish_non_exhaustive()
     }
@@ -145,6 +180,8 @@ pub struct StorageSettings {
     /// How long the worker keeps retrying the upload of generated images in-process, with
     /// backoff, before giving the job back.
     pub retry_budget_secs: u64,
+    /// Result events carry a presigned GET URL per image, valid this long (S3 only; 0: none).
+    pub presign_ttl_secs: u64,
     pub s3: S3Settings,
 }
 
@@ -205,6 +242,52 @@ impl LlmSettings {
     }
 }
 
+/// Webhooks (`output.webhook` of a job): see `crate::webhook`.
+#[derive(Clone, Deserialize)]
+pub struct WebhookSettings {
+    /// Hosts a webhook may call: exact names, or `*.domain` for its subdomains. Empty: jobs
+    /// asking for a webhook are rejected.
+    pub allowed_hosts: Vec<String>,
+    /// Allow `http://` URLs (tests, a receiver inside the cluster).
+    pub allow_http: bool,
+    /// The signing secret comes from this environment variable, or from `secret_file`.
+    pub secret_env: String,
+    pub secret_file: String,
+    /// Bound of one POST.
+    pub timeout_secs: u64,
+    /// How long a delivery is retried (network errors, 429, 5xx).
+    pub retry_budget_secs: u64,
+    /// The first retry delay; it doubles, with jitter, up to a minute.
+    pub retry_min_ms: u64,
+    /// Deliveries in flight at once per worker.
+    pub max_in_flight: usize,
+}
+
+impl WebhookSettings {
+    /// The signing secret: the file when set, else the environment variable.
+    pub fn secret(&self) -> anyhow::Result<Option<String>> {
+        if !self.secret_file.is_empty() {
+            let k = std::fs::read_to_string(&self.secret_file).map_err(|e| {
+                anyhow::anyhow!("cannot read webhook.secret_file {}: {e}", self.secret_file)
+            })?;
+            return Ok(Some(k.trim().to_string()).filter(|k| !k.is_empty()));
+        }
+        Ok(std::env::var(&self.secret_env)
+            .ok()
+            .map(|k| k.trim().to_string())
+            .filter(|k| !k.is_empty()))
+    }
+}
+
+impl std::fmt::Debug for WebhookSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookSettings")
+            .field("allowed_hosts", &self.allowed_hosts)
+            .field("allow_http", &self.allow_http)
+            .finish_non_exhaustive()
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 pub struct TlsSettings {
     pub ca_file: String,
@@ -249,6 +332,7 @@ pub struct Settings {
     pub redis: RedisSettings,
     pub storage: StorageSettings,
     pub llm: LlmSettings,
+    pub webhook: WebhookSettings,
     pub tls: TlsSettings,
     pub metrics: MetricsSettings,
     pub log: LogSettings,
@@ -284,6 +368,25 @@ impl Settings {
         Ok(settings)
     }
 
+    /// The models that have a queue (every model of [models] when each has its own queue,
+    /// `worker.model` otherwise): jobs naming any other model are rejected.
+    pub fn routed_models(&self) -> Vec<String> {
+        if self.amqp.queue_per_model() {
+            self.models.keys().cloned().collect()
+        } else {
+            vec![self.worker.model.clone()]
+        }
+    }
+
+    /// The model of an inbox job that names none.
+    pub fn default_model(&self) -> &str {
+        if self.amqp.default_model.is_empty() {
+            &self.worker.model
+        } else {
+            &self.amqp.default_model
+        }
+    }
+
     fn validate(&self) -> anyhow::Result<()> {
         let bad = |m: String| Err(anyhow::anyhow!("invalid configuration: {m}"));
         let l = &self.limits;
@@ -310,6 +413,41 @@ impl Settings {
                 "worker.job_timeout_secs, pause_after_failures and pause_min_secs must be positive"
                     .into(),
             );
+        }
+        if self.storage.presign_ttl_secs > 604_800 {
+            return bad(format!(
+                "storage.presign_ttl_secs {} is over S3's limit of 604800 (7 days)",
+                self.storage.presign_ttl_secs
+            ));
+        }
+        let a = &self.amqp;
+        if !a.default_model.is_empty() && !self.models.contains_key(&a.default_model) {
+            return bad(format!(
+                "amqp.default_model `{}` is not one of [models]",
+                a.default_model
+            ));
+        }
+        if a.queue_per_model() != a.retry_queue.contains("{model}") {
+            return bad(
+                "amqp.jobs_queue and amqp.retry_queue must both name {model}, or neither".into(),
+            );
+        }
+        for m in self.models.keys() {
+            if m.is_empty()
+                || !m
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            {
+                return bad(format!(
+                    "model name `{m}`: letters, digits, '-', '_' and '.' only (it names a queue)"
+                ));
+            }
+            let q = a.queue_of(m);
+            if [&a.inbox_queue, &a.dead_letter_queue].contains(&&q) {
+                return bad(format!(
+                    "the queue of model `{m}` ({q}) is also amqp.inbox_queue or amqp.dead_letter_queue"
+                ));
+            }
         }
         if !self.models.contains_key(&w.model) {
             return bad(format!(
@@ -451,7 +589,8 @@ mod tests {
     fn defaults_load_and_validate() {
         let s = Settings::load(None).unwrap();
         assert_eq!(s.worker.prefetch, 1);
-        assert_eq!(s.amqp.jobs_queue, "r2f.jobs");
+        assert_eq!(s.amqp.queue_of("sd3"), "r2f.jobs.sd3");
+        assert_eq!(s.amqp.inbox_queue, "r2f.jobs");
         assert!(s.models.contains_key("sd3"));
     }
 

@@ -1,4 +1,5 @@
-//! `r2f enqueue FILE.jsonl`: publish jobs (one JSON object a line) with publisher confirms.
+//! `r2f enqueue FILE.jsonl`: publish jobs (one JSON object a line) with publisher confirms, each
+//! to the jobs exchange with its model as routing key.
 
 use std::io::BufRead;
 
@@ -11,13 +12,15 @@ pub struct EnqueueReport {
     pub refused: Vec<(usize, String)>,
 }
 
-/// Publishes each line; lines that are not JSON objects with an `id` are refused locally (a
-/// worker would only dead-letter them). Every accepted message was confirmed by the broker.
+/// Publishes each line; lines that are not JSON objects with an `id`, or that name a model no
+/// queue exists for, are refused locally (a worker would only dead-letter them). Every accepted
+/// message was confirmed by the broker.
 pub async fn enqueue(settings: &Settings, input: impl BufRead) -> anyhow::Result<EnqueueReport> {
     let s = &settings.amqp;
     let conn = amqp::connect(s, "r2f-enqueue").await?;
     let ch = amqp::confirm_channel(&conn).await?;
-    amqp::declare_topology(&ch, s).await?;
+    let models = settings.routed_models();
+    amqp::declare_topology(&ch, s, &models).await?;
     let mut report = EnqueueReport {
         accepted: Vec::new(),
         refused: Vec::new(),
@@ -41,6 +44,26 @@ pub async fn enqueue(settings: &Settings, input: impl BufRead) -> anyhow::Result
             report.refused.push((lineno, "no string `id` field".into()));
             continue;
         };
+        let model = match value.get("model") {
+            None | Some(serde_json::Value::Null) => settings.default_model().to_string(),
+            Some(serde_json::Value::String(m)) => m.clone(),
+            Some(_) => {
+                report
+                    .refused
+                    .push((lineno, "`model` must be a string".into()));
+                continue;
+            }
+        };
+        if !models.contains(&model) {
+            report.refused.push((
+                lineno,
+                format!(
+                    "no queue exists for model `{model}` (models: {})",
+                    models.join(", ")
+                ),
+            ));
+            continue;
+        }
         let priority = value
             .get("priority")
             .and_then(|p| p.as_u64())
@@ -60,7 +83,8 @@ pub async fn enqueue(settings: &Settings, input: impl BufRead) -> anyhow::Result
             props = props.with_message_id(mid);
         }
         let timeout = std::time::Duration::from_secs(s.confirm_timeout_secs.max(1));
-        amqp::publish_confirmed(&ch, "", &s.jobs_queue, line.as_bytes(), props, timeout).await?;
+        let exchange = &s.jobs_exchange;
+        amqp::publish_confirmed(&ch, exchange, &model, line.as_bytes(), props, timeout).await?;
         report.accepted.push(id);
     }
     let _ = ch.close(200, "done".into()).await;

@@ -9,7 +9,7 @@ use tch::{Device, Kind};
 
 use crate::config::Limits;
 use crate::device::{device_name, dtype_name};
-use crate::image::encode_png;
+use crate::image::{encode_image, ImageFormat};
 use crate::job::JobMode;
 use crate::models::hub::{Family, ModelFolder};
 use crate::pipelines::sd3::plus::{RegionKnobs, RegionRequest};
@@ -307,7 +307,7 @@ impl Engine {
         mode: &Mode,
         p: &Params,
         r: &Resolved,
-        on_step: &mut dyn FnMut(usize, usize),
+        on_step: &mut dyn FnMut(usize, usize) -> anyhow::Result<()>,
     ) -> anyhow::Result<Output> {
         if let Mode::R2fPlus { plan, knobs } = mode {
             let Engine::Sd3(pipe) = self else {
@@ -370,14 +370,14 @@ impl Engine {
 
 /// What a finished generation hands back to its caller.
 pub struct Generated {
-    pub png: Vec<u8>,
+    /// The encoded image (PNG unless another format was asked for), metadata included.
+    pub bytes: Vec<u8>,
     pub output: Output,
     pub resolved: Resolved,
     pub seconds: f64,
 }
 
 /// Runs one generation and encodes the PNG with its metadata in text chunks.
-#[allow(clippy::too_many_arguments)]
 pub fn generate_png(
     engine: &mut Engine,
     model_name: &str,
@@ -385,7 +385,33 @@ pub fn generate_png(
     mode: &Mode,
     p: &Params,
     limits: &Limits,
-    on_step: &mut dyn FnMut(usize, usize),
+    on_step: &mut dyn FnMut(usize, usize) -> anyhow::Result<()>,
+) -> anyhow::Result<Generated> {
+    let png = Encoding {
+        format: ImageFormat::Png,
+        quality: 0,
+    };
+    generate_image(engine, model_name, prompt, mode, p, limits, png, on_step)
+}
+
+/// The file format of an output and the quality of the lossy ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Encoding {
+    pub format: ImageFormat,
+    pub quality: u8,
+}
+
+/// Runs one generation and encodes it in `encoding` with its metadata (PNG text chunks, XMP).
+#[allow(clippy::too_many_arguments)]
+pub fn generate_image(
+    engine: &mut Engine,
+    model_name: &str,
+    prompt: &str,
+    mode: &Mode,
+    p: &Params,
+    limits: &Limits,
+    encoding: Encoding,
+    on_step: &mut dyn FnMut(usize, usize) -> anyhow::Result<()>,
 ) -> anyhow::Result<Generated> {
     validate(prompt, p, limits)?;
     let resolved = engine.resolve(mode, p, limits)?;
@@ -411,9 +437,9 @@ pub fn generate_png(
         ("device", device_name(engine.device())),
         ("software", format!("r2f {}", env!("CARGO_PKG_VERSION"))),
     ];
-    let png = encode_png(&output.image, &text)?;
+    let bytes = encode_image(&output.image, &text, encoding.format, encoding.quality)?;
     Ok(Generated {
-        png,
+        bytes,
         output,
         resolved,
         seconds: start.elapsed().as_secs_f64(),

@@ -1,11 +1,49 @@
-//! PNG encoding with the generation metadata (prompt, seed, model, ...) in text chunks.
+//! Image encoding with the generation metadata (prompt, seed, model, ...): PNG with UTF-8 text
+//! chunks (iTXt), JPEG and lossy WebP with the same fields in an XMP packet (JPEG: an APP1
+//! segment; WebP: an `XMP ` chunk of the extended format).
 
 use std::io::Write;
 
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-/// Encodes an `[H, W, 3]` uint8 image as PNG with UTF-8 text chunks (iTXt).
-pub fn encode_png(image: &Tensor, text: &[(&str, String)]) -> anyhow::Result<Vec<u8>> {
+/// An output file format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageFormat {
+    /// Lossless, metadata in iTXt chunks.
+    #[default]
+    Png,
+    /// Lossy (`quality`), metadata as XMP in APP1.
+    Jpeg,
+    /// Lossy (libwebp, `quality`), metadata as an XMP chunk.
+    Webp,
+}
+
+impl ImageFormat {
+    pub fn extension(self) -> &'static str {
+        match self {
+            ImageFormat::Png => "png",
+            ImageFormat::Jpeg => "jpg",
+            ImageFormat::Webp => "webp",
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            ImageFormat::Png => "image/png",
+            ImageFormat::Jpeg => "image/jpeg",
+            ImageFormat::Webp => "image/webp",
+        }
+    }
+}
+
+/// The default quality of the lossy formats.
+pub const DEFAULT_QUALITY: u8 = 90;
+
+/// The pixels of an `[H, W, 3]` uint8 image: (width, height, RGB bytes).
+fn rgb_bytes(image: &Tensor) -> anyhow::Result<(u32, u32, Vec<u8>)> {
     let (h, w, c) = image.size3()?;
     if c != 3 || image.kind() != Kind::Uint8 {
         anyhow::bail!(
@@ -15,9 +53,140 @@ pub fn encode_png(image: &Tensor, text: &[(&str, String)]) -> anyhow::Result<Vec
         );
     }
     let data = Vec::<u8>::try_from(image.contiguous().view([-1]))?;
+    Ok((w as u32, h as u32, data))
+}
+
+/// Encodes an `[H, W, 3]` uint8 image in `format` (`quality` 1–100 for the lossy ones) with
+/// `text` as metadata.
+pub fn encode_image(
+    image: &Tensor,
+    text: &[(&str, String)],
+    format: ImageFormat,
+    quality: u8,
+) -> anyhow::Result<Vec<u8>> {
+    match format {
+        ImageFormat::Png => encode_png(image, text),
+        ImageFormat::Jpeg => {
+            let (w, h, data) = rgb_bytes(image)?;
+            let (w, h) = (u16::try_from(w)?, u16::try_from(h)?);
+            let mut out = Vec::new();
+            let mut enc = jpeg_encoder::Encoder::new(&mut out, quality.clamp(1, 100));
+            let mut app1 = XMP_JPEG_HEADER.to_vec();
+            app1.extend_from_slice(xmp_packet(text).as_bytes());
+            enc.add_app_segment(1, &app1)?;
+            enc.encode(&data, w, h, jpeg_encoder::ColorType::Rgb)?;
+            Ok(out)
+        }
+        ImageFormat::Webp => {
+            let (w, h, data) = rgb_bytes(image)?;
+            let lossy =
+                webp::Encoder::from_rgb(&data, w, h).encode(f32::from(quality.clamp(1, 100)));
+            webp_with_xmp(&lossy, w, h, xmp_packet(text).as_bytes())
+        }
+    }
+}
+
+/// The APP1 signature of an XMP packet in a JPEG.
+pub const XMP_JPEG_HEADER: &[u8] = b"http://ns.adobe.com/xap/1.0/\0";
+
+/// The namespace of r2f's XMP properties.
+pub const XMP_NAMESPACE: &str = "urn:r2f:metadata:1/";
+
+fn xml_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&apos;"),
+            // Characters XML 1.0 cannot carry at all.
+            c if (c as u32) < 0x20 && !matches!(c, '\t' | '\n' | '\r') => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// An XMP packet with one `r2f:<key>` element per metadata field.
+pub fn xmp_packet(text: &[(&str, String)]) -> String {
+    let mut fields = String::new();
+    for (key, value) in text {
+        fields.push_str(&format!("<r2f:{key}>{}</r2f:{key}>", xml_escape(value)));
+    }
+    format!(
+        "<?xpacket begin=\"{bom}\" id=\"W5M0MpCehiHzreSzNTczkc9d\"?>\
+         <x:xmpmeta xmlns:x=\"adobe:ns:meta/\"><rdf:RDF \
+         xmlns:rdf=\"http://www.w3.org/1999/02/22-rdf-syntax-ns#\"><rdf:Description \
+         rdf:about=\"\" xmlns:r2f=\"{XMP_NAMESPACE}\">{fields}</rdf:Description></rdf:RDF>\
+         </x:xmpmeta><?xpacket end=\"w\"?>",
+        bom = '\u{feff}'
+    )
+}
+
+/// Reads the `r2f:<key>` fields back from an XMP packet found anywhere in `bytes`.
+pub fn read_xmp(bytes: &[u8]) -> Vec<(String, String)> {
+    let text = String::from_utf8_lossy(bytes);
+    let Some(start) = text.find("<rdf:Description") else {
+        return vec![];
+    };
+    let mut rest = &text[start..];
+    let mut out = Vec::new();
+    while let Some(open) = rest.find("<r2f:") {
+        rest = &rest[open + 5..];
+        let Some(end) = rest.find('>') else { break };
+        let key = rest[..end].to_string();
+        rest = &rest[end + 1..];
+        let close = format!("</r2f:{key}>");
+        let Some(stop) = rest.find(&close) else { break };
+        let value = rest[..stop]
+            .replace("&lt;", "<")
+            .replace("&gt;", ">")
+            .replace("&quot;", "\"")
+            .replace("&apos;", "'")
+            .replace("&amp;", "&");
+        out.push((key, value));
+        rest = &rest[stop + close.len()..];
+    }
+    out
+}
+
+/// Rewrites a simple (lossy, `VP8 `) WebP file as the extended format with an `XMP ` chunk:
+/// RIFF, `VP8X` (the XMP flag and the canvas size), the image chunk, then the XMP chunk.
+fn webp_with_xmp(simple: &[u8], width: u32, height: u32, xmp: &[u8]) -> anyhow::Result<Vec<u8>> {
+    if simple.len() < 12 || &simple[..4] != b"RIFF" || &simple[8..12] != b"WEBP" {
+        anyhow::bail!("the WebP encoder gave no RIFF/WEBP file");
+    }
+    let chunks = &simple[12..];
+    let chunk = |fourcc: &[u8], data: &[u8]| {
+        let mut c = fourcc.to_vec();
+        c.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        c.extend_from_slice(data);
+        if data.len() % 2 == 1 {
+            c.push(0);
+        }
+        c
+    };
+    let mut vp8x = vec![0x04u8, 0, 0, 0]; // flags: XMP metadata
+    vp8x.extend_from_slice(&(width - 1).to_le_bytes()[..3]);
+    vp8x.extend_from_slice(&(height - 1).to_le_bytes()[..3]);
+    let mut body = b"WEBP".to_vec();
+    body.extend(chunk(b"VP8X", &vp8x));
+    body.extend_from_slice(chunks);
+    body.extend(chunk(b"XMP ", xmp));
+    let mut out = b"RIFF".to_vec();
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend(body);
+    Ok(out)
+}
+
+/// Encodes an `[H, W, 3]` uint8 image as PNG with UTF-8 text chunks (iTXt).
+pub fn encode_png(image: &Tensor, text: &[(&str, String)]) -> anyhow::Result<Vec<u8>> {
+    let (w, h, data) = rgb_bytes(image)?;
     let mut out = Vec::new();
     {
-        let mut enc = png::Encoder::new(&mut out, w as u32, h as u32);
+        let mut enc = png::Encoder::new(&mut out, w, h);
         enc.set_color(png::ColorType::Rgb);
         enc.set_depth(png::BitDepth::Eight);
         for (key, value) in text {
@@ -72,4 +241,50 @@ pub fn decode_png(bytes: &[u8]) -> anyhow::Result<DecodedPng> {
         text.push((t.keyword.clone(), t.get_text().unwrap_or_default()));
     }
     Ok((info.width, info.height, buf, text))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image() -> Tensor {
+        Tensor::arange(48 * 32 * 3, (Kind::Int64, tch::Device::Cpu))
+            .remainder(251)
+            .to_kind(Kind::Uint8)
+            .view([32, 48, 3])
+    }
+
+    fn text() -> Vec<(&'static str, String)> {
+        vec![
+            ("prompt", "a <hairy> frog & \"friend\" 🐸".to_string()),
+            ("seed", "42".to_string()),
+        ]
+    }
+
+    #[test]
+    fn xmp_round_trips_escaped_text() {
+        let back = read_xmp(xmp_packet(&text()).as_bytes());
+        let want: Vec<(String, String)> = text()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        assert_eq!(back, want);
+    }
+
+    #[test]
+    fn webp_is_extended_riff_with_the_xmp_chunk() {
+        let bytes = encode_image(&image(), &text(), ImageFormat::Webp, 80).unwrap();
+        assert_eq!(&bytes[..4], b"RIFF");
+        assert_eq!(
+            u32::from_le_bytes(bytes[4..8].try_into().unwrap()) as usize,
+            bytes.len() - 8
+        );
+        assert_eq!(&bytes[8..16], b"WEBPVP8X");
+        assert_eq!(bytes[20], 0x04, "XMP flag");
+        let decoded = webp::Decoder::new(&bytes)
+            .decode()
+            .expect("libwebp decodes it");
+        assert_eq!((decoded.width(), decoded.height()), (48, 32));
+        assert_eq!(read_xmp(&bytes)[1], ("seed".to_string(), "42".to_string()));
+    }
 }

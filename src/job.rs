@@ -73,6 +73,15 @@ pub struct JobParams {
 pub struct JobOutput {
     #[serde(default)]
     pub prefix: Option<String>,
+    /// POST the terminal event to this URL (signed; allowed hosts only).
+    #[serde(default)]
+    pub webhook: Option<crate::webhook::WebhookSpec>,
+    /// `png` (default), `jpeg` or `webp`.
+    #[serde(default)]
+    pub format: Option<String>,
+    /// 1–100, the lossy formats' quality (default 90).
+    #[serde(default)]
+    pub quality: Option<i64>,
 }
 
 /// How a job's prompt conditions the steps.
@@ -109,6 +118,10 @@ pub struct ValidJob {
     /// R2F+ knobs (defaults unless the job sets them; unused by other modes).
     pub regions: RegionKnobs,
     pub prefix: String,
+    /// Checked against `webhook.*` by the worker (the settings are not known here).
+    pub webhook: Option<crate::webhook::WebhookSpec>,
+    /// The outputs' file format.
+    pub encoding: crate::generate::Encoding,
 }
 
 /// Why a job was rejected: the reason is what goes to the dead-letter queue and the event.
@@ -310,7 +323,7 @@ pub fn validate_message(
         .unwrap_or_else(|| default_model.to_string());
     if !known_models.contains(&model) {
         return reject(format!(
-            "unknown model `{model}` (this worker serves: {})",
+            "unknown model `{model}` (known models: {})",
             known_models.join(", ")
         ));
     }
@@ -407,6 +420,27 @@ pub fn validate_message(
     if !prefix.is_empty() && !valid_prefix(&prefix) {
         return reject(format!("invalid output prefix `{prefix}`"));
     }
+    let output = msg.output.clone().unwrap_or_default();
+    let format = match output.format.as_deref() {
+        None | Some("png") => crate::image::ImageFormat::Png,
+        Some("jpeg" | "jpg") => crate::image::ImageFormat::Jpeg,
+        Some("webp") => crate::image::ImageFormat::Webp,
+        Some(other) => {
+            return reject(format!(
+                "output format `{}` is not png, jpeg or webp",
+                bounded_text(other)
+            ))
+        }
+    };
+    let quality = match output.quality {
+        None => crate::image::DEFAULT_QUALITY,
+        Some(q @ 1..=100) => q as u8,
+        Some(q) => {
+            return reject(format!(
+                "output quality must be between 1 and 100 (got {q})"
+            ))
+        }
+    };
     let plan = match &msg.plan {
         None | Some(Value::Null) => None,
         Some(v) => match Plan::from_json(v, &prompt) {
@@ -453,7 +487,14 @@ pub fn validate_message(
         stop_steps,
         regions,
         prefix,
+        webhook: output.webhook,
+        encoding: crate::generate::Encoding { format, quality },
     })
+}
+
+/// At most 40 characters of a client's string, for a rejection reason.
+fn bounded_text(s: &str) -> String {
+    s.chars().take(40).collect()
 }
 
 /// Error kinds of failed and rejected jobs.
@@ -465,6 +506,8 @@ pub enum ErrorKind {
     Storage,
     Model,
     Internal,
+    /// A client cancelled the job (`r2f cancel`).
+    Cancelled,
 }
 
 impl ErrorKind {
@@ -475,6 +518,7 @@ impl ErrorKind {
             ErrorKind::Storage => "storage",
             ErrorKind::Model => "model",
             ErrorKind::Internal => "internal",
+            ErrorKind::Cancelled => "cancelled",
         }
     }
 }
@@ -485,6 +529,10 @@ pub struct OutputImage {
     pub width: i64,
     pub height: i64,
     pub sha256: String,
+    /// An HTTPS URL that downloads the image without credentials until it expires
+    /// (`storage.presign_ttl_secs`; S3 only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
@@ -498,7 +546,7 @@ pub struct EventError {
 pub struct ResultEvent {
     /// The job's id (empty when a rejected message had none that could be read).
     pub id: String,
-    /// `succeeded`, `failed` or `rejected`.
+    /// `succeeded`, `failed`, `rejected` or `cancelled`.
     pub status: String,
     /// The delivery attempt that produced this event (1 for the first).
     pub attempt: u32,

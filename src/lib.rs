@@ -22,6 +22,7 @@ pub mod schedulers;
 pub mod schema;
 pub mod status;
 pub mod storage;
+pub mod webhook;
 pub mod worker;
 
 // The R2F method's vocabulary at the crate root: `r2f::PromptSchedule`, not `r2f::r2f::...`.

@@ -23,6 +23,7 @@ fn main() -> ExitCode {
         Command::Schedule(a) => cli::schedule(a),
         Command::Parity(a) => cli::parity(a),
         Command::Status { id } => cli::status(&settings, &id),
+        Command::Cancel { id } => cli::cancel(&settings, &id),
         Command::Wait { id, timeout } => cli::wait(
             &settings,
             &id,

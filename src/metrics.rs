@@ -45,9 +45,12 @@ pub struct Metrics {
     pub paused: IntGauge,
     pub pauses: IntCounterVec,
     pub given_back: IntCounterVec,
+    pub routed: IntCounterVec,
+    pub webhooks: IntCounterVec,
     ready: AtomicBool,
     wedged: AtomicBool,
-    stuck: AtomicBool,
+    /// The GPU task of a job abandoned past its timeout, until the GPU thread lets go of it.
+    abandoned: std::sync::Mutex<Option<Arc<crate::worker::gpu::TaskControl>>>,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -239,6 +242,28 @@ impl Metrics {
                 )
                 .unwrap(),
             ),
+            routed: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "r2f_jobs_routed_total",
+                        "Jobs this worker sent on to the queue of their model (from the inbox, or from the wrong queue).",
+                    ),
+                    &["model"],
+                )
+                .unwrap(),
+            ),
+            webhooks: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "r2f_webhook_deliveries_total",
+                        "Webhook POSTs, by outcome: ok, retry (failed, tried again), failed (given up).",
+                    ),
+                    &["outcome"],
+                )
+                .unwrap(),
+            ),
             given_back: reg(
                 &r,
                 IntCounterVec::new(
@@ -259,7 +284,7 @@ impl Metrics {
             },
             ready: AtomicBool::new(false),
             wedged: AtomicBool::new(false),
-            stuck: AtomicBool::new(false),
+            abandoned: std::sync::Mutex::new(None),
         };
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
@@ -284,6 +309,9 @@ impl Metrics {
         for k in ["llm", "storage", "model", "internal"] {
             m.pauses.with_label_values(&[k]);
         }
+        for o in ["ok", "retry", "failed"] {
+            m.webhooks.with_label_values(&[o]);
+        }
         for r in ["sick_worker", "busy", "redelivered"] {
             m.given_back.with_label_values(&[r]);
         }
@@ -293,7 +321,7 @@ impl Metrics {
     /// Pre-creates the per-model series.
     pub fn init_model(&self, model: &str, modes: &[&str]) {
         for mode in modes {
-            for status in ["succeeded", "failed", "rejected"] {
+            for status in ["succeeded", "failed", "rejected", "cancelled"] {
                 self.jobs.with_label_values(&[model, mode, status]);
             }
         }
@@ -311,14 +339,21 @@ impl Metrics {
         self.ready.load(Ordering::SeqCst) && !self.is_unhealthy() && self.paused.get() == 0
     }
 
-    /// A job ran past `job_timeout_secs` and the GPU has not finished it yet: /healthz fails
-    /// (the orchestrator restarts the pod if it stays so).
-    pub fn set_stuck(&self, stuck: bool) {
-        self.stuck.store(stuck, Ordering::SeqCst);
+    /// A job ran past `job_timeout_secs` and was abandoned with its GPU task: until the GPU
+    /// thread lets go of that task (it stops at the next denoising step; a step that never
+    /// returns keeps it), /healthz fails and the orchestrator restarts the pod if it stays so.
+    pub fn set_abandoned(&self, task: Arc<crate::worker::gpu::TaskControl>) {
+        if let Ok(mut a) = self.abandoned.lock() {
+            *a = Some(task);
+        }
     }
 
+    /// An abandoned GPU task still holds the GPU.
     pub fn is_stuck(&self) -> bool {
-        self.stuck.load(Ordering::SeqCst)
+        self.abandoned
+            .lock()
+            .map(|a| a.as_ref().is_some_and(|t| !t.is_finished()))
+            .unwrap_or(false)
     }
 
     /// /healthz fails: the GPU context is unusable or a job is stuck on it.

@@ -169,7 +169,7 @@ pub fn run(
         let pipe = Sd3Pipeline::load(&folder, device, dtype)?;
         let r = reference(fixtures, name)?;
         let req = r.request(None)?;
-        let (out, t) = timed(&mut || pipe.generate(&req, &mut |_, _| {}))?;
+        let (out, t) = timed(&mut || pipe.generate(&req, &mut |_, _| Ok(())))?;
         cases.push(r.case(name.to_string(), &out, "final_latents", "image_u8", t)?);
     }
     for name in ["sdxl-tiny-a", "sdxl-tiny-b"] {
@@ -193,7 +193,7 @@ pub fn run(
             ),
         ] {
             let req = r.request(steps)?;
-            let (out, t) = timed(&mut || pipe.generate(&req, scheduler, &mut |_, _| {}))?;
+            let (out, t) = timed(&mut || pipe.generate(&req, scheduler, &mut |_, _| Ok(())))?;
             cases.push(r.case(format!("{name} {label}"), &out, lat, img, t)?);
         }
     }

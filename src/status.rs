@@ -1,6 +1,7 @@
 //! Job status records: what happened to a job, by id, at every transition (`running` when a
 //! worker takes it, `retrying` when it goes back with a delay, `queued` when it is handed back,
-//! then `succeeded`, `failed` or `rejected` with the result event).
+//! then `succeeded`, `failed`, `rejected` or `cancelled` with the result event), and the
+//! cancellation requests of `r2f cancel`.
 //!
 //! Kept in Redis under `<redis.key_prefix>:status:<id>` with a TTL (`redis.status_ttl_secs`):
 //! a client asks by id alone (the storage path of `result.json` depends on the job's output
@@ -19,7 +20,7 @@ use crate::redis_store::RedisStore;
 /// One transition of a job.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Transition {
-    /// `running`, `retrying`, `queued`, `succeeded`, `failed` or `rejected`.
+    /// `running`, `retrying`, `queued`, `succeeded`, `failed`, `rejected` or `cancelled`.
     pub state: String,
     /// The delivery attempt (1-based).
     pub attempt: u32,
@@ -48,14 +49,14 @@ pub struct JobStatus {
 }
 
 impl JobStatus {
-    /// Whether the job is finished (`succeeded`, `failed` or `rejected`).
+    /// Whether the job is finished (`succeeded`, `failed`, `rejected` or `cancelled`).
     pub fn is_terminal(&self) -> bool {
         is_terminal(&self.state)
     }
 }
 
 pub fn is_terminal(state: &str) -> bool {
-    matches!(state, "succeeded" | "failed" | "rejected")
+    matches!(state, "succeeded" | "failed" | "rejected" | "cancelled")
 }
 
 fn key(redis: &RedisStore, id: &str) -> String {
@@ -125,4 +126,54 @@ pub async fn record(redis: &RedisStore, ttl: Duration, u: Update<'_>) {
     if let Err(e) = redis.set_ex(&key(redis, u.id), &text, ttl).await {
         tracing::warn!(job_id = u.id, error = %e, "status record not written");
     }
+}
+
+fn cancel_key(redis: &RedisStore, id: &str) -> String {
+    redis.key(&["cancel", id])
+}
+
+/// What `r2f cancel` did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct CancelAnswer {
+    pub id: String,
+    /// `requested`: the job is dropped when a worker takes it, or stops at its next denoising
+    /// step if it is running; `too_late`: the job had already finished (`state`).
+    pub cancel: String,
+    /// The job's state when the request was made (`unknown` without a status record).
+    pub state: String,
+}
+
+/// Records a cancellation request for `id` (kept as long as status records), unless the job is
+/// already finished. The request is written before the state is read, so a worker that takes
+/// the job in between sees it.
+pub async fn request_cancel(
+    redis: &RedisStore,
+    id: &str,
+    ttl: Duration,
+) -> anyhow::Result<CancelAnswer> {
+    let key = cancel_key(redis, id);
+    redis
+        .set_ex(&key, &now_ms().to_string(), ttl)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let state = read(redis, id).await?.map(|s| s.state);
+    let finished = state.as_deref().is_some_and(is_terminal);
+    if finished {
+        // Nothing to stop: the request must not linger for an id sent again after a rejection.
+        redis
+            .query::<i64>(redis::cmd("DEL").arg(&key))
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    Ok(CancelAnswer {
+        id: id.to_string(),
+        cancel: if finished { "too_late" } else { "requested" }.into(),
+        state: state.unwrap_or_else(|| "unknown".into()),
+    })
+}
+
+/// Whether a cancellation was requested for `id`. Redis unreachable reads as no (the job runs;
+/// the request is seen at the next check).
+pub async fn cancel_requested(redis: &RedisStore, id: &str) -> bool {
+    matches!(redis.get(&cancel_key(redis, id)).await, Ok(Some(_)))
 }

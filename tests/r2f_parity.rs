@@ -50,7 +50,7 @@ fn r2f_run_matches_the_official_schedule_on_diffusers_components() {
         width: m["width"].as_i64().unwrap(),
         height: m["height"].as_i64().unwrap(),
     };
-    let out = pipe.generate(&req, &mut |_, _| {}).unwrap();
+    let out = pipe.generate(&req, &mut |_, _| Ok(())).unwrap();
     assert_close(
         "R2F final latents",
         &out.latents,
@@ -68,7 +68,7 @@ fn r2f_run_matches_the_official_schedule_on_diffusers_components() {
         step_prompt: vec![0; steps],
         ..req
     };
-    let p = pipe.generate(&plain, &mut |_, _| {}).unwrap();
+    let p = pipe.generate(&plain, &mut |_, _| Ok(())).unwrap();
     assert_close(
         "plain final latents (77 T5 tokens)",
         &p.latents,

@@ -116,7 +116,7 @@ fn r2fplus_matches_the_official_pipeline() {
             .or_insert_with(|| pipeline(model));
         pipe.t5_tokens = case["max_sequence_length"].as_u64().unwrap() as usize;
         let req = request(case);
-        let out = pipe.generate_regions(&req, &mut |_, _| {}).unwrap();
+        let out = pipe.generate_regions(&req, &mut |_, _| Ok(())).unwrap();
 
         // The per-step conditioning of every run.
         let schedule = &case["schedule"];
@@ -164,7 +164,9 @@ fn r2fplus_matches_the_official_pipeline() {
         }
         let mut unguided = req.clone();
         unguided.knobs.guidance_steps = 0;
-        let out = pipe.generate_regions(&unguided, &mut |_, _| {}).unwrap();
+        let out = pipe
+            .generate_regions(&unguided, &mut |_, _| Ok(()))
+            .unwrap();
         let moved = rel_err(&out.output.latents, want);
         eprintln!("{name}: without guidance the port is {moved:.3e} away");
         assert!(
@@ -185,10 +187,16 @@ fn object_runs_stop_after_the_fusion_steps_without_changing_the_image() {
     full.knobs.full_object_runs = true;
     let (mut short_steps, mut full_steps) = (0, 0);
     let a = pipe
-        .generate_regions(&short, &mut |_, n| short_steps = n)
+        .generate_regions(&short, &mut |_, n| {
+            short_steps = n;
+            Ok(())
+        })
         .unwrap();
     let b = pipe
-        .generate_regions(&full, &mut |_, n| full_steps = n)
+        .generate_regions(&full, &mut |_, n| {
+            full_steps = n;
+            Ok(())
+        })
         .unwrap();
     assert!(
         a.output.latents.equal(&b.output.latents),
@@ -235,8 +243,10 @@ fn recomputing_the_blocks_in_the_guidance_gives_the_same_image() {
     let kept = request(case);
     let mut recomputed = kept.clone();
     recomputed.knobs.recompute_blocks = true;
-    let a = pipe.generate_regions(&kept, &mut |_, _| {}).unwrap();
-    let b = pipe.generate_regions(&recomputed, &mut |_, _| {}).unwrap();
+    let a = pipe.generate_regions(&kept, &mut |_, _| Ok(())).unwrap();
+    let b = pipe
+        .generate_regions(&recomputed, &mut |_, _| Ok(()))
+        .unwrap();
     let e = rel_err(&b.output.latents, &a.output.latents);
     eprintln!("block recomputation: final latents {e:.3e} apart");
     assert!(e <= 1e-6, "recomputed guidance moved the latents by {e}");

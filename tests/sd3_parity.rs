@@ -255,7 +255,12 @@ fn whole_pipeline_matches_diffusers_latents_and_pixels() {
             h,
         );
         let mut seen = 0;
-        let out = pipe.generate(&req, &mut |i, _| seen = i).unwrap();
+        let out = pipe
+            .generate(&req, &mut |i, _| {
+                seen = i;
+                Ok(())
+            })
+            .unwrap();
         assert_eq!(seen, req.steps());
         assert_close(
             &format!("{config} final latents"),
@@ -280,13 +285,13 @@ fn plain_run_differs_with_another_seed() {
     let a = pipe
         .generate(
             &Request::plain("a red cube", 2, 7.0, 1, 64, 48),
-            &mut |_, _| {},
+            &mut |_, _| Ok(()),
         )
         .unwrap();
     let b = pipe
         .generate(
             &Request::plain("a red cube", 2, 7.0, 2, 64, 48),
-            &mut |_, _| {},
+            &mut |_, _| Ok(()),
         )
         .unwrap();
     assert!(rel_err(&a.latents, &b.latents) > 1e-2);

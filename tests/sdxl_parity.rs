@@ -98,7 +98,7 @@ fn check_run(
         m["width"].as_i64().unwrap(),
         m["height"].as_i64().unwrap(),
     );
-    let out = pipe.generate(&req, sampler, &mut |_, _| {}).unwrap();
+    let out = pipe.generate(&req, sampler, &mut |_, _| Ok(())).unwrap();
     assert_close(
         &format!("{name} {sampler:?} final latents"),
         &out.latents,
@@ -176,7 +176,7 @@ fn r2f_on_sdxl_matches_the_official_loop() {
         height: m["height"].as_i64().unwrap(),
     };
     let out = pipe
-        .generate(&req, SamplerKind::DpmSolverPp2mKarras, &mut |_, _| {})
+        .generate(&req, SamplerKind::DpmSolverPp2mKarras, &mut |_, _| Ok(()))
         .unwrap();
     assert_close(
         "SDXL R2F final latents",
@@ -193,7 +193,7 @@ fn r2f_on_sdxl_matches_the_official_loop() {
         ..req
     };
     let p = pipe
-        .generate(&plain, SamplerKind::DpmSolverPp2mKarras, &mut |_, _| {})
+        .generate(&plain, SamplerKind::DpmSolverPp2mKarras, &mut |_, _| Ok(()))
         .unwrap();
     assert_close(
         "SDXL plain (DPM++, 50 steps)",

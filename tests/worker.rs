@@ -187,7 +187,11 @@ async fn storage_down_is_retried_then_succeeds_and_down_for_good_fails() {
     assert_eq!(dead[0].0["id"], "never");
     assert_eq!(dead[0].2, "storage");
     assert_eq!(broker.queue_len(&names.jobs).await, 0);
-    assert_eq!(broker.queue_len(&names.retry).await, 0);
+    // Nothing left waiting in any retry level (0: give-backs, 1..=3: after each attempt).
+    for level in 0..=3 {
+        let queue = format!("{}.{level}", names.retry);
+        assert_eq!(broker.queue_len(&queue).await, 0, "{queue}");
+    }
     broker.cleanup().await;
 }
 

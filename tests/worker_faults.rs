@@ -377,37 +377,54 @@ async fn a_storage_that_never_answers_is_bounded_by_its_timeout() {
 }
 
 /// Defect 3: a job that never ends kept its worker busy and healthy-looking forever. Past
-/// `job_timeout_secs` it is abandoned: retried as a transient failure, /healthz failing while
-/// the GPU is still busy with it, and healthy again once it is free.
+/// `job_timeout_secs` it is abandoned: its generation is stopped at the next denoising step
+/// (the GPU is not left working for nobody), the attempt fails as transient and is retried, and
+/// after `max_attempts` the job fails for good. The job is long enough (a million steps) to
+/// outlive the limit on any machine; without the stop, each attempt would hold the GPU for hours.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_job_past_its_timeout_is_abandoned_and_health_fails_until_the_gpu_is_free() {
+async fn a_job_past_its_timeout_is_abandoned_and_its_generation_stopped() {
     let (names, s3, mut cfg) = s3_setup("timeout").await;
     cfg.worker_extra = "job_timeout_secs = 1".into();
+    cfg.extra = "[limits]\nmax_steps = 1000000".into();
     cfg.max_attempts = 2;
     let mut broker = Broker::connect(&names).await;
     let mut worker = WorkerProc::spawn(&cfg);
     assert!(worker.wait_ready(T).await, "{}", worker.log());
-    broker.publish(&tiny_job("slow", 200)).await;
-    assert!(
-        worker.wait_log("job ran past job_timeout_secs", T).await,
-        "{}",
-        worker.log()
-    );
-    assert_eq!(worker.http("/healthz").await.unwrap().0, 503);
+    broker.publish(&tiny_job("slow", 1_000_000)).await;
     let r = broker.wait_results(1, T).await;
     assert_eq!(r.len(), 1, "{}", worker.log());
     assert_eq!(r[0]["status"], "failed", "{}", r[0]);
     assert_eq!(r[0]["attempt"], 2);
     let msg = r[0]["error"]["message"].as_str().unwrap();
     assert!(msg.contains("job_timeout_secs"), "{msg}");
-    // Once the GPU has finished the abandoned work, the worker is healthy again.
+    let log = worker.log();
+    assert_eq!(
+        log.matches("job ran past job_timeout_secs: abandoned")
+            .count(),
+        2,
+        "{log}"
+    );
+    // Both attempts' generations were stopped, not left running.
     let deadline = std::time::Instant::now() + T;
-    while worker.http("/healthz").await.map(|x| x.0) != Some(200) {
+    while worker
+        .log()
+        .matches("reason=abandoned past job_timeout_secs")
+        .count()
+        < 2
+    {
         assert!(std::time::Instant::now() < deadline, "{}", worker.log());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The GPU is free again: healthy, and the next job runs.
+    assert_eq!(worker.http("/healthz").await.unwrap().0, 200);
+    broker.publish(&tiny_job("after", 2)).await;
+    let r = broker.wait_results(1, T).await;
+    assert_eq!(r.len(), 1, "{}", worker.log());
+    assert_eq!(r[0]["status"], "succeeded", "{}", r[0]);
     assert!(
-        !s3.keys().iter().any(|k| k.ends_with(".png")),
+        !s3.keys()
+            .iter()
+            .any(|k| k.contains("/slow/") && k.ends_with(".png")),
         "no outputs of an abandoned job"
     );
     broker.cleanup().await;

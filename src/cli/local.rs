@@ -149,6 +149,7 @@ pub fn generate(settings: &Settings, a: GenerateArgs) -> anyhow::Result<()> {
         bar.set_length(n as u64);
         bar.set_position(i as u64);
         tracing::debug!(step = i, steps = n, "denoising step done");
+        Ok(())
     };
     let out = generate_png(
         &mut engine,
@@ -160,7 +161,7 @@ pub fn generate(settings: &Settings, a: GenerateArgs) -> anyhow::Result<()> {
         &mut on_step,
     )?;
     bar.finish_and_clear();
-    write_atomic(&a.out, &out.png)?;
+    write_atomic(&a.out, &out.bytes)?;
     if let Some(path) = &a.latents_out {
         write_latents(path, &out.output.latents)?;
     }

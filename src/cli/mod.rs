@@ -19,7 +19,7 @@ use crate::r2f::{PromptSchedule, StopStepMap};
 use crate::schedulers::discrete::Scheduler;
 
 pub use local::{bench, generate, parity, schedule};
-pub use service::{bench_service, enqueue, plan, status, wait, worker};
+pub use service::{bench_service, cancel, enqueue, plan, status, wait, worker};
 
 #[derive(Parser)]
 #[command(
@@ -58,6 +58,9 @@ pub enum Command {
         #[arg(long, default_value_t = 600.0)]
         timeout: f64,
     },
+    /// Cancel a job: dropped when a worker takes it if queued, stopped at its next denoising
+    /// step if running; prints what was done as JSON. Exit 2 when it had already finished.
+    Cancel { id: String },
     /// Print the JSON Schema of a document clients exchange with r2f.
     Schema {
         #[arg(value_enum)]

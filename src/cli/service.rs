@@ -108,6 +108,21 @@ pub fn status(settings: &Settings, id: &str) -> anyhow::Result<()> {
     }
 }
 
+/// `r2f cancel ID`: records a cancellation request; fails when the job had already finished.
+pub fn cancel(settings: &Settings, id: &str) -> anyhow::Result<()> {
+    if !crate::job::valid_id(id) {
+        anyhow::bail!("`{id}` is not a valid job id");
+    }
+    let redis = crate::redis_store::RedisStore::new(&settings.redis);
+    let ttl = Duration::from_secs(settings.redis.status_ttl_secs);
+    let answer = runtime()?.block_on(crate::status::request_cancel(&redis, id, ttl))?;
+    println!("{}", serde_json::to_string(&answer)?);
+    if answer.cancel != "requested" {
+        anyhow::bail!("job `{id}` already {}: nothing to cancel", answer.state);
+    }
+    Ok(())
+}
+
 /// `r2f wait ID`: blocks until the job is finished, prints its status record; succeeds only
 /// when the job did.
 pub fn wait(settings: &Settings, id: &str, timeout: Duration) -> anyhow::Result<()> {

@@ -299,7 +299,7 @@ impl Sd3Pipeline {
     pub fn generate(
         &self,
         req: &Request,
-        on_step: &mut dyn FnMut(usize, usize),
+        on_step: &mut dyn FnMut(usize, usize) -> anyhow::Result<()>,
     ) -> anyhow::Result<Output> {
         let _guard = tch::no_grad_guard();
         let steps = req.steps();
@@ -349,7 +349,7 @@ impl Sd3Pipeline {
                 v
             };
             latents = noise_schedule.step(i, &latents, &v);
-            on_step(i + 1, steps);
+            on_step(i + 1, steps)?;
         }
         synchronize(self.device);
         timings.denoise = t0.elapsed();

@@ -193,7 +193,7 @@ impl SdxlPipeline {
         &self,
         req: &Request,
         scheduler: Scheduler,
-        on_step: &mut dyn FnMut(usize, usize),
+        on_step: &mut dyn FnMut(usize, usize) -> anyhow::Result<()>,
     ) -> anyhow::Result<Output> {
         let _g = tch::no_grad_guard();
         let steps = req.steps();
@@ -259,7 +259,7 @@ impl SdxlPipeline {
                 eps
             };
             latents = sampler.step(&eps, i, &latents);
-            on_step(i + 1, steps);
+            on_step(i + 1, steps)?;
         }
         synchronize(self.device);
         timings.denoise = t0.elapsed();

@@ -48,6 +48,15 @@ pub trait Storage: Send + Sync {
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Vec<u8>>, StorageError>>;
     /// The URI an object at `key` has.
     fn uri(&self, key: &str) -> String;
+    /// A URL that lets anyone holding it GET the object at `key` for `ttl`, without
+    /// credentials; None where the backend has no such thing (a local folder).
+    fn presigned_get<'a>(
+        &'a self,
+        _key: &'a str,
+        _ttl: std::time::Duration,
+    ) -> BoxFuture<'a, Result<Option<String>, StorageError>> {
+        Box::pin(async { Ok(None) })
+    }
     /// Start-up check: the store is reachable, writable, and reports a missing object as
     /// missing (S3 without `s3:ListBucket` answers 403 instead, which would fail every job).
     fn check(&self) -> BoxFuture<'_, Result<(), StorageError>> {
@@ -261,6 +270,27 @@ impl Storage for S3Storage {
 
     fn uri(&self, key: &str) -> String {
         format!("s3://{}/{}", self.bucket, key)
+    }
+
+    fn presigned_get<'a>(
+        &'a self,
+        key: &'a str,
+        ttl: std::time::Duration,
+    ) -> BoxFuture<'a, Result<Option<String>, StorageError>> {
+        Box::pin(async move {
+            // Signed locally with the worker's credentials: no request is made.
+            let config = aws_sdk_s3::presigning::PresigningConfig::expires_in(ttl)
+                .map_err(|e| StorageError::new(format!("presigning `{key}`: {e}")))?;
+            let req = self
+                .client
+                .get_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .presigned(config)
+                .await
+                .map_err(|e| StorageError::new(format!("presigning `{key}`: {e}")))?;
+            Ok(Some(req.uri().to_string()))
+        })
     }
 }
 

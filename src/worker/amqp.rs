@@ -2,7 +2,8 @@
 //! publishing.
 
 use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueDeclareOptions,
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
@@ -40,20 +41,51 @@ fn dead_letter_to(queue: &str) -> FieldTable {
     args
 }
 
-/// Declares (idempotently) the events exchange, the jobs queue with its dead-letter route, the
-/// dead-letter queue and the retry queue that dead-letters back into the jobs queue.
-pub async fn declare_topology(ch: &Channel, s: &AmqpSettings) -> anyhow::Result<()> {
-    ch.exchange_declare(
-        s.events_exchange.as_str().into(),
+/// The arguments of a jobs queue: dead-letters to the dead-letter queue, priorities.
+fn jobs_queue_args(s: &AmqpSettings) -> FieldTable {
+    let mut args = dead_letter_to(&s.dead_letter_queue);
+    args.insert(
+        "x-max-priority".into(),
+        AMQPValue::ShortShortUInt(s.max_priority),
+    );
+    args
+}
+
+/// The fanout exchange that takes what the jobs exchange cannot route, into the inbox.
+pub fn unrouted_exchange(s: &AmqpSettings) -> String {
+    format!("{}.unrouted", s.jobs_exchange)
+}
+
+/// Declares (idempotently) the events exchange, the dead-letter queue, the jobs exchange with
+/// its queue per model (of `models`, each bound with the model's name as routing key), and the
+/// inbox, which takes jobs published to it directly and those the exchange cannot route.
+pub async fn declare_topology(
+    ch: &Channel,
+    s: &AmqpSettings,
+    models: &[String],
+) -> anyhow::Result<()> {
+    let exchange = |name: &str, kind: ExchangeKind, args: FieldTable| {
+        let name = name.to_string();
+        async move {
+            ch.exchange_declare(
+                name.as_str().into(),
+                kind,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..ExchangeDeclareOptions::default()
+                },
+                args,
+            )
+            .await
+            .map_err(amqp_error)
+        }
+    };
+    exchange(
+        &s.events_exchange,
         ExchangeKind::Topic,
-        ExchangeDeclareOptions {
-            durable: true,
-            ..ExchangeDeclareOptions::default()
-        },
         FieldTable::default(),
     )
-    .await
-    .map_err(amqp_error)?;
+    .await?;
     ch.queue_declare(
         s.dead_letter_queue.as_str().into(),
         durable(),
@@ -61,22 +93,38 @@ pub async fn declare_topology(ch: &Channel, s: &AmqpSettings) -> anyhow::Result<
     )
     .await
     .map_err(amqp_error)?;
-    let mut jobs = dead_letter_to(&s.dead_letter_queue);
-    jobs.insert(
-        "x-max-priority".into(),
-        AMQPValue::ShortShortUInt(s.max_priority),
+    let unrouted = unrouted_exchange(s);
+    exchange(&unrouted, ExchangeKind::Fanout, FieldTable::default()).await?;
+    let mut alternate = FieldTable::default();
+    alternate.insert(
+        "alternate-exchange".into(),
+        AMQPValue::LongString(LongString::from(unrouted.as_str())),
     );
-    ch.queue_declare(s.jobs_queue.as_str().into(), durable(), jobs)
+    exchange(&s.jobs_exchange, ExchangeKind::Direct, alternate).await?;
+    ch.queue_declare(s.inbox_queue.as_str().into(), durable(), jobs_queue_args(s))
         .await
         .map_err(amqp_error)?;
-    ch.queue_declare(
-        s.retry_queue.as_str().into(),
-        durable(),
-        dead_letter_to(&s.jobs_queue),
+    bind(ch, &s.inbox_queue, &unrouted, "").await?;
+    for model in models {
+        let queue = s.queue_of(model);
+        ch.queue_declare(queue.as_str().into(), durable(), jobs_queue_args(s))
+            .await
+            .map_err(amqp_error)?;
+        bind(ch, &queue, &s.jobs_exchange, model).await?;
+    }
+    Ok(())
+}
+
+async fn bind(ch: &Channel, queue: &str, exchange: &str, key: &str) -> anyhow::Result<()> {
+    ch.queue_bind(
+        queue.into(),
+        exchange.into(),
+        key.into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
     )
     .await
-    .map_err(amqp_error)?;
-    Ok(())
+    .map_err(amqp_error)
 }
 
 /// A channel in confirm mode.
@@ -130,24 +178,26 @@ pub fn message_id(id: &str) -> Option<ShortString> {
     crate::job::valid_id(id).then(|| ShortString::from(id))
 }
 
-/// The retry queue of backoff level `level` (0: give-back and postpone; n: after attempt n).
-/// One queue per level, so a long delay never holds up a short one behind it.
-pub fn retry_level_queue(s: &AmqpSettings, level: u32) -> String {
-    format!("{}.{level}", s.retry_queue)
+/// `model`'s retry queue of backoff level `level` (0: give-back and postpone; n: after attempt
+/// n). One queue per level, so a long delay never holds up a short one behind it.
+pub fn retry_level_queue(s: &AmqpSettings, model: &str, level: u32) -> String {
+    format!("{}.{level}", s.retry_queue_of(model))
 }
 
-/// Declares the per-level retry queues 0..=levels; each dead-letters back into the jobs queue.
+/// Declares `model`'s retry queues of levels 0..=levels; each dead-letters back into the
+/// model's jobs queue.
 pub async fn declare_retry_levels(
     ch: &Channel,
     s: &AmqpSettings,
+    model: &str,
     levels: u32,
 ) -> anyhow::Result<()> {
     for level in 0..=levels {
-        let queue = retry_level_queue(s, level);
+        let queue = retry_level_queue(s, model, level);
         ch.queue_declare(
             queue.as_str().into(),
             durable(),
-            dead_letter_to(&s.jobs_queue),
+            dead_letter_to(&s.queue_of(model)),
         )
         .await
         .map_err(amqp_error)?;

@@ -28,8 +28,13 @@ pub struct Session {
     publish: Channel,
     /// Progress events: no confirms, so nothing is kept per event.
     progress: Channel,
+    /// Replies to `reply_to` queues: no confirms, and a channel error there costs no job.
+    reply: Channel,
     consumer: lapin::Consumer,
     tag: String,
+    /// The inbox, consumed on a channel of its own by the router task (see [`super::router`]).
+    inbox: Option<lapin::Consumer>,
+    _inbox_channel: Channel,
 }
 
 /// How a session ended.
@@ -47,8 +52,10 @@ impl Session {
         let consume = conn.create_channel().await.map_err(amqp_error)?;
         let publish = amqp::confirm_channel(&conn).await?;
         let progress = conn.create_channel().await.map_err(amqp_error)?;
-        amqp::declare_topology(&publish, s).await?;
-        amqp::declare_retry_levels(&publish, s, ctx.settings.worker.max_attempts).await?;
+        let reply = conn.create_channel().await.map_err(amqp_error)?;
+        let model = &ctx.settings.worker.model;
+        amqp::declare_topology(&publish, s, &ctx.models).await?;
+        amqp::declare_retry_levels(&publish, s, model, ctx.settings.worker.max_attempts).await?;
         consume
             .basic_qos(
                 ctx.settings.worker.prefetch,
@@ -57,20 +64,40 @@ impl Session {
             .await
             .map_err(amqp_error)?;
         let tag = format!("r2f-{}-{}", ctx.worker_name, uuid::Uuid::new_v4().simple());
-        let consumer = start_consumer(&consume, &s.jobs_queue, &tag).await?;
+        let consumer = start_consumer(&consume, &s.queue_of(model), &tag).await?;
+        // Routing is cheap: many inbox messages in flight at once.
+        let inbox_channel = conn.create_channel().await.map_err(amqp_error)?;
+        inbox_channel
+            .basic_qos(32, BasicQosOptions { global: false })
+            .await
+            .map_err(amqp_error)?;
+        let inbox_tag = format!("{tag}-inbox");
+        let inbox = start_consumer(&inbox_channel, &s.inbox_queue, &inbox_tag).await?;
         Ok(Self {
             _conn: conn,
             consume,
             publish,
             progress,
+            reply,
             consumer,
             tag,
+            inbox: Some(inbox),
+            _inbox_channel: inbox_channel,
         })
     }
 
     /// Consumes until drained or broken.
     pub async fn run(mut self, ctx: &Arc<Context>, shutdown: &mut Shutdown) -> SessionEnd {
         let progress = spawn_progress_publisher(ctx, &self);
+        let mut router = match self.inbox.take() {
+            Some(inbox) => AbortOnDrop(tokio::spawn(super::router::run(
+                ctx.clone(),
+                inbox,
+                self.publish.clone(),
+                self.reply.clone(),
+            ))),
+            None => return SessionEnd::Broken(anyhow::anyhow!("session run twice")),
+        };
         let mut breaker = Breaker::new(
             ctx.settings.worker.pause_after_failures,
             Duration::from_secs(ctx.settings.worker.pause_min_secs),
@@ -80,6 +107,10 @@ impl Session {
             let next = tokio::select! {
                 d = self.consumer.next() => d,
                 _ = shutdown.wait_for(|s| *s > 0) => break SessionEnd::Drained,
+                e = &mut router.0 => break SessionEnd::Broken(match e {
+                    Ok(e) => e,
+                    Err(e) => anyhow::anyhow!("the inbox router stopped: {e}"),
+                }),
             };
             let delivery = match next {
                 Some(Ok(d)) => d,
@@ -131,7 +162,7 @@ impl Session {
                 let outcome = JobOutcome::Poison { id, deliveries };
                 let s = decide(outcome, attempt, ctx.settings.worker.max_attempts);
                 self.count(ctx, "unknown", "failed");
-                settle::settle(ctx, &self.publish, d, attempt, s, None).await?;
+                settle::settle(ctx, &self.publish, &self.reply, d, attempt, s, None).await?;
             } else {
                 warn!(
                     job_id = id.as_deref().unwrap_or("-"),
@@ -150,6 +181,7 @@ impl Session {
             body: &d.data,
             attempt,
             queue_ms,
+            routed: settle::was_routed(d),
         };
         ctx.metrics.jobs_in_progress.inc();
         ctx.metrics.job_started.set(amqp::now_unix() as f64);
@@ -158,13 +190,12 @@ impl Session {
         let (outcome, info) = match tokio::time::timeout(limit, run).await {
             Ok(x) => x,
             Err(_) => {
-                // The GPU may still be busy with it: /healthz fails until it is free, and the
-                // job goes back to the queue for a healthy worker.
+                // Dropping the job's future asked its GPU task to stop at the next denoising
+                // step; until the GPU thread lets go of it /healthz fails. The job is retried.
                 error!(
                     timeout_secs = limit.as_secs(),
                     "job ran past job_timeout_secs: abandoned"
                 );
-                ctx.metrics.set_stuck(true);
                 let event = ResultEvent {
                     id: best_effort_id_bounded(ctx, &d.data).unwrap_or_default(),
                     status: "failed".into(),
@@ -206,6 +237,7 @@ impl Session {
         let status = match &outcome {
             JobOutcome::Succeeded(_) => Some("succeeded"),
             JobOutcome::Rejected { .. } => Some("rejected"),
+            JobOutcome::Cancelled(_) => Some("cancelled"),
             _ => None,
         };
         let settlement = decide(outcome, attempt, ctx.settings.worker.max_attempts);
@@ -226,6 +258,7 @@ impl Session {
         settle::settle(
             ctx,
             &self.publish,
+            &self.reply,
             d,
             attempt,
             settlement,
@@ -276,8 +309,8 @@ impl Session {
             return Ok(());
         }
         self.tag = format!("r2f-{}-{}", ctx.worker_name, uuid::Uuid::new_v4().simple());
-        self.consumer =
-            start_consumer(&self.consume, &ctx.settings.amqp.jobs_queue, &self.tag).await?;
+        let queue = ctx.settings.amqp.queue_of(&ctx.settings.worker.model);
+        self.consumer = start_consumer(&self.consume, &queue, &self.tag).await?;
         info!("consuming again after the pause");
         Ok(())
     }
@@ -297,7 +330,11 @@ impl Session {
     }
 }
 
-async fn start_consumer(ch: &Channel, queue: &str, tag: &str) -> anyhow::Result<lapin::Consumer> {
+pub(super) async fn start_consumer(
+    ch: &Channel,
+    queue: &str,
+    tag: &str,
+) -> anyhow::Result<lapin::Consumer> {
     ch.basic_consume(
         queue.into(),
         tag.into(),
@@ -308,10 +345,23 @@ async fn start_consumer(ch: &Channel, queue: &str, tag: &str) -> anyhow::Result<
     .map_err(amqp_error)
 }
 
-/// A message's id for logs and events (a valid one, or none).
+/// Aborts a task when dropped: the inbox router ends with its session.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// The job's status record after a settlement: finished with its result event, `retrying` or
 /// `queued` (handed back) with the reason. Messages without a readable id have none.
-async fn record_status(ctx: &Context, d: &Delivery, attempt: u32, settlement: &Settlement) {
+pub(super) async fn record_status(
+    ctx: &Context,
+    d: &Delivery,
+    attempt: u32,
+    settlement: &Settlement,
+) {
     let (id, state, reason, result, attempt) = match settlement {
         Settlement::Publish { event } => (
             Some(event.id.clone()),
@@ -345,7 +395,7 @@ async fn record_status(ctx: &Context, d: &Delivery, attempt: u32, settlement: &S
             None,
             attempt,
         ),
-        Settlement::Postpone => return,
+        Settlement::Postpone | Settlement::Route { .. } => return,
     };
     let Some(id) = id.filter(|i| crate::job::valid_id(i)) else {
         return;
@@ -365,7 +415,7 @@ async fn record_status(ctx: &Context, d: &Delivery, attempt: u32, settlement: &S
     .await;
 }
 
-fn best_effort_id_bounded(ctx: &Context, body: &[u8]) -> Option<String> {
+pub(super) fn best_effort_id_bounded(ctx: &Context, body: &[u8]) -> Option<String> {
     best_effort_id(body, ctx.settings.limits.max_message_bytes)
 }
 

@@ -2,20 +2,22 @@
 //! the async side never blocks on tensor work. Panics and errors inside a job become that job's
 //! `model` failure; a CUDA error that poisons the context marks the worker wedged.
 
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::Settings;
-use crate::generate::{generate_png, Engine, Mode, ModelCaps, Params};
+use crate::generate::{generate_image, generate_png, Encoding, Engine, Mode, ModelCaps, Params};
 use crate::metrics::Metrics;
 use crate::models::hub;
 use crate::pipelines::Timings;
 
 /// One image of a job, encoded.
 pub struct GeneratedImage {
-    pub png: Vec<u8>,
+    /// The file (in the job's format), metadata included.
+    pub bytes: Vec<u8>,
     pub width: i64,
     pub height: i64,
     /// Denoising steps taken for this image, every run counted (R2F+: object runs too).
@@ -31,6 +33,76 @@ pub enum GpuFailure {
     Job(String),
     /// The device is unusable (a CUDA error that poisons the context): the worker is sick.
     Device(String),
+    /// The run was asked to stop and stopped between two denoising steps.
+    Stopped(StopReason),
+}
+
+/// Why a run stopped before its end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// A client cancelled the job (`r2f cancel`).
+    Cancelled,
+    /// The job ran past `worker.job_timeout_secs` and its worker gave up on it.
+    Abandoned,
+}
+
+impl std::fmt::Display for StopReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StopReason::Cancelled => "cancelled",
+            StopReason::Abandoned => "abandoned past job_timeout_secs",
+        })
+    }
+}
+
+impl std::error::Error for StopReason {}
+
+/// What a job and the GPU thread running it share: a stop request, read between denoising
+/// steps (an atomic load, no device synchronisation), and whether the GPU thread is done with
+/// the task. A task that was asked to stop but is not finished keeps the GPU busy.
+#[derive(Debug, Default)]
+pub struct TaskControl {
+    stop: AtomicU8,
+    finished: AtomicBool,
+}
+
+impl TaskControl {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Asks the run to stop after its current step; the first reason given wins.
+    pub fn stop(&self, why: StopReason) {
+        let code = match why {
+            StopReason::Cancelled => 1,
+            StopReason::Abandoned => 2,
+        };
+        let _ = self
+            .stop
+            .compare_exchange(0, code, Ordering::SeqCst, Ordering::SeqCst);
+    }
+
+    pub fn stop_reason(&self) -> Option<StopReason> {
+        match self.stop.load(Ordering::SeqCst) {
+            1 => Some(StopReason::Cancelled),
+            2 => Some(StopReason::Abandoned),
+            _ => None,
+        }
+    }
+
+    /// An error when a stop was asked for (what the pipelines' step hook returns).
+    pub fn check(&self) -> Result<(), StopReason> {
+        self.stop_reason().map_or(Ok(()), Err)
+    }
+
+    /// Whether the GPU thread has let go of the task (finished, failed or stopped).
+    pub fn is_finished(&self) -> bool {
+        self.finished.load(Ordering::SeqCst)
+    }
+
+    fn finish(&self) {
+        self.finished.store(true, Ordering::SeqCst);
+    }
 }
 
 pub struct GpuTask {
@@ -39,8 +111,12 @@ pub struct GpuTask {
     pub mode: Mode,
     pub params: Params,
     pub num_images: usize,
+    /// The output format.
+    pub encoding: Encoding,
     /// (step done, total steps over all images).
     pub progress: mpsc::UnboundedSender<(usize, usize)>,
+    /// Stop requests, and the GPU thread's word that it is done with the task.
+    pub control: Arc<TaskControl>,
     pub reply: oneshot::Sender<Result<Vec<GeneratedImage>, GpuFailure>>,
 }
 
@@ -118,7 +194,7 @@ impl GpuWorker {
                             &Mode::Plain,
                             &p,
                             &settings.limits,
-                            &mut |_, _| {},
+                            &mut |_, _| Ok(()),
                         )?;
                         tracing::info!(seconds = t.elapsed().as_secs_f64(), "warm-up step done");
                     }
@@ -140,17 +216,21 @@ impl GpuWorker {
                 let device = engine.device();
                 // GPU memory is sampled off the job path (see `metrics::sample_gpu_memory`).
                 while let Ok(task) = rx.recv() {
-                    let result = run_task(&mut engine, &settings, &task).map_err(|msg| {
-                        if device.is_cuda() && is_fatal_cuda_error(&msg) {
+                    let result = run_task(&mut engine, &settings, &task);
+                    // The GPU is free: a task abandoned past its timeout no longer holds it.
+                    task.control.finish();
+                    let result = result.map_err(|e| match e {
+                        TaskError::Stopped(why) => {
+                            tracing::info!(reason = %why, "generation stopped between steps");
+                            GpuFailure::Stopped(why)
+                        }
+                        TaskError::Failed(msg) if device.is_cuda() && is_fatal_cuda_error(&msg) => {
                             tracing::error!(error = %msg, "CUDA context is unusable: /healthz now fails");
                             metrics.set_wedged();
                             GpuFailure::Device(msg)
-                        } else {
-                            GpuFailure::Job(msg)
                         }
+                        TaskError::Failed(msg) => GpuFailure::Job(msg),
                     });
-                    // A job abandoned past its timeout has finished at last: the GPU is free.
-                    metrics.set_stuck(false);
                     let _ = task.reply.send(result);
                 }
             })?;
@@ -165,13 +245,21 @@ impl GpuWorker {
     }
 }
 
+/// Why `run_task` gave no images.
+enum TaskError {
+    Stopped(StopReason),
+    Failed(String),
+}
+
 fn run_task(
     engine: &mut Engine,
     settings: &Settings,
     task: &GpuTask,
-) -> Result<Vec<GeneratedImage>, String> {
+) -> Result<Vec<GeneratedImage>, TaskError> {
     let mut images = Vec::with_capacity(task.num_images);
     for index in 0..task.num_images {
+        // A task stopped while it waited for the GPU (or between images) does not start.
+        task.control.check().map_err(TaskError::Stopped)?;
         // Image i of a job uses seed + i, so every image is reproducible on its own.
         let mut params = task.params.clone();
         params.seed = task.params.seed.wrapping_add(index as i64);
@@ -179,25 +267,29 @@ fn run_task(
         let n = task.num_images;
         // `steps` counts every run of the image (R2F+: each object run, then the overall one).
         let run_steps = std::cell::Cell::new(0);
+        let control = &task.control;
         let mut on_step = |s: usize, steps: usize| {
             run_steps.set(steps);
             let _ = progress.send((index * steps + s, n * steps));
+            control.check()?;
+            Ok(())
         };
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let _guard = tch::no_grad_guard();
-            generate_png(
+            generate_image(
                 engine,
                 &task.model_name,
                 &task.prompt,
                 &task.mode,
                 &params,
                 &settings.limits,
+                task.encoding,
                 &mut on_step,
             )
         }));
         match result {
             Ok(Ok(g)) => images.push(GeneratedImage {
-                png: g.png,
+                bytes: g.bytes,
                 width: g.resolved.width,
                 height: g.resolved.height,
                 // The denoising steps taken, all runs together (the per-step metric divides by it).
@@ -205,13 +297,17 @@ fn run_task(
                 timings: g.output.timings,
             }),
             Ok(Err(e)) => {
-                return Err(e
-                    .chain()
-                    .map(|c| c.to_string())
-                    .collect::<Vec<_>>()
-                    .join(": "))
+                if let Some(why) = e.downcast_ref::<StopReason>() {
+                    return Err(TaskError::Stopped(*why));
+                }
+                return Err(TaskError::Failed(
+                    e.chain()
+                        .map(|c| c.to_string())
+                        .collect::<Vec<_>>()
+                        .join(": "),
+                ));
             }
-            Err(p) => return Err(panic_message(p)),
+            Err(p) => return Err(TaskError::Failed(panic_message(p))),
         }
     }
     Ok(images)

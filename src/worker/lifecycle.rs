@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
-use super::gpu::{ms, total_timings, GeneratedImage, GpuFailure, GpuTask};
+use super::gpu::{ms, total_timings, GeneratedImage, GpuFailure, GpuTask, StopReason, TaskControl};
 use super::outcome::{bounded, Fault, JobError, JobOutcome};
 use super::Context;
 use crate::generate::Mode;
@@ -27,6 +27,8 @@ pub struct Incoming<'a> {
     pub attempt: u32,
     /// Milliseconds since the message was first published (0 when unknown).
     pub queue_ms: u64,
+    /// A worker sent it on to this queue already (it is not sent on again).
+    pub routed: bool,
 }
 
 /// Progress of the job in hand: (job id, steps done, total steps); published by the consumer.
@@ -70,6 +72,31 @@ pub async fn run_job(
             return (outcome, JobInfo::default());
         }
     };
+    if job.model != s.worker.model {
+        if !msg.routed {
+            return (JobOutcome::Route { model: job.model }, JobInfo::default());
+        }
+        // Sent on once already and still not at its model's queue: a broker set up otherwise
+        // than this worker's configuration says. Rejected rather than sent round again.
+        let reason = format!(
+            "job for model `{}` reached the queue of model `{}`",
+            job.model, s.worker.model
+        );
+        warn!(job_id = %job.id, reason = ?reason, "job rejected");
+        let outcome = JobOutcome::Rejected {
+            id: Some(job.id),
+            reason,
+        };
+        return (outcome, JobInfo::default());
+    }
+    if let Some(Err(reason)) = job.webhook.as_ref().map(|w| w.check(&s.webhook)) {
+        warn!(job_id = %job.id, reason = ?reason, "job rejected");
+        let outcome = JobOutcome::Rejected {
+            id: Some(job.id),
+            reason,
+        };
+        return (outcome, JobInfo::default());
+    }
     let info = JobInfo {
         mode: job.mode.name(),
         result_key: Some(result_key(ctx, &job)),
@@ -253,6 +280,10 @@ async fn with_lock(
         Ok(None) => {}
         Err(e) => return failed(ctx, job, attempt, storage_error(e)),
     }
+    // A job cancelled while it was queued is dropped here, before any work.
+    if crate::status::cancel_requested(&ctx.redis, &job.id).await {
+        return cancelled(ctx, job, attempt, key, "while queued").await;
+    }
     // `running` only once this worker holds the job and it is not finished already: a
     // postponed or re-published delivery must not overwrite the state of the real run.
     crate::status::record(
@@ -277,8 +308,13 @@ async fn with_lock(
     info!(mode = mode.name(), images = job.num_images, "generating");
     let images = match generate(ctx, job, mode, progress).await {
         Ok(images) => images,
-        Err(e) => return failed(ctx, job, attempt, e),
+        Err(Halt::Cancelled) => return cancelled(ctx, job, attempt, key, "while running").await,
+        Err(Halt::Failed(e)) => return failed(ctx, job, attempt, e),
     };
+    // A request that came after the last step still wins over storing the images.
+    if crate::status::cancel_requested(&ctx.redis, &job.id).await {
+        return cancelled(ctx, job, attempt, key, "after generating, before storing").await;
+    }
     if *lost.borrow() {
         warn!("the job's lock was lost while generating: postponed (its holder finishes it)");
         return JobOutcome::Busy;
@@ -331,6 +367,42 @@ async fn with_lock(
         "job succeeded"
     );
     JobOutcome::Succeeded(event)
+}
+
+/// A cancelled job: `result.json` records it (a redelivery or the same id sent again publishes
+/// it again instead of running), no image is stored.
+async fn cancelled(
+    ctx: &Context,
+    job: &ValidJob,
+    attempt: u32,
+    key: &str,
+    when: &str,
+) -> JobOutcome {
+    let event = ResultEvent {
+        id: job.id.clone(),
+        status: "cancelled".into(),
+        attempt,
+        outputs: vec![],
+        plan: job.plan.as_ref().map(Plan::to_json),
+        timings_ms: BTreeMap::new(),
+        error: Some(crate::job::EventError {
+            kind: ErrorKind::Cancelled,
+            message: "cancelled by request".into(),
+        }),
+        worker: ctx.worker_name.clone(),
+    };
+    let body = match serde_json::to_vec_pretty(&event) {
+        Ok(b) => b,
+        Err(e) => {
+            let err = JobError::new(ErrorKind::Internal, Fault::Worker, e.to_string());
+            return failed(ctx, job, attempt, err);
+        }
+    };
+    if let Err(e) = put_with_budget(ctx, key, body, "application/json").await {
+        return failed(ctx, job, attempt, e);
+    }
+    info!(when, "job cancelled");
+    JobOutcome::Cancelled(event)
 }
 
 fn storage_error(e: crate::storage::StorageError) -> JobError {
@@ -430,27 +502,61 @@ async fn plan(
     }
 }
 
-/// Generates on the GPU thread, forwarding progress.
+/// Why [`generate`] gave no images.
+enum Halt {
+    Failed(JobError),
+    Cancelled,
+}
+
+/// Stops the GPU task of a job whose future is dropped before the task finished: the job ran
+/// past `job_timeout_secs` and was abandoned. The GPU thread stops it at its next step; until
+/// then /healthz fails.
+struct AbandonOnDrop<'a> {
+    control: Arc<TaskControl>,
+    ctx: &'a Context,
+    armed: bool,
+}
+
+impl Drop for AbandonOnDrop<'_> {
+    fn drop(&mut self) {
+        if self.armed && !self.control.is_finished() {
+            self.control.stop(StopReason::Abandoned);
+            self.ctx.metrics.set_abandoned(self.control.clone());
+        }
+    }
+}
+
+/// Generates on the GPU thread, forwarding progress and watching for a cancellation request
+/// (one Redis read per `worker.cancel_poll_ms`; the GPU thread reads the stop flag between
+/// steps without synchronising the device).
 async fn generate(
     ctx: &Context,
     job: &ValidJob,
     mode: Mode,
     progress: &ProgressTx,
-) -> Result<Vec<GeneratedImage>, JobError> {
+) -> Result<Vec<GeneratedImage>, Halt> {
     let (step_tx, mut step_rx) = mpsc::unbounded_channel::<(usize, usize)>();
     let (reply_tx, reply_rx) = oneshot::channel();
+    let control = TaskControl::new();
     let task = GpuTask {
         model_name: ctx.settings.worker.model.clone(),
         prompt: job.prompt.clone(),
         mode,
         params: job.params.clone(),
         num_images: job.num_images,
+        encoding: job.encoding,
         progress: step_tx,
+        control: control.clone(),
         reply: reply_tx,
     };
     if ctx.gpu.submit(task).is_err() {
-        return Err(gpu_thread_gone());
+        return Err(Halt::Failed(gpu_thread_gone()));
     }
+    let mut guard = AbandonOnDrop {
+        control: control.clone(),
+        ctx,
+        armed: true,
+    };
     let forward = {
         let progress = progress.clone();
         let id = job.id.clone();
@@ -460,16 +566,43 @@ async fn generate(
             }
         }
     };
-    let (reply, ()) = tokio::join!(reply_rx, forward);
+    let watch_cancel = async {
+        let every = Duration::from_millis(ctx.settings.worker.cancel_poll_ms.max(50));
+        loop {
+            tokio::time::sleep(every).await;
+            if crate::status::cancel_requested(&ctx.redis, &job.id).await {
+                info!("cancellation requested: stopping at the next denoising step");
+                control.stop(StopReason::Cancelled);
+                break;
+            }
+        }
+        // The GPU thread answers once it has stopped; the reply ends the select.
+        std::future::pending::<std::convert::Infallible>().await
+    };
+    let (reply, ()) = tokio::select! {
+        r = async { tokio::join!(reply_rx, forward) } => r,
+        never = watch_cancel => match never {},
+    };
+    guard.armed = false;
     match reply {
         Ok(Ok(images)) => Ok(images),
-        Ok(Err(GpuFailure::Job(msg))) => {
-            Err(JobError::new(ErrorKind::Model, Fault::Transient, msg))
-        }
-        Ok(Err(GpuFailure::Device(msg))) => {
-            Err(JobError::new(ErrorKind::Model, Fault::Worker, msg))
-        }
-        Err(_) => Err(gpu_thread_gone()),
+        Ok(Err(GpuFailure::Stopped(StopReason::Cancelled))) => Err(Halt::Cancelled),
+        Ok(Err(GpuFailure::Stopped(StopReason::Abandoned))) => Err(Halt::Failed(JobError::new(
+            ErrorKind::Internal,
+            Fault::Transient,
+            "the generation was stopped past job_timeout_secs",
+        ))),
+        Ok(Err(GpuFailure::Job(msg))) => Err(Halt::Failed(JobError::new(
+            ErrorKind::Model,
+            Fault::Transient,
+            msg,
+        ))),
+        Ok(Err(GpuFailure::Device(msg))) => Err(Halt::Failed(JobError::new(
+            ErrorKind::Model,
+            Fault::Worker,
+            msg,
+        ))),
+        Err(_) => Err(Halt::Failed(gpu_thread_gone())),
     }
 }
 
@@ -493,14 +626,33 @@ async fn upload<'a>(
             &ctx.settings.storage.prefix,
             &job.prefix,
             &job.id,
-            &format!("{index}.png"),
+            &format!("{index}.{}", job.encoding.format.extension()),
         ]);
-        let uri = put_with_budget(ctx, &key, img.png.clone(), "image/png").await?;
+        let content_type = job.encoding.format.content_type();
+        let uri = put_with_budget(ctx, &key, img.bytes.clone(), content_type).await?;
+        let ttl = ctx.settings.storage.presign_ttl_secs;
+        let url = if ttl > 0 {
+            // Signing is local; a failure costs the URL, not the job.
+            match ctx
+                .storage
+                .presigned_get(&key, Duration::from_secs(ttl))
+                .await
+            {
+                Ok(url) => url,
+                Err(e) => {
+                    warn!(error = %e.0, "no presigned URL");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         outputs.push(OutputImage {
             uri,
             width: img.width,
             height: img.height,
-            sha256: hex::encode(Sha256::digest(&img.png)),
+            sha256: hex::encode(Sha256::digest(&img.bytes)),
+            url,
         });
     }
     Ok(outputs)

@@ -19,6 +19,7 @@ pub mod consumer;
 pub mod gpu;
 pub mod lifecycle;
 pub mod outcome;
+pub mod router;
 pub mod settle;
 
 use std::sync::Arc;
@@ -78,10 +79,13 @@ pub struct Context {
     pub gpu: GpuWorker,
     pub worker_name: String,
     pub planner: Option<Arc<dyn crate::plan::Planner>>,
-    /// The models this worker serves (job `model` values it accepts).
+    /// The models that have a queue (job `model` values that are not rejected); this worker
+    /// serves `settings.worker.model` and sends the others on.
     pub models: Vec<String>,
     /// What the loaded model can draw.
     pub caps: ModelCaps,
+    /// Webhook deliveries; None when no host is allowed.
+    pub webhooks: Option<Arc<crate::webhook::Webhooks>>,
 }
 
 pub struct Worker {
@@ -106,6 +110,7 @@ impl Worker {
         planner: Option<Arc<dyn crate::plan::Planner>>,
     ) -> anyhow::Result<Option<Self>> {
         let metrics = Metrics::new();
+        let webhooks = crate::webhook::Webhooks::from_settings(&settings.webhook, metrics.clone())?;
         let addr = crate::metrics::serve(metrics.clone(), &settings.metrics.listen).await?;
         info!(%addr, "metrics, /healthz and /readyz listening");
         metrics.init_model(
@@ -154,7 +159,7 @@ impl Worker {
         metrics.set_ready(true);
         info!(?caps, "model loaded and warm: ready");
         let redis = RedisStore::new(&settings.redis);
-        let models = vec![settings.worker.model.clone()];
+        let models = settings.routed_models();
         Ok(Some(Self {
             ctx: Arc::new(Context {
                 settings,
@@ -166,6 +171,7 @@ impl Worker {
                 planner,
                 models,
                 caps,
+                webhooks,
             }),
         }))
     }
@@ -198,7 +204,7 @@ impl Worker {
                 ctx.metrics.amqp_reconnects.inc();
                 info!("broker connection re-established");
             } else {
-                info!(queue = %s.jobs_queue, "consuming");
+                info!(queue = %s.queue_of(&ctx.settings.worker.model), inbox = %s.inbox_queue, "consuming");
             }
             connected_before = true;
             backoff.up();

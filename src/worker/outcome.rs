@@ -3,13 +3,14 @@
 //!
 //! | outcome | settlement |
 //! | --- | --- |
-//! | succeeded / already finished | publish the stored result event, ack |
+//! | succeeded / already finished / cancelled | publish the (stored) result event, ack |
 //! | rejected (invalid message) | `rejected` event, dead letter, ack — never retried |
 //! | failed, the job's fault | `failed` event (stored), dead letter, ack |
 //! | failed, transient dependency, attempts left | republish to the retry queue of that attempt's backoff level, ack |
 //! | failed, transient dependency, last attempt | `failed` event (stored), dead letter, ack |
 //! | failed, this worker's fault | give the job back untouched (republished, attempt not counted) |
 //! | busy (another worker holds its lock) | postpone: republished after a short delay, not counted |
+//! | a job for another model | sent on through the jobs exchange to that model's queue |
 //! | delivered too often without finishing | `failed` event, dead letter, ack |
 
 use crate::job::{ErrorKind, ResultEvent};
@@ -56,6 +57,7 @@ impl JobError {
             ErrorKind::Storage => "storing the images failed".into(),
             ErrorKind::Model => "the model failed on this job".into(),
             ErrorKind::Internal => bounded(&self.detail, 200),
+            ErrorKind::Cancelled => "cancelled by request".into(),
         }
     }
 }
@@ -84,8 +86,14 @@ pub enum JobOutcome {
         event: ResultEvent,
         error: JobError,
     },
+    /// A client cancelled the job: nothing is stored but `result.json` (status `cancelled`);
+    /// the event is to be published.
+    Cancelled(ResultEvent),
     /// Another worker holds the job's lock.
     Busy,
+    /// A valid job for another model of the fleet (published straight to the inbox, or to the
+    /// wrong queue): sent on to that model's queue.
+    Route { model: String },
     /// The message was delivered `deliveries` times and no worker finished it (each one died or
     /// lost its connection while holding it).
     Poison { id: Option<String>, deliveries: u32 },
@@ -112,14 +120,16 @@ pub enum Settlement {
     GiveBack { reason: String },
     /// Republish unchanged after the postpone delay, ack (another worker holds it).
     Postpone,
+    /// Publish to the jobs exchange with `model` as routing key, ack.
+    Route { model: String },
 }
 
 /// The failure policy. `attempt` is the delivery's attempt number (1-based).
 pub fn decide(outcome: JobOutcome, attempt: u32, max_attempts: u32) -> Settlement {
     match outcome {
-        JobOutcome::Succeeded(event) | JobOutcome::AlreadyFinished(event) => {
-            Settlement::Publish { event }
-        }
+        JobOutcome::Succeeded(event)
+        | JobOutcome::AlreadyFinished(event)
+        | JobOutcome::Cancelled(event) => Settlement::Publish { event },
         JobOutcome::Rejected { id, reason } => Settlement::DeadLetter {
             event: terminal_event(id, "rejected", attempt, ErrorKind::InvalidJob, &reason),
             label: "invalid_job",
@@ -136,6 +146,7 @@ pub fn decide(outcome: JobOutcome, attempt: u32, max_attempts: u32) -> Settlemen
             }
         }
         JobOutcome::Busy => Settlement::Postpone,
+        JobOutcome::Route { model } => Settlement::Route { model },
         JobOutcome::Failed { mut event, error } => match error.fault {
             Fault::Worker => Settlement::GiveBack {
                 reason: error.detail,

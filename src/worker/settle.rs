@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use lapin::message::Delivery;
-use lapin::options::BasicAckOptions;
+use lapin::options::{BasicAckOptions, BasicPublishOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel};
 use tracing::{info, warn};
@@ -18,6 +18,8 @@ use crate::job::ResultEvent;
 
 /// Header: the attempt number of a job (transient failures retried so far + 1).
 pub const ATTEMPT_HEADER: &str = "x-r2f-attempt";
+/// Header: set when a worker sent the job on to its model's queue (the model's name).
+pub const ROUTED_HEADER: &str = "x-r2f-routed";
 /// Header: deliveries of this message that ended without being settled (the worker died or
 /// lost its connection holding it).
 pub const DELIVERIES_HEADER: &str = "x-r2f-deliveries";
@@ -45,16 +47,22 @@ pub fn deliveries_of(d: &Delivery) -> u32 {
 }
 
 /// The broker side of a settlement, then the ack.
+/// `reply` carries the terminal event to the message's `reply_to` queue, when it names one.
 pub async fn settle(
     ctx: &Context,
     publish: &Channel,
+    reply: &Channel,
     d: &Delivery,
     attempt: u32,
     settlement: Settlement,
     result_key: Option<&str>,
 ) -> anyhow::Result<()> {
     match settlement {
-        Settlement::Publish { event } => publish_event(ctx, publish, &event).await?,
+        Settlement::Publish { event } => {
+            publish_event(ctx, publish, &event).await?;
+            send_reply(reply, d, &event).await;
+            send_webhook(ctx, d, &event);
+        }
         Settlement::DeadLetter {
             mut event,
             label,
@@ -72,6 +80,8 @@ pub async fn settle(
             }
             publish_event(ctx, publish, &event).await?;
             dead_letter(ctx, publish, d, &event, label, &reason, attempt).await?;
+            send_reply(reply, d, &event).await;
+            send_webhook(ctx, d, &event);
         }
         Settlement::Retry {
             next_attempt,
@@ -101,6 +111,11 @@ pub async fn settle(
                 .with_label_values(&["sick_worker"])
                 .inc();
             warn!(error = ?reason, "failure is this worker's, not the job's: job given back");
+        }
+        Settlement::Route { model } => {
+            info!(model = %model, "job for another model: sent on to its queue");
+            // `route` acks.
+            return route(ctx, publish, d, &model).await;
         }
         Settlement::Postpone => {
             let delay = Duration::from_millis(ctx.settings.worker.give_back_delay_ms);
@@ -180,11 +195,51 @@ async fn republish(
     let queue = match level {
         Some(level) => {
             props = props.with_expiration(delay.as_millis().max(1).to_string().as_str().into());
-            amqp::retry_level_queue(s, level)
+            amqp::retry_level_queue(s, &ctx.settings.worker.model, level)
         }
-        None => s.jobs_queue.clone(),
+        None => s.queue_of(&ctx.settings.worker.model),
     };
     publish_confirmed(publish, "", &queue, &d.data, props, confirm_timeout(ctx)).await
+}
+
+/// Sends a job on to the queue of `model` through the jobs exchange, marked as routed (a job
+/// that comes back from the exchange marked so has no queue to go to), and acks it here.
+pub async fn route(
+    ctx: &Context,
+    publish: &Channel,
+    d: &Delivery,
+    model: &str,
+) -> anyhow::Result<()> {
+    let mut headers = d.properties.headers().clone().unwrap_or_default();
+    headers.insert(ROUTED_HEADER.into(), amqp::header_str(model));
+    let mut props = d
+        .properties
+        .clone()
+        .with_headers(headers)
+        .with_delivery_mode(2);
+    if props.timestamp().is_none() {
+        props = props.with_timestamp(amqp::now_unix());
+    }
+    let exchange = &ctx.settings.amqp.jobs_exchange;
+    publish_confirmed(
+        publish,
+        exchange,
+        model,
+        &d.data,
+        props,
+        confirm_timeout(ctx),
+    )
+    .await?;
+    ctx.metrics.routed.with_label_values(&[model]).inc();
+    ack(d).await
+}
+
+/// Whether the delivery was routed by a worker before (see [`route`]).
+pub fn was_routed(d: &Delivery) -> bool {
+    d.properties
+        .headers()
+        .as_ref()
+        .is_some_and(|h| h.inner().contains_key(ROUTED_HEADER))
 }
 
 /// Publishes a result event (confirmed) on `job.<status>`.
@@ -207,6 +262,58 @@ pub async fn publish_event(
         confirm_timeout(ctx),
     )
     .await
+}
+
+/// Sends the terminal event to the queue the message names in `reply_to` (RabbitMQ's direct
+/// reply-to `amq.rabbitmq.reply-to` included), with the message's `correlation_id` (its
+/// `message_id` when it has none). Best effort, on a channel of its own without confirms: a
+/// client that has gone away never costs the job (the event on the events exchange and the
+/// status record stay the durable answers).
+pub async fn send_reply(reply: &Channel, d: &Delivery, event: &ResultEvent) {
+    let Some(queue) = d.properties.reply_to().as_ref() else {
+        return;
+    };
+    let Ok(body) = serde_json::to_vec(event) else {
+        return;
+    };
+    let mut props = json_props()
+        .with_delivery_mode(1)
+        .with_timestamp(amqp::now_unix())
+        .with_type(format!("job.{}", event.status).as_str().into());
+    if let Some(c) = d
+        .properties
+        .correlation_id()
+        .clone()
+        .or_else(|| d.properties.message_id().clone())
+    {
+        props = props.with_correlation_id(c);
+    }
+    if let Some(id) = amqp::message_id(&event.id) {
+        props = props.with_message_id(id);
+    }
+    let sent = reply
+        .basic_publish(
+            "".into(),
+            queue.as_str().into(),
+            BasicPublishOptions::default(),
+            &body,
+            props,
+        )
+        .await;
+    if let Err(e) = sent {
+        warn!(error = %e, "reply_to not answered");
+    }
+}
+
+/// Hands the terminal event to the webhook sender when the message asks for one (it is sent in
+/// the background; the ack does not wait for it).
+fn send_webhook(ctx: &Context, d: &Delivery, event: &ResultEvent) {
+    let Some(webhooks) = &ctx.webhooks else {
+        return;
+    };
+    if let Some(spec) = crate::webhook::spec_of(&d.data, ctx.settings.limits.max_message_bytes) {
+        webhooks.deliver(&spec, event);
+    }
 }
 
 /// Copies the original message to the dead-letter queue (confirmed), with why.

@@ -204,11 +204,19 @@ impl Drop for Proxy {
 #[derive(Clone)]
 pub struct Names {
     pub prefix: String,
+    /// The jobs queue of a single-queue worker (model `tiny`).
     pub jobs: String,
     pub dead: String,
     pub retry: String,
     pub events: String,
+    /// The jobs exchange (routing key: the model).
+    pub route: String,
+    /// The inbox queue (jobs published to it directly, and the unroutable ones).
+    pub inbox: String,
 }
+
+/// The models of a fleet test: (name, fixture folder).
+pub const FLEET: [(&str, &str); 2] = [("sd3", "sd3-tiny-a"), ("sdxl", "sdxl-tiny-a")];
 
 impl Names {
     pub fn new(prefix: &str) -> Self {
@@ -218,7 +226,30 @@ impl Names {
             dead: format!("{prefix}.dead"),
             retry: format!("{prefix}.retry"),
             events: format!("{prefix}.events"),
+            route: format!("{prefix}.jobs.route"),
+            inbox: format!("{prefix}.jobs.inbox"),
         }
+    }
+
+    /// The queue of `model` in a fleet (a queue per model).
+    pub fn queue_of(&self, model: &str) -> String {
+        format!("{}.{model}", self.jobs)
+    }
+
+    /// The broker settings the worker gets (a fleet: a queue per model).
+    pub fn settings(&self, fleet: bool) -> r2f::config::AmqpSettings {
+        let mut s = r2f::config::AmqpSettings::named(
+            AMQP_URL,
+            &self.jobs,
+            &self.dead,
+            &self.retry,
+            &self.events,
+        );
+        if fleet {
+            s.jobs_queue = format!("{}.{{model}}", self.jobs);
+            s.retry_queue = format!("{}.{{model}}", self.retry);
+        }
+        s
     }
 }
 
@@ -233,6 +264,15 @@ pub struct Broker {
 
 impl Broker {
     pub async fn connect(names: &Names) -> Self {
+        Self::connect_with(names, false).await
+    }
+
+    /// A broker client for a fleet: a queue per model of [`FLEET`].
+    pub async fn connect_fleet(names: &Names) -> Self {
+        Self::connect_with(names, true).await
+    }
+
+    async fn connect_with(names: &Names, fleet: bool) -> Self {
         let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
             .await
             .expect("RabbitMQ on 127.0.0.1:5672 (scripts/services.sh starts it)");
@@ -241,14 +281,14 @@ impl Broker {
             .await
             .unwrap();
         // Declare like the worker does, so either may come first.
-        let s = r2f::config::AmqpSettings::named(
-            AMQP_URL,
-            &names.jobs,
-            &names.dead,
-            &names.retry,
-            &names.events,
-        );
-        r2f::worker::amqp::declare_topology(&ch, &s).await.unwrap();
+        let models: Vec<String> = if fleet {
+            FLEET.iter().map(|(m, _)| m.to_string()).collect()
+        } else {
+            vec!["tiny".into()]
+        };
+        r2f::worker::amqp::declare_topology(&ch, &names.settings(fleet), &models)
+            .await
+            .unwrap();
         let q = ch
             .queue_declare(
                 "".into(),
@@ -292,14 +332,19 @@ impl Broker {
     }
 
     pub async fn publish_raw(&self, body: &[u8]) {
+        self.publish_at("", &self.names.jobs.clone(), body).await;
+    }
+
+    /// Publishes (confirmed) to `exchange` with `key`, as a client would.
+    pub async fn publish_at(&self, exchange: &str, key: &str, body: &[u8]) {
         let props = BasicProperties::default()
             .with_delivery_mode(2)
             .with_timestamp(r2f::worker::amqp::now_unix());
         let c = self
             .ch
             .basic_publish(
-                "".into(),
-                self.names.jobs.as_str().into(),
+                exchange.into(),
+                key.into(),
                 BasicPublishOptions::default(),
                 body,
                 props,
@@ -412,8 +457,22 @@ impl Broker {
             self.names.jobs.clone(),
             self.names.dead.clone(),
             self.names.retry.clone(),
+            self.names.inbox.clone(),
         ];
         queues.extend((0..=10).map(|l| format!("{}.{l}", self.names.retry)));
+        for (m, _) in FLEET {
+            queues.push(self.names.queue_of(m));
+            queues.extend((0..=10).map(|l| format!("{}.{m}.{l}", self.names.retry)));
+        }
+        for x in [
+            self.names.route.clone(),
+            format!("{}.unrouted", self.names.route),
+        ] {
+            let _ = self
+                .ch
+                .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
+                .await;
+        }
         for q in &queues {
             let _ = self
                 .ch
@@ -475,6 +534,10 @@ pub struct WorkerConfig {
     pub redis_url: String,
     pub extra: String,
     pub env: Vec<(String, String)>,
+    /// Serve this model of [`FLEET`] with a queue per model, instead of `tiny` on one queue.
+    pub fleet_model: Option<String>,
+    /// More lines for the `[storage]` section.
+    pub storage_extra: String,
 }
 
 impl WorkerConfig {
@@ -497,6 +560,8 @@ impl WorkerConfig {
             redis_url: "redis://127.0.0.1:6379".into(),
             extra: String::new(),
             env: vec![("R2F_TEST_LLM_KEY".into(), "sk-test-0123456789".into())],
+            fleet_model: None,
+            storage_extra: String::new(),
         }
     }
 
@@ -504,8 +569,8 @@ impl WorkerConfig {
         let n = &self.names;
         let storage = match (&self.s3_endpoint, &self.local_dir) {
             (Some(ep), _) => format!(
-                "[storage]\nbackend = \"s3\"\nbucket = \"{}\"\nprefix = \"out\"\nretry_budget_secs = {}\ntimeout_secs = {}\n[storage.s3]\nendpoint = \"{ep}\"\nregion = \"us-east-1\"\nforce_path_style = true\nrequest_checksums = true\n",
-                self.bucket, self.storage_retry_budget_secs, self.storage_timeout_secs
+                "[storage]\nbackend = \"s3\"\nbucket = \"{}\"\nprefix = \"out\"\nretry_budget_secs = {}\ntimeout_secs = {}\n{}\n[storage.s3]\nendpoint = \"{ep}\"\nregion = \"us-east-1\"\nforce_path_style = true\nrequest_checksums = true\n",
+                self.bucket, self.storage_retry_budget_secs, self.storage_timeout_secs, self.storage_extra
             ),
             (None, Some(dir)) => format!(
                 "[storage]\nbackend = \"local\"\nlocal_dir = \"{}\"\nretry_budget_secs = {}\n",
@@ -514,11 +579,35 @@ impl WorkerConfig {
             ),
             (None, None) => String::new(),
         };
+        let (models, model, jobs, retry) = match &self.fleet_model {
+            None => (
+                format!(
+                    "[models.tiny]\nsource = \"{}\"\n",
+                    crate::common::model_dir("sd3-tiny-a").display()
+                ),
+                "tiny".to_string(),
+                n.jobs.clone(),
+                n.retry.clone(),
+            ),
+            Some(m) => (
+                FLEET
+                    .iter()
+                    .map(|(name, dir)| {
+                        format!(
+                            "[models.{name}]\nsource = \"{}\"\n",
+                            crate::common::model_dir(dir).display()
+                        )
+                    })
+                    .collect(),
+                m.clone(),
+                format!("{}.{{model}}", n.jobs),
+                format!("{}.{{model}}", n.retry),
+            ),
+        };
         format!(
-            r#"[models.tiny]
-source = "{model}"
+            r#"{models}
 [worker]
-model = "tiny"
+model = "{model}"
 device = "cpu"
 dtype = "fp32"
 max_attempts = {attempts}
@@ -526,13 +615,15 @@ retry_backoff_ms = {backoff}
 retry_backoff_max_ms = 2000
 drain_timeout_secs = {drain}
 progress_interval_ms = 50
-name = "{prefix}-worker"
+name = "{worker_name}"
 pause_min_secs = {pause}
 pause_max_secs = {pause}
 give_back_delay_ms = 200
 {worker_extra}
 [amqp]
 url = "{amqp}"
+jobs_exchange = "{route}"
+inbox_queue = "{inbox}"
 jobs_queue = "{jobs}"
 dead_letter_queue = "{dead}"
 retry_queue = "{retry}"
@@ -553,7 +644,6 @@ listen = "127.0.0.1:{port}"
 {storage}
 {extra}
 "#,
-            model = crate::common::model_dir("sd3-tiny-a").display(),
             attempts = self.max_attempts,
             backoff = self.retry_backoff_ms,
             drain = self.drain_timeout_secs,
@@ -561,10 +651,14 @@ listen = "127.0.0.1:{port}"
             worker_extra = self.worker_extra,
             require_lock = self.redis_require_lock,
             prefix = n.prefix,
+            worker_name = match &self.fleet_model {
+                None => format!("{}-worker", n.prefix),
+                Some(m) => format!("{}-{m}-worker", n.prefix),
+            },
             amqp = self.amqp_url,
-            jobs = n.jobs,
+            route = n.route,
+            inbox = n.inbox,
             dead = n.dead,
-            retry = n.retry,
             events = n.events,
             redis = self.redis_url,
             port = self.metrics_port,

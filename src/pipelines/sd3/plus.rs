@@ -356,7 +356,7 @@ impl Sd3Pipeline {
     pub fn generate_regions(
         &self,
         req: &RegionRequest,
-        on_step: &mut dyn FnMut(usize, usize),
+        on_step: &mut dyn FnMut(usize, usize) -> anyhow::Result<()>,
     ) -> anyhow::Result<RegionOutput> {
         let _guard = tch::no_grad_guard();
         let setup = req.setup()?;
@@ -398,6 +398,8 @@ impl Sd3Pipeline {
         };
 
         let t0 = Instant::now();
+        // Prompts met first during the runs are encoded then: that time is encode, not denoise.
+        let encoded_before = ctx.encode_time;
         let (object_runs, overall) = runs.split_at(runs.len() - 1);
         let objects = self.object_runs(req, object_runs, &noise, &mut enc, &mut ctx, on_step)?;
         let fusion_steps = setup.fusion_steps;
@@ -422,7 +424,9 @@ impl Sd3Pipeline {
         let image = to_u8_image(&decoded);
         let timings = Timings {
             encode: ctx.encode_time,
-            denoise: denoise.saturating_sub(ctx.guidance_time),
+            denoise: denoise
+                .saturating_sub(ctx.guidance_time)
+                .saturating_sub(ctx.encode_time.saturating_sub(encoded_before)),
             guidance: ctx.guidance_time,
             decode: t0.elapsed(),
         };
@@ -449,7 +453,7 @@ impl Sd3Pipeline {
         noise: &[Tensor],
         enc: &mut Encodings,
         ctx: &mut RunContext,
-        on_step: &mut dyn FnMut(usize, usize),
+        on_step: &mut dyn FnMut(usize, usize) -> anyhow::Result<()>,
     ) -> anyhow::Result<Vec<ShiftedObject>> {
         let mut objects = Vec::with_capacity(runs.len());
         for ((run, noise), (_, obj)) in runs.iter().zip(noise).zip(&req.plan.objects) {
@@ -482,7 +486,7 @@ impl Sd3Pipeline {
         noise: &Tensor,
         enc: &mut Encodings,
         ctx: &mut RunContext,
-        on_step: &mut dyn FnMut(usize, usize),
+        on_step: &mut dyn FnMut(usize, usize) -> anyhow::Result<()>,
         after_step: &mut dyn FnMut(usize, &mut Tensor) -> anyhow::Result<()>,
     ) -> anyhow::Result<Tensor> {
         let cfg = ctx.req.guidance > 1.0;
@@ -521,7 +525,7 @@ impl Sd3Pipeline {
             latents = ctx.schedule.step(i, &latents, &v);
             after_step(i, &mut latents)?;
             ctx.done += 1;
-            on_step(ctx.done, ctx.total);
+            on_step(ctx.done, ctx.total)?;
         }
         Ok(latents)
     }

@@ -1,0 +1,142 @@
+//! The client examples (`examples/python`, `examples/typescript`) run against the local
+//! RabbitMQ and Redis and a tiny-model worker: each submits a job and gets its result, and
+//! cancels a running job. `scripts/setup.sh` installs what they need (their one-line setups).
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use common::harness::*;
+
+const T: Duration = Duration::from_secs(120);
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The virtualenv's python (scripts/setup.sh installs the example's requirements there).
+fn python() -> PathBuf {
+    let venv = std::env::var("R2F_VENV").map_or_else(|_| root().join(".venv"), PathBuf::from);
+    venv.join("bin/python")
+}
+
+fn client_args(names: &Names, prefix: &str, steps: u32, cancel: bool) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "--jobs-exchange",
+        &names.route,
+        "--events-exchange",
+        &names.events,
+        "--redis-prefix",
+        prefix,
+        "--model",
+        "tiny",
+        "--prompt",
+        "a hairy frog warrior",
+        "--steps",
+        &steps.to_string(),
+        "--width",
+        "64",
+        "--height",
+        "48",
+        "--timeout",
+        "120",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if cancel {
+        args.push("--cancel-after-progress".into());
+    }
+    args
+}
+
+/// One JSON object per line of the client's output.
+fn lines(out: &Output) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+fn result_of(out: &Output) -> serde_json::Value {
+    lines(out)
+        .into_iter()
+        .find_map(|v| v.get("result").cloned())
+        .unwrap_or_else(|| {
+            panic!(
+                "no result line:\n{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+}
+
+async fn run_client(mut cmd: Command) -> Output {
+    tokio::task::spawn_blocking(move || cmd.output().expect("the example runs"))
+        .await
+        .unwrap()
+}
+
+async fn check_client(name: &str, make: impl Fn(Vec<String>) -> Command) {
+    let names = Names::new(&unique(name));
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = WorkerConfig::new(&names);
+    cfg.local_dir = Some(dir.path().to_path_buf());
+    cfg.worker_extra = "cancel_poll_ms = 100".into();
+    cfg.extra = "[limits]\nmax_steps = 1000000".into();
+    let broker = Broker::connect(&names).await;
+    let mut worker = WorkerProc::spawn(&cfg);
+    assert!(worker.wait_ready(T).await, "{}", worker.log());
+
+    // Submit, follow, wait: exit 0, the succeeded event, progress seen on the way.
+    let out = run_client(make(client_args(&names, &names.prefix, 3, false))).await;
+    assert!(
+        out.status.success(),
+        "{name}:\n{}\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        worker.log()
+    );
+    let ev = result_of(&out);
+    assert_eq!(ev["status"], "succeeded", "{ev}");
+    assert_eq!(ev["outputs"].as_array().unwrap().len(), 1);
+    assert!(lines(&out).iter().any(|v| v.get("progress").is_some()));
+
+    // Cancel a long job once it runs: the result is `cancelled` and the client exits 1.
+    let out = run_client(make(client_args(&names, &names.prefix, 1_000_000, true))).await;
+    let ev = result_of(&out);
+    assert_eq!(ev["status"], "cancelled", "{ev}\n{}", worker.log());
+    assert_eq!(out.status.code(), Some(1));
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_client_submits_follows_waits_and_cancels() {
+    let py = python();
+    assert!(py.exists(), "no {} (run scripts/setup.sh)", py.display());
+    check_client("expy", |args| {
+        let mut c = Command::new(&py);
+        c.arg(root().join("examples/python/client.py")).args(args);
+        c
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_typescript_client_submits_follows_waits_and_cancels() {
+    let dir = root().join("examples/typescript");
+    let tsx = dir.join("node_modules/.bin/tsx");
+    assert!(
+        tsx.exists(),
+        "no {} (run scripts/setup.sh, or npm ci --prefix examples/typescript)",
+        tsx.display()
+    );
+    check_client("exts", |args| {
+        let mut c = Command::new(&tsx);
+        c.arg(dir.join("client.ts")).args(args);
+        c
+    })
+    .await;
+}
