@@ -161,7 +161,7 @@ CASES = [
      '"expr": "sum(r2f_jobs_in_progress{namespace=~\\"$namespace\\", instance=~\\"$instance\\"})"',
      '"expr": ""', r"empty expr"),
     ("dashboard unknown variable", "dashboards/r2f.json",
-     'rabbitmq_queue_messages_unacked{queue=\\"$jobs_queue\\"}', 'rabbitmq_queue_messages_unacked{queue=\\"$job_queue\\"}',
+     'rabbitmq_queue_messages_unacked{queue=~\\"$jobs_queue\\"', 'rabbitmq_queue_messages_unacked{queue=~\\"$job_queue\\"',
      r"unknown variable \$job_queue"),
     ("dashboard PromQL syntax error", "dashboards/r2f.json",
      '"expr": "sum(r2f_jobs_in_progress{namespace=~\\"$namespace\\", instance=~\\"$instance\\"})"',

@@ -81,10 +81,10 @@ impl Metrics {
                 HistogramVec::new(
                     hist(
                         "r2f_job_stage_seconds",
-                        "Time per job stage (queue, plan, encode, denoise, decode, upload, total).",
+                        "Time per job stage (queue, plan, encode, denoise, guidance, decode, upload, total), by model.",
                         JOB_BUCKETS,
                     ),
-                    &["stage"],
+                    &["model", "stage"],
                 )
                 .unwrap(),
             ),
@@ -296,11 +296,6 @@ impl Metrics {
         for o in ["ok", "error", "retry", "invalid"] {
             m.llm_requests.with_label_values(&[o]);
         }
-        for s in [
-            "queue", "plan", "encode", "denoise", "decode", "upload", "total",
-        ] {
-            m.stage_seconds.with_label_values(&[s]);
-        }
         m.redis_errors.with_label_values(&["lock"]);
         for r in ["invalid_job", "max_attempts", "model", "llm", "poison"] {
             m.dead_lettered.with_label_values(&[r]);
@@ -327,6 +322,11 @@ impl Metrics {
         }
         self.images.with_label_values(&[model]);
         self.denoise_step_seconds.with_label_values(&[model]);
+        for s in [
+            "queue", "plan", "encode", "denoise", "decode", "upload", "total",
+        ] {
+            self.stage_seconds.with_label_values(&[model, s]);
+        }
     }
 
     pub fn set_ready(&self, ready: bool) {

@@ -308,7 +308,11 @@ async fn r2fplus_jobs_run_with_their_plan_or_the_llm_plan_and_bad_ones_are_rejec
     }
     let dead = broker.take_dead_letters().await;
     assert_eq!(dead.len(), 3, "{dead:?}");
-    let stage = metric(&worker, r#"r2f_job_stage_seconds_count{stage="guidance"}"#).await;
+    let stage = metric(
+        &worker,
+        r#"r2f_job_stage_seconds_count{model="tiny",stage="guidance"}"#,
+    )
+    .await;
     assert_eq!(stage, 2.0, "guidance timed for both R2F+ jobs");
     let ok = metric(
         &worker,

@@ -370,6 +370,8 @@ const CONTRACT_METRICS: &[&str] = &[
     "r2f_model_load_seconds",
     "r2f_gpu_memory_allocated_bytes",
     "r2f_dead_lettered_total",
+    "r2f_jobs_routed_total",
+    "r2f_webhook_deliveries_total",
 ];
 
 /// Metric family names in a Prometheus text exposition.

@@ -703,15 +703,15 @@ fn observe(
     let m = &ctx.metrics;
     let model = &ctx.settings.worker.model;
     m.stage_seconds
-        .with_label_values(&["queue"])
+        .with_label_values(&[model, "queue"])
         .observe(queue_ms as f64 / 1e3);
     for (name, d) in stages {
         m.stage_seconds
-            .with_label_values(&[name])
+            .with_label_values(&[model.as_str(), name])
             .observe(d.as_secs_f64());
     }
     m.stage_seconds
-        .with_label_values(&["total"])
+        .with_label_values(&[model, "total"])
         .observe(total.as_secs_f64());
     for img in images {
         if img.steps > 0 {

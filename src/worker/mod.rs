@@ -160,6 +160,9 @@ impl Worker {
         info!(?caps, "model loaded and warm: ready");
         let redis = RedisStore::new(&settings.redis);
         let models = settings.routed_models();
+        for m in &models {
+            metrics.routed.with_label_values(&[m]);
+        }
         Ok(Some(Self {
             ctx: Arc::new(Context {
                 settings,
