@@ -161,6 +161,23 @@ impl RedisStore {
         Ok(())
     }
 
+    /// A subscription to `channel` on a connection of its own (publish/subscribe).
+    pub async fn subscribe(&self, channel: &str) -> Result<redis::aio::PubSub, RedisUnavailable> {
+        let client =
+            self.inner.client.as_ref().ok_or_else(|| {
+                RedisUnavailable(self.inner.init_error.clone().unwrap_or_default())
+            })?;
+        let subscribe = async {
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(channel).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        };
+        tokio::time::timeout(self.inner.timeout * 2, subscribe)
+            .await
+            .map_err(|_| RedisUnavailable("subscribe timed out".into()))?
+            .map_err(|e| RedisUnavailable(redact_text(&e.to_string())))
+    }
+
     pub async fn get(&self, key: &str) -> Result<Option<String>, RedisUnavailable> {
         self.query(redis::cmd("GET").arg(key)).await
     }

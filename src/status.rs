@@ -63,6 +63,12 @@ fn key(redis: &RedisStore, id: &str) -> String {
     redis.key(&["status", id])
 }
 
+/// The channel on which every transition of `id` is announced (its new state), so that a
+/// client waits for events instead of polling (`r2f wait`).
+pub fn channel(redis: &RedisStore, id: &str) -> String {
+    redis.key(&["status-changed", id])
+}
+
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -125,6 +131,55 @@ pub async fn record(redis: &RedisStore, ttl: Duration, u: Update<'_>) {
     };
     if let Err(e) = redis.set_ex(&key(redis, u.id), &text, ttl).await {
         tracing::warn!(job_id = u.id, error = %e, "status record not written");
+        return;
+    }
+    let mut publish = redis::cmd("PUBLISH");
+    publish.arg(channel(redis, u.id)).arg(u.state);
+    if let Err(e) = redis.query::<i64>(&publish).await {
+        tracing::debug!(job_id = u.id, error = %e, "status change not announced");
+    }
+}
+
+/// Waits until the job is finished (a terminal state) and returns its record; None when
+/// `timeout` passes first. Listens to the job's status channel, reading the record again at each
+/// announcement (and every 2 s besides, in case one was missed or Redis cannot subscribe).
+pub async fn wait_terminal(
+    redis: &RedisStore,
+    id: &str,
+    timeout: Duration,
+) -> anyhow::Result<Option<JobStatus>> {
+    use futures::StreamExt;
+    let deadline = tokio::time::Instant::now() + timeout;
+    // Subscribed before the first read, so no transition falls between the two.
+    let mut pubsub = redis.subscribe(&channel(redis, id)).await.ok();
+    loop {
+        if let Some(r) = read(redis, id).await? {
+            if r.is_terminal() {
+                return Ok(Some(r));
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Ok(None);
+        }
+        let tick = tokio::time::sleep_until(
+            deadline.min(tokio::time::Instant::now() + Duration::from_secs(2)),
+        );
+        match pubsub.as_mut() {
+            Some(p) => {
+                let mut messages = p.on_message();
+                tokio::select! {
+                    m = messages.next() => {
+                        if m.is_none() {
+                            // The subscription broke: poll from now on.
+                            drop(messages);
+                            pubsub = None;
+                        }
+                    }
+                    _ = tick => {}
+                }
+            }
+            None => tick.await,
+        }
     }
 }
 

@@ -215,8 +215,15 @@ async fn cancel_drops_a_queued_job_and_stops_a_running_one() {
     assert_eq!(ev["status"], "cancelled", "{ev}");
     assert_eq!(ev["error"]["kind"], "cancelled", "{ev}");
 
-    // Running: cancelled once its progress shows it generating.
+    // Running: cancelled once its progress shows it generating. Its transitions are announced
+    // on its status channel (what `r2f wait` listens to).
     let running = format!("{p}-running");
+    let client = redis::Client::open("redis://127.0.0.1:6379").unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub
+        .subscribe(format!("{p}:status-changed:{running}"))
+        .await
+        .unwrap();
     broker.publish(&tiny_job(&running, 1_000_000)).await;
     broker
         .wait_event(T, |v, rk| {
@@ -240,6 +247,19 @@ async fn cancel_drops_a_queued_job_and_stops_a_running_one() {
         .unwrap_or_else(|| panic!("the running job did not stop:\n{}", worker.log()));
     assert_eq!(rk, "job.cancelled", "{ev}");
     assert!(worker.log().contains("generation stopped between steps"));
+    let mut announced = Vec::new();
+    {
+        use futures::StreamExt;
+        let mut messages = pubsub.on_message();
+        while announced.len() < 2 {
+            let m = tokio::time::timeout(Duration::from_secs(10), messages.next())
+                .await
+                .expect("an announcement")
+                .unwrap();
+            announced.push(m.get_payload::<String>().unwrap());
+        }
+    }
+    assert_eq!(announced, ["running", "cancelled"]);
 
     for id in [&queued, &running] {
         // `wait` returns on the cancellation, and it is not a success.

@@ -123,26 +123,17 @@ pub fn cancel(settings: &Settings, id: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `r2f wait ID`: blocks until the job is finished, prints its status record; succeeds only
-/// when the job did.
+/// `r2f wait ID`: blocks until the job is finished (on its status announcements), prints its
+/// status record; succeeds only when the job did.
 pub fn wait(settings: &Settings, id: &str, timeout: Duration) -> anyhow::Result<()> {
     let redis = crate::redis_store::RedisStore::new(&settings.redis);
-    let deadline = std::time::Instant::now() + timeout;
-    runtime()?.block_on(async {
-        loop {
-            if let Some(r) = crate::status::read(&redis, id).await? {
-                if r.is_terminal() {
-                    println!("{}", serde_json::to_string_pretty(&r)?);
-                    if r.state == "succeeded" {
-                        return Ok(());
-                    }
-                    anyhow::bail!("job `{id}` {}", r.state);
-                }
-            }
-            if std::time::Instant::now() >= deadline {
-                anyhow::bail!("job `{id}` not finished after {} s", timeout.as_secs_f64());
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    })
+    let record = runtime()?.block_on(crate::status::wait_terminal(&redis, id, timeout))?;
+    let Some(r) = record else {
+        anyhow::bail!("job `{id}` not finished after {} s", timeout.as_secs_f64());
+    };
+    println!("{}", serde_json::to_string_pretty(&r)?);
+    if r.state == "succeeded" {
+        return Ok(());
+    }
+    anyhow::bail!("job `{id}` {}", r.state)
 }
