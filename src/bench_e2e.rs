@@ -15,7 +15,7 @@ use tch::{Device, Kind};
 use crate::bench::{sd3_tiny, sdxl_tiny, BenchModel, Denoiser};
 use crate::config::Limits;
 use crate::device::{device_name, dtype_name, synchronize};
-use crate::generate::{generate_png, Engine, Mode, Params};
+use crate::generate::{generate_image, Encoding, Engine, Mode, Params};
 use crate::models::clip::{ClipConfig, HiddenAct};
 use crate::models::t5::{FeedForwardProj, T5Config};
 use crate::pipelines::sd3::plus::RegionKnobs;
@@ -320,25 +320,27 @@ pub fn run(o: &E2eOptions) -> anyhow::Result<E2eReport> {
     let prompt = "a furry frog warrior holding a glowing sword";
     // One short untimed job first: kernel selection and allocator warm-up.
     eprintln!("warm-up: a 2-step plain job");
-    generate_png(
+    generate_image(
         &mut engine,
         "bench",
         prompt,
         &Mode::Plain,
         &params(2),
         &limits,
+        Encoding::PNG,
         &mut |_, _| Ok(()),
     )?;
     let mut measured = Vec::new();
     for (name, mode, steps) in jobs {
         eprintln!("job {name}: {steps} steps");
-        let out = generate_png(
+        let out = generate_image(
             &mut engine,
             "bench",
             prompt,
             &mode,
             &params(steps),
             &limits,
+            Encoding::PNG,
             &mut |_, _| Ok(()),
         )?;
         let t = &out.output.timings;

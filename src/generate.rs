@@ -377,28 +377,19 @@ pub struct Generated {
     pub seconds: f64,
 }
 
-/// Runs one generation and encodes the PNG with its metadata in text chunks.
-pub fn generate_png(
-    engine: &mut Engine,
-    model_name: &str,
-    prompt: &str,
-    mode: &Mode,
-    p: &Params,
-    limits: &Limits,
-    on_step: &mut dyn FnMut(usize, usize) -> anyhow::Result<()>,
-) -> anyhow::Result<Generated> {
-    let png = Encoding {
-        format: ImageFormat::Png,
-        quality: 0,
-    };
-    generate_image(engine, model_name, prompt, mode, p, limits, png, on_step)
-}
-
 /// The file format of an output and the quality of the lossy ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Encoding {
     pub format: ImageFormat,
     pub quality: u8,
+}
+
+impl Encoding {
+    /// PNG, the default (lossless; `quality` unused).
+    pub const PNG: Encoding = Encoding {
+        format: ImageFormat::Png,
+        quality: 0,
+    };
 }
 
 /// Runs one generation and encodes it in `encoding` with its metadata (PNG text chunks, XMP).

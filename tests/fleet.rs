@@ -326,18 +326,7 @@ async fn reply_to_gets_one_terminal_event_and_presigned_urls_download_the_image(
     assert!(worker.wait_ready(T).await, "{}", worker.log());
     let ch = broker.conn.create_channel().await.unwrap();
     // A reply queue of the client's own, and RabbitMQ's direct reply-to pseudo-queue.
-    let q = ch
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let q = private_queue(&ch).await;
     let consume = |queue: String, tag: &'static str| {
         let ch = ch.clone();
         async move {

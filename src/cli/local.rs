@@ -9,7 +9,8 @@ use super::{runtime, BenchArgs, GenerateArgs, ParityArgs, PromptScheduleArgs};
 use crate::config::Settings;
 use crate::device::{default_device, device_name, dtype_name, DType, DeviceSpec};
 use crate::generate::{
-    generate_png, prompt_schedule, validate, write_latents, Engine, Generated, Mode, Params,
+    generate_image, prompt_schedule, validate, write_latents, Encoding, Engine, Generated, Mode,
+    Params,
 };
 use crate::image::write_atomic;
 use crate::job::JobMode;
@@ -151,13 +152,14 @@ pub fn generate(settings: &Settings, a: GenerateArgs) -> anyhow::Result<()> {
         tracing::debug!(step = i, steps = n, "denoising step done");
         Ok(())
     };
-    let out = generate_png(
+    let out = generate_image(
         &mut engine,
         &a.model,
         &a.prompt,
         &mode,
         &params,
         &settings.limits,
+        Encoding::PNG,
         &mut on_step,
     )?;
     bar.finish_and_clear();

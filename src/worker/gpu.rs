@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::Settings;
-use crate::generate::{generate_image, generate_png, Encoding, Engine, Mode, ModelCaps, Params};
+use crate::generate::{generate_image, Encoding, Engine, Mode, ModelCaps, Params};
 use crate::metrics::Metrics;
 use crate::models::hub;
 use crate::pipelines::Timings;
@@ -187,13 +187,14 @@ impl GpuWorker {
                             steps: Some(1),
                             ..Params::default()
                         };
-                        generate_png(
+                        generate_image(
                             &mut engine,
                             &w.model,
                             "warm-up",
                             &Mode::Plain,
                             &p,
                             &settings.limits,
+                            Encoding::PNG,
                             &mut |_, _| Ok(()),
                         )?;
                         tracing::info!(seconds = t.elapsed().as_secs_f64(), "warm-up step done");

@@ -351,14 +351,7 @@ async fn with_lock(
         worker: ctx.worker_name.clone(),
     };
     // result.json before the event and the ack: a redelivery after a crash finds it.
-    let body = match serde_json::to_vec_pretty(&event) {
-        Ok(b) => b,
-        Err(e) => {
-            let err = JobError::new(ErrorKind::Internal, Fault::Worker, e.to_string());
-            return failed(ctx, job, attempt, err);
-        }
-    };
-    if let Err(e) = put_with_budget(ctx, key, body, "application/json").await {
+    if let Err(e) = store_result(ctx, key, &event).await {
         return failed(ctx, job, attempt, e);
     }
     info!(
@@ -367,6 +360,14 @@ async fn with_lock(
         "job succeeded"
     );
     JobOutcome::Succeeded(event)
+}
+
+/// Writes the job's final event as its `result.json` (within the storage retry budget).
+async fn store_result(ctx: &Context, key: &str, event: &ResultEvent) -> Result<(), JobError> {
+    let body = serde_json::to_vec_pretty(event)
+        .map_err(|e| JobError::new(ErrorKind::Internal, Fault::Worker, e.to_string()))?;
+    put_with_budget(ctx, key, body, "application/json").await?;
+    Ok(())
 }
 
 /// A cancelled job: `result.json` records it (a redelivery or the same id sent again publishes
@@ -391,14 +392,7 @@ async fn cancelled(
         }),
         worker: ctx.worker_name.clone(),
     };
-    let body = match serde_json::to_vec_pretty(&event) {
-        Ok(b) => b,
-        Err(e) => {
-            let err = JobError::new(ErrorKind::Internal, Fault::Worker, e.to_string());
-            return failed(ctx, job, attempt, err);
-        }
-    };
-    if let Err(e) = put_with_budget(ctx, key, body, "application/json").await {
+    if let Err(e) = store_result(ctx, key, &event).await {
         return failed(ctx, job, attempt, e);
     }
     info!(when, "job cancelled");

@@ -182,16 +182,7 @@ async fn republish(
     edit: impl FnOnce(&mut FieldTable),
 ) -> anyhow::Result<()> {
     let s = &ctx.settings.amqp;
-    let mut headers = d.properties.headers().clone().unwrap_or_default();
-    edit(&mut headers);
-    let mut props = d
-        .properties
-        .clone()
-        .with_headers(headers)
-        .with_delivery_mode(2);
-    if props.timestamp().is_none() {
-        props = props.with_timestamp(amqp::now_unix());
-    }
+    let mut props = republished_props(d, edit);
     let queue = match level {
         Some(level) => {
             props = props.with_expiration(delay.as_millis().max(1).to_string().as_str().into());
@@ -202,6 +193,23 @@ async fn republish(
     publish_confirmed(publish, "", &queue, &d.data, props, confirm_timeout(ctx)).await
 }
 
+/// The delivery's properties for publishing it again: persistent, its headers edited, and a
+/// timestamp when it had none (the queue time counts from the first publish).
+fn republished_props(d: &Delivery, edit: impl FnOnce(&mut FieldTable)) -> BasicProperties {
+    let mut headers = d.properties.headers().clone().unwrap_or_default();
+    edit(&mut headers);
+    let props = d
+        .properties
+        .clone()
+        .with_headers(headers)
+        .with_delivery_mode(2);
+    if props.timestamp().is_none() {
+        props.with_timestamp(amqp::now_unix())
+    } else {
+        props
+    }
+}
+
 /// Sends a job on to the queue of `model` through the jobs exchange, marked as routed (a job
 /// that comes back from the exchange marked so has no queue to go to), and acks it here.
 pub async fn route(
@@ -210,16 +218,9 @@ pub async fn route(
     d: &Delivery,
     model: &str,
 ) -> anyhow::Result<()> {
-    let mut headers = d.properties.headers().clone().unwrap_or_default();
-    headers.insert(ROUTED_HEADER.into(), amqp::header_str(model));
-    let mut props = d
-        .properties
-        .clone()
-        .with_headers(headers)
-        .with_delivery_mode(2);
-    if props.timestamp().is_none() {
-        props = props.with_timestamp(amqp::now_unix());
-    }
+    let props = republished_props(d, |h| {
+        h.insert(ROUTED_HEADER.into(), amqp::header_str(model));
+    });
     let exchange = &ctx.settings.amqp.jobs_exchange;
     publish_confirmed(
         publish,

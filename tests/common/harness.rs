@@ -253,6 +253,21 @@ impl Names {
     }
 }
 
+/// A server-named, exclusive, auto-deleted queue (a client's own queue for events or replies).
+pub async fn private_queue(ch: &Channel) -> lapin::Queue {
+    ch.queue_declare(
+        "".into(),
+        QueueDeclareOptions {
+            exclusive: true,
+            auto_delete: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap()
+}
+
 /// The test's own broker client: publishes jobs, listens to events, reads dead letters.
 pub struct Broker {
     pub conn: Connection,
@@ -289,18 +304,7 @@ impl Broker {
         r2f::worker::amqp::declare_topology(&ch, &names.settings(fleet), &models)
             .await
             .unwrap();
-        let q = ch
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
+        let q = private_queue(&ch).await;
         ch.queue_bind(
             q.name().as_str().into(),
             names.events.as_str().into(),
