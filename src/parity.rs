@@ -1,5 +1,6 @@
 //! `r2f parity`: the bundled tiny-model parity cases (`tests/fixtures/`) on any device and
-//! dtype, against the same diffusers references as the CPU tests. Reports, does not judge
+//! dtype, against the same references as the CPU tests (diffusers for SD3 and SDXL, the official
+//! R2F+ pipeline for the `sd3-r2fplus` cases). Reports, does not judge
 //! beyond a stated tolerance: on CUDA in fp32 the final latents are expected within 1e-4
 //! relative of the CPU references; fp16 is reported for the record.
 
@@ -12,6 +13,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::device::{device_name, dtype_name};
 use crate::models::hub::ModelFolder;
+use crate::pipelines::sd3::plus::{RegionKnobs, RegionRequest};
 use crate::pipelines::sd3::Sd3Pipeline;
 use crate::pipelines::sdxl::SdxlPipeline;
 use crate::pipelines::{Output, Request};
@@ -44,7 +46,7 @@ impl fmt::Display for ParityReport {
         for c in &self.cases {
             writeln!(
                 f,
-                "  {:<24} latents rel err {:.2e}  pixels within 1 {:>7.3}%  ({:.1} s)",
+                "  {:<34} latents rel err {:.2e}  pixels within 1 {:>7.3}%  ({:.1} s)",
                 c.case,
                 c.latents_rel_err,
                 c.pixels_within_1 * 100.0,
@@ -150,8 +152,40 @@ impl Reference {
     }
 }
 
+/// The R2F+ request of one official reference case (`ref/sd3-r2fplus.json`, `cases[i]`).
+pub fn region_request(case: &serde_json::Value) -> anyhow::Result<RegionRequest> {
+    let plan: crate::plan::RegionPlan = serde_json::from_value(case["plan"].clone())?;
+    plan.validate().map_err(anyhow::Error::msg)?;
+    let num = |k: &str| {
+        case[k]
+            .as_f64()
+            .with_context(|| format!("R2F+ case has no `{k}`"))
+    };
+    let mask = case["region_mask"]
+        .as_str()
+        .context("R2F+ case has no mask")?;
+    Ok(RegionRequest {
+        plan,
+        negative_prompt: String::new(),
+        guidance: num("guidance_scale")?,
+        seed: num("seed")? as i64,
+        width: num("width")? as i64,
+        height: num("height")? as i64,
+        steps: num("steps")? as usize,
+        knobs: RegionKnobs {
+            mask: crate::r2f::regions::RegionMask::parse(mask).map_err(anyhow::Error::msg)?,
+            guidance_steps: num("bbox_guidance_steps")? as usize,
+            guidance_iterations: num("bbox_guidance_iterations")? as usize,
+            loss_scale: num("bbox_loss_scale")?,
+            fusion_steps: num("latent_fusion_steps")? as usize,
+            schedule: crate::r2f::PromptSchedule::Faithful,
+            ..RegionKnobs::default()
+        },
+    })
+}
+
 /// Runs the bundled cases: SD3 `sd3-tiny-a`/`-b` (plain pipeline), SDXL `sdxl-tiny-a`/`-b`
-/// (Euler, and 4 DPM-Solver++ 2M Karras steps).
+/// (Euler, and 4 DPM-Solver++ 2M Karras steps), and the official R2F+ cases (`sd3-r2fplus`).
 pub fn run(
     fixtures: &Path,
     device: Device,
@@ -196,6 +230,28 @@ pub fn run(
             let (out, t) = timed(&mut || pipe.generate(&req, scheduler, &mut |_, _| Ok(())))?;
             cases.push(r.case(format!("{name} {label}"), &out, lat, img, t)?);
         }
+    }
+    let r = reference(fixtures, "sd3-r2fplus")?;
+    let mut pipes: std::collections::HashMap<String, Sd3Pipeline> = Default::default();
+    for case in r.meta["cases"]
+        .as_array()
+        .context("R2F+ reference has no cases")?
+    {
+        let name = case["name"].as_str().context("R2F+ case has no name")?;
+        let model = case["model"].as_str().context("R2F+ case has no model")?;
+        if !pipes.contains_key(model) {
+            let folder = ModelFolder::open(&fixtures.join(model))?;
+            pipes.insert(
+                model.to_string(),
+                Sd3Pipeline::load(&folder, device, dtype)?,
+            );
+        }
+        let pipe = pipes.get_mut(model).context("a loaded pipeline")?;
+        pipe.t5_tokens = case["max_sequence_length"].as_u64().unwrap_or(256) as usize;
+        let req = region_request(case)?;
+        let (out, t) = timed(&mut || Ok(pipe.generate_regions(&req, &mut |_, _| Ok(()))?.output))?;
+        let (lat, img) = (format!("{name}.final_latents"), format!("{name}.image"));
+        cases.push(r.case(format!("r2f+ {name}"), &out, &lat, &img, t)?);
     }
     let ok = tolerance.is_none_or(|tol| cases.iter().all(|c| c.latents_rel_err <= tol));
     Ok(ParityReport {

@@ -18,10 +18,8 @@ mod common;
 
 use common::*;
 use r2f::models::hub::ModelFolder;
-use r2f::pipelines::sd3::plus::{RegionKnobs, RegionRequest};
+use r2f::pipelines::sd3::plus::RegionRequest;
 use r2f::pipelines::sd3::Sd3Pipeline;
-use r2f::plan::RegionPlan;
-use r2f::r2f::regions::RegionMask;
 use r2f::r2f::PromptSchedule;
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
@@ -34,27 +32,7 @@ fn pipeline(model: &str) -> Sd3Pipeline {
 }
 
 fn request(case: &Value) -> RegionRequest {
-    let plan: RegionPlan = serde_json::from_value(case["plan"].clone()).unwrap();
-    plan.validate().unwrap();
-    let n = |k: &str| case[k].as_u64().unwrap() as usize;
-    RegionRequest {
-        plan,
-        negative_prompt: String::new(),
-        guidance: case["guidance_scale"].as_f64().unwrap(),
-        seed: case["seed"].as_i64().unwrap(),
-        width: case["width"].as_i64().unwrap(),
-        height: case["height"].as_i64().unwrap(),
-        steps: n("steps"),
-        knobs: RegionKnobs {
-            mask: RegionMask::parse(case["region_mask"].as_str().unwrap()).unwrap(),
-            guidance_steps: n("bbox_guidance_steps"),
-            guidance_iterations: n("bbox_guidance_iterations"),
-            loss_scale: case["bbox_loss_scale"].as_f64().unwrap(),
-            fusion_steps: n("latent_fusion_steps"),
-            schedule: PromptSchedule::Faithful,
-            ..RegionKnobs::default()
-        },
-    }
+    r2f::parity::region_request(case).unwrap()
 }
 
 /// The official per-step record of one run: `[{step, prompt, indices: {key: [rows]}}]`.
