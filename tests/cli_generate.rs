@@ -508,7 +508,14 @@ fn gpu_check_cpu_smoke_runs_every_step_and_prints_its_table() {
     let read = |name: &str| all[name].clone();
     let parity = read("parity-fp32");
     assert_eq!(parity["ok"], true, "{parity}");
-    assert_eq!(parity["cases"].as_array().unwrap().len(), 6);
+    // SD3 ×2, SDXL ×4 (Euler and DPM++), and the five official R2F+ cases.
+    let cases = parity["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 11, "{parity}");
+    let r2fplus = cases
+        .iter()
+        .filter(|c| c["case"].as_str().unwrap().starts_with("r2f+ "))
+        .count();
+    assert_eq!(r2fplus, 5, "{parity}");
     let e2e = read("e2e-sd3-tiny");
     let jobs: Vec<&str> = e2e["jobs"]
         .as_array()
