@@ -80,6 +80,9 @@ pub struct AmqpSettings {
     /// The prefix of one model's retry queues (`{model}` as in `jobs_queue`).
     pub retry_queue: String,
     pub events_exchange: String,
+    /// `reply_to` queues the worker answers: names starting with one of these (never r2f's own
+    /// queues).
+    pub reply_to_prefixes: Vec<String>,
     pub max_priority: u8,
     pub reconnect_min_ms: u64,
     pub reconnect_max_ms: u64,
@@ -102,6 +105,11 @@ impl AmqpSettings {
             dead_letter_queue: dead.into(),
             retry_queue: retry.into(),
             events_exchange: events.into(),
+            reply_to_prefixes: vec![
+                "amq.rabbitmq.reply-to".into(),
+                "amq.gen-".into(),
+                "r2f.reply.".into(),
+            ],
             max_priority: 10,
             reconnect_min_ms: 500,
             reconnect_max_ms: 30000,

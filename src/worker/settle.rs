@@ -60,7 +60,7 @@ pub async fn settle(
     match settlement {
         Settlement::Publish { event } => {
             publish_event(ctx, publish, &event).await?;
-            send_reply(reply, d, &event).await;
+            send_reply(ctx, reply, d, &event).await;
             send_webhook(ctx, d, &event);
         }
         Settlement::DeadLetter {
@@ -80,7 +80,7 @@ pub async fn settle(
             }
             publish_event(ctx, publish, &event).await?;
             dead_letter(ctx, publish, d, &event, label, &reason, attempt).await?;
-            send_reply(reply, d, &event).await;
+            send_reply(ctx, reply, d, &event).await;
             send_webhook(ctx, d, &event);
         }
         Settlement::Retry {
@@ -265,15 +265,43 @@ pub async fn publish_event(
     .await
 }
 
+/// Whether the worker may publish a reply to `queue`: one of `amqp.reply_to_prefixes` (by
+/// default RabbitMQ's direct reply-to and server-named queues, `amq.gen-…`), and never one of
+/// r2f's own queues (a client must not make the worker feed its jobs, retry or dead-letter
+/// queues).
+pub fn reply_allowed(s: &crate::config::AmqpSettings, queue: &str) -> Result<(), &'static str> {
+    // A template's text before `{model}` starts every queue made from it.
+    let stem = |t: &str| t.split("{model}").next().unwrap_or_default().to_string();
+    let own = queue == s.inbox_queue
+        || queue == s.dead_letter_queue
+        || queue.starts_with(&stem(&s.jobs_queue))
+        || queue.starts_with(&stem(&s.retry_queue));
+    if own {
+        return Err("names one of r2f's own queues");
+    }
+    if !s
+        .reply_to_prefixes
+        .iter()
+        .any(|p| queue.starts_with(p.as_str()))
+    {
+        return Err("does not start with one of amqp.reply_to_prefixes");
+    }
+    Ok(())
+}
+
 /// Sends the terminal event to the queue the message names in `reply_to` (RabbitMQ's direct
 /// reply-to `amq.rabbitmq.reply-to` included), with the message's `correlation_id` (its
 /// `message_id` when it has none). Best effort, on a channel of its own without confirms: a
 /// client that has gone away never costs the job (the event on the events exchange and the
 /// status record stay the durable answers).
-pub async fn send_reply(reply: &Channel, d: &Delivery, event: &ResultEvent) {
+pub async fn send_reply(ctx: &Context, reply: &Channel, d: &Delivery, event: &ResultEvent) {
     let Some(queue) = d.properties.reply_to().as_ref() else {
         return;
     };
+    if let Err(why) = reply_allowed(&ctx.settings.amqp, queue.as_str()) {
+        warn!(reply_to = ?super::outcome::bounded(queue.as_str(), 100), why, "reply_to not answered");
+        return;
+    }
     let Ok(body) = serde_json::to_vec(event) else {
         return;
     };
@@ -363,4 +391,39 @@ async fn dead_letter(
     ctx.metrics.dead_lettered.with_label_values(&[label]).inc();
     warn!(reason = ?reason, kind, "dead-lettered");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_go_only_to_client_queues() {
+        let mut s = crate::config::AmqpSettings::named(
+            "amqp://x",
+            "r2f.jobs.{model}",
+            "r2f.jobs.dead",
+            "r2f.jobs.{model}.retry",
+            "r2f.events",
+        );
+        s.inbox_queue = "r2f.jobs".into();
+        for ok in [
+            "amq.rabbitmq.reply-to",
+            "amq.rabbitmq.reply-to.g1h2AA==.abc",
+            "amq.gen-JzTY20BRgKO-HjmUJj0wLg",
+            "r2f.reply.client-7",
+        ] {
+            assert_eq!(reply_allowed(&s, ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "r2f.jobs",
+            "r2f.jobs.sd3",
+            "r2f.jobs.sd3.retry.1",
+            "r2f.jobs.dead",
+            "billing.invoices",
+            "",
+        ] {
+            assert!(reply_allowed(&s, bad).is_err(), "{bad}");
+        }
+    }
 }
