@@ -40,8 +40,11 @@ async def run(a: argparse.Namespace) -> int:
                                            durable=True)
         progress_q = await ch.declare_queue("", exclusive=True, auto_delete=True)
         await progress_q.bind(events, routing_key="job.progress")
-        # The terminal event: on our own reply queue.
-        reply_q = await ch.declare_queue("", exclusive=True, auto_delete=True)
+        # The terminal event: on our own reply queue. Workers answer only queues named like a
+        # client's (amqp.reply_to_prefixes: r2f.reply.*, server-named amq.gen-*, direct reply-to);
+        # aio-pika names anonymous queues itself (amq_...), so this one is named explicitly.
+        reply_q = await ch.declare_queue(f"r2f.reply.{uuid.uuid4().hex}", exclusive=True,
+                                         auto_delete=True)
         jobs = await ch.get_exchange(a.jobs_exchange, ensure=False)
         await jobs.publish(
             aio_pika.Message(
@@ -55,7 +58,7 @@ async def run(a: argparse.Namespace) -> int:
             routing_key=a.model,
             mandatory=True,
         )
-        print(json.dumps({"submitted": job_id}), flush=True)
+        print(json.dumps({"submitted": job_id, "reply_to": reply_q.name}), flush=True)
 
         cancelled = False
         result = asyncio.get_running_loop().create_future()
