@@ -306,7 +306,10 @@ async fn storage_failures_reach_clients_as_a_short_reason() {
     assert_eq!(r.len(), 1, "{}", worker.log());
     assert_eq!(r[0]["status"], "failed", "{}", r[0]);
     assert_eq!(r[0]["error"]["message"], "storing the images failed");
-    assert!(worker.log().contains("S3 GET of"), "the detail is logged");
+    assert!(
+        worker.wait_log("S3 GET of", T).await,
+        "the detail is logged"
+    );
     broker.cleanup().await;
 }
 
@@ -364,7 +367,7 @@ async fn a_storage_that_never_answers_is_bounded_by_its_timeout() {
     let mut broker = Broker::connect(&names).await;
     let mut worker = WorkerProc::spawn(&cfg);
     assert!(worker.wait_ready(T).await, "{}", worker.log());
-    assert!(worker.log().contains("storage not reachable at start"));
+    assert!(worker.wait_log("storage not reachable at start", T).await);
     let t = std::time::Instant::now();
     broker.publish(&tiny_job("into-the-void", 1)).await;
     let r = broker.wait_results(1, T).await;
@@ -397,24 +400,25 @@ async fn a_job_past_its_timeout_is_abandoned_and_its_generation_stopped() {
     assert_eq!(r[0]["attempt"], 2);
     let msg = r[0]["error"]["message"].as_str().unwrap();
     assert!(msg.contains("job_timeout_secs"), "{msg}");
-    let log = worker.log();
-    assert_eq!(
-        log.matches("job ran past job_timeout_secs: abandoned")
-            .count(),
-        2,
-        "{log}"
-    );
-    // Both attempts' generations were stopped, not left running.
+    // Both attempts were abandoned and their generations stopped, not left running (the log
+    // is read from the worker's stderr as it comes: wait for the lines).
     let deadline = std::time::Instant::now() + T;
-    while worker
-        .log()
-        .matches("reason=abandoned past job_timeout_secs")
-        .count()
-        < 2
-    {
-        assert!(std::time::Instant::now() < deadline, "{}", worker.log());
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    for line in [
+        "job ran past job_timeout_secs: abandoned",
+        "reason=abandoned past job_timeout_secs",
+    ] {
+        while worker.log().matches(line).count() < 2 {
+            assert!(std::time::Instant::now() < deadline, "{}", worker.log());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(worker.log().matches(line).count(), 2, "{}", worker.log());
     }
+    // The abandoned attempt's lock was released, not left to expire: the retry ran at once.
+    assert!(
+        !worker.log().contains("another worker holds this job"),
+        "{}",
+        worker.log()
+    );
     // The GPU is free again: healthy, and the next job runs.
     assert_eq!(worker.http("/healthz").await.unwrap().0, 200);
     broker.publish(&tiny_job("after", 2)).await;

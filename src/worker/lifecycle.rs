@@ -252,10 +252,45 @@ async fn locked(
             }
         })
     });
+    let mut release = ReleaseOnDrop {
+        redis: ctx.redis.clone(),
+        key: lock_key,
+        value: lock_value,
+        armed: true,
+    };
     let outcome = with_lock(ctx, &job, &key, &msg, progress, &lost).await;
     drop(renewer);
-    let _ = ctx.redis.release(&lock_key, &lock_value).await;
+    release.armed = false;
+    let _ = ctx.redis.release(&release.key, &release.value).await;
     outcome
+}
+
+/// Releases the job's lock when the job's future is dropped before it could (a job abandoned at
+/// its timeout): the next attempt does not wait for the lock to expire.
+struct ReleaseOnDrop {
+    redis: crate::redis_store::RedisStore,
+    key: String,
+    value: String,
+    armed: bool,
+}
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (redis, key, value) = (
+            self.redis.clone(),
+            std::mem::take(&mut self.key),
+            std::mem::take(&mut self.value),
+        );
+        runtime.spawn(async move {
+            let _ = redis.release(&key, &value).await;
+        });
+    }
 }
 
 async fn with_lock(
