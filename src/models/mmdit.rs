@@ -90,12 +90,13 @@ impl MmditConfig {
 
 /// `x * (1 + scale) + shift` with per-sample `[b, d]` modulation.
 fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Tensor {
-    x * (scale.unsqueeze(1) + 1.0) + shift.unsqueeze(1)
+    // One kernel over the tokens (`shift + x * (1 + scale)`) instead of a multiply and an add.
+    shift.unsqueeze(1).addcmul(x, &(scale.unsqueeze(1) + 1.0))
 }
 
 /// `x + gate * y` with a per-sample `[b, d]` gate.
 fn gated(x: &Tensor, gate: &Tensor, y: &Tensor) -> Tensor {
-    x + gate.unsqueeze(1) * y
+    x.addcmul(&gate.unsqueeze(1), y)
 }
 
 /// The six adaLN-zero modulation vectors `[b, d]`, in the order the `linear` layer emits them.
