@@ -105,7 +105,7 @@ pub enum JobOutcome {
 pub enum Settlement {
     /// Publish `event` (confirmed), ack.
     Publish { event: ResultEvent },
-    /// Publish `event`, copy the message to the dead-letter queue with `reason`, ack.
+    /// Copy the message to the dead-letter queue with `reason`, publish `event`, ack.
     DeadLetter {
         event: ResultEvent,
         /// The `reason` label of `r2f_dead_lettered_total`.

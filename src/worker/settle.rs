@@ -78,8 +78,10 @@ pub async fn settle(
                     }
                 }
             }
-            publish_event(ctx, publish, &event).await?;
+            // The dead letter first: whoever sees the event finds the message in the
+            // dead-letter queue already.
             dead_letter(ctx, publish, d, &event, label, &reason, attempt).await?;
+            publish_event(ctx, publish, &event).await?;
             send_reply(ctx, reply, d, &event).await;
             send_webhook(ctx, d, &event);
         }
