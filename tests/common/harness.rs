@@ -507,12 +507,22 @@ async fn passive_len(ch: &Channel, queue: &str) -> Result<u32, lapin::Error> {
 }
 
 /// A free loopback port (bound, then released).
+/// A port for a worker's metrics listener. Taken below Linux's ephemeral range (32768–60999):
+/// a port the OS hands out for `:0` is free only until the next outgoing connection (to RabbitMQ,
+/// Redis, S3) takes it as its local port, before the worker binds it. Never the same port twice
+/// in one test process; checked free when handed out.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::AtomicU32;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Test processes (one per test file, run one after another) start at different places.
+    let base = 20_000 + (std::process::id() % 200) * 60;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let port = (base + n % 600) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 pub struct WorkerConfig {
