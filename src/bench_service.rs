@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{BasicConsumeOptions, QueueBindOptions};
 use lapin::types::FieldTable;
 
 use crate::config::Settings;
@@ -34,18 +34,7 @@ pub async fn run(
     let conn = amqp::connect(s, "r2f-bench-service").await?;
     let ch = amqp::confirm_channel(&conn).await?;
     amqp::declare_topology(&ch, s, &settings.routed_models()).await?;
-    let q = ch
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(amqp::amqp_error)?;
+    let q = amqp::declare_private_queue(&ch).await?;
     for key in ["job.succeeded", "job.failed", "job.rejected"] {
         ch.queue_bind(
             q.name().as_str().into(),

@@ -230,23 +230,25 @@ pub struct LlmSettings {
     pub max_tokens: u32,
 }
 
+/// A secret from the file `file` (the setting `file_setting`) when one is set, else from the
+/// environment variable `env` (none when `env` is empty); trimmed, and None when empty.
+fn read_secret(file_setting: &str, file: &str, env: &str) -> anyhow::Result<Option<String>> {
+    let value = if !file.is_empty() {
+        std::fs::read_to_string(file)
+            .map_err(|e| anyhow::anyhow!("cannot read {file_setting} {file}: {e}"))?
+    } else if env.is_empty() {
+        return Ok(None);
+    } else {
+        std::env::var(env).unwrap_or_default()
+    };
+    Ok(Some(value.trim().to_string()).filter(|k| !k.is_empty()))
+}
+
 impl LlmSettings {
     /// The API key from the configured environment variable or file (None: no auth header,
     /// as local servers need none).
     pub fn api_key(&self) -> anyhow::Result<Option<String>> {
-        if !self.api_key_file.is_empty() {
-            let k = std::fs::read_to_string(&self.api_key_file).map_err(|e| {
-                anyhow::anyhow!("cannot read llm.api_key_file {}: {e}", self.api_key_file)
-            })?;
-            return Ok(Some(k.trim().to_string()).filter(|k| !k.is_empty()));
-        }
-        if self.api_key_env.is_empty() {
-            return Ok(None);
-        }
-        Ok(std::env::var(&self.api_key_env)
-            .ok()
-            .map(|k| k.trim().to_string())
-            .filter(|k| !k.is_empty()))
+        read_secret("llm.api_key_file", &self.api_key_file, &self.api_key_env)
     }
 }
 
@@ -274,16 +276,7 @@ pub struct WebhookSettings {
 impl WebhookSettings {
     /// The signing secret: the file when set, else the environment variable.
     pub fn secret(&self) -> anyhow::Result<Option<String>> {
-        if !self.secret_file.is_empty() {
-            let k = std::fs::read_to_string(&self.secret_file).map_err(|e| {
-                anyhow::anyhow!("cannot read webhook.secret_file {}: {e}", self.secret_file)
-            })?;
-            return Ok(Some(k.trim().to_string()).filter(|k| !k.is_empty()));
-        }
-        Ok(std::env::var(&self.secret_env)
-            .ok()
-            .map(|k| k.trim().to_string())
-            .filter(|k| !k.is_empty()))
+        read_secret("webhook.secret_file", &self.secret_file, &self.secret_env)
     }
 }
 

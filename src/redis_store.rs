@@ -55,15 +55,20 @@ impl RedisStore {
         k
     }
 
+    /// The client, or why the URL gave none.
+    fn client(&self) -> Result<&redis::Client, RedisUnavailable> {
+        self.inner
+            .client
+            .as_ref()
+            .ok_or_else(|| RedisUnavailable(self.inner.init_error.clone().unwrap_or_default()))
+    }
+
     async fn connection(&self) -> Result<ConnectionManager, RedisUnavailable> {
         let mut guard = self.inner.conn.lock().await;
         if let Some(c) = guard.as_ref() {
             return Ok(c.clone());
         }
-        let client =
-            self.inner.client.as_ref().ok_or_else(|| {
-                RedisUnavailable(self.inner.init_error.clone().unwrap_or_default())
-            })?;
+        let client = self.client()?;
         // Do not hammer a Redis that is down: one connection attempt per second at most.
         {
             let mut last = self.inner.last_attempt.lock().await;
@@ -163,10 +168,7 @@ impl RedisStore {
 
     /// A subscription to `channel` on a connection of its own (publish/subscribe).
     pub async fn subscribe(&self, channel: &str) -> Result<redis::aio::PubSub, RedisUnavailable> {
-        let client =
-            self.inner.client.as_ref().ok_or_else(|| {
-                RedisUnavailable(self.inner.init_error.clone().unwrap_or_default())
-            })?;
+        let client = self.client()?;
         let subscribe = async {
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(channel).await?;

@@ -82,18 +82,22 @@ pub struct TokenIds {
     pub t5: Option<Vec<i64>>,
 }
 
+/// The dtype T5 runs in: T5 overflows in fp16 (known), bf16 keeps its range.
+fn t5_dtype_for(dtype: Kind) -> Kind {
+    if dtype == Kind::Half {
+        Kind::BFloat16
+    } else {
+        dtype
+    }
+}
+
 impl Sd3Pipeline {
     pub fn load(model: &ModelFolder, device: Device, dtype: Kind) -> anyhow::Result<Self> {
         if model.family != Family::Sd3 {
             anyhow::bail!("{} is not an SD3 model folder", model.root.display());
         }
         let _guard = tch::no_grad_guard();
-        // T5 overflows in fp16 (known); bf16 keeps its range.
-        let t5_dtype = if dtype == Kind::Half {
-            Kind::BFloat16
-        } else {
-            dtype
-        };
+        let t5_dtype = t5_dtype_for(dtype);
         let start = Instant::now();
 
         tracing::info!(component = "tokenizers", "loading");
@@ -181,11 +185,7 @@ impl Sd3Pipeline {
         dtype: Kind,
     ) -> anyhow::Result<Self> {
         let _guard = tch::no_grad_guard();
-        let t5_dtype = if dtype == Kind::Half {
-            Kind::BFloat16
-        } else {
-            dtype
-        };
+        let t5_dtype = t5_dtype_for(dtype);
         let vb = |kind| Vb::new(Weights::random(0, device, kind));
         let tok = |name: &str| PromptTokenizer::clip(&tokenizers.join(name));
         let tok_t5 = match &cfg.t5 {

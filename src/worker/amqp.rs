@@ -127,6 +127,21 @@ async fn bind(ch: &Channel, queue: &str, exchange: &str, key: &str) -> anyhow::R
     .map_err(amqp_error)
 }
 
+/// A server-named, exclusive, auto-deleted queue: a client's own queue for events or replies.
+pub async fn declare_private_queue(ch: &Channel) -> anyhow::Result<lapin::Queue> {
+    ch.queue_declare(
+        "".into(),
+        QueueDeclareOptions {
+            exclusive: true,
+            auto_delete: true,
+            ..QueueDeclareOptions::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .map_err(amqp_error)
+}
+
 /// A channel in confirm mode.
 pub async fn confirm_channel(conn: &Connection) -> anyhow::Result<Channel> {
     let ch = conn.create_channel().await.map_err(amqp_error)?;

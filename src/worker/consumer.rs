@@ -17,7 +17,7 @@ use super::backoff::Breaker;
 use super::lifecycle::{run_job, Incoming, ProgressTx};
 use super::outcome::{decide, Fault, JobError, JobOutcome, Settlement};
 use super::settle::{self, attempt_of, deliveries_of};
-use super::{Context, Shutdown};
+use super::{count_job, AbortOnDrop, Context, Shutdown};
 use crate::job::{best_effort_id, ErrorKind, ProgressEvent, ResultEvent};
 
 /// One connection's worth of broker state.
@@ -161,7 +161,7 @@ impl Session {
             if deliveries >= ctx.settings.worker.max_attempts {
                 let outcome = JobOutcome::Poison { id, deliveries };
                 let s = decide(outcome, attempt, ctx.settings.worker.max_attempts);
-                self.count(ctx, "unknown", "failed");
+                count_job(ctx, "unknown", "failed");
                 settle::settle(ctx, &self.publish, &self.reply, d, attempt, s, None).await?;
             } else {
                 warn!(
@@ -252,7 +252,7 @@ impl Session {
             _ => None,
         });
         if let Some(status) = status {
-            self.count(ctx, info.mode, status);
+            count_job(ctx, info.mode, status);
         }
         record_status(ctx, d, attempt, &settlement).await;
         settle::settle(
@@ -266,13 +266,6 @@ impl Session {
         )
         .await?;
         Ok(pause)
-    }
-
-    fn count(&self, ctx: &Context, mode: &str, status: &str) {
-        ctx.metrics
-            .jobs
-            .with_label_values(&[&ctx.settings.worker.model, mode, status])
-            .inc();
     }
 
     /// Stops consuming for `pause` (readiness fails meanwhile), giving back what was prefetched,
@@ -343,15 +336,6 @@ pub(super) async fn start_consumer(
     )
     .await
     .map_err(amqp_error)
-}
-
-/// Aborts a task when dropped: the inbox router ends with its session.
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// The job's status record after a settlement: finished with its result event, `retrying` or

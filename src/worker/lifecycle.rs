@@ -12,7 +12,7 @@ use tracing::{info, warn};
 
 use super::gpu::{ms, total_timings, GeneratedImage, GpuFailure, GpuTask, StopReason, TaskControl};
 use super::outcome::{bounded, Fault, JobError, JobOutcome};
-use super::Context;
+use super::{AbortOnDrop, Context};
 use crate::generate::Mode;
 use crate::job::{
     best_effort_id, validate_message, ErrorKind, JobMode, OutputImage, ResultEvent, ValidJob,
@@ -72,6 +72,15 @@ pub async fn run_job(
             return (outcome, JobInfo::default());
         }
     };
+    // A valid job this worker will not run: logged, and rejected with its reason.
+    let rejected = |id: String, reason: String, info: JobInfo| {
+        warn!(job_id = %id, reason = ?reason, "job rejected");
+        let outcome = JobOutcome::Rejected {
+            id: Some(id),
+            reason,
+        };
+        (outcome, info)
+    };
     if job.model != s.worker.model {
         if !msg.routed {
             return (JobOutcome::Route { model: job.model }, JobInfo::default());
@@ -82,37 +91,21 @@ pub async fn run_job(
             "job for model `{}` reached the queue of model `{}`",
             job.model, s.worker.model
         );
-        warn!(job_id = %job.id, reason = ?reason, "job rejected");
-        let outcome = JobOutcome::Rejected {
-            id: Some(job.id),
-            reason,
-        };
-        return (outcome, JobInfo::default());
+        return rejected(job.id, reason, JobInfo::default());
     }
     if let Some(Err(reason)) = job.webhook.as_ref().map(|w| w.check(&s.webhook)) {
-        warn!(job_id = %job.id, reason = ?reason, "job rejected");
-        let outcome = JobOutcome::Rejected {
-            id: Some(job.id),
-            reason,
-        };
-        return (outcome, JobInfo::default());
+        return rejected(job.id, reason, JobInfo::default());
     }
     let info = JobInfo {
         mode: job.mode.name(),
         result_key: Some(result_key(ctx, &job)),
     };
-    if let Err(reason) = ctx
-        .caps
-        .check_size(job.params.width, job.params.height, &s.limits)
+    let reason = if let Err(reason) =
+        ctx.caps
+            .check_size(job.params.width, job.params.height, &s.limits)
     {
-        warn!(job_id = %job.id, reason = ?reason, "job rejected");
-        let outcome = JobOutcome::Rejected {
-            id: Some(job.id),
-            reason,
-        };
-        return (outcome, info);
-    }
-    let reason = if job.mode == JobMode::R2fplus && ctx.caps.family != Family::Sd3 {
+        Some(reason)
+    } else if job.mode == JobMode::R2fplus && ctx.caps.family != Family::Sd3 {
         Some(format!(
             "mode r2fplus runs on SD3 models only; model `{}` is {:?}",
             job.model, ctx.caps.family
@@ -126,14 +119,7 @@ pub async fn run_job(
         None
     };
     if let Some(reason) = reason {
-        warn!(job_id = %job.id, reason = ?reason, "job rejected");
-        return (
-            JobOutcome::Rejected {
-                id: Some(job.id),
-                reason,
-            },
-            info,
-        );
+        return rejected(job.id, reason, info);
     }
     let span = tracing::info_span!("job", job_id = %job.id, attempt = msg.attempt);
     let _enter = span.enter();
@@ -170,16 +156,6 @@ fn failed(ctx: &Context, job: &ValidJob, attempt: u32, error: JobError) -> JobOu
             worker: ctx.worker_name.clone(),
         },
         error,
-    }
-}
-
-/// Aborts the task when dropped: a job abandoned at its timeout (its future dropped) stops
-/// renewing its lock.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 

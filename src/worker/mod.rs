@@ -37,6 +37,24 @@ use backoff::Backoff;
 use consumer::{Session, SessionEnd};
 use gpu::GpuWorker;
 
+/// Aborts a spawned task when dropped: a task tied to a job or a broker session (the lock
+/// renewer, the inbox router) ends with it.
+pub(crate) struct AbortOnDrop<T>(pub tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Counts a finished job (a delivery settled for good) in `r2f_jobs_total`.
+pub(crate) fn count_job(ctx: &Context, mode: &str, status: &str) {
+    ctx.metrics
+        .jobs
+        .with_label_values(&[&ctx.settings.worker.model, mode, status])
+        .inc();
+}
+
 /// Shutdown requests: 0 running, 1 drain (first signal), 2 immediate (second signal).
 pub type Shutdown = watch::Receiver<u8>;
 

@@ -73,10 +73,7 @@ async fn route_one(
     let outcome = inbox_outcome(ctx, d);
     if let JobOutcome::Rejected { id, reason } = &outcome {
         warn!(job_id = id.as_deref().unwrap_or("-"), reason = ?reason, "inbox job rejected");
-        ctx.metrics
-            .jobs
-            .with_label_values(&[&ctx.settings.worker.model, "unknown", "rejected"])
-            .inc();
+        super::count_job(ctx, "unknown", "rejected");
     }
     let settlement = decide(outcome, attempt, ctx.settings.worker.max_attempts);
     record_status(ctx, d, attempt, &settlement).await;

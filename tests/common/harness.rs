@@ -255,17 +255,7 @@ impl Names {
 
 /// A server-named, exclusive, auto-deleted queue (a client's own queue for events or replies).
 pub async fn private_queue(ch: &Channel) -> lapin::Queue {
-    ch.queue_declare(
-        "".into(),
-        QueueDeclareOptions {
-            exclusive: true,
-            auto_delete: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap()
+    r2f::worker::amqp::declare_private_queue(ch).await.unwrap()
 }
 
 /// The test's own broker client: publishes jobs, listens to events, reads dead letters.
