@@ -21,7 +21,7 @@ N(0, 1/fan_in) (variance preserving, so activations stay O(1): no overflow, no d
 biases N(0, 0.02), norm scales 1 + N(0, 0.02); zero-initialised layers (adaLN, proj_out,
 conv_out, ...) are therefore non-zero too.  Buffers (SD3's sincos pos_embed) keep their values.
 
-One step, on both sides, is what `r2f bench` times (src/bench.rs): classifier-free guidance at
+One step, on both sides, is what `r2f bench` times (src/bench/mod.rs): classifier-free guidance at
 batch 2 (latents [1, C, H/8, W/8] concatenated twice), one denoiser forward with random
 conditioning of batch 2 (SD3: context [2, --context-tokens, 4096], pooled [2, 2048]; SDXL:
 context [2, 77, 2048], text_embeds [2, 1280], time_ids [2, 6] = (H, W, 0, 0, H, W)), timestep

@@ -7,6 +7,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::device::{DType, DeviceSpec, OrAuto};
+use crate::job::Limits;
 
 const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
@@ -14,22 +15,6 @@ const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 pub struct ModelSettings {
     /// A local diffusers-layout folder or a Hub model id.
     pub source: String,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct Limits {
-    pub max_prompt_chars: usize,
-    pub max_steps: usize,
-    pub max_pixels: i64,
-    pub max_images_per_job: usize,
-    pub max_message_bytes: usize,
-    /// Prompts in one R2F plan (the frequent prompts plus the rare one), and `r2f` prompts of
-    /// one R2F+ object.
-    pub max_plan_prompts: usize,
-    /// Characters in any one prompt string a plan carries.
-    pub max_plan_prompt_chars: usize,
-    /// Objects in one R2F+ plan.
-    pub max_plan_objects: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -252,7 +237,7 @@ impl LlmSettings {
     }
 }
 
-/// Webhooks (`output.webhook` of a job): see `crate::webhook`.
+/// Webhooks (`output.webhook` of a job): see `crate::service::webhook`.
 #[derive(Clone, Deserialize)]
 pub struct WebhookSettings {
     /// Hosts a webhook may call: exact names, or `*.domain` for its subdomains. Empty: jobs

@@ -5,12 +5,12 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::bail;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 use tch::{Device, Kind};
 
-use crate::config::Limits;
 use crate::device::{device_name, dtype_name};
 use crate::image::{encode_image, ImageFormat};
-use crate::job::JobMode;
 use crate::models::hub::{Family, ModelFolder};
 use crate::pipelines::sd3::plus::{RegionKnobs, RegionRequest};
 use crate::pipelines::sd3::Sd3Pipeline;
@@ -19,6 +19,27 @@ use crate::pipelines::{Output, Request};
 use crate::plan::{R2fPlan, RegionPlan};
 use crate::r2f::{step_prompts, PromptSchedule, StopStepMap};
 use crate::schedulers::discrete::Scheduler;
+
+/// How a job's prompt conditions the steps, by name (jobs' `mode`, `--mode`).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum JobMode {
+    R2f,
+    R2fplus,
+    Plain,
+}
+
+impl JobMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            JobMode::R2f => "r2f",
+            JobMode::R2fplus => "r2fplus",
+            JobMode::Plain => "plain",
+        }
+    }
+}
 
 /// How the prompt conditions the steps: a mode with what it needs to run (its name alone is a
 /// [`JobMode`], as jobs and `--mode` spell it).
@@ -61,9 +82,6 @@ pub fn stop_step_map(family: Family) -> StopStepMap {
         Family::Sdxl => StopStepMap::SDXL,
     }
 }
-
-/// The former name of [`prompt_schedule`] (the parity tests still use it).
-pub use self::prompt_schedule as conditioning_schedule;
 
 /// The prompt schedule of a mode: the prompt list and the index of the prompt of each step.
 pub fn prompt_schedule(
@@ -112,55 +130,6 @@ pub struct Resolved {
     pub height: i64,
 }
 
-/// Checks what can be checked without a model: a clear message for each violated bound.
-pub fn validate(prompt: &str, p: &Params, limits: &Limits) -> anyhow::Result<()> {
-    if prompt.trim().is_empty() {
-        bail!("prompt is empty");
-    }
-    if prompt.chars().count() > limits.max_prompt_chars {
-        bail!(
-            "prompt has {} characters, over the limit of {}",
-            prompt.chars().count(),
-            limits.max_prompt_chars
-        );
-    }
-    if let Some(s) = p.steps {
-        if s == 0 || s > limits.max_steps {
-            bail!("steps must be between 1 and {} (got {s})", limits.max_steps);
-        }
-    }
-    if let Some(g) = p.guidance {
-        if !g.is_finite() || !(0.0..=100.0).contains(&g) {
-            bail!("guidance must be a number between 0 and 100 (got {g})");
-        }
-    }
-    for (name, v) in [("width", p.width), ("height", p.height)] {
-        if let Some(v) = v {
-            if v <= 0 || v % 16 != 0 {
-                bail!("{name} must be a positive multiple of 16 (got {v})");
-            }
-        }
-    }
-    if let (Some(w), Some(h)) = (p.width, p.height) {
-        if w * h > limits.max_pixels {
-            bail!(
-                "image of {w}x{h} = {} pixels is over the limit of {} pixels",
-                w * h,
-                limits.max_pixels
-            );
-        }
-    }
-    if let Some(s) = &p.scheduler {
-        Scheduler::parse(s).map_err(anyhow::Error::msg)?;
-    }
-    if let Some(t) = p.t5_tokens {
-        if !(1..=512).contains(&t) {
-            bail!("T5 sequence length must be between 1 and 512 (got {t})");
-        }
-    }
-    Ok(())
-}
-
 /// What a loaded model can draw: checked when a job is validated, so that a size the model
 /// cannot draw is rejected before any work rather than failing on the GPU.
 #[derive(Debug, Clone, PartialEq)]
@@ -179,17 +148,16 @@ impl ModelCaps {
         &self,
         width: Option<i64>,
         height: Option<i64>,
-        limits: &Limits,
+        max_pixels: i64,
     ) -> Result<(), String> {
         let (w, h) = (
             width.unwrap_or(self.default_size),
             height.unwrap_or(self.default_size),
         );
-        if w.saturating_mul(h) > limits.max_pixels {
+        if w.saturating_mul(h) > max_pixels {
             return Err(format!(
-                "image of {w}x{h} = {} pixels is over the limit of {} (max_pixels)",
+                "image of {w}x{h} = {} pixels is over the limit of {max_pixels} (max_pixels)",
                 w.saturating_mul(h),
-                limits.max_pixels
             ));
         }
         if let Some(max) = self.max_side {
@@ -263,7 +231,7 @@ impl Engine {
 
     /// The model's defaults (diffusers' pipeline defaults) filled into `p`.
     /// Plain runs take diffusers' pipeline defaults; R2F runs the official R2F defaults.
-    pub fn resolve(&self, mode: &Mode, p: &Params, limits: &Limits) -> anyhow::Result<Resolved> {
+    pub fn resolve(&self, mode: &Mode, p: &Params, max_pixels: i64) -> anyhow::Result<Resolved> {
         let (steps, guidance, size) = match self {
             Engine::Sd3(pipe) => (
                 if matches!(mode, Mode::R2f { .. } | Mode::R2fPlus { .. }) {
@@ -289,13 +257,12 @@ impl Engine {
             width: p.width.unwrap_or(size),
             height: p.height.unwrap_or(size),
         };
-        if r.width * r.height > limits.max_pixels {
+        if r.width * r.height > max_pixels {
             bail!(
-                "image of {}x{} = {} pixels is over the limit of {} pixels",
+                "image of {}x{} = {} pixels is over the limit of {max_pixels} (max_pixels)",
                 r.width,
                 r.height,
                 r.width * r.height,
-                limits.max_pixels
             );
         }
         Ok(r)
@@ -400,12 +367,11 @@ pub fn generate_image(
     prompt: &str,
     mode: &Mode,
     p: &Params,
-    limits: &Limits,
+    max_pixels: i64,
     encoding: Encoding,
     on_step: &mut dyn FnMut(usize, usize) -> anyhow::Result<()>,
 ) -> anyhow::Result<Generated> {
-    validate(prompt, p, limits)?;
-    let resolved = engine.resolve(mode, p, limits)?;
+    let resolved = engine.resolve(mode, p, max_pixels)?;
     let start = Instant::now();
     let output = engine.run(prompt, mode, p, &resolved, on_step)?;
     let text = [

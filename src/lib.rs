@@ -1,28 +1,27 @@
 //! r2f: Rare-to-Frequent text-to-image generation on libtorch.
+//!
+//! The modules by layer, from the bottom; a module imports only from its own layer or below
+//! (docs/architecture.md; `tests/architecture.rs` keeps it so).
 
-pub mod bench;
-pub mod bench_e2e;
-pub mod bench_model;
-pub mod bench_service;
-pub mod cli;
-pub mod config;
+// Core: tensors to images, no I/O beyond model files.
 pub mod device;
-pub mod enqueue;
 pub mod generate;
 pub mod image;
-pub mod job;
-pub mod metrics;
 pub mod models;
-pub mod parity;
+pub mod names;
 pub mod pipelines;
 pub mod plan;
 pub mod r2f;
-pub mod redis_store;
 pub mod schedulers;
-pub mod schema;
-pub mod status;
-pub mod storage;
-pub mod webhook;
+
+// The contract clients build against, and the settings.
+pub mod config;
+pub mod job;
+
+// Services, the daemon, and the tools and commands on top.
+pub mod bench;
+pub mod cli;
+pub mod service;
 pub mod worker;
 
 // The R2F method's vocabulary at the crate root: `r2f::PromptSchedule`, not `r2f::r2f::...`.

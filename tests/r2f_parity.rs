@@ -6,12 +6,12 @@
 mod common;
 
 use common::*;
-use r2f::generate::{conditioning_schedule, Mode};
+use r2f::generate::{prompt_schedule, Mode};
 use r2f::models::hub::{Family, ModelFolder};
 use r2f::pipelines::sd3::Sd3Pipeline;
 use r2f::pipelines::Request;
 use r2f::plan::Plan;
-use r2f::r2f::ScheduleKind;
+use r2f::r2f::PromptSchedule;
 use tch::{Device, Kind};
 
 #[test]
@@ -20,16 +20,16 @@ fn r2f_run_matches_the_official_schedule_on_diffusers_components() {
         reference("sd3-tiny-a-r2f"),
         reference_json("sd3-tiny-a-r2f"),
     );
-    let Plan::R2f(plan) = Plan::from_json(&m["plan"], "").unwrap() else {
+    let Plan::R2f(plan) = Plan::from_json(&m["plan"]).unwrap() else {
         panic!("an R2F plan")
     };
     let steps = m["steps"].as_u64().unwrap() as usize;
     let mode = Mode::R2f {
         plan,
-        schedule: ScheduleKind::Faithful,
+        schedule: PromptSchedule::Faithful,
         stop_steps: None,
     };
-    let (prompts, order) = conditioning_schedule(&mode, "", steps, Family::Sd3);
+    let (prompts, order) = prompt_schedule(&mode, "", steps, Family::Sd3);
     let want_order: Vec<usize> = m["r2f_step_prompt"]
         .as_array()
         .unwrap()

@@ -32,7 +32,7 @@ fn pipeline(model: &str) -> Sd3Pipeline {
 }
 
 fn request(case: &Value) -> RegionRequest {
-    r2f::parity::region_request(case).unwrap()
+    r2f::bench::parity::region_request(case).unwrap()
 }
 
 /// The official per-step record of one run: `[{step, prompt, indices: {key: [rows]}}]`.

@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use r2f::generate::{conditioning_schedule, Mode};
+use r2f::generate::{prompt_schedule, Mode};
 use r2f::models::hub::{Family, ModelFolder};
 use r2f::models::unet::{Unet, UnetConfig};
 use r2f::models::vae::{VaeConfig, VaeDecoder};
@@ -13,8 +13,8 @@ use r2f::models::weights::{Vb, Weights};
 use r2f::pipelines::sdxl::SdxlPipeline;
 use r2f::pipelines::Request;
 use r2f::plan::Plan;
-use r2f::r2f::ScheduleKind;
-use r2f::schedulers::discrete::SamplerKind;
+use r2f::r2f::PromptSchedule;
+use r2f::schedulers::discrete::Scheduler;
 use tch::{Device, Kind};
 
 const CONFIGS: [&str; 2] = ["sdxl-tiny-a", "sdxl-tiny-b"];
@@ -83,7 +83,7 @@ fn vae_decode_with_post_quant_conv_matches_diffusers() {
 fn check_run(
     name: &str,
     pipe: &SdxlPipeline,
-    sampler: SamplerKind,
+    sampler: Scheduler,
     steps: usize,
     lat: &str,
     img: &str,
@@ -123,7 +123,7 @@ fn whole_pipeline_matches_diffusers_with_euler_and_dpm_solver() {
         check_run(
             name,
             &pipe,
-            SamplerKind::EulerDiscrete,
+            Scheduler::EulerDiscrete,
             steps,
             "final_latents",
             "image_u8",
@@ -131,7 +131,7 @@ fn whole_pipeline_matches_diffusers_with_euler_and_dpm_solver() {
         check_run(
             name,
             &pipe,
-            SamplerKind::DpmSolverPp2mKarras,
+            Scheduler::DpmSolverPp2mKarras,
             4,
             "dpm_final_latents",
             "dpm_image_u8",
@@ -145,16 +145,16 @@ fn r2f_on_sdxl_matches_the_official_loop() {
         reference("sdxl-tiny-a-r2f"),
         reference_json("sdxl-tiny-a-r2f"),
     );
-    let Plan::R2f(plan) = Plan::from_json(&m["plan"], "").unwrap() else {
+    let Plan::R2f(plan) = Plan::from_json(&m["plan"]).unwrap() else {
         panic!("an R2F plan")
     };
     let steps = m["steps"].as_u64().unwrap() as usize;
     let mode = Mode::R2f {
         plan,
-        schedule: ScheduleKind::Faithful,
+        schedule: PromptSchedule::Faithful,
         stop_steps: None,
     };
-    let (prompts, order) = conditioning_schedule(&mode, "", steps, Family::Sdxl);
+    let (prompts, order) = prompt_schedule(&mode, "", steps, Family::Sdxl);
     let want: Vec<usize> = m["r2f_step_prompt"]
         .as_array()
         .unwrap()
@@ -176,7 +176,7 @@ fn r2f_on_sdxl_matches_the_official_loop() {
         height: m["height"].as_i64().unwrap(),
     };
     let out = pipe
-        .generate(&req, SamplerKind::DpmSolverPp2mKarras, &mut |_, _| Ok(()))
+        .generate(&req, Scheduler::DpmSolverPp2mKarras, &mut |_, _| Ok(()))
         .unwrap();
     assert_close(
         "SDXL R2F final latents",
@@ -193,7 +193,7 @@ fn r2f_on_sdxl_matches_the_official_loop() {
         ..req
     };
     let p = pipe
-        .generate(&plain, SamplerKind::DpmSolverPp2mKarras, &mut |_, _| Ok(()))
+        .generate(&plain, Scheduler::DpmSolverPp2mKarras, &mut |_, _| Ok(()))
         .unwrap();
     assert_close(
         "SDXL plain (DPM++, 50 steps)",

@@ -13,7 +13,7 @@
 mod common;
 
 use common::*;
-use r2f::schedulers::discrete::{DiscreteConfig, DiscreteSchedule, Sampler, SamplerKind};
+use r2f::schedulers::discrete::{DiscreteConfig, DiscreteSchedule, Sampler, Scheduler};
 
 const CONFIGS: [&str; 2] = ["sdxl-tiny-a", "sdxl-tiny-b"];
 
@@ -31,7 +31,7 @@ fn euler_and_dpm_schedules_match_diffusers() {
         let r = reference(name);
         let cfg = config(name);
         for n in [1usize, 2, 30, 50] {
-            let e = DiscreteSchedule::new(&cfg, SamplerKind::EulerDiscrete, n).unwrap();
+            let e = DiscreteSchedule::new(&cfg, Scheduler::EulerDiscrete, n).unwrap();
             let want_t = Vec::<f32>::try_from(&r[&format!("euler_timesteps_{n}")]).unwrap();
             let want_s = Vec::<f32>::try_from(&r[&format!("euler_sigmas_{n}")]).unwrap();
             assert_eq!(e.timesteps, want_t, "{name} Euler timesteps, {n} steps");
@@ -49,7 +49,7 @@ fn euler_and_dpm_schedules_match_diffusers() {
                 SIGMA_ULPS,
             );
 
-            let d = DiscreteSchedule::new(&cfg, SamplerKind::DpmSolverPp2mKarras, n).unwrap();
+            let d = DiscreteSchedule::new(&cfg, Scheduler::DpmSolverPp2mKarras, n).unwrap();
             let want_t: Vec<f32> = Vec::<i64>::try_from(&r[&format!("dpm_timesteps_{n}")])
                 .unwrap()
                 .into_iter()
@@ -72,7 +72,7 @@ fn euler_and_dpm_schedules_match_diffusers() {
 #[test]
 fn dpm_sigmas_match_a_reference_recomputed_on_another_machine() {
     let d =
-        DiscreteSchedule::new(&config("sdxl-tiny-a"), SamplerKind::DpmSolverPp2mKarras, 2).unwrap();
+        DiscreteSchedule::new(&config("sdxl-tiny-a"), Scheduler::DpmSolverPp2mKarras, 2).unwrap();
     let elsewhere = 0.029_167_534_78_f64 as f32;
     let stored = Vec::<f32>::try_from(&reference("sdxl-tiny-a")["dpm_sigmas_2"]).unwrap()[1];
     assert_eq!(
@@ -107,7 +107,7 @@ fn dpm_solver_steps_match_diffusers_on_fixed_model_outputs() {
         let outputs = &r["dpm_step_model_outputs"];
         let want = &r["dpm_step_samples"];
         let n = outputs.size()[0] as usize;
-        let schedule = DiscreteSchedule::new(&cfg, SamplerKind::DpmSolverPp2mKarras, n).unwrap();
+        let schedule = DiscreteSchedule::new(&cfg, Scheduler::DpmSolverPp2mKarras, n).unwrap();
         let mut sampler = Sampler::new(schedule);
         let mut x = r["dpm_step_sample0"].shallow_clone();
         for i in 0..n {

@@ -5,15 +5,15 @@ use std::path::Path;
 use anyhow::bail;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::{runtime, BenchArgs, GenerateArgs, ParityArgs, PromptScheduleArgs};
+use super::args::{BenchArgs, GenerateArgs, ParityArgs, PromptScheduleArgs};
+use super::remote::runtime;
 use crate::config::Settings;
 use crate::device::{default_device, device_name, dtype_name, DType, DeviceSpec};
 use crate::generate::{
-    generate_image, prompt_schedule, validate, write_latents, Encoding, Engine, Generated, Mode,
+    generate_image, prompt_schedule, write_latents, Encoding, Engine, Generated, JobMode, Mode,
     Params,
 };
 use crate::image::write_atomic;
-use crate::job::JobMode;
 use crate::models::hub;
 use crate::plan::{Plan, R2fPlan, RegionPlan};
 
@@ -37,15 +37,15 @@ fn read_plan(path: &Path) -> anyhow::Result<Plan> {
         .map_err(|e| anyhow::anyhow!("cannot read plan {}: {e}", path.display()))?;
     let value: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| anyhow::anyhow!("plan {} is not valid JSON: {e}", path.display()))?;
-    Plan::from_json(&value, "").map_err(|e| anyhow::anyhow!("invalid plan {}: {e}", path.display()))
+    Plan::from_json(&value).map_err(|e| anyhow::anyhow!("invalid plan {}: {e}", path.display()))
 }
 
 /// The configured LLM behind the plan cache, or an error naming what to pass instead.
 fn llm_planner(
     settings: &Settings,
     mode: JobMode,
-) -> anyhow::Result<std::sync::Arc<crate::plan::llm::CachedPlanner>> {
-    crate::plan::llm::planner(settings)?.ok_or_else(|| {
+) -> anyhow::Result<std::sync::Arc<crate::service::planner::CachedPlanner>> {
+    crate::service::planner::planner(settings)?.ok_or_else(|| {
         anyhow::anyhow!(
             "mode {} needs a plan: pass --plan FILE or enable [llm]",
             mode.name()
@@ -56,9 +56,9 @@ fn llm_planner(
 /// The configured LLM's R2F plan for `prompt`.
 fn plan_with_llm(settings: &Settings, prompt: &str) -> anyhow::Result<R2fPlan> {
     let planner = llm_planner(settings, JobMode::R2f)?;
-    let metrics = crate::metrics::Metrics::new();
+    let metrics = crate::service::metrics::Metrics::new();
     let plan = runtime()?
-        .block_on(crate::plan::Planner::plan(
+        .block_on(crate::service::planner::Planner::plan(
             planner.as_ref(),
             prompt,
             &metrics,
@@ -71,9 +71,9 @@ fn plan_with_llm(settings: &Settings, prompt: &str) -> anyhow::Result<R2fPlan> {
 /// The configured LLM's R2F+ plan for `prompt`.
 fn region_plan_with_llm(settings: &Settings, prompt: &str) -> anyhow::Result<RegionPlan> {
     let planner = llm_planner(settings, JobMode::R2fplus)?;
-    let metrics = crate::metrics::Metrics::new();
+    let metrics = crate::service::metrics::Metrics::new();
     let plan = runtime()?
-        .block_on(crate::plan::Planner::plan_regions(
+        .block_on(crate::service::planner::Planner::plan_regions(
             planner.as_ref(),
             prompt,
             &metrics,
@@ -138,7 +138,7 @@ pub fn generate(settings: &Settings, a: GenerateArgs) -> anyhow::Result<()> {
         scheduler: a.scheduler.map(|s| s.name().to_string()),
     };
     // Fail on bad options before spending time on loading.
-    validate(&a.prompt, &params, &settings.limits)?;
+    crate::job::validate_params(&a.prompt, &params, &settings.limits)?;
     let (device, dtype) = device_and_dtype(a.device, a.dtype)?;
     let source = settings.model_source(&a.model);
     let folder = hub::resolve(&source)?;
@@ -158,7 +158,7 @@ pub fn generate(settings: &Settings, a: GenerateArgs) -> anyhow::Result<()> {
         &a.prompt,
         &mode,
         &params,
-        &settings.limits,
+        settings.limits.max_pixels,
         Encoding::PNG,
         &mut on_step,
     )?;
@@ -246,7 +246,7 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
     if let Some(dir) = &a.write_model {
         let configs = match a.model {
             crate::bench::BenchModel::Sd3 => crate::pipelines::sd3::Sd3Configs::sd3_medium(),
-            crate::bench::BenchModel::Sd3Tiny => crate::bench_e2e::sd3_tiny_configs(),
+            crate::bench::BenchModel::Sd3Tiny => crate::bench::e2e::sd3_tiny_configs(),
             other => bail!(
                 "--write-model writes SD3 folders (sd3, sd3-tiny), not {}",
                 other.name()
@@ -255,13 +255,13 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
         let tokenizers = a
             .tokenizers
             .clone()
-            .unwrap_or_else(|| crate::parity::default_fixtures().join("sd3-tiny-a"));
-        crate::bench_model::write_sd3(dir, &configs, &tokenizers, dtype)?;
+            .unwrap_or_else(|| crate::bench::parity::default_fixtures().join("sd3-tiny-a"));
+        crate::bench::model::write_sd3(dir, &configs, &tokenizers, dtype)?;
         println!("{}", dir.display());
         return Ok(());
     }
     let json = if a.e2e {
-        let report = crate::bench_e2e::run(&crate::bench_e2e::E2eOptions {
+        let report = crate::bench::e2e::run(&crate::bench::e2e::E2eOptions {
             model: a.model,
             device,
             dtype,
@@ -298,8 +298,10 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
 /// `r2f parity`: the bundled parity cases on a device and dtype.
 pub fn parity(a: ParityArgs) -> anyhow::Result<()> {
     let (device, dtype) = device_and_dtype(a.device, a.dtype)?;
-    let fixtures = a.fixtures.unwrap_or_else(crate::parity::default_fixtures);
-    let report = crate::parity::run(&fixtures, device, dtype, a.tolerance)?;
+    let fixtures = a
+        .fixtures
+        .unwrap_or_else(crate::bench::parity::default_fixtures);
+    let report = crate::bench::parity::run(&fixtures, device, dtype, a.tolerance)?;
     println!("{report}");
     if let Some(path) = &a.json {
         write_atomic(path, serde_json::to_string_pretty(&report)?.as_bytes())?;

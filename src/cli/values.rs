@@ -5,20 +5,8 @@
 use clap::builder::PossibleValue;
 use clap::ValueEnum;
 
-use crate::job::JobMode;
 use crate::models::hub::Family;
-use crate::plan::llm::PlanMode;
-
-/// `r2f generate --mode`: `r2f`, `r2fplus` or `plain`.
-impl ValueEnum for JobMode {
-    fn value_variants<'a>() -> &'a [Self] {
-        &[JobMode::R2f, JobMode::R2fplus, JobMode::Plain]
-    }
-
-    fn to_possible_value(&self) -> Option<PossibleValue> {
-        Some(PossibleValue::new(self.name()))
-    }
-}
+use crate::service::planner::PlanMode;
 
 /// `r2f plan --mode`: `r2f` or `r2fplus`.
 impl ValueEnum for PlanMode {

@@ -4,6 +4,10 @@
 //!
 //! Struct fields are named as the checkpoint keys (`transformer_blocks.3.norm1_context.linear`
 //! is `transformer_blocks[3].norm1_context.linear`); fused projections say which keys they fuse.
+//!
+//! One file, not one per block: it follows `transformer_sd3.py` and the checkpoint's key tree
+//! from the root to the leaves, so that a reader holds one model next to one diffusers file and
+//! its weight keys; the shared layers live in `layers.rs` and `embeddings.rs`.
 
 use std::path::Path;
 

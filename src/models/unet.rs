@@ -6,6 +6,10 @@
 //! Struct fields are named as the checkpoint keys (`down_blocks.1.attentions.0.proj_in` is
 //! `down_blocks[1]`'s `attentions[0].proj_in`), and the block types as diffusers' classes, which
 //! are also the config's `down_block_types` / `up_block_types` values.
+//!
+//! One file, not one per block: the file follows diffusers' module tree from the checkpoint's
+//! root to its leaves, so that it reads side by side with `unet_2d_condition.py` and the weight
+//! keys; split by block, a key path would run across files.
 
 use std::path::Path;
 

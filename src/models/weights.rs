@@ -63,7 +63,7 @@ enum Source {
         origin: PathBuf,
     },
     /// Random normal values (std 0.02, norm weights 1): for speed measurements only.
-    Random { seed: i64 },
+    Random,
 }
 
 pub struct Weights {
@@ -197,9 +197,11 @@ impl Weights {
         })
     }
 
-    pub fn random(seed: i64, device: Device, kind: Kind) -> Self {
+    /// Random weights (norm weights 1, the rest N(0, 0.02²)) drawn from libtorch's global
+    /// generator as each tensor is read: seed it with `tch::manual_seed` for repeatable values.
+    pub fn random(device: Device, kind: Kind) -> Self {
         Self {
-            source: Source::Random { seed },
+            source: Source::Random,
             device,
             kind,
             read: Mutex::default(),
@@ -208,10 +210,10 @@ impl Weights {
     }
 
     /// A random source that keeps every tensor it hands out ([`Weights::take_kept`]).
-    pub fn random_kept(seed: i64, device: Device, kind: Kind) -> Self {
+    pub fn random_kept(device: Device, kind: Kind) -> Self {
         Self {
             kept: Some(Mutex::default()),
-            ..Self::random(seed, device, kind)
+            ..Self::random(device, kind)
         }
     }
 
@@ -232,21 +234,21 @@ impl Weights {
     }
 
     pub fn is_random(&self) -> bool {
-        matches!(self.source, Source::Random { .. })
+        matches!(self.source, Source::Random)
     }
 
     /// Where the tensors come from, for error messages.
     fn location(&self) -> String {
         match &self.source {
             Source::Files { origin, .. } => origin.display().to_string(),
-            Source::Random { .. } => "random weights".into(),
+            Source::Random => "random weights".into(),
         }
     }
 
     pub fn contains(&self, name: &str) -> bool {
         match &self.source {
             Source::Files { index, .. } => index.contains_key(name),
-            Source::Random { .. } => true,
+            Source::Random => true,
         }
     }
 
@@ -254,7 +256,7 @@ impl Weights {
     pub fn names(&self) -> Vec<String> {
         match &self.source {
             Source::Files { index, .. } => index.keys().cloned().collect(),
-            Source::Random { .. } => Vec::new(),
+            Source::Random => Vec::new(),
         }
     }
 
@@ -290,8 +292,7 @@ impl Weights {
     /// Like `get` with an explicit dtype (some tensors stay float32 whatever the model dtype).
     pub fn get_kind(&self, name: &str, shape: &[i64], kind: Kind) -> Result<Tensor, WeightError> {
         match &self.source {
-            Source::Random { seed } => {
-                let _ = seed;
+            Source::Random => {
                 let t = if name.ends_with("norm.weight")
                     || name.contains("norm") && name.ends_with(".weight") && shape.len() == 1
                 {

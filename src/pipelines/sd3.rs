@@ -186,7 +186,7 @@ impl Sd3Pipeline {
     ) -> anyhow::Result<Self> {
         let _guard = tch::no_grad_guard();
         let t5_dtype = t5_dtype_for(dtype);
-        let vb = |kind| Vb::new(Weights::random(0, device, kind));
+        let vb = |kind| Vb::new(Weights::random(device, kind));
         let tok = |name: &str| PromptTokenizer::clip(&tokenizers.join(name));
         let tok_t5 = match &cfg.t5 {
             Some(_) => Some(PromptTokenizer::t5(

@@ -128,7 +128,7 @@ impl SdxlPipeline {
         } else {
             dtype
         };
-        let vb = |kind| Vb::new(Weights::random(0, device, kind));
+        let vb = |kind| Vb::new(Weights::random(device, kind));
         let built = |what: &str| tracing::info!(component = what, "built with random weights");
         let clip_l = ClipTextModel::new(&vb(dtype), &cfg.clip_l, false)?;
         built("text_encoder (CLIP-L)");

@@ -6,48 +6,17 @@ use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-/// Why no plan could be had: `transient` failures (LLM unreachable, rate limited) are retried
-/// by the worker; the others (an answer that stays unusable) fail the job.
-#[derive(Debug, Clone)]
-pub struct PlanError {
-    pub transient: bool,
-    pub message: String,
-    /// The planner refused this worker (HTTP 401, 403, 404: a bad key, model name or URL), not
-    /// the job: the job must not be consumed by it.
-    pub planner_fault: bool,
-}
-
-impl std::fmt::Display for PlanError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-pub type PlanFuture<'a> =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<R2fPlan, PlanError>> + Send + 'a>>;
-pub type RegionPlanFuture<'a> =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<RegionPlan, PlanError>> + Send + 'a>>;
-
-pub mod llm;
 pub mod parse;
 pub mod template;
 
-/// The planner the settings configure: the LLM behind the Redis plan cache, or None when
-/// `llm.enabled` is false.
-pub fn planner_from_settings(
-    settings: &crate::config::Settings,
-) -> anyhow::Result<Option<std::sync::Arc<dyn Planner>>> {
-    Ok(llm::planner(settings)?.map(|p| p as std::sync::Arc<dyn Planner>))
-}
-
-/// Something that turns a prompt into an R2F or R2F+ plan (the LLM behind the plan cache).
-pub trait Planner: Send + Sync {
-    fn plan<'a>(&'a self, prompt: &'a str, metrics: &'a crate::metrics::Metrics) -> PlanFuture<'a>;
-    fn plan_regions<'a>(
-        &'a self,
-        prompt: &'a str,
-        metrics: &'a crate::metrics::Metrics,
-    ) -> RegionPlanFuture<'a>;
+/// How large a plan may be: prompts of an R2F plan (its frequent prompts plus the rare one) and
+/// `r2f` prompts of one R2F+ object, characters of any one prompt string, objects of an R2F+
+/// plan. The names in error messages are the settings that set them (`[limits]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlanLimits {
+    pub max_prompts: usize,
+    pub max_prompt_chars: usize,
+    pub max_objects: usize,
 }
 
 /// An R2F plan: prompts `p0 ... pK` from frequent to rare (`pK` is the rare prompt) and one
@@ -250,7 +219,7 @@ fn levels_from(v: &Value) -> Result<Vec<u8>, String> {
 
 impl Plan {
     /// Reads a plan in either official shape and validates it.
-    pub fn from_json(v: &Value, _prompt: &str) -> Result<Self, String> {
+    pub fn from_json(v: &Value) -> Result<Self, String> {
         let obj = v.as_object().ok_or("a plan must be a JSON object")?;
         if obj.contains_key("objects") {
             let plan: RegionPlan = serde_json::from_value(v.clone())
@@ -298,9 +267,9 @@ impl Plan {
     /// object's `r2f` list against `max_plan_prompts`, the number of R2F+ objects against
     /// `max_plan_objects`, and the characters of every prompt string the plan carries against
     /// `max_plan_prompt_chars`. The error names the limit. Counts are checked before lengths.
-    pub fn check_limits(&self, limits: &crate::config::Limits) -> Result<(), String> {
-        let max_prompts = limits.max_plan_prompts;
-        let max_chars = limits.max_plan_prompt_chars;
+    pub fn check_limits(&self, limits: &PlanLimits) -> Result<(), String> {
+        let max_prompts = limits.max_prompts;
+        let max_chars = limits.max_prompt_chars;
         let chars = |what: &str, s: &str| -> Result<(), String> {
             let n = s.chars().count();
             if n > max_chars {
@@ -330,10 +299,10 @@ impl Plan {
             }
             Plan::Regions(p) => {
                 let n = p.objects.len();
-                if n > limits.max_plan_objects {
+                if n > limits.max_objects {
                     return Err(format!(
                         "plan has {n} objects, over the limit of {} (max_plan_objects)",
-                        limits.max_plan_objects
+                        limits.max_objects
                     ));
                 }
                 // Keys are `#N` in a validated plan; count them too so that an unvalidated plan
@@ -380,7 +349,7 @@ mod tests {
     fn single_object_shape_with_string_level() {
         let v = json!({"visual_detail_level": "4",
                        "r2f_prompt": [["A hairy sea animal", "A hairy octopus"]]});
-        let Plan::R2f(p) = Plan::from_json(&v, "A hairy octopus").unwrap() else {
+        let Plan::R2f(p) = Plan::from_json(&v).unwrap() else {
             panic!("an R2F plan")
         };
         assert_eq!(p.levels, vec![4]);
@@ -394,7 +363,7 @@ mod tests {
             "a hairy fish and two spotted shellfish",
             "a hairy shark and two spotted shellfish",
             "a hairy shark and two spotted clams"]]});
-        let Plan::R2f(p) = Plan::from_json(&v, "").unwrap() else {
+        let Plan::R2f(p) = Plan::from_json(&v).unwrap() else {
             panic!()
         };
         assert_eq!(p.levels, vec![5, 3]);
@@ -405,7 +374,7 @@ mod tests {
     fn single_prompt_plans_are_accepted_whatever_the_level() {
         for level in ["0", "1"] {
             let v = json!({"visual_detail_level": level, "r2f_prompt": [["An oval shaped table"]]});
-            assert!(Plan::from_json(&v, "").is_ok());
+            assert!(Plan::from_json(&v).is_ok());
         }
     }
 
@@ -437,7 +406,7 @@ mod tests {
             (json!(["not", "an", "object"]), "JSON object"),
         ];
         for (v, needle) in cases {
-            let e = Plan::from_json(&v, "").unwrap_err();
+            let e = Plan::from_json(&v).unwrap_err();
             assert!(e.contains(needle), "{v}: {e} should mention {needle}");
         }
     }
@@ -454,37 +423,28 @@ mod tests {
     #[test]
     fn region_plan_validates_like_the_official_loader() {
         assert!(matches!(
-            Plan::from_json(&region_plan(), "").unwrap(),
+            Plan::from_json(&region_plan()).unwrap(),
             Plan::Regions(_)
         ));
         let mut bad = region_plan();
         bad["objects"]["#1"]["bbox"] = json!([0.5, 0.75, 0.4, 0.3]);
-        assert!(Plan::from_json(&bad, "").unwrap_err().contains("bbox"));
+        assert!(Plan::from_json(&bad).unwrap_err().contains("bbox"));
         let mut bad = region_plan();
         bad["objects"]["#1"]["visual_detail_levels"] = json!([5, 3]);
-        assert!(Plan::from_json(&bad, "").unwrap_err().contains("levels"));
+        assert!(Plan::from_json(&bad).unwrap_err().contains("levels"));
         let mut bad = region_plan();
         bad["base_prompt"] = json!("#1 only");
-        assert!(Plan::from_json(&bad, "")
-            .unwrap_err()
-            .contains("placeholders"));
+        assert!(Plan::from_json(&bad).unwrap_err().contains("placeholders"));
         let mut bad = region_plan();
         bad["objects"]["#2"]["prompt"] = json!("#1 and #2");
-        assert!(Plan::from_json(&bad, "")
-            .unwrap_err()
-            .contains("exactly one"));
+        assert!(Plan::from_json(&bad).unwrap_err().contains("exactly one"));
     }
 
-    fn limits() -> crate::config::Limits {
-        crate::config::Limits {
+    fn limits() -> PlanLimits {
+        PlanLimits {
+            max_prompts: 16,
             max_prompt_chars: 2000,
-            max_steps: 200,
-            max_pixels: 4_194_304,
-            max_images_per_job: 4,
-            max_message_bytes: 65_536,
-            max_plan_prompts: 16,
-            max_plan_prompt_chars: 2000,
-            max_plan_objects: 8,
+            max_objects: 8,
         }
     }
 
@@ -492,7 +452,7 @@ mod tests {
         let levels = vec!["3"; prompts - 1];
         let list: Vec<String> = (0..prompts).map(|i| format!("prompt {i}")).collect();
         let v = json!({"visual_detail_level": levels, "r2f_prompt": [list]});
-        Plan::from_json(&v, "").unwrap()
+        Plan::from_json(&v).unwrap()
     }
 
     /// A valid R2F+ plan with `objects` objects, each with `r2f` frequent prompts.

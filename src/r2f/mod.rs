@@ -82,9 +82,6 @@ pub enum PromptSchedule {
     Clean,
 }
 
-/// The former name of [`PromptSchedule`] (the parity tests and `job.rs` still use it).
-pub type ScheduleKind = PromptSchedule;
-
 impl PromptSchedule {
     pub fn parse(s: &str) -> Result<Self, String> {
         <Self as clap::ValueEnum>::from_str(s, false)
@@ -160,7 +157,7 @@ pub fn frequent_steps(step_prompt: &[usize], rare: usize) -> usize {
 mod tests {
     use super::*;
 
-    fn freq_steps(levels: &[u8], map: &StopStepMap, kind: ScheduleKind) -> usize {
+    fn freq_steps(levels: &[u8], map: &StopStepMap, kind: PromptSchedule) -> usize {
         let s = step_prompts(levels.len() + 1, levels, 50, map, kind);
         frequent_steps(&s, levels.len())
     }
@@ -173,7 +170,7 @@ mod tests {
             (StopStepMap::SDXL, [2, 3, 5, 10, 15]),
         ] {
             for level in 1..=5u8 {
-                for kind in [ScheduleKind::Faithful, ScheduleKind::Clean] {
+                for kind in [PromptSchedule::Faithful, PromptSchedule::Clean] {
                     assert_eq!(
                         freq_steps(&[level], &map, kind),
                         want[level as usize - 1],
@@ -186,7 +183,7 @@ mod tests {
 
     #[test]
     fn one_concept_alternates_until_its_stop_step() {
-        let s = step_prompts(2, &[2], 50, &StopStepMap::SD3, ScheduleKind::Faithful);
+        let s = step_prompts(2, &[2], 50, &StopStepMap::SD3, PromptSchedule::Faithful);
         // Level 2 stops at 10: even steps 0..8 frequent, odd rare, then rare.
         assert_eq!(&s[..11], &[0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 1]);
         assert!(s[10..].iter().all(|&p| p == 1));
@@ -196,11 +193,11 @@ mod tests {
     fn unsorted_levels_freeze_the_advance_in_faithful_mode() {
         // Levels ["5","3"] -> T = [40, 20, 50]: mode goes 0 -> 1 at step 40 and never reaches 2,
         // so steps 40..49 keep alternating p1 (even) and p2 (odd).
-        let s = step_prompts(3, &[5, 3], 50, &StopStepMap::SD3, ScheduleKind::Faithful);
+        let s = step_prompts(3, &[5, 3], 50, &StopStepMap::SD3, PromptSchedule::Faithful);
         assert!((0..40).all(|i| s[i] == if i % 2 == 0 { 0 } else { 2 }));
         assert!((40..50).all(|i| s[i] == if i % 2 == 0 { 1 } else { 2 }));
         // Clean: sorted stops [20, 40]: p0 on even steps < 20, p1 on even steps 20..38, then rare.
-        let c = step_prompts(3, &[5, 3], 50, &StopStepMap::SD3, ScheduleKind::Clean);
+        let c = step_prompts(3, &[5, 3], 50, &StopStepMap::SD3, PromptSchedule::Clean);
         assert!((0..20).all(|i| c[i] == if i % 2 == 0 { 0 } else { 2 }));
         assert!((20..40).all(|i| c[i] == if i % 2 == 0 { 1 } else { 2 }));
         assert!((40..50).all(|i| c[i] == 2));
@@ -208,7 +205,7 @@ mod tests {
 
     #[test]
     fn sorted_levels_advance_through_every_prompt() {
-        let s = step_prompts(3, &[3, 5], 50, &StopStepMap::SD3, ScheduleKind::Faithful);
+        let s = step_prompts(3, &[3, 5], 50, &StopStepMap::SD3, PromptSchedule::Faithful);
         assert!((0..20).all(|i| s[i] == if i % 2 == 0 { 0 } else { 2 }));
         assert!((20..40).all(|i| s[i] == if i % 2 == 0 { 1 } else { 2 }));
         assert!((40..50).all(|i| s[i] == 2));
@@ -217,17 +214,17 @@ mod tests {
     #[test]
     fn leading_level_zero_freezes_at_the_first_prompt_in_faithful_mode() {
         // T = [0, 20, 50]: the advance test needs T[mode] != 0, so mode stays 0 for all steps.
-        let s = step_prompts(3, &[0, 3], 50, &StopStepMap::SD3, ScheduleKind::Faithful);
+        let s = step_prompts(3, &[0, 3], 50, &StopStepMap::SD3, PromptSchedule::Faithful);
         assert!((0..50).all(|i| s[i] == if i % 2 == 0 { 0 } else { 2 }));
         // Clean: the level-0 concept is never frequent.
-        let c = step_prompts(3, &[0, 3], 50, &StopStepMap::SD3, ScheduleKind::Clean);
+        let c = step_prompts(3, &[0, 3], 50, &StopStepMap::SD3, PromptSchedule::Clean);
         assert!((0..20).all(|i| c[i] == if i % 2 == 0 { 1 } else { 2 }));
         assert!((20..50).all(|i| c[i] == 2));
     }
 
     #[test]
     fn single_prompt_is_a_plain_run_even_with_a_level() {
-        for kind in [ScheduleKind::Faithful, ScheduleKind::Clean] {
+        for kind in [PromptSchedule::Faithful, PromptSchedule::Clean] {
             assert_eq!(
                 step_prompts(1, &[1], 50, &StopStepMap::SDXL, kind),
                 vec![0; 50]
@@ -246,7 +243,7 @@ mod tests {
         assert_eq!(m.stop_step(5, 25), 20);
         assert_eq!(m.stop_step(1, 28), 3); // 5 * 28 / 50 = 2.8 -> 3
         assert_eq!(m.stop_step(3, 28), 11); // 20 * 28 / 50 = 11.2 -> 11
-        let s = step_prompts(2, &[3], 28, &m, ScheduleKind::Faithful);
+        let s = step_prompts(2, &[3], 28, &m, PromptSchedule::Faithful);
         assert_eq!(frequent_steps(&s, 1), 6); // even steps 0..10
     }
 }

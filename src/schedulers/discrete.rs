@@ -11,7 +11,8 @@ use std::path::Path;
 use serde::Deserialize;
 use tch::Tensor;
 
-use super::{dpm_solver, euler, sigmas};
+use super::sigmas::{self, BetaSchedule};
+use super::{dpm_solver, euler};
 
 /// diffusers' `scheduler_config.json` for the discrete-time schedulers (the fields r2f reads).
 #[derive(Debug, Clone, Deserialize)]
@@ -32,16 +33,6 @@ pub struct DiscreteConfig {
     pub timestep_spacing: TimestepSpacing,
     #[serde(default)]
     pub use_karras_sigmas: bool,
-}
-
-/// How the betas run from `beta_start` to `beta_end` (diffusers' `squaredcos_cap_v2` is not
-/// supported).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum BetaSchedule {
-    #[default]
-    Linear,
-    ScaledLinear,
 }
 
 /// What the model predicts (only the noise is supported).
@@ -116,9 +107,6 @@ pub enum Scheduler {
     )]
     DpmSolverPp2mKarras,
 }
-
-/// The former name of [`Scheduler`] (the parity tests and `job.rs` still use it).
-pub type SamplerKind = Scheduler;
 
 impl Scheduler {
     /// The canonical spelling (`euler` or `dpm++2m-karras`).

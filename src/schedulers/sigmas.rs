@@ -7,9 +7,18 @@
 //! diffusers uses torch float32 tensors, float64 where it uses numpy), so that timesteps match
 //! exactly and sigmas within an ulp or two.
 
+use serde::Deserialize;
 use tch::{Kind, Tensor};
 
-use super::discrete::BetaSchedule;
+/// How the betas run from `beta_start` to `beta_end` (diffusers' `squaredcos_cap_v2` is not
+/// supported).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BetaSchedule {
+    #[default]
+    Linear,
+    ScaledLinear,
+}
 
 /// numpy's `round` (half to even).
 pub fn round_even(x: f64) -> f64 {

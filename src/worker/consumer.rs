@@ -13,12 +13,13 @@ use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use super::amqp::{self, amqp_error, json_props};
-use super::backoff::Breaker;
+use super::context::{count_job, AbortOnDrop, Context};
 use super::lifecycle::{run_job, Incoming, ProgressTx};
 use super::outcome::{decide, Fault, JobError, JobOutcome, Settlement};
-use super::settle::{self, attempt_of, deliveries_of};
-use super::{count_job, AbortOnDrop, Context, Shutdown};
-use crate::job::{best_effort_id, ErrorKind, ProgressEvent, ResultEvent};
+use super::settle::{self, attempt_of, best_effort_id_bounded, deliveries_of, record_status};
+use super::shutdown::Shutdown;
+use crate::job::{ErrorKind, ProgressEvent, ResultEvent};
+use crate::service::backoff::Breaker;
 
 /// One connection's worth of broker state.
 pub struct Session {
@@ -106,7 +107,7 @@ impl Session {
         let end = loop {
             let next = tokio::select! {
                 d = self.consumer.next() => d,
-                _ = shutdown.wait_for(|s| *s > 0) => break SessionEnd::Drained,
+                _ = shutdown.requested() => break SessionEnd::Drained,
                 e = &mut router.0 => break SessionEnd::Broken(match e {
                     Ok(e) => e,
                     Err(e) => anyhow::anyhow!("the inbox router stopped: {e}"),
@@ -123,14 +124,14 @@ impl Session {
                 Ok(pause) => pause,
                 Err(e) => break SessionEnd::Broken(e),
             };
-            if *shutdown.borrow() > 0 {
+            if shutdown.is_requested() {
                 break SessionEnd::Drained;
             }
             if let Some((pause, kind)) = pause {
                 if let Err(e) = self.pause(ctx, pause, kind, shutdown).await {
                     break SessionEnd::Broken(e);
                 }
-                if *shutdown.borrow() > 0 {
+                if shutdown.is_requested() {
                     break SessionEnd::Drained;
                 }
             }
@@ -242,13 +243,11 @@ impl Session {
         };
         let settlement = decide(outcome, attempt, ctx.settings.worker.max_attempts);
         let status = status.or(match &settlement {
-            super::outcome::Settlement::DeadLetter { event, .. } => {
-                Some(if event.status == "rejected" {
-                    "rejected"
-                } else {
-                    "failed"
-                })
-            }
+            Settlement::DeadLetter { event, .. } => Some(if event.status == "rejected" {
+                "rejected"
+            } else {
+                "failed"
+            }),
             _ => None,
         });
         if let Some(status) = status {
@@ -289,7 +288,7 @@ impl Session {
         loop {
             tokio::select! {
                 _ = tokio::time::sleep_until(until.into()) => {},
-                _ = shutdown.wait_for(|s| *s > 0) => break,
+                _ = shutdown.requested() => break,
             }
             // A job stuck on the GPU keeps the worker out until the GPU is free.
             if !ctx.metrics.is_stuck() {
@@ -298,7 +297,7 @@ impl Session {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
         ctx.metrics.paused.set(0);
-        if *shutdown.borrow() > 0 {
+        if shutdown.is_requested() {
             return Ok(());
         }
         self.tag = format!("r2f-{}-{}", ctx.worker_name, uuid::Uuid::new_v4().simple());
@@ -336,71 +335,6 @@ pub(super) async fn start_consumer(
     )
     .await
     .map_err(amqp_error)
-}
-
-/// The job's status record after a settlement: finished with its result event, `retrying` or
-/// `queued` (handed back) with the reason. Messages without a readable id have none.
-pub(super) async fn record_status(
-    ctx: &Context,
-    d: &Delivery,
-    attempt: u32,
-    settlement: &Settlement,
-) {
-    let (id, state, reason, result, attempt) = match settlement {
-        Settlement::Publish { event } => (
-            Some(event.id.clone()),
-            event.status.as_str(),
-            None,
-            Some(event),
-            attempt,
-        ),
-        Settlement::DeadLetter { event, reason, .. } => (
-            Some(event.id.clone()),
-            event.status.as_str(),
-            Some(reason.as_str()),
-            Some(event),
-            attempt,
-        ),
-        // No event carries the id: read it back from the message, only here.
-        Settlement::Retry {
-            next_attempt,
-            reason,
-        } => (
-            best_effort_id_bounded(ctx, &d.data),
-            "retrying",
-            Some(reason.as_str()),
-            None,
-            *next_attempt,
-        ),
-        Settlement::GiveBack { reason } => (
-            best_effort_id_bounded(ctx, &d.data),
-            "queued",
-            Some(reason.as_str()),
-            None,
-            attempt,
-        ),
-        Settlement::Postpone | Settlement::Route { .. } => return,
-    };
-    let Some(id) = id.filter(|i| crate::job::valid_id(i)) else {
-        return;
-    };
-    crate::status::record(
-        &ctx.redis,
-        Duration::from_secs(ctx.settings.redis.status_ttl_secs),
-        crate::status::Update {
-            id: &id,
-            state,
-            attempt,
-            worker: &ctx.worker_name,
-            reason,
-            result,
-        },
-    )
-    .await;
-}
-
-pub(super) fn best_effort_id_bounded(ctx: &Context, body: &[u8]) -> Option<String> {
-    best_effort_id(body, ctx.settings.limits.max_message_bytes)
 }
 
 /// Progress events, throttled to `progress_interval_ms`, on their own channel without

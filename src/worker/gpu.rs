@@ -10,9 +10,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::config::Settings;
 use crate::generate::{generate_image, Encoding, Engine, Mode, ModelCaps, Params};
-use crate::metrics::Metrics;
 use crate::models::hub;
 use crate::pipelines::Timings;
+use crate::service::metrics::Metrics;
 
 /// One image of a job, encoded.
 pub struct GeneratedImage {
@@ -105,6 +105,12 @@ impl TaskControl {
     }
 }
 
+impl crate::service::metrics::HeldTask for TaskControl {
+    fn is_finished(&self) -> bool {
+        TaskControl::is_finished(self)
+    }
+}
+
 pub struct GpuTask {
     pub model_name: String,
     pub prompt: String,
@@ -193,7 +199,7 @@ impl GpuWorker {
                             "warm-up",
                             &Mode::Plain,
                             &p,
-                            &settings.limits,
+                            settings.limits.max_pixels,
                             Encoding::PNG,
                             &mut |_, _| Ok(()),
                         )?;
@@ -283,7 +289,7 @@ fn run_task(
                 &task.prompt,
                 &task.mode,
                 &params,
-                &settings.limits,
+                settings.limits.max_pixels,
                 task.encoding,
                 &mut on_step,
             )

@@ -6,20 +6,19 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
+use super::context::Context;
 use super::gpu::{ms, total_timings, GeneratedImage, GpuFailure, GpuTask, StopReason, TaskControl};
+use super::lock::{Acquired, JobLock};
 use super::outcome::{bounded, Fault, JobError, JobOutcome};
-use super::{AbortOnDrop, Context};
-use crate::generate::Mode;
-use crate::job::{
-    best_effort_id, validate_message, ErrorKind, JobMode, OutputImage, ResultEvent, ValidJob,
-};
+use super::upload::{storage_error, store_result, upload};
+use crate::generate::{JobMode, Mode};
+use crate::job::{best_effort_id, validate_message, ErrorKind, ResultEvent, ValidJob};
 use crate::models::hub::Family;
 use crate::plan::Plan;
-use crate::storage::join_key;
+use crate::service::storage::join_key;
 
 /// What the lifecycle needs of a delivery.
 pub struct Incoming<'a> {
@@ -93,7 +92,11 @@ pub async fn run_job(
         );
         return rejected(job.id, reason, JobInfo::default());
     }
-    if let Some(Err(reason)) = job.webhook.as_ref().map(|w| w.check(&s.webhook)) {
+    if let Some(Err(reason)) = job
+        .webhook
+        .as_ref()
+        .map(|w| crate::service::webhook::check(w, &s.webhook))
+    {
         return rejected(job.id, reason, JobInfo::default());
     }
     let info = JobInfo {
@@ -102,7 +105,7 @@ pub async fn run_job(
     };
     let reason = if let Err(reason) =
         ctx.caps
-            .check_size(job.params.width, job.params.height, &s.limits)
+            .check_size(job.params.width, job.params.height, s.limits.max_pixels)
     {
         Some(reason)
     } else if job.mode == JobMode::R2fplus && ctx.caps.family != Family::Sd3 {
@@ -167,27 +170,19 @@ async fn locked(
     progress: &ProgressTx,
 ) -> JobOutcome {
     let key = result_key(ctx, &job);
-    // One lock per idempotency key (prefix + id), hashed to bound the Redis key's length.
-    let lock_key = ctx.redis.key(&[
-        "job",
-        &hex::encode(&Sha256::digest(key.as_bytes())[..16]),
-        "lock",
-    ]);
-    let lock_value = format!("{}:{}", ctx.worker_name, uuid::Uuid::new_v4().simple());
     let ttl = Duration::from_secs(ctx.settings.redis.lock_ttl_secs.max(5));
     // Redis down for the lock is a transient failure (docs/contract.md): running unlocked
     // would let two workers generate one job.
-    match ctx.redis.set_nx(&lock_key, &lock_value, ttl).await {
-        Ok(true) => {}
-        Ok(false) => {
+    let lock = match JobLock::acquire(&ctx.redis, &key, &ctx.worker_name, ttl).await {
+        Ok(Acquired::Held(lock)) => lock,
+        Ok(Acquired::Busy) => {
             info!("another worker holds this job: postponed");
             return JobOutcome::Busy;
         }
         Err(e) if !ctx.settings.redis.require_lock => {
             ctx.metrics.redis_errors.with_label_values(&["lock"]).inc();
             warn!(error = %e, "job lock unavailable: running unlocked (redis.require_lock = false)");
-            let (_never_lost, lost) = watch::channel(false);
-            return with_lock(ctx, &job, &key, &msg, progress, &lost).await;
+            return with_lock(ctx, &job, &key, &msg, progress, None).await;
         }
         Err(e) => {
             ctx.metrics.redis_errors.with_label_values(&["lock"]).inc();
@@ -202,71 +197,10 @@ async fn locked(
                 ),
             );
         }
-    }
-    // Renewed every third of its TTL; `lost` turns true when it was taken over or could not be
-    // renewed before it expired.
-    let (lost_tx, lost) = watch::channel(false);
-    let renewer = AbortOnDrop({
-        let redis = ctx.redis.clone();
-        let (k, v) = (lock_key.clone(), lock_value.clone());
-        tokio::spawn(async move {
-            let mut renewed = Instant::now();
-            loop {
-                tokio::time::sleep(ttl / 3).await;
-                match redis.renew(&k, &v, ttl).await {
-                    Ok(true) => renewed = Instant::now(),
-                    Ok(false) => {
-                        let _ = lost_tx.send(true);
-                        return;
-                    }
-                    Err(_) if renewed.elapsed() >= ttl => {
-                        let _ = lost_tx.send(true);
-                        return;
-                    }
-                    Err(_) => {}
-                }
-            }
-        })
-    });
-    let mut release = ReleaseOnDrop {
-        redis: ctx.redis.clone(),
-        key: lock_key,
-        value: lock_value,
-        armed: true,
     };
-    let outcome = with_lock(ctx, &job, &key, &msg, progress, &lost).await;
-    drop(renewer);
-    release.armed = false;
-    let _ = ctx.redis.release(&release.key, &release.value).await;
+    let outcome = with_lock(ctx, &job, &key, &msg, progress, Some(&lock)).await;
+    lock.release().await;
     outcome
-}
-
-/// Releases the job's lock when the job's future is dropped before it could (a job abandoned at
-/// its timeout): the next attempt does not wait for the lock to expire.
-struct ReleaseOnDrop {
-    redis: crate::redis_store::RedisStore,
-    key: String,
-    value: String,
-    armed: bool,
-}
-
-impl Drop for ReleaseOnDrop {
-    fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let (redis, key, value) = (
-            self.redis.clone(),
-            std::mem::take(&mut self.key),
-            std::mem::take(&mut self.value),
-        );
-        runtime.spawn(async move {
-            let _ = redis.release(&key, &value).await;
-        });
-    }
 }
 
 async fn with_lock(
@@ -275,7 +209,7 @@ async fn with_lock(
     key: &str,
     msg: &Incoming<'_>,
     progress: &ProgressTx,
-    lost: &watch::Receiver<bool>,
+    lock: Option<&JobLock>,
 ) -> JobOutcome {
     let attempt = msg.attempt;
     // Idempotency, checked under the lock: a finished job (succeeded or failed) is not worked
@@ -292,15 +226,15 @@ async fn with_lock(
         Err(e) => return failed(ctx, job, attempt, storage_error(e)),
     }
     // A job cancelled while it was queued is dropped here, before any work.
-    if crate::status::cancel_requested(&ctx.redis, &job.id).await {
+    if crate::service::status::cancel_requested(&ctx.redis, &job.id).await {
         return cancelled(ctx, job, attempt, key, "while queued").await;
     }
     // `running` only once this worker holds the job and it is not finished already: a
     // postponed or re-published delivery must not overwrite the state of the real run.
-    crate::status::record(
+    crate::service::status::record(
         &ctx.redis,
         Duration::from_secs(ctx.settings.redis.status_ttl_secs),
-        crate::status::Update {
+        crate::service::status::Update {
             id: &job.id,
             state: "running",
             attempt,
@@ -323,10 +257,10 @@ async fn with_lock(
         Err(Halt::Failed(e)) => return failed(ctx, job, attempt, e),
     };
     // A request that came after the last step still wins over storing the images.
-    if crate::status::cancel_requested(&ctx.redis, &job.id).await {
+    if crate::service::status::cancel_requested(&ctx.redis, &job.id).await {
         return cancelled(ctx, job, attempt, key, "after generating, before storing").await;
     }
-    if *lost.borrow() {
+    if lock.is_some_and(JobLock::is_lost) {
         warn!("the job's lock was lost while generating: postponed (its holder finishes it)");
         return JobOutcome::Busy;
     }
@@ -373,14 +307,6 @@ async fn with_lock(
     JobOutcome::Succeeded(event)
 }
 
-/// Writes the job's final event as its `result.json` (within the storage retry budget).
-async fn store_result(ctx: &Context, key: &str, event: &ResultEvent) -> Result<(), JobError> {
-    let body = serde_json::to_vec_pretty(event)
-        .map_err(|e| JobError::new(ErrorKind::Internal, Fault::Worker, e.to_string()))?;
-    put_with_budget(ctx, key, body, "application/json").await?;
-    Ok(())
-}
-
 /// A cancelled job: `result.json` records it (a redelivery or the same id sent again publishes
 /// it again instead of running), no image is stored.
 async fn cancelled(
@@ -410,18 +336,9 @@ async fn cancelled(
     JobOutcome::Cancelled(event)
 }
 
-fn storage_error(e: crate::storage::StorageError) -> JobError {
-    let fault = if e.is_denied() {
-        Fault::Worker
-    } else {
-        Fault::Transient
-    };
-    JobError::new(ErrorKind::Storage, fault, e.0)
-}
-
 /// A planner failure as a job error: the LLM refusing this worker is the worker's fault,
 /// an outage transient, a bad answer the job's.
-fn plan_error(e: crate::plan::PlanError) -> JobError {
+fn plan_error(e: crate::service::planner::PlanError) -> JobError {
     let fault = if e.planner_fault {
         Fault::Worker
     } else if e.transient {
@@ -486,7 +403,7 @@ async fn plan(
                         .map_err(plan_error)?,
                 )
             };
-            if let Err(reason) = plan.check_limits(&ctx.settings.limits) {
+            if let Err(reason) = plan.check_limits(&ctx.settings.limits.plan()) {
                 return Err(JobError::new(
                     ErrorKind::Llm,
                     Fault::Job,
@@ -575,7 +492,7 @@ async fn generate(
         let every = Duration::from_millis(ctx.settings.worker.cancel_poll_ms.max(50));
         loop {
             tokio::time::sleep(every).await;
-            if crate::status::cancel_requested(&ctx.redis, &job.id).await {
+            if crate::service::status::cancel_requested(&ctx.redis, &job.id).await {
                 info!("cancellation requested: stopping at the next denoising step");
                 control.stop(StopReason::Cancelled);
                 break;
@@ -617,85 +534,6 @@ fn gpu_thread_gone() -> JobError {
         Fault::Worker,
         "the GPU thread has stopped",
     )
-}
-
-/// Uploads each image, retrying each within the storage retry budget.
-async fn upload<'a>(
-    ctx: &Context,
-    job: &ValidJob,
-    images: impl Iterator<Item = &'a GeneratedImage>,
-) -> Result<Vec<OutputImage>, JobError> {
-    let mut outputs = Vec::new();
-    for (index, img) in images.enumerate() {
-        let key = join_key(&[
-            &ctx.settings.storage.prefix,
-            &job.prefix,
-            &job.id,
-            &format!("{index}.{}", job.encoding.format.extension()),
-        ]);
-        let content_type = job.encoding.format.content_type();
-        let uri = put_with_budget(ctx, &key, img.bytes.clone(), content_type).await?;
-        let ttl = ctx.settings.storage.presign_ttl_secs;
-        let url = if ttl > 0 {
-            // Signing is local; a failure costs the URL, not the job.
-            match ctx
-                .storage
-                .presigned_get(&key, Duration::from_secs(ttl))
-                .await
-            {
-                Ok(url) => url,
-                Err(e) => {
-                    warn!(error = %e.0, "no presigned URL");
-                    None
-                }
-            }
-        } else {
-            None
-        };
-        outputs.push(OutputImage {
-            uri,
-            width: img.width,
-            height: img.height,
-            sha256: hex::encode(Sha256::digest(&img.bytes)),
-            url,
-        });
-    }
-    Ok(outputs)
-}
-
-/// One PUT, retried in-process with backoff for up to `storage.retry_budget_secs`: generated
-/// images are not thrown away (nor generated again) because the store blinked.
-async fn put_with_budget(
-    ctx: &Context,
-    key: &str,
-    bytes: Vec<u8>,
-    content_type: &str,
-) -> Result<String, JobError> {
-    let budget = Duration::from_secs(ctx.settings.storage.retry_budget_secs);
-    let start = Instant::now();
-    let mut backoff = super::backoff::Backoff::new(
-        Duration::from_millis(250),
-        Duration::from_secs(10),
-        Duration::MAX,
-    );
-    loop {
-        match ctx.storage.put(key, bytes.clone(), content_type).await {
-            Ok(uri) => return Ok(uri),
-            Err(e) if e.is_denied() => return Err(storage_error(e)),
-            Err(e) => {
-                let wait = backoff.next_delay();
-                if start.elapsed() + wait > budget {
-                    return Err(storage_error(e));
-                }
-                ctx.metrics
-                    .storage_retries
-                    .with_label_values(&["put"])
-                    .inc();
-                warn!(error = %e.0, retry_in_ms = ms(wait), "upload failed; retrying");
-                tokio::time::sleep(wait).await;
-            }
-        }
-    }
 }
 
 fn observe(

@@ -3,108 +3,45 @@
 //! The parts, by role:
 //! - [`consumer`]: the broker session and the delivery loop (select → run → settle), the pause
 //!   a sick worker takes;
+//! - [`router`]: the inbox, whose jobs are sent on to their model's queue;
 //! - [`lifecycle`]: one job from message to stored result, as a [`outcome::JobOutcome`] value;
+//! - [`lock`]: the job lock (one worker at a time per job);
+//! - [`upload`]: storing the images and `result.json` within the storage retry budget;
 //! - [`outcome`]: the failure policy, [`outcome::decide`], pure;
-//! - [`settle`]: the broker side effects of a decision (events, retries, dead letters, acks);
-//! - [`backoff`]: reconnect backoff, retry delays, the pause breaker;
+//! - [`settle`]: the broker side effects of a decision (events, retries, dead letters, acks)
+//!   and the status record it leaves;
 //! - [`gpu`]: the thread that owns the model;
+//! - [`shutdown`]: drain and immediate-stop requests;
 //! - [`amqp`]: broker plumbing shared with `r2f enqueue`.
 //!
 //! A job is acked only after its outputs and `result.json` are stored and its result event is
 //! confirmed. Failure semantics: docs/contract.md.
 
 pub mod amqp;
-pub mod backoff;
 pub mod consumer;
+pub mod context;
 pub mod gpu;
 pub mod lifecycle;
+pub mod lock;
 pub mod outcome;
 pub mod router;
 pub mod settle;
+pub mod shutdown;
+pub mod upload;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use crate::config::Settings;
-use crate::generate::ModelCaps;
-use crate::metrics::Metrics;
-use crate::redis_store::RedisStore;
-use crate::storage::Storage;
-use backoff::Backoff;
+use crate::service::backoff::Backoff;
+use crate::service::metrics::Metrics;
+use crate::service::redis_store::RedisStore;
 use consumer::{Session, SessionEnd};
+pub use context::Context;
 use gpu::GpuWorker;
-
-/// Aborts a spawned task when dropped: a task tied to a job or a broker session (the lock
-/// renewer, the inbox router) ends with it.
-pub(crate) struct AbortOnDrop<T>(pub tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// Counts a finished job (a delivery settled for good) in `r2f_jobs_total`.
-pub(crate) fn count_job(ctx: &Context, mode: &str, status: &str) {
-    ctx.metrics
-        .jobs
-        .with_label_values(&[&ctx.settings.worker.model, mode, status])
-        .inc();
-}
-
-/// Shutdown requests: 0 running, 1 drain (first signal), 2 immediate (second signal).
-pub type Shutdown = watch::Receiver<u8>;
-
-/// Installs SIGTERM/SIGINT handling: the first signal asks for a drain, the second for an
-/// immediate stop. What either means is the caller's business (`r2f worker` bounds the drain
-/// with `drain_timeout_secs` and exits at once on the second).
-pub fn shutdown_signal() -> Shutdown {
-    let (tx, rx) = watch::channel(0u8);
-    tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) else {
-            error!("cannot install signal handlers");
-            return;
-        };
-        for level in 1u8..=2 {
-            tokio::select! {
-                _ = term.recv() => {},
-                _ = int.recv() => {},
-            }
-            if level == 1 {
-                info!("signal received: draining (finishing the job in hand, then exiting)");
-            } else {
-                warn!("second signal: stopping now without acking");
-            }
-            let _ = tx.send(level);
-        }
-    });
-    rx
-}
-
-/// What every job of this worker shares.
-pub struct Context {
-    pub settings: Settings,
-    pub metrics: Arc<Metrics>,
-    pub storage: Box<dyn Storage>,
-    pub redis: RedisStore,
-    pub gpu: GpuWorker,
-    pub worker_name: String,
-    pub planner: Option<Arc<dyn crate::plan::Planner>>,
-    /// The models that have a queue (job `model` values that are not rejected); this worker
-    /// serves `settings.worker.model` and sends the others on.
-    pub models: Vec<String>,
-    /// What the loaded model can draw.
-    pub caps: ModelCaps,
-    /// Webhook deliveries; None when no host is allowed.
-    pub webhooks: Option<Arc<crate::webhook::Webhooks>>,
-}
+pub use shutdown::Shutdown;
 
 pub struct Worker {
     ctx: Arc<Context>,
@@ -125,11 +62,13 @@ impl Worker {
     pub async fn start(
         settings: Settings,
         shutdown: &mut Shutdown,
-        planner: Option<Arc<dyn crate::plan::Planner>>,
+        planner: Option<Arc<dyn crate::service::planner::Planner>>,
     ) -> anyhow::Result<Option<Self>> {
         let metrics = Metrics::new();
-        let webhooks = crate::webhook::Webhooks::from_settings(&settings.webhook, metrics.clone())?;
-        let addr = crate::metrics::serve(metrics.clone(), &settings.metrics.listen).await?;
+        let webhooks =
+            crate::service::webhook::Webhooks::from_settings(&settings.webhook, metrics.clone())?;
+        let addr =
+            crate::service::metrics::serve(metrics.clone(), &settings.metrics.listen).await?;
         info!(%addr, "metrics, /healthz and /readyz listening");
         metrics.init_model(
             &settings.worker.model,
@@ -141,7 +80,7 @@ impl Worker {
             settings.worker.name.clone()
         };
         // A storage misconfiguration fails the start, not every job after a model load.
-        let storage = crate::storage::from_settings(&settings.storage)
+        let storage = crate::service::storage::from_settings(&settings.storage)
             .await
             .map_err(|e| anyhow::anyhow!("storage: {e}"))?;
         match storage.check().await {
@@ -157,14 +96,14 @@ impl Worker {
         let (gpu, ready) = GpuWorker::start(&settings, metrics.clone())?;
         let loaded = tokio::select! {
             r = ready => r.map_err(|_| anyhow::anyhow!("the GPU thread stopped while loading"))??,
-            _ = shutdown.wait_for(|s| *s > 0) => {
+            _ = shutdown.requested() => {
                 info!("shutdown requested while loading the model");
                 return Ok(None);
             }
         };
         let caps = loaded.caps;
         if let tch::Device::Cuda(ordinal) = loaded.device {
-            crate::metrics::sample_gpu_memory(
+            crate::service::metrics::sample_gpu_memory(
                 metrics.clone(),
                 ordinal as u32,
                 crate::device::device_name(loaded.device),
@@ -208,7 +147,7 @@ impl Worker {
             Duration::from_secs(s.stable_connection_secs),
         );
         let mut connected_before = false;
-        while *shutdown.borrow() == 0 {
+        while !shutdown.is_requested() {
             let session = match Session::open(ctx).await {
                 Ok(x) => x,
                 Err(e) => {
@@ -216,7 +155,7 @@ impl Worker {
                     warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "broker unavailable");
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {},
-                        _ = shutdown.wait_for(|s| *s > 0) => break,
+                        _ = shutdown.requested() => break,
                     }
                     continue;
                 }
@@ -237,7 +176,7 @@ impl Worker {
                     warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "broker connection lost; reconnecting");
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {},
-                        _ = shutdown.wait_for(|s| *s > 0) => break,
+                        _ = shutdown.requested() => break,
                     }
                 }
             }

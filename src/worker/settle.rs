@@ -11,10 +11,10 @@ use lapin::{BasicProperties, Channel};
 use tracing::{info, warn};
 
 use super::amqp::{self, amqp_error, json_props, publish_confirmed};
-use super::backoff::retry_delay;
+use super::context::Context;
 use super::outcome::Settlement;
-use super::Context;
-use crate::job::ResultEvent;
+use crate::job::{best_effort_id, ResultEvent};
+use crate::service::backoff::retry_delay;
 
 /// Header: the attempt number of a job (transient failures retried so far + 1).
 pub const ATTEMPT_HEADER: &str = "x-r2f-attempt";
@@ -342,7 +342,9 @@ fn send_webhook(ctx: &Context, d: &Delivery, event: &ResultEvent) {
     let Some(webhooks) = &ctx.webhooks else {
         return;
     };
-    if let Some(spec) = crate::webhook::spec_of(&d.data, ctx.settings.limits.max_message_bytes) {
+    if let Some(spec) =
+        crate::service::webhook::spec_of(&d.data, ctx.settings.limits.max_message_bytes)
+    {
         webhooks.deliver(&spec, event);
     }
 }
@@ -393,6 +395,66 @@ async fn dead_letter(
     ctx.metrics.dead_lettered.with_label_values(&[label]).inc();
     warn!(reason = ?reason, kind, "dead-lettered");
     Ok(())
+}
+
+/// The job's status record after a settlement: finished with its result event, `retrying` or
+/// `queued` (handed back) with the reason. Messages without a readable id have none.
+pub async fn record_status(ctx: &Context, d: &Delivery, attempt: u32, settlement: &Settlement) {
+    let (id, state, reason, result, attempt) = match settlement {
+        Settlement::Publish { event } => (
+            Some(event.id.clone()),
+            event.status.as_str(),
+            None,
+            Some(event),
+            attempt,
+        ),
+        Settlement::DeadLetter { event, reason, .. } => (
+            Some(event.id.clone()),
+            event.status.as_str(),
+            Some(reason.as_str()),
+            Some(event),
+            attempt,
+        ),
+        // No event carries the id: read it back from the message, only here.
+        Settlement::Retry {
+            next_attempt,
+            reason,
+        } => (
+            best_effort_id_bounded(ctx, &d.data),
+            "retrying",
+            Some(reason.as_str()),
+            None,
+            *next_attempt,
+        ),
+        Settlement::GiveBack { reason } => (
+            best_effort_id_bounded(ctx, &d.data),
+            "queued",
+            Some(reason.as_str()),
+            None,
+            attempt,
+        ),
+        Settlement::Postpone | Settlement::Route { .. } => return,
+    };
+    let Some(id) = id.filter(|i| crate::job::valid_id(i)) else {
+        return;
+    };
+    crate::service::status::record(
+        &ctx.redis,
+        Duration::from_secs(ctx.settings.redis.status_ttl_secs),
+        crate::service::status::Update {
+            id: &id,
+            state,
+            attempt,
+            worker: &ctx.worker_name,
+            reason,
+            result,
+        },
+    )
+    .await;
+}
+
+pub fn best_effort_id_bounded(ctx: &Context, body: &[u8]) -> Option<String> {
+    best_effort_id(body, ctx.settings.limits.max_message_bytes)
 }
 
 #[cfg(test)]

@@ -36,7 +36,7 @@ pub fn reference_json(config: &str) -> serde_json::Value {
 /// max |a - b| / max |b|: the relative error we bound in parity tests.
 pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.size(), b.size(), "shapes differ");
-    r2f::parity::rel_err(a, b)
+    r2f::bench::parity::rel_err(a, b)
 }
 
 pub fn ids(t: &Tensor, row: i64) -> Vec<i64> {
@@ -46,7 +46,7 @@ pub fn ids(t: &Tensor, row: i64) -> Vec<i64> {
 /// Fraction of u8 values that differ by at most 1.
 pub fn fraction_within_one(a: &[u8], b: &[u8]) -> f64 {
     assert_eq!(a.len(), b.len(), "image sizes differ");
-    r2f::parity::fraction_within_one(a, b)
+    r2f::bench::parity::fraction_within_one(a, b)
 }
 
 /// Asserts `rel_err(got, want) <= tol` and prints the measured error (visible with --nocapture).

@@ -9,12 +9,48 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use super::parse::{parse_r2f_answer, parse_r2fplus_answer};
-use super::template::{self, TEMPLATE_VERSION};
-use super::{PlanError, PlanFuture, Planner, RegionPlanFuture};
-use crate::config::{redact_text, Limits, LlmSettings};
-use crate::metrics::Metrics;
-use crate::redis_store::RedisStore;
+use crate::config::{redact_text, LlmSettings};
+use crate::plan::parse::{parse_r2f_answer, parse_r2fplus_answer};
+use crate::plan::template::{self, TEMPLATE_VERSION};
+use crate::plan::{Plan, PlanLimits, R2fPlan, RegionPlan};
+use crate::service::metrics::Metrics;
+use crate::service::redis_store::RedisStore;
+
+/// Why no plan could be had: `transient` failures (LLM unreachable, rate limited) are retried
+/// by the worker; the others (an answer that stays unusable) fail the job.
+#[derive(Debug, Clone)]
+pub struct PlanError {
+    pub transient: bool,
+    pub message: String,
+    /// The planner refused this worker (HTTP 401, 403, 404: a bad key, model name or URL), not
+    /// the job: the job must not be consumed by it.
+    pub planner_fault: bool,
+}
+
+impl std::fmt::Display for PlanError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+pub type PlanFuture<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<R2fPlan, PlanError>> + Send + 'a>>;
+pub type RegionPlanFuture<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<RegionPlan, PlanError>> + Send + 'a>>;
+
+/// The planner the settings configure: the LLM behind the Redis plan cache, or None when
+/// `llm.enabled` is false.
+pub fn planner_from_settings(
+    settings: &crate::config::Settings,
+) -> anyhow::Result<Option<std::sync::Arc<dyn Planner>>> {
+    Ok(planner(settings)?.map(|p| p as std::sync::Arc<dyn Planner>))
+}
+
+/// Something that turns a prompt into an R2F or R2F+ plan (the LLM behind the plan cache).
+pub trait Planner: Send + Sync {
+    fn plan<'a>(&'a self, prompt: &'a str, metrics: &'a Metrics) -> PlanFuture<'a>;
+    fn plan_regions<'a>(&'a self, prompt: &'a str, metrics: &'a Metrics) -> RegionPlanFuture<'a>;
+}
 
 /// Which plan to ask for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,7 +73,7 @@ pub struct LlmClient {
     s: LlmSettings,
     api_key: Option<String>,
     /// The `max_plan_*` limits answers must keep; an answer over them is unusable.
-    limits: Option<Limits>,
+    limits: Option<PlanLimits>,
 }
 
 #[derive(Deserialize)]
@@ -100,7 +136,7 @@ impl LlmClient {
 
     /// Treats answers whose plan breaks the `max_plan_*` limits as unusable (asked again, never
     /// cached).
-    pub fn with_limits(mut self, limits: Limits) -> Self {
+    pub fn with_limits(mut self, limits: PlanLimits) -> Self {
         self.limits = Some(limits);
         self
     }
@@ -239,8 +275,8 @@ impl LlmClient {
         for _ in 0..=self.s.max_reasks {
             let answer = self.chat(system, &user, metrics).await?;
             let parsed = match mode {
-                PlanMode::R2f => parse_r2f_answer(&answer, prompt).map(super::Plan::R2f),
-                PlanMode::R2fPlus => parse_r2fplus_answer(&answer).map(super::Plan::Regions),
+                PlanMode::R2f => parse_r2f_answer(&answer, prompt).map(Plan::R2f),
+                PlanMode::R2fPlus => parse_r2fplus_answer(&answer).map(Plan::Regions),
             }
             .and_then(|plan| {
                 if let Some(limits) = &self.limits {
@@ -367,8 +403,8 @@ impl Planner for CachedPlanner {
     fn plan<'a>(&'a self, prompt: &'a str, metrics: &'a Metrics) -> PlanFuture<'a> {
         Box::pin(async move {
             let v = self.plan_value(prompt, PlanMode::R2f, metrics).await?;
-            match super::Plan::from_json(&v, prompt) {
-                Ok(super::Plan::R2f(p)) => Ok(p),
+            match Plan::from_json(&v) {
+                Ok(Plan::R2f(p)) => Ok(p),
                 Ok(_) => Err(permanent("cached plan is not an R2F plan".into())),
                 Err(e) => Err(permanent(format!("cached plan invalid: {e}"))),
             }
@@ -378,8 +414,8 @@ impl Planner for CachedPlanner {
     fn plan_regions<'a>(&'a self, prompt: &'a str, metrics: &'a Metrics) -> RegionPlanFuture<'a> {
         Box::pin(async move {
             let v = self.plan_value(prompt, PlanMode::R2fPlus, metrics).await?;
-            match super::Plan::from_json(&v, prompt) {
-                Ok(super::Plan::Regions(p)) => Ok(p),
+            match Plan::from_json(&v) {
+                Ok(Plan::Regions(p)) => Ok(p),
                 Ok(_) => Err(permanent("cached plan is not an R2F+ plan".into())),
                 Err(e) => Err(permanent(format!("cached R2F+ plan invalid: {e}"))),
             }
@@ -392,7 +428,7 @@ pub fn planner(s: &crate::config::Settings) -> anyhow::Result<Option<Arc<CachedP
     if !s.llm.enabled {
         return Ok(None);
     }
-    let llm = LlmClient::new(&s.llm)?.with_limits(s.limits.clone());
+    let llm = LlmClient::new(&s.llm)?.with_limits(s.limits.plan());
     let redis = RedisStore::new(&s.redis);
     Ok(Some(Arc::new(CachedPlanner::new(
         llm,

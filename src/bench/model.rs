@@ -119,7 +119,7 @@ fn component(
 ) -> anyhow::Result<()> {
     let dir = root.join(name);
     std::fs::create_dir_all(&dir)?;
-    let vb = Vb::new(Weights::random_kept(0, Device::Cpu, kind));
+    let vb = Vb::new(Weights::random_kept(Device::Cpu, kind));
     build(&vb)?;
     let tensors = vb.weights().take_kept();
     let params: i64 = tensors.iter().map(|(_, t)| t.numel() as i64).sum();

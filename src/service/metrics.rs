@@ -9,6 +9,11 @@ use prometheus::{
     Opts, Registry, TextEncoder,
 };
 
+/// The `reason` labels of `r2f_dead_lettered_total` that exist from the start.
+const DEAD_LETTER_REASONS: [&str; 5] = ["invalid_job", "max_attempts", "model", "llm", "poison"];
+/// The `kind` labels of `r2f_worker_pauses_total` (the error kinds that pause a worker).
+const PAUSE_KINDS: [&str; 4] = ["llm", "storage", "model", "internal"];
+
 /// Job-scale latencies: 50 ms to 20 min.
 const JOB_BUCKETS: &[f64] = &[
     0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0,
@@ -22,6 +27,11 @@ const STEP_BUCKETS: &[f64] = &[
 const LLM_BUCKETS: &[f64] = &[
     0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 120.0,
 ];
+
+/// A task that holds the GPU: the worker's GPU thread says when it has let go of it.
+pub trait HeldTask: Send + Sync {
+    fn is_finished(&self) -> bool;
+}
 
 pub struct Metrics {
     pub registry: Registry,
@@ -50,237 +60,176 @@ pub struct Metrics {
     ready: AtomicBool,
     wedged: AtomicBool,
     /// The GPU task of a job abandoned past its timeout, until the GPU thread lets go of it.
-    abandoned: std::sync::Mutex<Option<Arc<crate::worker::gpu::TaskControl>>>,
+    abandoned: std::sync::Mutex<Option<Arc<dyn HeldTask>>>,
 }
 
-fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
-    r.register(Box::new(c.clone())).expect("unique metric");
-    c
+/// Registers metrics on one registry; every constructor also creates the series of the label
+/// values given as known, so that they exist (at zero) from the first scrape.
+struct Registrar(Registry);
+
+impl Registrar {
+    fn add<T: prometheus::core::Collector + Clone + 'static>(&self, c: T) -> T {
+        self.0.register(Box::new(c.clone())).expect("unique metric");
+        c
+    }
+
+    fn counters(&self, name: &str, help: &str, label: &str, known: &[&str]) -> IntCounterVec {
+        let c =
+            self.add(IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric"));
+        for k in known {
+            c.with_label_values(&[k]);
+        }
+        c
+    }
+
+    fn counter_vec(&self, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+        self.add(IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"))
+    }
+
+    fn counter(&self, name: &str, help: &str) -> prometheus::IntCounter {
+        self.add(prometheus::IntCounter::new(name, help).expect("valid metric"))
+    }
+
+    fn int_gauge(&self, name: &str, help: &str) -> IntGauge {
+        self.add(IntGauge::new(name, help).expect("valid metric"))
+    }
+
+    fn gauge(&self, name: &str, help: &str) -> Gauge {
+        self.add(Gauge::new(name, help).expect("valid metric"))
+    }
+
+    fn gauges(&self, name: &str, help: &str, label: &str) -> GaugeVec {
+        self.add(GaugeVec::new(Opts::new(name, help), &[label]).expect("valid metric"))
+    }
+
+    fn histogram(&self, name: &str, help: &str, buckets: &[f64]) -> Histogram {
+        let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
+        self.add(Histogram::with_opts(opts).expect("valid metric"))
+    }
+
+    fn histograms(&self, name: &str, help: &str, buckets: &[f64], labels: &[&str]) -> HistogramVec {
+        let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
+        self.add(HistogramVec::new(opts, labels).expect("valid metric"))
+    }
 }
 
 impl Metrics {
     pub fn new() -> Arc<Self> {
-        let r = Registry::new();
-        let hist = |name: &str, help: &str, buckets: &[f64]| {
-            HistogramOpts::new(name, help).buckets(buckets.to_vec())
-        };
+        let r = Registrar(Registry::new());
         let m = Metrics {
-            jobs: reg(
-                &r,
-                IntCounterVec::new(
-                    Opts::new(
-                        "r2f_jobs_total",
-                        "Jobs finished, by model, mode and status.",
-                    ),
-                    &["model", "mode", "status"],
-                )
-                .unwrap(),
+            jobs: r.counter_vec(
+                "r2f_jobs_total",
+                "Jobs finished, by model, mode and status.",
+                &["model", "mode", "status"],
             ),
-            stage_seconds: reg(
-                &r,
-                HistogramVec::new(
-                    hist(
-                        "r2f_job_stage_seconds",
-                        "Time per job stage (queue, plan, encode, denoise, guidance, decode, upload, total), by model.",
-                        JOB_BUCKETS,
-                    ),
-                    &["model", "stage"],
-                )
-                .unwrap(),
+            stage_seconds: r.histograms(
+                "r2f_job_stage_seconds",
+                "Time per job stage (queue, plan, encode, denoise, guidance, decode, upload, total), by model.",
+                JOB_BUCKETS,
+                &["model", "stage"],
             ),
-            denoise_step_seconds: reg(
-                &r,
-                HistogramVec::new(
-                    hist(
-                        "r2f_denoise_step_seconds",
-                        "Time per denoising step (average over a job's steps).",
-                        STEP_BUCKETS,
-                    ),
-                    &["model"],
-                )
-                .unwrap(),
+            denoise_step_seconds: r.histograms(
+                "r2f_denoise_step_seconds",
+                "Time per denoising step (average over a job's steps).",
+                STEP_BUCKETS,
+                &["model"],
             ),
-            plan_cache: reg(
-                &r,
-                IntCounterVec::new(
-                    Opts::new(
-                        "r2f_plan_cache_requests_total",
-                        "Plan cache lookups: hit, miss, error (Redis down: bypassed).",
-                    ),
-                    &["result"],
-                )
-                .unwrap(),
+            plan_cache: r.counters(
+                "r2f_plan_cache_requests_total",
+                "Plan cache lookups: hit, miss, error (Redis down: bypassed).",
+                "result",
+                &["hit", "miss", "error"],
             ),
-            llm_requests: reg(
-                &r,
-                IntCounterVec::new(
-                    Opts::new(
-                        "r2f_llm_requests_total",
-                        "LLM chat-completion calls by outcome.",
-                    ),
-                    &["outcome"],
-                )
-                .unwrap(),
+            llm_requests: r.counters(
+                "r2f_llm_requests_total",
+                "LLM chat-completion calls by outcome.",
+                "outcome",
+                &["ok", "error", "retry", "invalid"],
             ),
-            llm_seconds: reg(
-                &r,
-                Histogram::with_opts(hist(
-                    "r2f_llm_request_seconds",
-                    "LLM chat-completion call latency.",
-                    LLM_BUCKETS,
-                ))
-                .unwrap(),
+            llm_seconds: r.histogram(
+                "r2f_llm_request_seconds",
+                "LLM chat-completion call latency.",
+                LLM_BUCKETS,
             ),
-            jobs_in_progress: reg(
-                &r,
-                IntGauge::new("r2f_jobs_in_progress", "Jobs being processed.").unwrap(),
+            jobs_in_progress: r.int_gauge("r2f_jobs_in_progress", "Jobs being processed."),
+            images: r.counters(
+                "r2f_images_generated_total",
+                "Images generated and stored.",
+                "model",
+                &[],
             ),
-            images: reg(
-                &r,
-                IntCounterVec::new(
-                    Opts::new("r2f_images_generated_total", "Images generated and stored."),
-                    &["model"],
-                )
-                .unwrap(),
+            model_load_seconds: r.gauges(
+                "r2f_model_load_seconds",
+                "Time the model took to load.",
+                "model",
             ),
-            model_load_seconds: reg(
-                &r,
-                GaugeVec::new(
-                    Opts::new("r2f_model_load_seconds", "Time the model took to load."),
-                    &["model"],
-                )
-                .unwrap(),
+            gpu_memory: r.gauges(
+                "r2f_gpu_memory_allocated_bytes",
+                "GPU memory held by this process (driver's view; 0 on the CPU).",
+                "device",
             ),
-            gpu_memory: reg(
-                &r,
-                GaugeVec::new(
-                    Opts::new(
-                        "r2f_gpu_memory_allocated_bytes",
-                        "GPU memory held by this process (driver's view; 0 on the CPU).",
-                    ),
-                    &["device"],
-                )
-                .unwrap(),
+            dead_lettered: r.counters(
+                "r2f_dead_lettered_total",
+                "Jobs sent to the dead-letter queue.",
+                "reason",
+                &DEAD_LETTER_REASONS,
             ),
-            dead_lettered: reg(
-                &r,
-                IntCounterVec::new(
-                    Opts::new(
-                        "r2f_dead_lettered_total",
-                        "Jobs sent to the dead-letter queue.",
-                    ),
-                    &["reason"],
-                )
-                .unwrap(),
+            job_started: r.gauge(
+                "r2f_job_started_timestamp_seconds",
+                "Unix time the job in hand started (0 when idle).",
             ),
-            job_started: reg(
-                &r,
-                Gauge::new(
-                    "r2f_job_started_timestamp_seconds",
-                    "Unix time the job in hand started (0 when idle).",
-                )
-                .unwrap(),
+            ready_gauge: r.int_gauge("r2f_worker_ready", "1 once the model is loaded and warm."),
+            amqp_reconnects: r.counter(
+                "r2f_amqp_reconnects_total",
+                "Broker connections re-established after a loss.",
             ),
-            ready_gauge: reg(
-                &r,
-                IntGauge::new("r2f_worker_ready", "1 once the model is loaded and warm.").unwrap(),
+            redis_errors: r.counters(
+                "r2f_redis_unavailable_total",
+                "Operations that went on without Redis (lock, cache), by use.",
+                "use",
+                &["lock"],
             ),
-            amqp_reconnects: reg(
-                &r,
-                prometheus::IntCounter::new(
-                    "r2f_amqp_reconnects_total",
-                    "Broker connections re-established after a loss.",
-                )
-                .unwrap(),
+            build_info: r.gauges("r2f_build_info", "Build information.", "version"),
+            storage_retries: r.counters(
+                "r2f_storage_retries_total",
+                "Storage calls retried in-process (images kept in memory meanwhile).",
+                "op",
+                &["put"],
             ),
-            redis_errors: reg(
-                &r,
-                IntCounterVec::new(
-                    Opts::new(
-                        "r2f_redis_unavailable_total",
-                        "Operations that went on without Redis (lock, cache), by use.",
-                    ),
-                    &["use"],
-                )
-                .unwrap(),
+            paused: r.int_gauge(
+                "r2f_worker_paused",
+                "1 while the worker stopped consuming after failures that were not the jobs' fault.",
             ),
-            build_info: reg(
-                &r,
-                GaugeVec::new(
-                    Opts::new("r2f_build_info", "Build information."),
-                    &["version"],
-                )
-                .unwrap(),
+            pauses: r.counters(
+                "r2f_worker_pauses_total",
+                "Times the worker stopped consuming, by the kind of the last failure.",
+                "kind",
+                &PAUSE_KINDS,
             ),
-            storage_retries: reg(
-                &r,
-                IntCounterVec::new(
-                    Opts::new(
-                        "r2f_storage_retries_total",
-                        "Storage calls retried in-process (images kept in memory meanwhile).",
-                    ),
-                    &["op"],
-                )
-                .unwrap(),
+            routed: r.counters(
+                "r2f_jobs_routed_total",
+                "Jobs this worker sent on to the queue of their model (from the inbox, or from the wrong queue).",
+                "model",
+                &[],
             ),
-            paused: reg(
-                &r,
-                IntGauge::new(
-                    "r2f_worker_paused",
-                    "1 while the worker stopped consuming after failures that were not the jobs' fault.",
-                )
-                .unwrap(),
+            webhooks: r.counters(
+                "r2f_webhook_deliveries_total",
+                "Webhook POSTs, by outcome: ok, retry (failed, tried again), failed (given up).",
+                "outcome",
+                &["ok", "retry", "failed"],
             ),
-            pauses: reg(
-                &r,
-                IntCounterVec::new(
-                    Opts::new(
-                        "r2f_worker_pauses_total",
-                        "Times the worker stopped consuming, by the kind of the last failure.",
-                    ),
-                    &["kind"],
-                )
-                .unwrap(),
-            ),
-            routed: reg(
-                &r,
-                IntCounterVec::new(
-                    Opts::new(
-                        "r2f_jobs_routed_total",
-                        "Jobs this worker sent on to the queue of their model (from the inbox, or from the wrong queue).",
-                    ),
-                    &["model"],
-                )
-                .unwrap(),
-            ),
-            webhooks: reg(
-                &r,
-                IntCounterVec::new(
-                    Opts::new(
-                        "r2f_webhook_deliveries_total",
-                        "Webhook POSTs, by outcome: ok, retry (failed, tried again), failed (given up).",
-                    ),
-                    &["outcome"],
-                )
-                .unwrap(),
-            ),
-            given_back: reg(
-                &r,
-                IntCounterVec::new(
-                    Opts::new(
-                        "r2f_jobs_given_back_total",
-                        "Jobs put back on the queue unconsumed (sick worker, lock held elsewhere, redelivery count).",
-                    ),
-                    &["reason"],
-                )
-                .unwrap(),
+            given_back: r.counters(
+                "r2f_jobs_given_back_total",
+                "Jobs put back on the queue unconsumed (sick worker, lock held elsewhere, redelivery count).",
+                "reason",
+                &["sick_worker", "busy", "redelivered"],
             ),
             registry: {
                 // Process metrics (resident memory, CPU, open files) for the OOM runbook.
-                let _ = r.register(Box::new(
+                let _ = r.0.register(Box::new(
                     prometheus::process_collector::ProcessCollector::for_self(),
                 ));
-                r
+                r.0
             },
             ready: AtomicBool::new(false),
             wedged: AtomicBool::new(false),
@@ -289,27 +238,6 @@ impl Metrics {
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1.0);
-        // Known label values start at zero so every series exists from the first scrape.
-        for r in ["hit", "miss", "error"] {
-            m.plan_cache.with_label_values(&[r]);
-        }
-        for o in ["ok", "error", "retry", "invalid"] {
-            m.llm_requests.with_label_values(&[o]);
-        }
-        m.redis_errors.with_label_values(&["lock"]);
-        for r in ["invalid_job", "max_attempts", "model", "llm", "poison"] {
-            m.dead_lettered.with_label_values(&[r]);
-        }
-        m.storage_retries.with_label_values(&["put"]);
-        for k in ["llm", "storage", "model", "internal"] {
-            m.pauses.with_label_values(&[k]);
-        }
-        for o in ["ok", "retry", "failed"] {
-            m.webhooks.with_label_values(&[o]);
-        }
-        for r in ["sick_worker", "busy", "redelivered"] {
-            m.given_back.with_label_values(&[r]);
-        }
         Arc::new(m)
     }
 
@@ -342,7 +270,7 @@ impl Metrics {
     /// A job ran past `job_timeout_secs` and was abandoned with its GPU task: until the GPU
     /// thread lets go of that task (it stops at the next denoising step; a step that never
     /// returns keeps it), /healthz fails and the orchestrator restarts the pod if it stays so.
-    pub fn set_abandoned(&self, task: Arc<crate::worker::gpu::TaskControl>) {
+    pub fn set_abandoned(&self, task: Arc<dyn HeldTask>) {
         if let Ok(mut a) = self.abandoned.lock() {
             *a = Some(task);
         }

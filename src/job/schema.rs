@@ -40,7 +40,7 @@ impl Document {
             Document::Job => schemars::schema_for!(JobMessage),
             Document::Result => schemars::schema_for!(ResultEvent),
             Document::Progress => schemars::schema_for!(ProgressEvent),
-            Document::Status => schemars::schema_for!(crate::status::JobStatus),
+            Document::Status => schemars::schema_for!(super::status::JobStatus),
         };
         let mut text = serde_json::to_string_pretty(&schema).unwrap_or_default();
         text.push('\n');

@@ -13,7 +13,6 @@ use serde::Serialize;
 use tch::{Device, Kind};
 
 use crate::bench::{sd3_tiny, sdxl_tiny, BenchModel, Denoiser};
-use crate::config::Limits;
 use crate::device::{device_name, dtype_name, synchronize};
 use crate::generate::{generate_image, Encoding, Engine, Mode, Params};
 use crate::models::clip::{ClipConfig, HiddenAct};
@@ -169,7 +168,7 @@ fn sdxl_tiny_configs() -> SdxlConfigs {
 
 /// The default tokenizer folder of a preset: a bundled fixture model.
 fn default_tokenizers(sd3: bool) -> PathBuf {
-    crate::parity::default_fixtures().join(if sd3 { "sd3-tiny-a" } else { "sdxl-tiny-a" })
+    crate::bench::parity::default_fixtures().join(if sd3 { "sd3-tiny-a" } else { "sdxl-tiny-a" })
 }
 
 /// The R2F job's plan: three prompts (two frequent, one rare), levels 2 and 3.
@@ -266,16 +265,6 @@ pub fn run(o: &E2eOptions) -> anyhow::Result<E2eReport> {
     };
     synchronize(o.device);
     let build_s = t0.elapsed().as_secs_f64();
-    let limits = Limits {
-        max_prompt_chars: 2000,
-        max_steps: 1000,
-        max_pixels: i64::MAX,
-        max_images_per_job: 1,
-        max_message_bytes: 1 << 20,
-        max_plan_prompts: 16,
-        max_plan_prompt_chars: 2000,
-        max_plan_objects: 8,
-    };
     let plain_steps = o.plain_steps.unwrap_or(if sd3 { 28 } else { 30 });
     let mut jobs: Vec<(&str, Mode, usize)> = vec![
         ("plain", Mode::Plain, plain_steps),
@@ -326,7 +315,7 @@ pub fn run(o: &E2eOptions) -> anyhow::Result<E2eReport> {
         prompt,
         &Mode::Plain,
         &params(2),
-        &limits,
+        i64::MAX,
         Encoding::PNG,
         &mut |_, _| Ok(()),
     )?;
@@ -339,7 +328,7 @@ pub fn run(o: &E2eOptions) -> anyhow::Result<E2eReport> {
             prompt,
             &mode,
             &params(steps),
-            &limits,
+            i64::MAX,
             Encoding::PNG,
             &mut |_, _| Ok(()),
         )?;
@@ -365,7 +354,7 @@ pub fn run(o: &E2eOptions) -> anyhow::Result<E2eReport> {
         build_s,
         jobs: measured,
         peak_gpu_bytes: if o.device.is_cuda() {
-            crate::metrics::process_gpu_bytes()
+            crate::service::metrics::process_gpu_bytes()
         } else {
             None
         },

@@ -1,17 +1,47 @@
 //! Jobs, their validation into clear rejections, and the result and progress events
 //! (docs/contract.md: "Job", "Result event").
 
+pub mod schema;
+pub mod status;
+
 use std::collections::BTreeMap;
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::config::Limits;
-use crate::generate::Params;
+use crate::generate::{JobMode, Params};
 use crate::pipelines::sd3::plus::RegionKnobs;
-use crate::plan::Plan;
+use crate::plan::{Plan, PlanLimits};
 use crate::r2f::regions::{check_stop_steps, RegionMask};
+
+#[derive(Debug, Clone, Deserialize)]
+/// What one job may ask of a worker (`[limits]` in the settings).
+pub struct Limits {
+    pub max_prompt_chars: usize,
+    pub max_steps: usize,
+    pub max_pixels: i64,
+    pub max_images_per_job: usize,
+    pub max_message_bytes: usize,
+    /// Prompts in one R2F plan (the frequent prompts plus the rare one), and `r2f` prompts of
+    /// one R2F+ object.
+    pub max_plan_prompts: usize,
+    /// Characters in any one prompt string a plan carries.
+    pub max_plan_prompt_chars: usize,
+    /// Objects in one R2F+ plan.
+    pub max_plan_objects: usize,
+}
+
+impl Limits {
+    /// The bounds a plan must keep.
+    pub fn plan(&self) -> PlanLimits {
+        PlanLimits {
+            max_prompts: self.max_plan_prompts,
+            max_prompt_chars: self.max_plan_prompt_chars,
+            max_objects: self.max_plan_objects,
+        }
+    }
+}
 
 /// A job message as published on `r2f.jobs`. Unknown fields are ignored. The rules each field
 /// must meet (a violation rejects the job) are in docs/contract.md.
@@ -75,7 +105,7 @@ pub struct JobOutput {
     pub prefix: Option<String>,
     /// POST the terminal event to this URL (signed; allowed hosts only).
     #[serde(default)]
-    pub webhook: Option<crate::webhook::WebhookSpec>,
+    pub webhook: Option<WebhookSpec>,
     /// `png` (default), `jpeg` or `webp`.
     #[serde(default)]
     pub format: Option<String>,
@@ -84,22 +114,26 @@ pub struct JobOutput {
     pub quality: Option<i64>,
 }
 
-/// How a job's prompt conditions the steps.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum JobMode {
-    R2f,
-    R2fplus,
-    Plain,
+/// The terminal states a webhook can ask for.
+pub const EVENTS: [&str; 4] = ["succeeded", "failed", "rejected", "cancelled"];
+
+/// A job's `output.webhook`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+pub struct WebhookSpec {
+    /// `https://` (or `http://` where `webhook.allow_http`) URL on an allowed host.
+    pub url: String,
+    /// The terminal states to be told of (`succeeded`, `failed`, `rejected`, `cancelled`);
+    /// default: all of them.
+    #[serde(default)]
+    pub events: Option<Vec<String>>,
 }
 
-impl JobMode {
-    pub fn name(self) -> &'static str {
-        match self {
-            JobMode::R2f => "r2f",
-            JobMode::R2fplus => "r2fplus",
-            JobMode::Plain => "plain",
-        }
+impl WebhookSpec {
+    /// Whether an event of `status` is to be sent.
+    pub fn wants(&self, status: &str) -> bool {
+        self.events
+            .as_ref()
+            .is_none_or(|e| e.iter().any(|x| x == status))
     }
 }
 
@@ -113,13 +147,13 @@ pub struct ValidJob {
     pub plan: Option<Plan>,
     pub params: Params,
     pub num_images: usize,
-    pub schedule: crate::r2f::ScheduleKind,
+    pub schedule: crate::r2f::PromptSchedule,
     pub stop_steps: Option<crate::r2f::StopStepMap>,
     /// R2F+ knobs (defaults unless the job sets them; unused by other modes).
     pub regions: RegionKnobs,
     pub prefix: String,
     /// Checked against `webhook.*` by the worker (the settings are not known here).
-    pub webhook: Option<crate::webhook::WebhookSpec>,
+    pub webhook: Option<WebhookSpec>,
     /// The outputs' file format.
     pub encoding: crate::generate::Encoding,
 }
@@ -385,14 +419,14 @@ pub fn validate_message(
         }
     };
     let schedule = match p.schedule.as_deref() {
-        None => crate::r2f::ScheduleKind::Faithful,
-        Some(s) => match crate::r2f::ScheduleKind::parse(s) {
+        None => crate::r2f::PromptSchedule::Faithful,
+        Some(s) => match crate::r2f::PromptSchedule::parse(s) {
             Ok(k) => k,
             Err(e) => return reject(e),
         },
     };
     if let Some(s) = &p.scheduler {
-        if let Err(e) = crate::schedulers::discrete::SamplerKind::parse(s) {
+        if let Err(e) = crate::schedulers::discrete::Scheduler::parse(s) {
             return reject(e);
         }
     }
@@ -443,13 +477,13 @@ pub fn validate_message(
     };
     let plan = match &msg.plan {
         None | Some(Value::Null) => None,
-        Some(v) => match Plan::from_json(v, &prompt) {
+        Some(v) => match Plan::from_json(v) {
             Ok(plan) => Some(plan),
             Err(e) => return reject(format!("invalid plan: {e}")),
         },
     };
     if let Some(plan) = &plan {
-        plan.check_limits(limits)
+        plan.check_limits(&limits.plan())
             .map_err(|e| Rejection(format!("invalid plan: {e}")))?;
     }
     if mode == JobMode::R2fplus && matches!(plan, Some(Plan::R2f(_))) {
@@ -490,6 +524,55 @@ pub fn validate_message(
         webhook: output.webhook,
         encoding: crate::generate::Encoding { format, quality },
     })
+}
+
+/// Checks what can be checked without a model: a clear message for each violated bound.
+pub fn validate_params(prompt: &str, p: &Params, limits: &Limits) -> anyhow::Result<()> {
+    if prompt.trim().is_empty() {
+        anyhow::bail!("prompt is empty");
+    }
+    if prompt.chars().count() > limits.max_prompt_chars {
+        anyhow::bail!(
+            "prompt has {} characters, over the limit of {}",
+            prompt.chars().count(),
+            limits.max_prompt_chars
+        );
+    }
+    if let Some(s) = p.steps {
+        if s == 0 || s > limits.max_steps {
+            anyhow::bail!("steps must be between 1 and {} (got {s})", limits.max_steps);
+        }
+    }
+    if let Some(g) = p.guidance {
+        if !g.is_finite() || !(0.0..=100.0).contains(&g) {
+            anyhow::bail!("guidance must be a number between 0 and 100 (got {g})");
+        }
+    }
+    for (name, v) in [("width", p.width), ("height", p.height)] {
+        if let Some(v) = v {
+            if v <= 0 || v % 16 != 0 {
+                anyhow::bail!("{name} must be a positive multiple of 16 (got {v})");
+            }
+        }
+    }
+    if let (Some(w), Some(h)) = (p.width, p.height) {
+        if w * h > limits.max_pixels {
+            anyhow::bail!(
+                "image of {w}x{h} = {} pixels is over the limit of {} pixels",
+                w * h,
+                limits.max_pixels
+            );
+        }
+    }
+    if let Some(s) = &p.scheduler {
+        crate::schedulers::discrete::Scheduler::parse(s).map_err(anyhow::Error::msg)?;
+    }
+    if let Some(t) = p.t5_tokens {
+        if !(1..=512).contains(&t) {
+            anyhow::bail!("T5 sequence length must be between 1 and 512 (got {t})");
+        }
+    }
+    Ok(())
 }
 
 /// At most 40 characters of a client's string, for a rejection reason.

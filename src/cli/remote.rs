@@ -3,17 +3,16 @@
 use std::path::Path;
 use std::time::Duration;
 
-use super::runtime;
 use crate::config::Settings;
-use crate::metrics::Metrics;
-use crate::plan::llm::PlanMode;
+use crate::service::metrics::Metrics;
+use crate::service::planner::PlanMode;
 
 /// `r2f worker`: runs until a signal, then drains; past the drain deadline or at a second
 /// signal the process exits without acking (the broker redelivers the job in hand).
 pub fn worker(settings: Settings) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
-        let mut shutdown = crate::worker::shutdown_signal();
-        let planner = crate::plan::planner_from_settings(&settings)?;
+        let mut shutdown = crate::worker::Shutdown::on_signals();
+        let planner = crate::service::planner::planner_from_settings(&settings)?;
         let drain = Duration::from_secs(settings.worker.drain_timeout_secs);
         let Some(worker) = crate::worker::Worker::start(settings, &mut shutdown, planner).await?
         else {
@@ -23,10 +22,10 @@ pub fn worker(settings: Settings) -> anyhow::Result<()> {
         // past either, the process ends without acking (the broker redelivers the job).
         let mut watch = shutdown.clone();
         let deadline = async move {
-            let _ = watch.wait_for(|s| *s > 0).await;
+            watch.requested().await;
             tokio::select! {
                 _ = tokio::time::sleep(drain) => 1,
-                _ = watch.wait_for(|s| *s > 1) => 130,
+                _ = watch.immediate() => 130,
             }
         };
         tokio::select! {
@@ -44,7 +43,7 @@ pub fn plan(settings: &Settings, prompt: &str, mode: PlanMode) -> anyhow::Result
     if prompt.trim().is_empty() {
         anyhow::bail!("prompt is empty");
     }
-    let planner = crate::plan::llm::planner(settings)?.ok_or_else(|| {
+    let planner = crate::service::planner::planner(settings)?.ok_or_else(|| {
         anyhow::anyhow!("the LLM is disabled in the configuration ([llm] enabled)")
     })?;
     let metrics = Metrics::new();
@@ -65,7 +64,7 @@ pub fn enqueue(settings: &Settings, file: &Path) -> anyhow::Result<()> {
             |e| anyhow::anyhow!("cannot read {}: {e}", file.display()),
         )?))
     };
-    let report = runtime()?.block_on(crate::enqueue::enqueue(settings, reader))?;
+    let report = runtime()?.block_on(crate::cli::enqueue::enqueue(settings, reader))?;
     for (line, reason) in &report.refused {
         eprintln!("line {line}: not published: {reason}");
     }
@@ -88,15 +87,15 @@ pub fn bench_service(
     steps: u32,
     size: u32,
 ) -> anyhow::Result<()> {
-    let report = runtime()?.block_on(crate::bench_service::run(settings, jobs, steps, size))?;
+    let report = runtime()?.block_on(crate::bench::service::run(settings, jobs, steps, size))?;
     println!("{report}");
     Ok(())
 }
 
 /// `r2f status ID`: the job's status record, as JSON.
 pub fn status(settings: &Settings, id: &str) -> anyhow::Result<()> {
-    let redis = crate::redis_store::RedisStore::new(&settings.redis);
-    let record = runtime()?.block_on(crate::status::read(&redis, id))?;
+    let redis = crate::service::redis_store::RedisStore::new(&settings.redis);
+    let record = runtime()?.block_on(crate::service::status::read(&redis, id))?;
     match record {
         Some(r) => {
             println!("{}", serde_json::to_string_pretty(&r)?);
@@ -113,9 +112,9 @@ pub fn cancel(settings: &Settings, id: &str) -> anyhow::Result<()> {
     if !crate::job::valid_id(id) {
         anyhow::bail!("`{id}` is not a valid job id");
     }
-    let redis = crate::redis_store::RedisStore::new(&settings.redis);
+    let redis = crate::service::redis_store::RedisStore::new(&settings.redis);
     let ttl = Duration::from_secs(settings.redis.status_ttl_secs);
-    let answer = runtime()?.block_on(crate::status::request_cancel(&redis, id, ttl))?;
+    let answer = runtime()?.block_on(crate::service::status::request_cancel(&redis, id, ttl))?;
     println!("{}", serde_json::to_string(&answer)?);
     if answer.cancel != "requested" {
         anyhow::bail!("job `{id}` already {}: nothing to cancel", answer.state);
@@ -126,8 +125,8 @@ pub fn cancel(settings: &Settings, id: &str) -> anyhow::Result<()> {
 /// `r2f wait ID`: blocks until the job is finished (on its status announcements), prints its
 /// status record; succeeds only when the job did.
 pub fn wait(settings: &Settings, id: &str, timeout: Duration) -> anyhow::Result<()> {
-    let redis = crate::redis_store::RedisStore::new(&settings.redis);
-    let record = runtime()?.block_on(crate::status::wait_terminal(&redis, id, timeout))?;
+    let redis = crate::service::redis_store::RedisStore::new(&settings.redis);
+    let record = runtime()?.block_on(crate::service::status::wait_terminal(&redis, id, timeout))?;
     let Some(r) = record else {
         anyhow::bail!("job `{id}` not finished after {} s", timeout.as_secs_f64());
     };
@@ -136,4 +135,12 @@ pub fn wait(settings: &Settings, id: &str, timeout: Duration) -> anyhow::Result<
         return Ok(());
     }
     anyhow::bail!("job `{id}` {}", r.state)
+}
+
+/// The runtime of the commands that talk to the services.
+pub(super) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
 }

@@ -19,81 +19,56 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hmac::{Hmac, Mac};
-use schemars::JsonSchema;
-use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
 use crate::config::WebhookSettings;
-use crate::job::ResultEvent;
-use crate::metrics::Metrics;
+use crate::job::{ResultEvent, WebhookSpec, EVENTS};
+use crate::service::metrics::Metrics;
 
-/// The terminal states a webhook can ask for.
-pub const EVENTS: [&str; 4] = ["succeeded", "failed", "rejected", "cancelled"];
-
-/// A job's `output.webhook`.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
-pub struct WebhookSpec {
-    /// `https://` (or `http://` where `webhook.allow_http`) URL on an allowed host.
-    pub url: String,
-    /// The terminal states to be told of (`succeeded`, `failed`, `rejected`, `cancelled`);
-    /// default: all of them.
-    #[serde(default)]
-    pub events: Option<Vec<String>>,
-}
-
-impl WebhookSpec {
-    /// Checks the URL and the event names against the settings; the reason is a client's.
-    pub fn check(&self, s: &WebhookSettings) -> Result<reqwest::Url, String> {
-        if self.url.len() > 2048 {
-            return Err("webhook url is longer than 2048 characters".into());
-        }
-        let url = reqwest::Url::parse(&self.url).map_err(|e| format!("webhook url: {e}"))?;
-        match url.scheme() {
-            "https" => {}
-            "http" if s.allow_http => {}
-            other => {
-                return Err(format!(
-                    "webhook url scheme `{other}` is not allowed (https{})",
-                    if s.allow_http { " or http" } else { "" }
-                ))
-            }
-        }
-        if !url.username().is_empty() || url.password().is_some() {
-            return Err("webhook url must not carry credentials".into());
-        }
-        let host = url.host_str().unwrap_or("").to_ascii_lowercase();
-        if s.allowed_hosts.is_empty() {
-            return Err(
-                "webhooks are not enabled on this fleet (webhook.allowed_hosts is empty)".into(),
-            );
-        }
-        if !host_allowed(&host, &s.allowed_hosts) {
+/// Checks a job's webhook URL and event names against the settings; the reason is a client's.
+pub fn check(spec: &WebhookSpec, s: &WebhookSettings) -> Result<reqwest::Url, String> {
+    if spec.url.len() > 2048 {
+        return Err("webhook url is longer than 2048 characters".into());
+    }
+    let url = reqwest::Url::parse(&spec.url).map_err(|e| format!("webhook url: {e}"))?;
+    match url.scheme() {
+        "https" => {}
+        "http" if s.allow_http => {}
+        other => {
             return Err(format!(
-                "webhook host `{host}` is not in webhook.allowed_hosts"
+                "webhook url scheme `{other}` is not allowed (https{})",
+                if s.allow_http { " or http" } else { "" }
+            ))
+        }
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("webhook url must not carry credentials".into());
+    }
+    let host = url.host_str().unwrap_or("").to_ascii_lowercase();
+    if s.allowed_hosts.is_empty() {
+        return Err(
+            "webhooks are not enabled on this fleet (webhook.allowed_hosts is empty)".into(),
+        );
+    }
+    if !host_allowed(&host, &s.allowed_hosts) {
+        return Err(format!(
+            "webhook host `{host}` is not in webhook.allowed_hosts"
+        ));
+    }
+    if let Some(events) = &spec.events {
+        if events.is_empty() {
+            return Err("webhook events is empty".into());
+        }
+        if let Some(bad) = events.iter().find(|e| !EVENTS.contains(&e.as_str())) {
+            return Err(format!(
+                "webhook event `{bad}` is not one of {}",
+                EVENTS.join(", ")
             ));
         }
-        if let Some(events) = &self.events {
-            if events.is_empty() {
-                return Err("webhook events is empty".into());
-            }
-            if let Some(bad) = events.iter().find(|e| !EVENTS.contains(&e.as_str())) {
-                return Err(format!(
-                    "webhook event `{bad}` is not one of {}",
-                    EVENTS.join(", ")
-                ));
-            }
-        }
-        Ok(url)
     }
-
-    /// Whether an event of `status` is to be sent.
-    pub fn wants(&self, status: &str) -> bool {
-        self.events
-            .as_ref()
-            .is_none_or(|e| e.iter().any(|x| x == status))
-    }
+    Ok(url)
 }
 
 /// `host` is listed, or is a subdomain of a `*.domain` entry.
@@ -173,7 +148,7 @@ impl Webhooks {
         if !spec.wants(&event.status) {
             return;
         }
-        let url = match spec.check(&self.settings) {
+        let url = match check(spec, &self.settings) {
             Ok(u) => u,
             Err(reason) => {
                 warn!(job_id = %event.id, reason = %reason, "webhook not sent");
@@ -197,14 +172,14 @@ impl Webhooks {
         let delivery = uuid::Uuid::new_v4().to_string();
         let budget = Duration::from_secs(self.settings.retry_budget_secs);
         let start = Instant::now();
-        let mut backoff = crate::worker::backoff::Backoff::new(
+        let mut backoff = crate::service::backoff::Backoff::new(
             Duration::from_millis(self.settings.retry_min_ms.max(1)),
             Duration::from_secs(60),
             Duration::MAX,
         );
         let host = url.host_str().unwrap_or("").to_string();
         for attempt in 1u32.. {
-            let ts = crate::worker::amqp::now_unix();
+            let ts = now_unix();
             let answer = self
                 .client
                 .post(url.clone())
@@ -246,6 +221,13 @@ impl Webhooks {
     }
 }
 
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -273,8 +255,8 @@ mod tests {
     #[test]
     fn only_allowed_hosts_and_schemes_pass() {
         let s = settings(&["hooks.example.com", "*.clients.example.org"]);
-        assert!(spec("https://hooks.example.com/r2f").check(&s).is_ok());
-        assert!(spec("https://a.clients.example.org/x").check(&s).is_ok());
+        assert!(check(&spec("https://hooks.example.com/r2f"), &s).is_ok());
+        assert!(check(&spec("https://a.clients.example.org/x"), &s).is_ok());
         for (url, why) in [
             ("http://hooks.example.com/r2f", "scheme `http`"),
             (
@@ -298,17 +280,16 @@ mod tests {
             ("file:///etc/passwd", "scheme `file`"),
             ("not a url", "webhook url"),
         ] {
-            let err = spec(url).check(&s).unwrap_err();
+            let err = check(&spec(url), &s).unwrap_err();
             assert!(err.contains(why), "{url}: {err}");
         }
         let off = settings(&[]);
-        assert!(spec("https://hooks.example.com/")
-            .check(&off)
+        assert!(check(&spec("https://hooks.example.com/"), &off)
             .unwrap_err()
             .contains("not enabled"));
         let mut bad_event = spec("https://hooks.example.com/");
         bad_event.events = Some(vec!["progress".into()]);
-        assert!(bad_event.check(&s).unwrap_err().contains("`progress`"));
+        assert!(check(&bad_event, &s).unwrap_err().contains("`progress`"));
     }
 
     #[test]

@@ -2,12 +2,17 @@
 //! does not depend on the values, so no download is needed), the configurations `r2f bench`
 //! measures, and the reports of `r2f bench` and `r2f bench-service`.
 
+pub mod e2e;
+pub mod model;
+pub mod parity;
+pub mod service;
+
 use std::fmt;
 use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 
-use crate::bench_service::ServiceReport;
+use crate::bench::service::ServiceReport;
 use crate::device::{device_name, dtype_name, synchronize};
 use crate::models::mmdit::{Mmdit, MmditConfig};
 use crate::models::unet::{Unet, UnetConfig};
@@ -269,7 +274,7 @@ fn build(o: &BenchOptions, vb: &Vb) -> anyhow::Result<RandomDenoiser> {
 /// the configuration it holds, which then replaces the preset's.
 fn denoiser_weights(o: &BenchOptions) -> anyhow::Result<(Vb, Option<Denoiser>)> {
     let Some(dir) = &o.weights else {
-        return Ok((Vb::new(Weights::random(0, o.device, o.dtype)), None));
+        return Ok((Vb::new(Weights::random(o.device, o.dtype)), None));
     };
     let (name, what) = match &o.preset.denoiser {
         Denoiser::Sd3(_) => ("transformer", "SD3 transformer"),
@@ -316,7 +321,7 @@ pub fn run(o: &BenchOptions) -> anyhow::Result<BenchReport> {
         _ => o.dtype,
     };
     let vae_cfg = &o.preset.vae;
-    let vae = VaeDecoder::new(&Vb::new(Weights::random(1, o.device, vae_dtype)), vae_cfg)?;
+    let vae = VaeDecoder::new(&Vb::new(Weights::random(o.device, vae_dtype)), vae_cfg)?;
     let f = vae_cfg.scale_factor();
     let (lh, lw) = (o.height / f, o.width / f);
     let noise_schedule = FlowMatchSchedule::new(&FlowMatchConfig::sd3(), o.steps.max(1));
@@ -379,7 +384,7 @@ pub fn run(o: &BenchOptions) -> anyhow::Result<BenchReport> {
         denoise_ms,
         vae_decode_ms,
         peak_gpu_bytes: if o.device.is_cuda() {
-            crate::metrics::process_gpu_bytes()
+            crate::service::metrics::process_gpu_bytes()
         } else {
             None
         },

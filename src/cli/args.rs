@@ -1,0 +1,427 @@
+//! The command line's arguments (clap): the commands and their options.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::bench::BenchModel;
+use crate::device::{DType, DeviceSpec};
+use crate::generate::JobMode;
+use crate::models::hub::Family;
+use crate::r2f::regions::RegionMask;
+use crate::r2f::{PromptSchedule, StopStepMap};
+use crate::schedulers::discrete::Scheduler;
+use crate::service::planner::PlanMode;
+
+#[derive(Parser)]
+#[command(
+    name = "r2f",
+    version,
+    about = "Rare-to-Frequent text-to-image generation on libtorch"
+)]
+pub struct Cli {
+    /// Settings file read after config/default.toml (R2F__* environment variables override both).
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
+    /// Log as JSON lines instead of text.
+    #[arg(long, global = true)]
+    pub log_json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Generate one image in-process, without a broker.
+    Generate(Box<GenerateArgs>),
+    /// Measure denoising and VAE speed at full size with random weights (no download).
+    Bench(BenchArgs),
+    /// Print the prompt that conditions each step of an R2F plan, as a JSON array.
+    Schedule(PromptScheduleArgs),
+    /// Run the bundled tiny-model parity cases on a device and dtype and report the distance
+    /// to the diffusers references (the GPU check's correctness half).
+    Parity(ParityArgs),
+    /// Print a job's status record (from Redis), as JSON.
+    Status { id: String },
+    /// Wait until a job is finished and print its status record; exit 0 only if it succeeded.
+    Wait {
+        id: String,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 600.0)]
+        timeout: f64,
+    },
+    /// Cancel a job: dropped when a worker takes it if queued, stopped at its next denoising
+    /// step if running; prints what was done as JSON. Exit 2 when it had already finished.
+    Cancel { id: String },
+    /// Print the JSON Schema of a document clients exchange with r2f.
+    Schema {
+        #[arg(value_enum)]
+        document: crate::job::schema::Document,
+    },
+    /// The daemon: consume jobs, plan, generate, store, publish results, serve metrics.
+    Worker,
+    /// Ask the configured LLM (through the plan cache) and print the plan as JSON.
+    Plan {
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, value_enum, default_value = "r2f")]
+        mode: PlanMode,
+    },
+    /// Measure jobs per second through the broker and the per-job service overhead against a
+    /// running worker (plain jobs of the worker's model).
+    BenchService {
+        #[arg(long, default_value_t = 50)]
+        jobs: usize,
+        #[arg(long, default_value_t = 1)]
+        steps: u32,
+        #[arg(long, default_value_t = 64)]
+        size: u32,
+    },
+    /// Publish jobs (one JSON object a line) with publisher confirms.
+    Enqueue {
+        /// A JSON-lines file (`-` for standard input).
+        file: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+pub struct PromptScheduleArgs {
+    /// An R2F or R2F+ plan in the official JSON shape.
+    #[arg(long)]
+    pub plan: PathBuf,
+    /// R2F+ plans: a model folder (diffusers layout) whose `tokenizer/` and `tokenizer_3/` give
+    /// the objects' token rows.
+    #[arg(long)]
+    pub tokenizers: Option<PathBuf>,
+    /// R2F+ plans: the T5 length the token rows are computed at.
+    #[arg(long, default_value_t = 256)]
+    pub t5_tokens: usize,
+    #[command(flatten)]
+    pub regions: RegionArgs,
+    #[arg(long)]
+    pub steps: usize,
+    /// The model family (selects the level -> stop-step map).
+    #[arg(long, value_enum)]
+    pub model: Family,
+    /// How R2F picks each step's prompt.
+    #[arg(long, value_enum, default_value = "faithful")]
+    pub schedule: PromptSchedule,
+    /// paper ([0,5,10,20,30,40]) or head ([0,3,5,10,20,30]); default: the model's own map.
+    #[arg(long, value_enum)]
+    pub stop_step_map: Option<StopStepMap>,
+}
+
+#[derive(clap::Args)]
+pub struct GenerateArgs {
+    #[arg(long)]
+    pub prompt: String,
+    /// A logical model name from the config (sd3), a diffusers-layout folder, or a Hub model id.
+    #[arg(long)]
+    pub model: String,
+    /// The PNG to write.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub steps: Option<usize>,
+    #[arg(long)]
+    pub guidance: Option<f64>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: i64,
+    #[arg(long)]
+    pub width: Option<i64>,
+    #[arg(long)]
+    pub height: Option<i64>,
+    #[arg(long, default_value = "")]
+    pub negative_prompt: String,
+    /// Default: the kind of the --plan file (r2f or r2fplus), else plain.
+    #[arg(long, value_enum)]
+    pub mode: Option<JobMode>,
+    /// An R2F or R2F+ plan in the official JSON shape (skips the LLM).
+    #[arg(long)]
+    pub plan: Option<PathBuf>,
+    #[command(flatten)]
+    pub regions: RegionArgs,
+    /// How R2F picks each step's prompt.
+    #[arg(long, value_enum, default_value = "faithful")]
+    pub schedule: PromptSchedule,
+    /// paper ([0,5,10,20,30,40]) or head ([0,3,5,10,20,30]); default: the model's own map.
+    #[arg(long, value_enum)]
+    pub stop_step_map: Option<StopStepMap>,
+    /// Default: fp16 on CUDA, fp32 on the CPU.
+    #[arg(long, value_enum, ignore_case = true)]
+    pub dtype: Option<DType>,
+    /// cpu, cuda or cuda:N (default: cuda when available).
+    #[arg(long)]
+    pub device: Option<DeviceSpec>,
+    /// T5 sequence length (SD3; diffusers' default 256, R2F 77, R2F+ 256).
+    #[arg(long)]
+    pub t5_tokens: Option<usize>,
+    /// SDXL sampler (default: the model's scheduler in plain mode, DPM-Solver++ 2M Karras in
+    /// R2F mode).
+    #[arg(long, value_enum)]
+    pub scheduler: Option<Scheduler>,
+    /// Also write the final latents (before VAE decode) as safetensors, tensor `latents`.
+    #[arg(long)]
+    pub latents_out: Option<PathBuf>,
+}
+
+/// The R2F+ knobs (official defaults).
+#[derive(clap::Args, Debug, Clone)]
+pub struct RegionArgs {
+    /// R2F+: the object masks of the latent fusion.
+    #[arg(long, value_enum, default_value = "ellipse")]
+    pub region_mask: RegionMask,
+    /// R2F+: steps with bbox attention guidance.
+    #[arg(long, default_value_t = 10)]
+    pub bbox_guidance_steps: usize,
+    /// R2F+: gradient steps on the latent per guided step.
+    #[arg(long, default_value_t = 5)]
+    pub bbox_guidance_iterations: usize,
+    /// R2F+: scale of the bbox loss.
+    #[arg(long, default_value_t = 30.0)]
+    pub bbox_loss_scale: f64,
+    /// R2F+: steps after which the object latents are pasted into the overall image.
+    #[arg(long, default_value_t = 20)]
+    pub latent_fusion_steps: usize,
+    /// R2F+: recompute the transformer block by block in the guidance's backward pass (the
+    /// memory of one block's activations instead of all; one more forward per iteration).
+    #[arg(long)]
+    pub bbox_guidance_recompute: bool,
+}
+
+impl RegionArgs {
+    /// The knobs, with the prompt schedule and stop-step map of the other options.
+    pub fn knobs(
+        &self,
+        schedule: PromptSchedule,
+        stop_steps: Option<StopStepMap>,
+    ) -> crate::pipelines::sd3::plus::RegionKnobs {
+        crate::pipelines::sd3::plus::RegionKnobs {
+            mask: self.region_mask,
+            guidance_steps: self.bbox_guidance_steps,
+            guidance_iterations: self.bbox_guidance_iterations,
+            loss_scale: self.bbox_loss_scale,
+            fusion_steps: self.latent_fusion_steps,
+            schedule,
+            stop_steps: stop_steps.unwrap_or(StopStepMap::SD3),
+            recompute_blocks: self.bbox_guidance_recompute,
+            full_object_runs: false,
+        }
+    }
+}
+
+#[derive(clap::Args)]
+pub struct ParityArgs {
+    /// The fixtures folder (default: tests/fixtures of the repository).
+    #[arg(long)]
+    pub fixtures: Option<PathBuf>,
+    /// Default: fp16 on CUDA, fp32 on the CPU.
+    #[arg(long, value_enum, ignore_case = true)]
+    pub dtype: Option<DType>,
+    /// cpu, cuda or cuda:N (default: cuda when available).
+    #[arg(long)]
+    pub device: Option<DeviceSpec>,
+    /// Fail (exit 2) when a case's final latents are further than this, relative.
+    #[arg(long)]
+    pub tolerance: Option<f64>,
+    /// Also write the report as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// sd3 (SD3-medium) or sdxl (SDXL base) at full size, or sd3-tiny / sdxl-tiny (small
+    /// configurations for a smoke run).
+    #[arg(long, value_enum, default_value = "sd3")]
+    pub model: BenchModel,
+    #[arg(long, default_value_t = 1024)]
+    pub width: i64,
+    #[arg(long, default_value_t = 1024)]
+    pub height: i64,
+    /// Timed denoising steps.
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// Text tokens in the context (77 CLIP + 256 T5 in diffusers' default).
+    #[arg(long, default_value_t = 333)]
+    pub context_tokens: i64,
+    /// Default: fp16 on CUDA, fp32 on the CPU.
+    #[arg(long, value_enum, ignore_case = true)]
+    pub dtype: Option<DType>,
+    /// cpu, cuda or cuda:N (default: cuda when available).
+    #[arg(long)]
+    pub device: Option<DeviceSpec>,
+    /// Whole jobs through the worker's generate path (plain, R2F), every component with random
+    /// weights built in memory, instead of the denoiser and VAE alone.
+    #[arg(long)]
+    pub e2e: bool,
+    /// --e2e: also an R2F+ job with two objects (SD3).
+    #[arg(long, requires = "e2e")]
+    pub r2fplus: bool,
+    /// --e2e: steps of the R2F (and R2F+) job.
+    #[arg(long, default_value_t = 50, requires = "e2e")]
+    pub r2f_steps: usize,
+    /// --e2e: steps of the plain job (default 28 for SD3, 30 for SDXL).
+    #[arg(long, requires = "e2e")]
+    pub plain_steps: Option<usize>,
+    /// --e2e, --write-model: a model folder whose tokenizer folders to use (default: the
+    /// bundled fixtures).
+    #[arg(long)]
+    pub tokenizers: Option<PathBuf>,
+    /// Also write the report as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// A diffusers-layout folder whose `transformer/` (SD3 presets) or `unet/` (SDXL presets)
+    /// replaces the random denoiser: the same weights diffusers loads, for a side-by-side
+    /// measurement (scripts/bench_vs_diffusers.py).
+    #[arg(long, conflicts_with = "e2e")]
+    pub weights: Option<PathBuf>,
+    /// Write an SD3 model folder (diffusers layout) with random weights in --dtype instead of
+    /// measuring (`--model sd3` or `sd3-tiny`): for the cold-start measurement.
+    #[arg(long, conflicts_with_all = ["e2e", "weights"])]
+    pub write_model: Option<PathBuf>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn generate_args(extra: &[&str]) -> Result<GenerateArgs, clap::Error> {
+        let base = [
+            "r2f", "generate", "--prompt", "p", "--model", "m", "--out", "o.png",
+        ];
+        let cli = Cli::try_parse_from(base.iter().chain(extra))?;
+        match cli.command {
+            Command::Generate(a) => Ok(*a),
+            _ => unreachable!("a generate command"),
+        }
+    }
+
+    #[test]
+    fn every_spelling_accepted_before_is_accepted() {
+        for (s, want) in [
+            ("euler", Scheduler::EulerDiscrete),
+            ("euler-discrete", Scheduler::EulerDiscrete),
+            ("dpm++2m-karras", Scheduler::DpmSolverPp2mKarras),
+            ("dpmsolver++-2m-karras", Scheduler::DpmSolverPp2mKarras),
+            ("dpm-solver++-2m-karras", Scheduler::DpmSolverPp2mKarras),
+        ] {
+            let a = generate_args(&["--scheduler", s]).unwrap();
+            assert_eq!(a.scheduler, Some(want), "{s}");
+        }
+        for (s, want) in [
+            ("paper", StopStepMap::SD3),
+            ("sd3", StopStepMap::SD3),
+            ("head", StopStepMap::SDXL),
+            ("sdxl", StopStepMap::SDXL),
+        ] {
+            let a = generate_args(&["--stop-step-map", s]).unwrap();
+            assert_eq!(a.stop_step_map, Some(want), "{s}");
+        }
+        for (s, want) in [
+            ("fp32", DType::Fp32),
+            ("float32", DType::Fp32),
+            ("F32", DType::Fp32),
+            ("fp16", DType::Fp16),
+            ("half", DType::Fp16),
+            ("float16", DType::Fp16),
+            ("f16", DType::Fp16),
+            ("BF16", DType::Bf16),
+            ("bfloat16", DType::Bf16),
+        ] {
+            let a = generate_args(&["--dtype", s]).unwrap();
+            assert_eq!(a.dtype, Some(want), "{s}");
+        }
+        for (s, want) in [
+            ("r2f", JobMode::R2f),
+            ("r2fplus", JobMode::R2fplus),
+            ("plain", JobMode::Plain),
+        ] {
+            assert_eq!(generate_args(&["--mode", s]).unwrap().mode, Some(want));
+        }
+        let a = generate_args(&["--schedule", "clean", "--device", "cuda:1"]).unwrap();
+        assert_eq!(a.schedule, PromptSchedule::Clean);
+        assert_eq!(a.device, Some(DeviceSpec::Cuda(1)));
+        assert_eq!(
+            generate_args(&[]).unwrap().schedule,
+            PromptSchedule::Faithful
+        );
+    }
+
+    #[test]
+    fn r2fplus_knobs_default_to_the_official_values_and_parse() {
+        let a = generate_args(&["--mode", "r2fplus"]).unwrap();
+        assert_eq!(a.mode, Some(JobMode::R2fplus));
+        let k = a.regions.knobs(a.schedule, a.stop_step_map);
+        assert_eq!(k, crate::pipelines::sd3::plus::RegionKnobs::default());
+        let a = generate_args(&[
+            "--region-mask",
+            "box",
+            "--bbox-guidance-steps",
+            "3",
+            "--bbox-guidance-iterations",
+            "2",
+            "--bbox-loss-scale",
+            "100",
+            "--latent-fusion-steps",
+            "7",
+            "--bbox-guidance-recompute",
+        ])
+        .unwrap();
+        let k = a.regions.knobs(PromptSchedule::Clean, None);
+        assert_eq!(k.mask, RegionMask::Box);
+        assert_eq!(
+            (k.guidance_steps, k.guidance_iterations, k.fusion_steps),
+            (3, 2, 7)
+        );
+        assert_eq!(k.loss_scale, 100.0);
+        assert!(k.recompute_blocks);
+        // Bench modes: --r2fplus only with --e2e; --write-model not with --e2e.
+        assert!(Cli::try_parse_from(["r2f", "bench", "--r2fplus"]).is_err());
+        assert!(Cli::try_parse_from(["r2f", "bench", "--e2e", "--r2fplus"]).is_ok());
+        assert!(Cli::try_parse_from(["r2f", "bench", "--e2e", "--write-model", "d"]).is_err());
+        assert!(Cli::try_parse_from(["r2f", "schema", "result"]).is_ok());
+        assert!(Cli::try_parse_from(["r2f", "schema", "cheese"]).is_err());
+    }
+
+    #[test]
+    fn a_wrong_value_lists_the_possible_ones() {
+        for (flag, value, listed) in [
+            ("--scheduler", "ddim", "euler, dpm++2m-karras"),
+            ("--dtype", "fp8", "fp32, fp16, bf16"),
+            ("--mode", "sideways", "r2f, r2fplus, plain"),
+            ("--schedule", "fast", "faithful, clean"),
+            ("--stop-step-map", "tail", "paper, head"),
+            ("--region-mask", "star", "ellipse, box"),
+        ] {
+            let e = generate_args(&[flag, value]).err().unwrap().to_string();
+            assert!(e.contains("possible values") && e.contains(listed), "{e}");
+        }
+        let e = generate_args(&["--device", "tpu"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("expected cpu, cuda or cuda:N"), "{e}");
+    }
+
+    #[test]
+    fn bench_plan_and_schedule_take_their_closed_sets() {
+        let cli = Cli::try_parse_from(["r2f", "bench", "--model", "sdxl-tiny"]).unwrap();
+        assert!(matches!(cli.command, Command::Bench(a) if a.model == BenchModel::SdxlTiny));
+        let cli = Cli::try_parse_from(["r2f", "plan", "--prompt", "p"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Plan {
+                mode: PlanMode::R2f,
+                ..
+            }
+        ));
+        let cli = Cli::try_parse_from([
+            "r2f", "schedule", "--plan", "x", "--steps", "5", "--model", "sdxl",
+        ])
+        .unwrap();
+        assert!(matches!(cli.command, Command::Schedule(a) if a.model == Family::Sdxl));
+    }
+}
