@@ -178,25 +178,21 @@ pub struct StorageSettings {
     pub s3: S3Settings,
 }
 
-/// Where images and result files go.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "String")]
-pub enum StorageBackend {
-    /// A folder (`storage.local_dir`).
-    Local,
-    /// An S3 bucket (`storage.bucket`, `[storage.s3]`).
-    S3,
+crate::named_enum! {
+    /// Where images and result files go.
+    pub enum StorageBackend("storage backend") {
+        /// A folder (`storage.local_dir`).
+        Local = "local",
+        /// An S3 bucket (`storage.bucket`, `[storage.s3]`).
+        S3 = "s3",
+    }
 }
 
-impl TryFrom<String> for StorageBackend {
-    type Error = String;
-
-    fn try_from(s: String) -> Result<Self, String> {
-        match s.as_str() {
-            "local" => Ok(Self::Local),
-            "s3" => Ok(Self::S3),
-            other => Err(format!("`{other}` is not local or s3")),
-        }
+crate::named_enum! {
+    /// The LLM server's dialect: `openai` (GPT-4o, vLLM, Ollama's OpenAI API) or `llama`.
+    pub enum LlmBackend("llm backend") {
+        Openai = "openai",
+        Llama = "llama",
     }
 }
 
@@ -205,7 +201,7 @@ pub struct LlmSettings {
     pub enabled: bool,
     pub base_url: String,
     pub model: String,
-    pub backend: String,
+    pub backend: LlmBackend,
     pub api_key_env: String,
     pub api_key_file: String,
     pub timeout_secs: u64,
@@ -289,23 +285,11 @@ pub struct LogSettings {
     pub format: LogFormat,
 }
 
-/// How log lines are written (standard error).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "String")]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
-impl TryFrom<String> for LogFormat {
-    type Error = String;
-
-    fn try_from(s: String) -> Result<Self, String> {
-        match s.as_str() {
-            "text" => Ok(Self::Text),
-            "json" => Ok(Self::Json),
-            other => Err(format!("`{other}` is not text or json")),
-        }
+crate::named_enum! {
+    /// How log lines are written (standard error).
+    pub enum LogFormat("log format") {
+        Text = "text",
+        Json = "json",
     }
 }
 
@@ -468,12 +452,6 @@ impl Settings {
             }
             StorageBackend::Local | StorageBackend::S3 => {}
         }
-        if !["openai", "llama"].contains(&self.llm.backend.as_str()) {
-            return bad(format!(
-                "llm.backend `{}` is not openai or llama",
-                self.llm.backend
-            ));
-        }
         if self.llm.enabled && !self.llm.base_url.starts_with("http") {
             return bad(format!(
                 "llm.base_url `{}` is not an http(s) URL",
@@ -584,8 +562,18 @@ mod tests {
     fn closed_sets_name_their_values() {
         let dir = tempfile::tempdir().unwrap();
         for (toml, want) in [
-            ("[storage]\nbackend = \"gcs\"\n", "`gcs` is not local or s3"),
-            ("[log]\nformat = \"xml\"\n", "`xml` is not text or json"),
+            (
+                "[storage]\nbackend = \"gcs\"\n",
+                "unknown storage backend `gcs` (expected local or s3)",
+            ),
+            (
+                "[log]\nformat = \"xml\"\n",
+                "unknown log format `xml` (expected text or json)",
+            ),
+            (
+                "[llm]\nbackend = \"gemini\"\n",
+                "unknown llm backend `gemini` (expected openai or llama)",
+            ),
             (
                 "[worker]\ndtype = \"fp8\"\n",
                 "fp32, fp16 or bf16), or auto",

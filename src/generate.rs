@@ -5,8 +5,6 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::bail;
-use schemars::JsonSchema;
-use serde::{Deserialize, Serialize};
 use tch::{Device, Kind};
 
 use crate::device::{device_name, dtype_name};
@@ -20,24 +18,12 @@ use crate::plan::{R2fPlan, RegionPlan};
 use crate::r2f::{step_prompts, PromptSchedule, StopStepMap};
 use crate::schedulers::discrete::Scheduler;
 
-/// How a job's prompt conditions the steps, by name (jobs' `mode`, `--mode`).
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema, clap::ValueEnum,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum JobMode {
-    R2f,
-    R2fplus,
-    Plain,
-}
-
-impl JobMode {
-    pub fn name(self) -> &'static str {
-        match self {
-            JobMode::R2f => "r2f",
-            JobMode::R2fplus => "r2fplus",
-            JobMode::Plain => "plain",
-        }
+crate::named_enum! {
+    /// How a job's prompt conditions the steps, by name (jobs' `mode`, `--mode`).
+    pub enum JobMode("mode") {
+        R2f = "r2f",
+        R2fplus = "r2fplus",
+        Plain = "plain",
     }
 }
 
@@ -72,6 +58,15 @@ impl Mode {
 
     pub fn name(&self) -> &'static str {
         self.job_mode().name()
+    }
+
+    /// The plan in its official JSON shape (none for a plain run).
+    pub fn plan_json(&self) -> Option<serde_json::Value> {
+        match self {
+            Mode::Plain => None,
+            Mode::R2f { plan, .. } => Some(plan.to_official_json()),
+            Mode::R2fPlus { plan, .. } => serde_json::to_value(plan).ok(),
+        }
     }
 }
 
@@ -115,9 +110,8 @@ pub struct Params {
     pub height: Option<i64>,
     pub negative_prompt: String,
     pub t5_tokens: Option<usize>,
-    /// SDXL scheduler (a [`Scheduler`] spelling: `euler` or `dpm++2m-karras`); None: the
-    /// model's default for the mode.
-    pub scheduler: Option<String>,
+    /// SDXL scheduler; None: the model's default for the mode.
+    pub scheduler: Option<Scheduler>,
 }
 
 /// Parameters with every default resolved and every bound checked.
@@ -322,8 +316,8 @@ impl Engine {
             Engine::Sdxl(pipe) => {
                 // Plain: the model folder's scheduler; R2F: DPM-Solver++ 2M Karras, as the
                 // official R2F-SDXL runs.
-                let scheduler = match &p.scheduler {
-                    Some(s) => Scheduler::parse(s).map_err(anyhow::Error::msg)?,
+                let scheduler = match p.scheduler {
+                    Some(s) => s,
                     None => match mode {
                         Mode::R2f { .. } => Scheduler::DpmSolverPp2mKarras,
                         _ => pipe.default_scheduler(),
@@ -382,11 +376,7 @@ pub fn generate_image(
         ("mode", mode.name().to_string()),
         (
             "plan",
-            match mode {
-                Mode::R2f { plan, .. } => plan.to_official_json().to_string(),
-                Mode::R2fPlus { plan, .. } => serde_json::to_string(plan)?,
-                Mode::Plain => String::new(),
-            },
+            mode.plan_json().map(|p| p.to_string()).unwrap_or_default(),
         ),
         ("steps", resolved.steps.to_string()),
         ("guidance", resolved.guidance.to_string()),

@@ -4,29 +4,27 @@
 
 use std::io::Write;
 
-use schemars::JsonSchema;
-use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-/// An output file format.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum ImageFormat {
-    /// Lossless, metadata in iTXt chunks.
-    #[default]
-    Png,
-    /// Lossy (`quality`), metadata as XMP in APP1.
-    Jpeg,
-    /// Lossy (libwebp, `quality`), metadata as an XMP chunk.
-    Webp,
+crate::named_enum! {
+    /// An output file format.
+    #[derive(Default)]
+    pub enum ImageFormat("output format") {
+        /// Lossless, metadata in iTXt chunks.
+        #[default]
+        Png = "png",
+        /// Lossy (`quality`), metadata as XMP in APP1.
+        Jpeg = "jpeg" | "jpg",
+        /// Lossy (libwebp, `quality`), metadata as an XMP chunk.
+        Webp = "webp",
+    }
 }
 
 impl ImageFormat {
     pub fn extension(self) -> &'static str {
         match self {
-            ImageFormat::Png => "png",
             ImageFormat::Jpeg => "jpg",
-            ImageFormat::Webp => "webp",
+            other => other.name(),
         }
     }
 

@@ -30,7 +30,10 @@ fn main() -> ExitCode {
             std::time::Duration::from_secs_f64(timeout.clamp(0.0, 1e7)),
         ),
         Command::Schema { document } => {
-            print!("{}", document.schema_json());
+            print!(
+                "{}",
+                document.schema_json(&settings.limits, &settings.routed_models())
+            );
             Ok(())
         }
         Command::Worker => cli::worker(settings),

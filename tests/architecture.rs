@@ -57,16 +57,42 @@ fn module_of(file: &str) -> Vec<String> {
 
 /// The code of a file without comments, string and char literals, and `#[cfg(test)]` items.
 fn code_of(text: &str) -> String {
+    let (code, _) = blank(text);
+    let mut out = String::with_capacity(code.len());
+    let mut at = 0;
+    for r in item_ranges(&code, "#[cfg(test)]") {
+        out.push_str(&code[at..r.start]);
+        at = r.end;
+    }
+    out.push_str(&code[at..]);
+    out
+}
+
+/// The text with comments and the contents of string and char literals replaced by spaces (so
+/// that byte offsets still match the text), and the byte ranges of the string literals'
+/// contents.
+fn blank(text: &str) -> (String, Vec<std::ops::Range<usize>>) {
     let b = text.as_bytes();
-    let mut out = String::with_capacity(b.len());
+    let mut out = b.to_vec();
+    let mut strings = Vec::new();
+    let space = |out: &mut Vec<u8>, from: usize, to: usize| {
+        for x in &mut out[from..to.min(b.len())] {
+            if *x != b'\n' {
+                *x = b' ';
+            }
+        }
+    };
     let mut i = 0;
     while i < b.len() {
         let c = b[i];
         if c == b'/' && b.get(i + 1) == Some(&b'/') {
+            let start = i;
             while i < b.len() && b[i] != b'\n' {
                 i += 1;
             }
+            space(&mut out, start, i);
         } else if c == b'/' && b.get(i + 1) == Some(&b'*') {
+            let start = i;
             let mut depth = 0;
             while i < b.len() {
                 if b[i] == b'/' && b.get(i + 1) == Some(&b'*') {
@@ -82,6 +108,7 @@ fn code_of(text: &str) -> String {
                     i += 1;
                 }
             }
+            space(&mut out, start, i);
         } else if c == b'r' && matches!(b.get(i + 1), Some(b'"' | b'#')) && !ident_byte(b, i) {
             // A raw string: r"…" or r#"…"#.
             let mut j = i + 1;
@@ -91,24 +118,21 @@ fn code_of(text: &str) -> String {
                 j += 1;
             }
             if b.get(j) != Some(&b'"') {
-                out.push(c as char);
                 i += 1;
                 continue;
             }
-            j += 1;
-            loop {
-                if j >= b.len() {
-                    break;
-                }
-                if b[j] == b'"' && (0..hashes).all(|k| b.get(j + 1 + k) == Some(&b'#')) {
-                    j += 1 + hashes;
-                    break;
-                }
+            let start = j + 1;
+            j = start;
+            while j < b.len()
+                && !(b[j] == b'"' && (0..hashes).all(|k| b.get(j + 1 + k) == Some(&b'#')))
+            {
                 j += 1;
             }
-            out.push_str("\"\"");
-            i = j;
+            strings.push(start..j);
+            space(&mut out, start, j);
+            i = j + 1 + hashes;
         } else if c == b'"' {
+            let start = i + 1;
             i += 1;
             while i < b.len() && b[i] != b'"' {
                 if b[i] == b'\\' {
@@ -116,9 +140,11 @@ fn code_of(text: &str) -> String {
                 }
                 i += 1;
             }
+            strings.push(start..i.min(b.len()));
+            space(&mut out, start, i);
             i += 1;
-            out.push_str("\"\"");
         } else if c == b'\'' && is_char_literal(b, i) {
+            let start = i + 1;
             i += 1;
             while i < b.len() && b[i] != b'\'' {
                 if b[i] == b'\\' {
@@ -126,14 +152,13 @@ fn code_of(text: &str) -> String {
                 }
                 i += 1;
             }
+            space(&mut out, start, i);
             i += 1;
-            out.push_str("' '");
         } else {
-            out.push(c as char);
             i += 1;
         }
     }
-    strip_test_modules(&out)
+    (String::from_utf8_lossy(&out).into_owned(), strings)
 }
 
 fn ident_byte(b: &[u8], i: usize) -> bool {
@@ -146,8 +171,7 @@ fn is_char_literal(b: &[u8], i: usize) -> bool {
         Some(b'\\') => true,
         Some(_) => {
             // One (possibly multi-byte) character, then a quote.
-            let mut j = i + 1;
-            j += 1;
+            let mut j = i + 2;
             while j < b.len() && (b[j] & 0xC0) == 0x80 {
                 j += 1;
             }
@@ -157,16 +181,16 @@ fn is_char_literal(b: &[u8], i: usize) -> bool {
     }
 }
 
-/// Cuts every `#[cfg(test)]` item (a `mod … { … }` block or a single item up to its `;`).
-fn strip_test_modules(code: &str) -> String {
-    let mut out = String::new();
-    let mut rest = code;
-    while let Some(at) = rest.find("#[cfg(test)]") {
-        out.push_str(&rest[..at]);
-        let after = &rest[at..];
+/// The byte ranges of the items that start with `marker` in blanked code: up to the end of the
+/// first `{ … }` block after it, or to its `;` when that comes first.
+fn item_ranges(code: &str, marker: &str) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let mut from = 0;
+    while let Some(at) = code[from..].find(marker).map(|k| from + k) {
+        let after = &code[at..];
         let brace = after.find('{');
         let semi = after.find(';');
-        let end = match (brace, semi) {
+        let len = match (brace, semi) {
             (Some(b), Some(s)) if s < b => s + 1,
             (Some(b), _) => {
                 let mut depth = 0;
@@ -189,9 +213,9 @@ fn strip_test_modules(code: &str) -> String {
             (None, Some(s)) => s + 1,
             (None, None) => after.len(),
         };
-        rest = &after[end..];
+        out.push(at..at + len);
+        from = at + len;
     }
-    out.push_str(rest);
     out
 }
 
@@ -552,5 +576,74 @@ fn no_two_source_files_import_each_other_round_a_cycle() {
                 panic!("import cycle: {}", cycle.join(" -> "));
             }
         }
+    }
+}
+
+/// The wire spellings clients see of the closed sets: job states and statuses, modes,
+/// schedulers, prompt schedules, stop-step maps, region masks, output formats.
+fn wire_names() -> BTreeSet<&'static str> {
+    use r2f::generate::JobMode;
+    use r2f::image::ImageFormat;
+    use r2f::job::{JobState, Outcome};
+    use r2f::r2f::regions::RegionMask;
+    use r2f::r2f::{PromptSchedule, StopStepMapName};
+    use r2f::schedulers::discrete::Scheduler;
+    // Canonical names only: some aliases (`sd3`, `sdxl` for the stop-step maps) are also the
+    // names of other things (model families).
+    let mut out = BTreeSet::new();
+    out.extend(JobState::ALL.iter().map(|v| v.name()));
+    out.extend(Outcome::ALL.iter().map(|v| v.name()));
+    out.extend(JobMode::ALL.iter().map(|v| v.name()));
+    out.extend(Scheduler::ALL.iter().map(|v| v.name()));
+    out.extend(PromptSchedule::ALL.iter().map(|v| v.name()));
+    out.extend(StopStepMapName::ALL.iter().map(|v| v.name()));
+    out.extend(RegionMask::ALL.iter().map(|v| v.name()));
+    out.extend(ImageFormat::ALL.iter().map(|v| v.name()));
+    out
+}
+
+#[test]
+fn wire_names_are_spelled_only_where_their_set_is_defined() {
+    let names = wire_names();
+    assert!(names.contains("succeeded") && names.contains("dpm++2m-karras"));
+    let files = sources();
+    // Where each name is defined: the files whose `named_enum!` blocks spell it.
+    let mut defined: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut uses = Vec::new();
+    for (file, text) in &files {
+        let (code, strings) = blank(text);
+        let enums = item_ranges(&code, "named_enum! {");
+        let tests = item_ranges(&code, "#[cfg(test)]");
+        for r in strings {
+            let lit = &text[r.clone()];
+            if !names.contains(lit) {
+                continue;
+            }
+            if enums.iter().any(|e| e.contains(&r.start)) {
+                defined
+                    .entry(lit.to_string())
+                    .or_default()
+                    .insert(file.clone());
+            } else if !tests.iter().any(|t| t.contains(&r.start)) {
+                let line = text[..r.start].lines().count();
+                uses.push((lit.to_string(), file.clone(), line));
+            }
+        }
+    }
+    let stray: Vec<String> = uses
+        .into_iter()
+        .filter(|(lit, file, _)| !defined.get(lit).is_some_and(|f| f.contains(file)))
+        .map(|(lit, file, line)| format!("src/{file}:{line}: \"{lit}\""))
+        .collect();
+    assert!(
+        stray.is_empty(),
+        "wire names spelled outside their named_enum! (use the enum):\n{}",
+        stray.join("\n")
+    );
+    for name in ["succeeded", "r2fplus", "euler", "webp"] {
+        assert!(
+            defined.contains_key(name),
+            "{name} is defined nowhere: {defined:?}"
+        );
     }
 }

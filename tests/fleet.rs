@@ -571,7 +571,7 @@ async fn each_output_format_decodes_with_its_metadata() {
     assert!(gif["error"]["message"]
         .as_str()
         .unwrap()
-        .contains("not png, jpeg or webp"));
+        .contains("unknown output format `gif` (expected png, jpeg or webp)"));
     for (format, ext) in [("png", "png"), ("jpeg", "jpg"), ("webp", "webp")] {
         let id = format!("{p}-{format}");
         let r = by_id[id.as_str()];

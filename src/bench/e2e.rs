@@ -14,7 +14,7 @@ use tch::{Device, Kind};
 
 use crate::bench::{sd3_tiny, sdxl_tiny, BenchModel, Denoiser};
 use crate::device::{device_name, dtype_name, synchronize};
-use crate::generate::{generate_image, Encoding, Engine, Mode, Params};
+use crate::generate::{generate_image, Encoding, Engine, JobMode, Mode, Params};
 use crate::models::clip::{ClipConfig, HiddenAct};
 use crate::models::t5::{FeedForwardProj, T5Config};
 use crate::pipelines::sd3::plus::RegionKnobs;
@@ -267,9 +267,9 @@ pub fn run(o: &E2eOptions) -> anyhow::Result<E2eReport> {
     let build_s = t0.elapsed().as_secs_f64();
     let plain_steps = o.plain_steps.unwrap_or(if sd3 { 28 } else { 30 });
     let mut jobs: Vec<(&str, Mode, usize)> = vec![
-        ("plain", Mode::Plain, plain_steps),
+        (JobMode::Plain.name(), Mode::Plain, plain_steps),
         (
-            "r2f",
+            JobMode::R2f.name(),
             Mode::R2f {
                 plan: r2f_plan(),
                 schedule: PromptSchedule::Faithful,
@@ -280,7 +280,7 @@ pub fn run(o: &E2eOptions) -> anyhow::Result<E2eReport> {
     ];
     if o.r2fplus && sd3 {
         jobs.push((
-            "r2fplus",
+            JobMode::R2fplus.name(),
             Mode::R2fPlus {
                 plan: r2fplus_plan(),
                 knobs: RegionKnobs {

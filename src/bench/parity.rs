@@ -212,7 +212,7 @@ pub fn run(
         let r = reference(fixtures, name)?;
         for (label, scheduler, steps, lat, img) in [
             (
-                "euler",
+                Scheduler::EulerDiscrete.name(),
                 Scheduler::EulerDiscrete,
                 None,
                 "final_latents",

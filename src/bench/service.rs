@@ -65,7 +65,7 @@ pub async fn run(
         let id = format!("bench-{run_id}-{i}");
         let job = serde_json::json!({
             "id": id, "prompt": "a hairy frog warrior", "model": settings.worker.model,
-            "mode": "plain",
+            "mode": crate::generate::JobMode::Plain,
             "params": {"steps": steps, "width": size, "height": size, "seed": i}
         });
         let props = amqp::json_props()
@@ -92,7 +92,7 @@ pub async fn run(
             continue;
         }
         done += 1;
-        if v["status"] == "succeeded" {
+        if v["status"] == crate::job::Outcome::Succeeded.name() {
             ok += 1;
             let t = &v["timings_ms"];
             let get = |k: &str| t[k].as_f64().unwrap_or(0.0);

@@ -9,13 +9,13 @@ use crate::device::{DType, DeviceSpec};
 use crate::generate::JobMode;
 use crate::models::hub::Family;
 use crate::r2f::regions::RegionMask;
-use crate::r2f::{PromptSchedule, StopStepMap};
+use crate::r2f::{PromptSchedule, StopStepMap, StopStepMapName};
 use crate::schedulers::discrete::Scheduler;
 use crate::service::planner::PlanMode;
 
 #[derive(Parser)]
 #[command(
-    name = "r2f",
+    name = env!("CARGO_PKG_NAME"),
     version,
     about = "Rare-to-Frequent text-to-image generation on libtorch"
 )]
@@ -64,7 +64,7 @@ pub enum Command {
     Plan {
         #[arg(long)]
         prompt: String,
-        #[arg(long, value_enum, default_value = "r2f")]
+        #[arg(long, value_enum, default_value_t = PlanMode::R2f)]
         mode: PlanMode,
     },
     /// Measure jobs per second through the broker and the per-job service overhead against a
@@ -104,11 +104,11 @@ pub struct PromptScheduleArgs {
     #[arg(long, value_enum)]
     pub model: Family,
     /// How R2F picks each step's prompt.
-    #[arg(long, value_enum, default_value = "faithful")]
+    #[arg(long, value_enum, default_value_t = PromptSchedule::Faithful)]
     pub schedule: PromptSchedule,
     /// paper ([0,5,10,20,30,40]) or head ([0,3,5,10,20,30]); default: the model's own map.
     #[arg(long, value_enum)]
-    pub stop_step_map: Option<StopStepMap>,
+    pub stop_step_map: Option<StopStepMapName>,
 }
 
 #[derive(clap::Args)]
@@ -142,11 +142,11 @@ pub struct GenerateArgs {
     #[command(flatten)]
     pub regions: RegionArgs,
     /// How R2F picks each step's prompt.
-    #[arg(long, value_enum, default_value = "faithful")]
+    #[arg(long, value_enum, default_value_t = PromptSchedule::Faithful)]
     pub schedule: PromptSchedule,
     /// paper ([0,5,10,20,30,40]) or head ([0,3,5,10,20,30]); default: the model's own map.
     #[arg(long, value_enum)]
-    pub stop_step_map: Option<StopStepMap>,
+    pub stop_step_map: Option<StopStepMapName>,
     /// Default: fp16 on CUDA, fp32 on the CPU.
     #[arg(long, value_enum, ignore_case = true)]
     pub dtype: Option<DType>,
@@ -169,7 +169,7 @@ pub struct GenerateArgs {
 #[derive(clap::Args, Debug, Clone)]
 pub struct RegionArgs {
     /// R2F+: the object masks of the latent fusion.
-    #[arg(long, value_enum, default_value = "ellipse")]
+    #[arg(long, value_enum, default_value_t = RegionMask::Ellipse)]
     pub region_mask: RegionMask,
     /// R2F+: steps with bbox attention guidance.
     #[arg(long, default_value_t = 10)]
@@ -194,7 +194,7 @@ impl RegionArgs {
     pub fn knobs(
         &self,
         schedule: PromptSchedule,
-        stop_steps: Option<StopStepMap>,
+        stop_steps: Option<StopStepMapName>,
     ) -> crate::pipelines::sd3::plus::RegionKnobs {
         crate::pipelines::sd3::plus::RegionKnobs {
             mask: self.region_mask,
@@ -203,7 +203,7 @@ impl RegionArgs {
             loss_scale: self.bbox_loss_scale,
             fusion_steps: self.latent_fusion_steps,
             schedule,
-            stop_steps: stop_steps.unwrap_or(StopStepMap::SD3),
+            stop_steps: stop_steps.map_or(StopStepMap::SD3, StopStepMapName::map),
             recompute_blocks: self.bbox_guidance_recompute,
             full_object_runs: false,
         }
@@ -312,10 +312,10 @@ mod tests {
             assert_eq!(a.scheduler, Some(want), "{s}");
         }
         for (s, want) in [
-            ("paper", StopStepMap::SD3),
-            ("sd3", StopStepMap::SD3),
-            ("head", StopStepMap::SDXL),
-            ("sdxl", StopStepMap::SDXL),
+            ("paper", StopStepMapName::Paper),
+            ("sd3", StopStepMapName::Paper),
+            ("head", StopStepMapName::Head),
+            ("sdxl", StopStepMapName::Head),
         ] {
             let a = generate_args(&["--stop-step-map", s]).unwrap();
             assert_eq!(a.stop_step_map, Some(want), "{s}");

@@ -14,8 +14,9 @@ use crate::generate::{
     Params,
 };
 use crate::image::write_atomic;
+use crate::job::{JobMessage, JobParams, ValidJob};
 use crate::models::hub;
-use crate::plan::{Plan, R2fPlan, RegionPlan};
+use crate::plan::{Plan, RegionPlan};
 
 /// The device (default: the first GPU when libtorch sees one) and dtype (default: fp16 on
 /// CUDA, fp32 on the CPU) the options ask for.
@@ -31,13 +32,18 @@ fn device_and_dtype(
     Ok((device, dtype.kind()))
 }
 
-/// Reads a plan file of either kind (the official JSON shapes), validated.
-fn read_plan(path: &Path) -> anyhow::Result<Plan> {
+/// Reads a plan file (JSON).
+fn read_plan_json(path: &Path) -> anyhow::Result<serde_json::Value> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| anyhow::anyhow!("cannot read plan {}: {e}", path.display()))?;
-    let value: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| anyhow::anyhow!("plan {} is not valid JSON: {e}", path.display()))?;
-    Plan::from_json(&value).map_err(|e| anyhow::anyhow!("invalid plan {}: {e}", path.display()))
+    serde_json::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("plan {} is not valid JSON: {e}", path.display()))
+}
+
+/// Reads a plan file of either kind (the official JSON shapes), validated.
+fn read_plan(path: &Path) -> anyhow::Result<Plan> {
+    Plan::from_json(&read_plan_json(path)?)
+        .map_err(|e| anyhow::anyhow!("invalid plan {}: {e}", path.display()))
 }
 
 /// The configured LLM behind the plan cache, or an error naming what to pass instead.
@@ -53,65 +59,75 @@ fn llm_planner(
     })
 }
 
-/// The configured LLM's R2F plan for `prompt`.
-fn plan_with_llm(settings: &Settings, prompt: &str) -> anyhow::Result<R2fPlan> {
-    let planner = llm_planner(settings, JobMode::R2f)?;
+/// The configured LLM's plan for `prompt`, for a job of `mode` (r2f or r2fplus).
+fn plan_with_llm(settings: &Settings, prompt: &str, mode: JobMode) -> anyhow::Result<Plan> {
+    use crate::service::planner::Planner;
+    let planner = llm_planner(settings, mode)?;
     let metrics = crate::service::metrics::Metrics::new();
-    let plan = runtime()?
-        .block_on(crate::service::planner::Planner::plan(
-            planner.as_ref(),
-            prompt,
-            &metrics,
-        ))
-        .map_err(|e| anyhow::anyhow!("planning failed: {e}"))?;
-    tracing::info!(plan = %plan.to_official_json(), "plan from the LLM");
-    Ok(plan)
-}
-
-/// The configured LLM's R2F+ plan for `prompt`.
-fn region_plan_with_llm(settings: &Settings, prompt: &str) -> anyhow::Result<RegionPlan> {
-    let planner = llm_planner(settings, JobMode::R2fplus)?;
-    let metrics = crate::service::metrics::Metrics::new();
-    let plan = runtime()?
-        .block_on(crate::service::planner::Planner::plan_regions(
-            planner.as_ref(),
-            prompt,
-            &metrics,
-        ))
-        .map_err(|e| anyhow::anyhow!("planning failed: {e}"))?;
-    tracing::info!(plan = %serde_json::to_string(&plan)?, "R2F+ plan from the LLM");
-    Ok(plan)
-}
-
-/// The mode the options ask for (default: the kind of the `--plan` file, else plain); r2f and
-/// r2fplus take the plan file, or the LLM's plan when there is none.
-fn mode(settings: &Settings, a: &GenerateArgs) -> anyhow::Result<Mode> {
-    let file = a.plan.as_deref().map(read_plan).transpose()?;
-    let default = match &file {
-        Some(Plan::R2f(_)) => JobMode::R2f,
-        Some(Plan::Regions(_)) => JobMode::R2fplus,
-        None => JobMode::Plain,
-    };
-    let mode = a.mode.unwrap_or(default);
-    let plan = match (mode, file) {
-        (JobMode::Plain, _) => return Ok(Mode::Plain),
-        (_, Some(plan)) => plan,
-        (JobMode::R2f, None) => Plan::R2f(plan_with_llm(settings, &a.prompt)?),
-        (JobMode::R2fplus, None) => Plan::Regions(region_plan_with_llm(settings, &a.prompt)?),
-    };
-    match (mode, plan) {
-        (JobMode::R2f, Plan::R2f(plan)) => Ok(Mode::R2f {
-            plan,
-            schedule: a.schedule,
-            stop_steps: a.stop_step_map,
-        }),
-        (JobMode::R2fplus, Plan::Regions(plan)) => Ok(Mode::R2fPlus {
-            plan,
-            knobs: a.regions.knobs(a.schedule, a.stop_step_map),
-        }),
-        (JobMode::R2f, _) => bail!("--mode r2f needs an R2F plan; the --plan file is an R2F+ plan"),
-        (_, _) => bail!("--mode r2fplus needs an R2F+ plan; the --plan file is an R2F plan"),
+    let rt = runtime()?;
+    let plan = if mode == JobMode::R2fplus {
+        rt.block_on(planner.plan_regions(prompt, &metrics))
+            .map(Plan::Regions)
+    } else {
+        rt.block_on(planner.plan(prompt, &metrics)).map(Plan::R2f)
     }
+    .map_err(|e| anyhow::anyhow!("planning failed: {e}"))?;
+    tracing::info!(plan = %plan.to_json(), "plan from the LLM");
+    Ok(plan)
+}
+
+/// The job `r2f generate` runs, in the contract's own terms: the options become a job message
+/// and go through the same validation as a worker's jobs (the model is a name, a folder or a
+/// Hub id here, so any model passes). The mode defaults to the kind of the `--plan` file, else
+/// plain.
+fn job_of(settings: &Settings, a: &GenerateArgs) -> anyhow::Result<ValidJob> {
+    let plan = a.plan.as_deref().map(read_plan_json).transpose()?;
+    let mode = match (a.mode, &plan) {
+        (Some(m), _) => m,
+        (None, Some(v)) => match Plan::from_json(v) {
+            Ok(Plan::Regions(_)) => JobMode::R2fplus,
+            _ => JobMode::R2f,
+        },
+        (None, None) => JobMode::Plain,
+    };
+    let int = |v: Option<usize>| v.map(|v| i64::try_from(v).unwrap_or(i64::MAX));
+    let r = &a.regions;
+    let message = JobMessage {
+        id: "generate".into(),
+        prompt: a.prompt.clone(),
+        model: Some(a.model.clone()),
+        mode: Some(mode),
+        plan,
+        params: JobParams {
+            steps: int(a.steps),
+            guidance: a.guidance,
+            width: a.width,
+            height: a.height,
+            seed: Some(a.seed),
+            num_images: None,
+            negative_prompt: Some(a.negative_prompt.clone()),
+            schedule: Some(a.schedule),
+            scheduler: a.scheduler,
+            stop_step_map: a.stop_step_map,
+            region_mask: Some(r.region_mask),
+            bbox_guidance_steps: int(Some(r.bbox_guidance_steps)),
+            bbox_guidance_iterations: int(Some(r.bbox_guidance_iterations)),
+            bbox_loss_scale: Some(r.bbox_loss_scale),
+            latent_fusion_steps: int(Some(r.latent_fusion_steps)),
+            bbox_guidance_recompute: Some(r.bbox_guidance_recompute),
+        },
+        priority: None,
+        output: None,
+    };
+    let job = message
+        .validate(&settings.limits, None, &a.model)
+        .map_err(|r| anyhow::anyhow!(r.0))?;
+    if let Some(t) = a.t5_tokens {
+        if !(1..=512).contains(&t) {
+            bail!("T5 sequence length must be between 1 and 512 (got {t})");
+        }
+    }
+    Ok(job)
 }
 
 /// A progress bar over the denoising steps (standard error).
@@ -126,19 +142,19 @@ fn progress_bar() -> ProgressBar {
 
 /// `r2f generate`: one image in this process, written as a PNG (and optionally its latents).
 pub fn generate(settings: &Settings, a: GenerateArgs) -> anyhow::Result<()> {
-    let mode = mode(settings, &a)?;
-    let params = Params {
-        steps: a.steps,
-        guidance: a.guidance,
-        seed: a.seed,
-        width: a.width,
-        height: a.height,
-        negative_prompt: a.negative_prompt.clone(),
-        t5_tokens: a.t5_tokens,
-        scheduler: a.scheduler.map(|s| s.name().to_string()),
+    // Fail on bad options before spending time on loading (or on the LLM).
+    let job = job_of(settings, &a)?;
+    let mode = job.spec.mode();
+    let planned = if job.spec.needs_planner() {
+        Some(plan_with_llm(settings, &job.prompt, mode)?)
+    } else {
+        None
     };
-    // Fail on bad options before spending time on loading.
-    crate::job::validate_params(&a.prompt, &params, &settings.limits)?;
+    let mode = job.spec.into_mode(planned).map_err(anyhow::Error::msg)?;
+    let params = Params {
+        t5_tokens: a.t5_tokens,
+        ..job.params
+    };
     let (device, dtype) = device_and_dtype(a.device, a.dtype)?;
     let source = settings.model_source(&a.model);
     let folder = hub::resolve(&source)?;
@@ -155,7 +171,7 @@ pub fn generate(settings: &Settings, a: GenerateArgs) -> anyhow::Result<()> {
     let out = generate_image(
         &mut engine,
         &a.model,
-        &a.prompt,
+        &job.prompt,
         &mode,
         &params,
         settings.limits.max_pixels,
@@ -202,7 +218,7 @@ pub fn schedule(a: PromptScheduleArgs) -> anyhow::Result<()> {
     let mode = Mode::R2f {
         plan,
         schedule: a.schedule,
-        stop_steps: a.stop_step_map,
+        stop_steps: a.stop_step_map.map(|m| m.map()),
     };
     let (prompts, order) = prompt_schedule(&mode, "", a.steps, a.model);
     let per_step: Vec<&String> = order.iter().map(|&i| &prompts[i]).collect();

@@ -4,6 +4,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::config::Settings;
+use crate::job::status::CancelVerdict;
+use crate::job::JobState;
 use crate::service::metrics::Metrics;
 use crate::service::planner::PlanMode;
 
@@ -116,8 +118,9 @@ pub fn cancel(settings: &Settings, id: &str) -> anyhow::Result<()> {
     let ttl = Duration::from_secs(settings.redis.status_ttl_secs);
     let answer = runtime()?.block_on(crate::service::status::request_cancel(&redis, id, ttl))?;
     println!("{}", serde_json::to_string(&answer)?);
-    if answer.cancel != "requested" {
-        anyhow::bail!("job `{id}` already {}: nothing to cancel", answer.state);
+    if answer.cancel != CancelVerdict::Requested {
+        let state = answer.state.map_or("finished", JobState::name);
+        anyhow::bail!("job `{id}` already {state}: nothing to cancel");
     }
     Ok(())
 }
@@ -131,7 +134,7 @@ pub fn wait(settings: &Settings, id: &str, timeout: Duration) -> anyhow::Result<
         anyhow::bail!("job `{id}` not finished after {} s", timeout.as_secs_f64());
     };
     println!("{}", serde_json::to_string_pretty(&r)?);
-    if r.state == "succeeded" {
+    if r.state == JobState::Succeeded {
         return Ok(());
     }
     anyhow::bail!("job `{id}` {}", r.state)

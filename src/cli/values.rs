@@ -29,14 +29,3 @@ impl ValueEnum for Family {
         Some(PossibleValue::new(self.name()))
     }
 }
-
-/// `r2f generate --region-mask`: `ellipse` or `box`.
-impl ValueEnum for crate::r2f::regions::RegionMask {
-    fn value_variants<'a>() -> &'a [Self] {
-        &[Self::Ellipse, Self::Box]
-    }
-
-    fn to_possible_value(&self) -> Option<PossibleValue> {
-        Some(PossibleValue::new(self.name()))
-    }
-}

@@ -4,13 +4,13 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::ResultEvent;
+use crate::job::event::ResultEvent;
+use crate::job::state::JobState;
 
 /// One transition of a job.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Transition {
-    /// `running`, `retrying`, `queued`, `succeeded`, `failed`, `rejected` or `cancelled`.
-    pub state: String,
+    pub state: JobState,
     /// The delivery attempt (1-based).
     pub attempt: u32,
     /// Milliseconds since the Unix epoch.
@@ -21,8 +21,8 @@ pub struct Transition {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct JobStatus {
     pub id: String,
-    /// The latest state (see [`Transition::state`]).
-    pub state: String,
+    /// The latest state.
+    pub state: JobState,
     pub attempt: u32,
     /// The worker that wrote the latest transition.
     pub worker: String,
@@ -38,23 +38,56 @@ pub struct JobStatus {
 }
 
 impl JobStatus {
-    /// Whether the job is finished (`succeeded`, `failed`, `rejected` or `cancelled`).
+    /// Whether the job is finished (succeeded, failed, rejected or cancelled).
     pub fn is_terminal(&self) -> bool {
-        is_terminal(&self.state)
+        self.state.is_terminal()
     }
 }
 
-pub fn is_terminal(state: &str) -> bool {
-    matches!(state, "succeeded" | "failed" | "rejected" | "cancelled")
+crate::named_enum! {
+    /// What `r2f cancel` did.
+    pub enum CancelVerdict("cancel verdict") {
+        /// The job is dropped when a worker takes it, or stops at its next denoising step if
+        /// it is running.
+        Requested = "requested",
+        /// The job had already finished.
+        TooLate = "too_late",
+    }
 }
 
-/// What `r2f cancel` did.
+/// What `r2f cancel` answers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct CancelAnswer {
     pub id: String,
-    /// `requested`: the job is dropped when a worker takes it, or stops at its next denoising
-    /// step if it is running; `too_late`: the job had already finished (`state`).
-    pub cancel: String,
+    pub cancel: CancelVerdict,
     /// The job's state when the request was made (`unknown` without a status record).
-    pub state: String,
+    #[serde(with = "state_or_unknown")]
+    #[schemars(with = "String")]
+    pub state: Option<JobState>,
+}
+
+/// A state, or `unknown` for none.
+mod state_or_unknown {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use crate::job::state::JobState;
+
+    const UNKNOWN: &str = "unknown";
+
+    pub fn serialize<S: Serializer>(s: &Option<JobState>, ser: S) -> Result<S::Ok, S::Error> {
+        match s {
+            Some(state) => state.serialize(ser),
+            None => ser.serialize_str(UNKNOWN),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<JobState>, D::Error> {
+        let text = String::deserialize(d)?;
+        if text == UNKNOWN {
+            return Ok(None);
+        }
+        JobState::parse(&text)
+            .map(Some)
+            .map_err(serde::de::Error::custom)
+    }
 }

@@ -75,6 +75,7 @@ pub struct RegionObject {
     pub prompt: String,
     pub object: String,
     pub r2f: Vec<String>,
+    #[serde(deserialize_with = "whole_levels")]
     pub visual_detail_levels: Vec<u8>,
     pub bbox: [f64; 4],
 }
@@ -174,6 +175,29 @@ pub enum Plan {
     Regions(RegionPlan),
 }
 
+/// A level written as a JSON number: an integer 0–255, or a number without a fraction (`3.0`,
+/// which JSON Schema counts as the integer 3).
+fn small_integer(n: &serde_json::Number) -> Result<u8, String> {
+    let whole = n.as_u64().or_else(|| {
+        n.as_f64()
+            .filter(|f| f.fract() == 0.0 && (0.0..=255.0).contains(f))
+            .map(|f| f as u64)
+    });
+    whole
+        .and_then(|v| u8::try_from(v).ok())
+        .ok_or_else(|| format!("visual detail level {n} is not a small integer"))
+}
+
+/// Levels as R2F+ objects write them: a list of JSON numbers (whole numbers, 0–255).
+fn whole_levels<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+    let numbers = Vec::<serde_json::Number>::deserialize(d)?;
+    numbers
+        .iter()
+        .map(small_integer)
+        .collect::<Result<_, _>>()
+        .map_err(serde::de::Error::custom)
+}
+
 fn levels_from(v: &Value) -> Result<Vec<u8>, String> {
     let digit = |s: &str| -> Result<u8, String> {
         let t = s.trim();
@@ -194,20 +218,12 @@ fn levels_from(v: &Value) -> Result<Vec<u8>, String> {
                 Err(format!("visual detail level `{t}` is not a number"))
             }
         }
-        Value::Number(n) => n
-            .as_u64()
-            .filter(|&n| n <= 255)
-            .map(|n| vec![n as u8])
-            .ok_or_else(|| format!("visual detail level {n} is not a small integer")),
+        Value::Number(n) => small_integer(n).map(|n| vec![n]),
         Value::Array(a) => a
             .iter()
             .map(|x| match x {
                 Value::String(s) => digit(s),
-                Value::Number(n) => n
-                    .as_u64()
-                    .filter(|&n| n <= 255)
-                    .map(|n| n as u8)
-                    .ok_or_else(|| format!("visual detail level {n} is not a small integer")),
+                Value::Number(n) => small_integer(n),
                 other => Err(format!("visual detail level {other} is not a number")),
             })
             .collect(),
@@ -222,6 +238,14 @@ impl Plan {
     pub fn from_json(v: &Value) -> Result<Self, String> {
         let obj = v.as_object().ok_or("a plan must be a JSON object")?;
         if obj.contains_key("objects") {
+            // serde reads a struct from an array too; the official shape has objects.
+            if let Some(objects) = obj.get("objects").and_then(Value::as_object) {
+                if let Some((key, _)) = objects.iter().find(|(_, o)| !o.is_object()) {
+                    return Err(format!(
+                        "not a valid R2F+ plan: object {key} is not a JSON object"
+                    ));
+                }
+            }
             let plan: RegionPlan = serde_json::from_value(v.clone())
                 .map_err(|e| format!("not a valid R2F+ plan: {e}"))?;
             plan.validate()?;

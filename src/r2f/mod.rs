@@ -26,13 +26,6 @@ impl StopStepMap {
     /// SDXL at the official repository's HEAD.
     pub const SDXL: StopStepMap = StopStepMap([0, 3, 5, 10, 20, 30]);
 
-    /// `paper` (the paper-era map, used for every backbone then) or `head` (SDXL's map at the
-    /// official repository's HEAD); `sd3` and `sdxl` name the per-model defaults.
-    pub fn parse(s: &str) -> Result<Self, String> {
-        <Self as clap::ValueEnum>::from_str(s, false)
-            .map_err(|_| format!("unknown stop-step map `{s}` (expected paper or head)"))
-    }
-
     /// The stop step of `level` for a run of `steps` steps: the map's value scaled by
     /// `steps / 50` and rounded to the nearest step (exact at 50 steps).
     pub fn stop_step(&self, level: u8, steps: usize) -> usize {
@@ -45,55 +38,37 @@ impl StopStepMap {
     }
 }
 
-/// The named maps, as `--stop-step-map` and the job parameter `stop_step_map` spell them.
-impl clap::ValueEnum for StopStepMap {
-    fn value_variants<'a>() -> &'a [Self] {
-        &[Self::SD3, Self::SDXL]
+crate::named_enum! {
+    /// The named stop-step maps, as `--stop-step-map` and the job parameter `stop_step_map`
+    /// spell them: `paper` (the paper-era map, used for every backbone then) or `head` (SDXL's
+    /// map at the official repository's HEAD); `sd3` and `sdxl` name the per-model defaults.
+    pub enum StopStepMapName("stop-step map") {
+        Paper = "paper" | "sd3",
+        Head = "head" | "sdxl",
     }
+}
 
-    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
-        use clap::builder::PossibleValue;
-        match *self {
-            Self::SD3 => Some(PossibleValue::new("paper").alias("sd3")),
-            Self::SDXL => Some(PossibleValue::new("head").alias("sdxl")),
-            _ => None,
+impl StopStepMapName {
+    /// The map this name stands for.
+    pub fn map(self) -> StopStepMap {
+        match self {
+            StopStepMapName::Paper => StopStepMap::SD3,
+            StopStepMapName::Head => StopStepMap::SDXL,
         }
     }
 }
 
-impl std::str::FromStr for StopStepMap {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        Self::parse(s)
-    }
-}
-
-/// How the per-step prompt choice is made (`--schedule` and the job parameter `schedule`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum PromptSchedule {
-    /// The official loop, quirks included (levels in LLM order, a non-monotone stop list freezes
-    /// the advance, a leading 0 freezes it at p0, a single prompt is a plain run).
-    #[default]
-    Faithful,
-    /// Each concept keeps its own stop step: concepts ordered by stop step, at an even step `i`
-    /// the prompt is `p_j` with `j` the number of concepts whose stop step is `<= i`.
-    Clean,
-}
-
-impl PromptSchedule {
-    pub fn parse(s: &str) -> Result<Self, String> {
-        <Self as clap::ValueEnum>::from_str(s, false)
-            .map_err(|_| format!("unknown schedule `{s}` (expected faithful or clean)"))
-    }
-}
-
-impl std::str::FromStr for PromptSchedule {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        Self::parse(s)
+crate::named_enum! {
+    /// How the per-step prompt choice is made (`--schedule` and the job parameter `schedule`).
+    #[derive(Default)]
+    pub enum PromptSchedule("schedule") {
+        /// The official loop, quirks included (levels in LLM order, a non-monotone stop list
+        /// freezes the advance, a leading 0 freezes it at p0, a single prompt is a plain run).
+        #[default]
+        Faithful = "faithful",
+        /// Each concept keeps its own stop step: concepts ordered by stop step, at an even step
+        /// `i` the prompt is `p_j` with `j` the number of concepts whose stop step is `<= i`.
+        Clean = "clean",
     }
 }
 

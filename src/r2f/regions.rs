@@ -19,7 +19,6 @@
 
 use std::ops::Range;
 
-use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 /// A box `[x_min, y_min, x_max, y_max]` in normalised image coordinates (`[0, 1]`).
@@ -70,39 +69,20 @@ pub fn latent_shift(shift: (f64, f64), h: i64, w: i64) -> (i64, i64) {
     )
 }
 
-/// The detector-free object mask that replaces GroundingDINO + SAM (§2.2).
-///
-/// Serialised as `"ellipse"` / `"box"`; the default is `Ellipse` (the spec's proposed default).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RegionMask {
-    /// The ellipse inscribed in the box ([`ellipse_mask`]).
-    #[default]
-    Ellipse,
-    /// The box itself, rasterised with ties-to-even edges ([`box_mask`]).
-    Box,
+crate::named_enum! {
+    /// The detector-free object mask that replaces GroundingDINO + SAM (§2.2); the default is
+    /// `Ellipse` (the spec's proposed default).
+    #[derive(Default)]
+    pub enum RegionMask("region mask") {
+        /// The ellipse inscribed in the box ([`ellipse_mask`]).
+        #[default]
+        Ellipse = "ellipse",
+        /// The box itself, rasterised with ties-to-even edges ([`box_mask`]).
+        Box = "box",
+    }
 }
 
 impl RegionMask {
-    /// `ellipse` or `box`.
-    pub fn parse(s: &str) -> Result<Self, String> {
-        match s {
-            "ellipse" => Ok(Self::Ellipse),
-            "box" => Ok(Self::Box),
-            other => Err(format!(
-                "unknown region mask `{other}` (expected ellipse or box)"
-            )),
-        }
-    }
-
-    /// The lowercase name, as accepted by [`RegionMask::parse`] and used by serde.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Self::Ellipse => "ellipse",
-            Self::Box => "box",
-        }
-    }
-
     /// The mask of `bbox` at image resolution `height × width` (float32 `[height, width]` on the
     /// CPU, 1 inside, 0 outside). In the faithful pipeline `bbox` is the **centred** box
     /// ([`centered_bbox`]) and `height × width` the image size: this is the stand-in for the
@@ -113,19 +93,6 @@ impl RegionMask {
             Self::Ellipse => ellipse_mask(bbox, height, width),
             Self::Box => box_mask(bbox, height, width),
         }
-    }
-}
-
-impl std::fmt::Display for RegionMask {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl std::str::FromStr for RegionMask {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::parse(s)
     }
 }
 

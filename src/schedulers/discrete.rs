@@ -96,38 +96,11 @@ impl DiscreteConfig {
     }
 }
 
-/// Which SDXL scheduler, as `--scheduler` and the job parameter `scheduler` spell it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Scheduler {
-    #[value(name = "euler", alias = "euler-discrete")]
-    EulerDiscrete,
-    #[value(
-        name = "dpm++2m-karras",
-        aliases = ["dpmsolver++-2m-karras", "dpm-solver++-2m-karras"]
-    )]
-    DpmSolverPp2mKarras,
-}
-
-impl Scheduler {
-    /// The canonical spelling (`euler` or `dpm++2m-karras`).
-    pub fn name(self) -> &'static str {
-        match self {
-            Scheduler::EulerDiscrete => "euler",
-            Scheduler::DpmSolverPp2mKarras => "dpm++2m-karras",
-        }
-    }
-
-    pub fn parse(s: &str) -> Result<Self, String> {
-        <Self as clap::ValueEnum>::from_str(s, false)
-            .map_err(|_| format!("unknown scheduler `{s}` (expected euler or dpm++2m-karras)"))
-    }
-}
-
-impl std::str::FromStr for Scheduler {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        Self::parse(s)
+crate::named_enum! {
+    /// Which SDXL scheduler, as `--scheduler` and the job parameter `scheduler` spell it.
+    pub enum Scheduler("scheduler") {
+        EulerDiscrete = "euler" | "euler-discrete",
+        DpmSolverPp2mKarras = "dpm++2m-karras" | "dpmsolver++-2m-karras" | "dpm-solver++-2m-karras",
     }
 }
 

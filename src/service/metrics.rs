@@ -9,10 +9,27 @@ use prometheus::{
     Opts, Registry, TextEncoder,
 };
 
-/// The `reason` labels of `r2f_dead_lettered_total` that exist from the start.
-const DEAD_LETTER_REASONS: [&str; 5] = ["invalid_job", "max_attempts", "model", "llm", "poison"];
-/// The `kind` labels of `r2f_worker_pauses_total` (the error kinds that pause a worker).
-const PAUSE_KINDS: [&str; 4] = ["llm", "storage", "model", "internal"];
+use crate::generate::JobMode;
+use crate::job::{ErrorKind, Outcome};
+
+/// The `mode` label of jobs whose mode is not known (messages that are not valid jobs).
+pub const UNKNOWN_MODE: &str = "unknown";
+/// The `reason` label of `r2f_dead_lettered_total` for a job out of attempts.
+pub const MAX_ATTEMPTS: &str = "max_attempts";
+/// The `reason` label of `r2f_dead_lettered_total` for a job delivered too often unsettled.
+pub const POISON: &str = "poison";
+
+crate::named_enum! {
+    /// What became of one webhook POST (`r2f_webhook_deliveries_total`'s `outcome`).
+    pub enum Delivery("webhook delivery outcome") {
+        /// The receiver answered 2xx.
+        Ok = "ok",
+        /// It failed and is tried again.
+        Retry = "retry",
+        /// It failed and is given up.
+        Failed = "failed",
+    }
+}
 
 /// Job-scale latencies: 50 ms to 20 min.
 const JOB_BUCKETS: &[f64] = &[
@@ -172,7 +189,13 @@ impl Metrics {
                 "r2f_dead_lettered_total",
                 "Jobs sent to the dead-letter queue.",
                 "reason",
-                &DEAD_LETTER_REASONS,
+                &[
+                    ErrorKind::InvalidJob.name(),
+                    MAX_ATTEMPTS,
+                    ErrorKind::Model.name(),
+                    ErrorKind::Llm.name(),
+                    POISON,
+                ],
             ),
             job_started: r.gauge(
                 "r2f_job_started_timestamp_seconds",
@@ -204,7 +227,13 @@ impl Metrics {
                 "r2f_worker_pauses_total",
                 "Times the worker stopped consuming, by the kind of the last failure.",
                 "kind",
-                &PAUSE_KINDS,
+                &[
+                    ErrorKind::Llm,
+                    ErrorKind::Storage,
+                    ErrorKind::Model,
+                    ErrorKind::Internal,
+                ]
+                .map(ErrorKind::name),
             ),
             routed: r.counters(
                 "r2f_jobs_routed_total",
@@ -216,7 +245,7 @@ impl Metrics {
                 "r2f_webhook_deliveries_total",
                 "Webhook POSTs, by outcome: ok, retry (failed, tried again), failed (given up).",
                 "outcome",
-                &["ok", "retry", "failed"],
+                &Delivery::ALL.iter().map(|d| d.name()).collect::<Vec<_>>(),
             ),
             given_back: r.counters(
                 "r2f_jobs_given_back_total",
@@ -242,10 +271,11 @@ impl Metrics {
     }
 
     /// Pre-creates the per-model series.
-    pub fn init_model(&self, model: &str, modes: &[&str]) {
-        for mode in modes {
-            for status in ["succeeded", "failed", "rejected", "cancelled"] {
-                self.jobs.with_label_values(&[model, mode, status]);
+    pub fn init_model(&self, model: &str) {
+        let modes = JobMode::ALL.iter().map(|m| m.name());
+        for mode in modes.chain([UNKNOWN_MODE]) {
+            for status in Outcome::ALL {
+                self.jobs.with_label_values(&[model, mode, status.name()]);
             }
         }
         self.images.with_label_values(&[model]);

@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::config::{redact_text, LlmSettings};
+use crate::generate::JobMode;
 use crate::plan::parse::{parse_r2f_answer, parse_r2fplus_answer};
 use crate::plan::template::{self, TEMPLATE_VERSION};
 use crate::plan::{Plan, PlanLimits, R2fPlan, RegionPlan};
@@ -60,11 +61,16 @@ pub enum PlanMode {
 }
 
 impl PlanMode {
-    pub fn name(self) -> &'static str {
+    /// The job mode this plan is for; its name is the mode's.
+    pub fn job_mode(self) -> JobMode {
         match self {
-            PlanMode::R2f => "r2f",
-            PlanMode::R2fPlus => "r2fplus",
+            PlanMode::R2f => JobMode::R2f,
+            PlanMode::R2fPlus => JobMode::R2fplus,
         }
+    }
+
+    pub fn name(self) -> &'static str {
+        self.job_mode().name()
     }
 }
 
@@ -156,7 +162,7 @@ impl LlmClient {
             ],
             "max_tokens": self.s.max_tokens,
         });
-        if self.s.backend == "llama" {
+        if self.s.backend == crate::config::LlmBackend::Llama {
             body["temperature"] = json!(0.6);
             body["top_p"] = json!(0.9);
         }

@@ -11,8 +11,8 @@
 
 use std::time::Duration;
 
-use crate::job::status::{is_terminal, CancelAnswer, JobStatus, Transition};
-use crate::job::ResultEvent;
+use crate::job::status::{CancelAnswer, CancelVerdict, JobStatus, Transition};
+use crate::job::{JobState, ResultEvent};
 use crate::service::redis_store::RedisStore;
 
 fn key(redis: &RedisStore, id: &str) -> String {
@@ -45,7 +45,7 @@ pub async fn read(redis: &RedisStore, id: &str) -> anyhow::Result<Option<JobStat
 /// What one transition writes.
 pub struct Update<'a> {
     pub id: &'a str,
-    pub state: &'a str,
+    pub state: JobState,
     pub attempt: u32,
     pub worker: &'a str,
     pub reason: Option<&'a str>,
@@ -64,13 +64,13 @@ pub async fn record(redis: &RedisStore, ttl: Duration, u: Update<'_>) {
     let at_ms = now_ms();
     let mut history = previous.map(|p| p.history).unwrap_or_default();
     history.push(Transition {
-        state: u.state.to_string(),
+        state: u.state,
         attempt: u.attempt,
         at_ms,
     });
     let status = JobStatus {
         id: u.id.to_string(),
-        state: u.state.to_string(),
+        state: u.state,
         attempt: u.attempt,
         worker: u.worker.to_string(),
         updated_at_ms: at_ms,
@@ -90,7 +90,7 @@ pub async fn record(redis: &RedisStore, ttl: Duration, u: Update<'_>) {
         return;
     }
     let mut publish = redis::cmd("PUBLISH");
-    publish.arg(channel(redis, u.id)).arg(u.state);
+    publish.arg(channel(redis, u.id)).arg(u.state.name());
     if let Err(e) = redis.query::<i64>(&publish).await {
         tracing::debug!(job_id = u.id, error = %e, "status change not announced");
     }
@@ -157,7 +157,7 @@ pub async fn request_cancel(
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let state = read(redis, id).await?.map(|s| s.state);
-    let finished = state.as_deref().is_some_and(is_terminal);
+    let finished = state.is_some_and(JobState::is_terminal);
     if finished {
         // Nothing to stop: the request must not linger for an id sent again after a rejection.
         redis
@@ -167,8 +167,12 @@ pub async fn request_cancel(
     }
     Ok(CancelAnswer {
         id: id.to_string(),
-        cancel: if finished { "too_late" } else { "requested" }.into(),
-        state: state.unwrap_or_else(|| "unknown".into()),
+        cancel: if finished {
+            CancelVerdict::TooLate
+        } else {
+            CancelVerdict::Requested
+        },
+        state,
     })
 }
 

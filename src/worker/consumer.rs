@@ -18,7 +18,7 @@ use super::lifecycle::{run_job, Incoming, ProgressTx};
 use super::outcome::{decide, Fault, JobError, JobOutcome, Settlement};
 use super::settle::{self, attempt_of, best_effort_id_bounded, deliveries_of, record_status};
 use super::shutdown::Shutdown;
-use crate::job::{ErrorKind, ProgressEvent, ResultEvent};
+use crate::job::{ErrorKind, Outcome, ProgressEvent, ResultEvent};
 use crate::service::backoff::Breaker;
 
 /// One connection's worth of broker state.
@@ -162,7 +162,7 @@ impl Session {
             if deliveries >= ctx.settings.worker.max_attempts {
                 let outcome = JobOutcome::Poison { id, deliveries };
                 let s = decide(outcome, attempt, ctx.settings.worker.max_attempts);
-                count_job(ctx, "unknown", "failed");
+                count_job(ctx, None, Outcome::Failed);
                 settle::settle(ctx, &self.publish, &self.reply, d, attempt, s, None).await?;
             } else {
                 warn!(
@@ -199,7 +199,7 @@ impl Session {
                 );
                 let event = ResultEvent {
                     id: best_effort_id_bounded(ctx, &d.data).unwrap_or_default(),
-                    status: "failed".into(),
+                    status: Outcome::Failed,
                     attempt,
                     outputs: vec![],
                     plan: None,
@@ -236,18 +236,14 @@ impl Session {
             }
         };
         let status = match &outcome {
-            JobOutcome::Succeeded(_) => Some("succeeded"),
-            JobOutcome::Rejected { .. } => Some("rejected"),
-            JobOutcome::Cancelled(_) => Some("cancelled"),
+            JobOutcome::Succeeded(_) => Some(Outcome::Succeeded),
+            JobOutcome::Rejected { .. } => Some(Outcome::Rejected),
+            JobOutcome::Cancelled(_) => Some(Outcome::Cancelled),
             _ => None,
         };
         let settlement = decide(outcome, attempt, ctx.settings.worker.max_attempts);
         let status = status.or(match &settlement {
-            Settlement::DeadLetter { event, .. } => Some(if event.status == "rejected" {
-                "rejected"
-            } else {
-                "failed"
-            }),
+            Settlement::DeadLetter { event, .. } => Some(event.status),
             _ => None,
         });
         if let Some(status) = status {

@@ -3,8 +3,9 @@
 use std::sync::Arc;
 
 use crate::config::Settings;
-use crate::generate::ModelCaps;
-use crate::service::metrics::Metrics;
+use crate::generate::{JobMode, ModelCaps};
+use crate::job::Outcome;
+use crate::service::metrics::{Metrics, UNKNOWN_MODE};
 use crate::service::redis_store::RedisStore;
 use crate::service::storage::Storage;
 
@@ -21,10 +22,11 @@ impl<T> Drop for AbortOnDrop<T> {
 }
 
 /// Counts a finished job (a delivery settled for good) in `r2f_jobs_total`.
-pub fn count_job(ctx: &Context, mode: &str, status: &str) {
+pub fn count_job(ctx: &Context, mode: Option<JobMode>, outcome: Outcome) {
+    let mode = mode.map_or(UNKNOWN_MODE, JobMode::name);
     ctx.metrics
         .jobs
-        .with_label_values(&[&ctx.settings.worker.model, mode, status])
+        .with_label_values(&[&ctx.settings.worker.model, mode, outcome.name()])
         .inc();
 }
 

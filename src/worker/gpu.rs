@@ -49,7 +49,7 @@ pub enum StopReason {
 impl std::fmt::Display for StopReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            StopReason::Cancelled => "cancelled",
+            StopReason::Cancelled => "cancelled by request",
             StopReason::Abandoned => "abandoned past job_timeout_secs",
         })
     }

@@ -15,7 +15,9 @@ use super::lock::{Acquired, JobLock};
 use super::outcome::{bounded, Fault, JobError, JobOutcome};
 use super::upload::{storage_error, store_result, upload};
 use crate::generate::{JobMode, Mode};
-use crate::job::{best_effort_id, validate_message, ErrorKind, ResultEvent, ValidJob};
+use crate::job::{
+    best_effort_id, validate_message, ErrorKind, JobState, Outcome, ResultEvent, ValidJob,
+};
 use crate::models::hub::Family;
 use crate::plan::Plan;
 use crate::service::storage::join_key;
@@ -34,20 +36,12 @@ pub struct Incoming<'a> {
 pub type ProgressTx = mpsc::UnboundedSender<(String, usize, usize)>;
 
 /// What the consumer needs to know of a job besides its outcome.
+#[derive(Default)]
 pub struct JobInfo {
-    /// The job's mode (`unknown` for a message that is not a valid job), a metric label.
-    pub mode: &'static str,
+    /// The job's mode (none for a message that is not a valid job), a metric label.
+    pub mode: Option<JobMode>,
     /// Where the job's `result.json` lives, for a valid job.
     pub result_key: Option<String>,
-}
-
-impl Default for JobInfo {
-    fn default() -> Self {
-        Self {
-            mode: "unknown",
-            result_key: None,
-        }
-    }
 }
 
 /// Runs one delivery to its outcome.
@@ -100,7 +94,7 @@ pub async fn run_job(
         return rejected(job.id, reason, JobInfo::default());
     }
     let info = JobInfo {
-        mode: job.mode.name(),
+        mode: Some(job.spec.mode()),
         result_key: Some(result_key(ctx, &job)),
     };
     let reason = if let Err(reason) =
@@ -108,15 +102,15 @@ pub async fn run_job(
             .check_size(job.params.width, job.params.height, s.limits.max_pixels)
     {
         Some(reason)
-    } else if job.mode == JobMode::R2fplus && ctx.caps.family != Family::Sd3 {
+    } else if job.spec.mode() == JobMode::R2fplus && ctx.caps.family != Family::Sd3 {
         Some(format!(
             "mode r2fplus runs on SD3 models only; model `{}` is {:?}",
             job.model, ctx.caps.family
         ))
-    } else if job.mode != JobMode::Plain && job.plan.is_none() && ctx.planner.is_none() {
+    } else if job.spec.needs_planner() && ctx.planner.is_none() {
         Some(format!(
             "mode {} without a plan needs the LLM planner, which this worker has disabled: send a plan",
-            job.mode.name()
+            job.spec.mode()
         ))
     } else {
         None
@@ -127,7 +121,7 @@ pub async fn run_job(
     let span = tracing::info_span!("job", job_id = %job.id, attempt = msg.attempt);
     let _enter = span.enter();
     info!(
-        mode = job.mode.name(),
+        mode = job.spec.mode().name(),
         prompt = ?bounded(&job.prompt, 200),
         "job received"
     );
@@ -150,10 +144,10 @@ fn failed(ctx: &Context, job: &ValidJob, attempt: u32, error: JobError) -> JobOu
     JobOutcome::Failed {
         event: ResultEvent {
             id: job.id.clone(),
-            status: "failed".into(),
+            status: Outcome::Failed,
             attempt,
             outputs: vec![],
-            plan: job.plan.as_ref().map(Plan::to_json),
+            plan: job.spec.plan_json(),
             timings_ms: BTreeMap::new(),
             error: None,
             worker: ctx.worker_name.clone(),
@@ -236,7 +230,7 @@ async fn with_lock(
         Duration::from_secs(ctx.settings.redis.status_ttl_secs),
         crate::service::status::Update {
             id: &job.id,
-            state: "running",
+            state: JobState::Running,
             attempt,
             worker: &ctx.worker_name,
             reason: None,
@@ -287,7 +281,7 @@ async fn with_lock(
     timings_ms.insert("total".into(), ms(total));
     let event = ResultEvent {
         id: job.id.clone(),
-        status: "succeeded".into(),
+        status: Outcome::Succeeded,
         attempt,
         outputs,
         plan: plan_json,
@@ -318,10 +312,10 @@ async fn cancelled(
 ) -> JobOutcome {
     let event = ResultEvent {
         id: job.id.clone(),
-        status: "cancelled".into(),
+        status: Outcome::Cancelled,
         attempt,
         outputs: vec![],
-        plan: job.plan.as_ref().map(Plan::to_json),
+        plan: job.spec.plan_json(),
         timings_ms: BTreeMap::new(),
         error: Some(crate::job::EventError {
             kind: ErrorKind::Cancelled,
@@ -354,74 +348,49 @@ async fn plan(
     ctx: &Context,
     job: &ValidJob,
 ) -> Result<(Mode, Option<serde_json::Value>), JobError> {
-    let r2f = |p: crate::plan::R2fPlan| {
-        let json = p.to_official_json();
-        (
-            Mode::R2f {
-                plan: p,
-                schedule: job.schedule,
-                stop_steps: job.stop_steps,
-            },
-            Some(json),
-        )
-    };
-    let regions = |p: crate::plan::RegionPlan| {
-        let json = serde_json::to_value(&p).ok();
-        (
-            Mode::R2fPlus {
-                plan: p,
-                knobs: job.regions.clone(),
-            },
-            json,
-        )
-    };
-    match (job.mode, &job.plan) {
-        (JobMode::Plain, _) => Ok((Mode::Plain, None)),
-        (JobMode::R2f, Some(Plan::R2f(p))) => Ok(r2f(p.clone())),
-        (JobMode::R2fplus, Some(Plan::Regions(p))) => Ok(regions(p.clone())),
-        (mode @ (JobMode::R2f | JobMode::R2fplus), None) => {
-            let Some(planner) = &ctx.planner else {
-                // Rejected in `run_job` before any work.
-                return Err(JobError::new(
-                    ErrorKind::InvalidJob,
-                    Fault::Job,
-                    format!("mode {} without a plan needs the LLM planner", mode.name()),
-                ));
-            };
-            let plan = if mode == JobMode::R2f {
-                Plan::R2f(
-                    planner
-                        .plan(&job.prompt, &ctx.metrics)
-                        .await
-                        .map_err(plan_error)?,
-                )
-            } else {
-                Plan::Regions(
-                    planner
-                        .plan_regions(&job.prompt, &ctx.metrics)
-                        .await
-                        .map_err(plan_error)?,
-                )
-            };
-            if let Err(reason) = plan.check_limits(&ctx.settings.limits.plan()) {
-                return Err(JobError::new(
-                    ErrorKind::Llm,
-                    Fault::Job,
-                    format!("the planner's plan is unusable: {reason}"),
-                ));
-            }
-            Ok(match plan {
-                Plan::R2f(p) => r2f(p),
-                Plan::Regions(p) => regions(p),
-            })
+    let mode = job.spec.mode();
+    let planned = if job.spec.needs_planner() {
+        let Some(planner) = &ctx.planner else {
+            // Rejected in `run_job` before any work.
+            return Err(JobError::new(
+                ErrorKind::InvalidJob,
+                Fault::Job,
+                format!("mode {mode} without a plan needs the LLM planner"),
+            ));
+        };
+        let plan = if mode == JobMode::R2fplus {
+            Plan::Regions(
+                planner
+                    .plan_regions(&job.prompt, &ctx.metrics)
+                    .await
+                    .map_err(plan_error)?,
+            )
+        } else {
+            Plan::R2f(
+                planner
+                    .plan(&job.prompt, &ctx.metrics)
+                    .await
+                    .map_err(plan_error)?,
+            )
+        };
+        if let Err(reason) = plan.check_limits(&ctx.settings.limits.plan()) {
+            return Err(JobError::new(
+                ErrorKind::Llm,
+                Fault::Job,
+                format!("the planner's plan is unusable: {reason}"),
+            ));
         }
-        // Validation rejects every other combination before any work.
-        (mode, _) => Err(JobError::new(
-            ErrorKind::InvalidJob,
-            Fault::Job,
-            format!("mode {} cannot run with this plan", mode.name()),
-        )),
-    }
+        Some(plan)
+    } else {
+        None
+    };
+    let mode = job
+        .spec
+        .clone()
+        .into_mode(planned)
+        .map_err(|e| JobError::new(ErrorKind::Llm, Fault::Job, e))?;
+    let json = mode.plan_json();
+    Ok((mode, json))
 }
 
 /// Why [`generate`] gave no images.

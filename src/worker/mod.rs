@@ -70,10 +70,7 @@ impl Worker {
         let addr =
             crate::service::metrics::serve(metrics.clone(), &settings.metrics.listen).await?;
         info!(%addr, "metrics, /healthz and /readyz listening");
-        metrics.init_model(
-            &settings.worker.model,
-            &["r2f", "r2fplus", "plain", "unknown"],
-        );
+        metrics.init_model(&settings.worker.model);
         let worker_name = if settings.worker.name.is_empty() {
             hostname()
         } else {

@@ -13,7 +13,8 @@
 //! | a job for another model | sent on through the jobs exchange to that model's queue |
 //! | delivered too often without finishing | `failed` event, dead letter, ack |
 
-use crate::job::{ErrorKind, ResultEvent};
+use crate::job::{ErrorKind, Outcome, ResultEvent};
+use crate::service::metrics::{MAX_ATTEMPTS, POISON};
 
 /// Whose fault a failure is: decides whether the failure may consume the job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,8 +132,14 @@ pub fn decide(outcome: JobOutcome, attempt: u32, max_attempts: u32) -> Settlemen
         | JobOutcome::AlreadyFinished(event)
         | JobOutcome::Cancelled(event) => Settlement::Publish { event },
         JobOutcome::Rejected { id, reason } => Settlement::DeadLetter {
-            event: terminal_event(id, "rejected", attempt, ErrorKind::InvalidJob, &reason),
-            label: "invalid_job",
+            event: terminal_event(
+                id,
+                Outcome::Rejected,
+                attempt,
+                ErrorKind::InvalidJob,
+                &reason,
+            ),
+            label: ErrorKind::InvalidJob.name(),
             reason,
         },
         JobOutcome::Poison { id, deliveries } => {
@@ -140,8 +147,8 @@ pub fn decide(outcome: JobOutcome, attempt: u32, max_attempts: u32) -> Settlemen
                 "delivered {deliveries} times without finishing (each worker that took it died or lost its connection)"
             );
             Settlement::DeadLetter {
-                event: terminal_event(id, "failed", attempt, ErrorKind::Internal, &reason),
-                label: "poison",
+                event: terminal_event(id, Outcome::Failed, attempt, ErrorKind::Internal, &reason),
+                label: POISON,
                 reason,
             }
         }
@@ -157,7 +164,7 @@ pub fn decide(outcome: JobOutcome, attempt: u32, max_attempts: u32) -> Settlemen
             },
             fault => {
                 let reason = error.public_reason();
-                event.status = "failed".into();
+                event.status = Outcome::Failed;
                 event.attempt = attempt;
                 event.error = Some(crate::job::EventError {
                     kind: error.kind,
@@ -166,7 +173,7 @@ pub fn decide(outcome: JobOutcome, attempt: u32, max_attempts: u32) -> Settlemen
                 Settlement::DeadLetter {
                     event,
                     label: if fault == Fault::Transient {
-                        "max_attempts"
+                        MAX_ATTEMPTS
                     } else {
                         error.kind.name()
                     },
@@ -179,14 +186,14 @@ pub fn decide(outcome: JobOutcome, attempt: u32, max_attempts: u32) -> Settlemen
 
 fn terminal_event(
     id: Option<String>,
-    status: &str,
+    status: Outcome,
     attempt: u32,
     kind: ErrorKind,
     message: &str,
 ) -> ResultEvent {
     ResultEvent {
         id: id.unwrap_or_default(),
-        status: status.into(),
+        status,
         attempt,
         outputs: vec![],
         plan: None,
@@ -206,7 +213,7 @@ mod tests {
     fn event(id: &str) -> ResultEvent {
         ResultEvent {
             id: id.into(),
-            status: "succeeded".into(),
+            status: Outcome::Succeeded,
             attempt: 1,
             outputs: vec![],
             plan: None,
@@ -251,7 +258,7 @@ mod tests {
         else {
             panic!("{s:?}")
         };
-        assert_eq!((event.status.as_str(), label), ("rejected", "invalid_job"));
+        assert_eq!((event.status.name(), label), ("rejected", "invalid_job"));
         assert_eq!(reason, "bad width");
         assert_eq!(event.error.unwrap().kind, ErrorKind::InvalidJob);
     }
@@ -285,7 +292,7 @@ mod tests {
             panic!("{s:?}")
         };
         assert_eq!(label, "max_attempts");
-        assert_eq!(event.status, "failed");
+        assert_eq!(event.status, Outcome::Failed);
         assert_eq!(event.attempt, 3);
     }
 

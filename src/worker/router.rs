@@ -16,7 +16,7 @@ use super::amqp::amqp_error;
 use super::context::{count_job, Context};
 use super::outcome::{decide, JobOutcome};
 use super::settle::{self, attempt_of, best_effort_id_bounded, record_status, was_routed};
-use crate::job::validate_message;
+use crate::job::{validate_message, Outcome};
 
 /// Routes inbox deliveries until the consumer ends; returns why it ended.
 pub async fn run(
@@ -72,7 +72,7 @@ async fn route_one(
     let outcome = inbox_outcome(ctx, d);
     if let JobOutcome::Rejected { id, reason } = &outcome {
         warn!(job_id = id.as_deref().unwrap_or("-"), reason = ?reason, "inbox job rejected");
-        count_job(ctx, "unknown", "rejected");
+        count_job(ctx, None, Outcome::Rejected);
     }
     let settlement = decide(outcome, attempt, ctx.settings.worker.max_attempts);
     record_status(ctx, d, attempt, &settlement).await;

@@ -13,7 +13,7 @@ use tracing::{info, warn};
 use super::amqp::{self, amqp_error, json_props, publish_confirmed};
 use super::context::Context;
 use super::outcome::Settlement;
-use crate::job::{best_effort_id, ResultEvent};
+use crate::job::{best_effort_id, JobState, Outcome, ResultEvent};
 use crate::service::backoff::retry_delay;
 
 /// Header: the attempt number of a job (transient failures retried so far + 1).
@@ -69,7 +69,7 @@ pub async fn settle(
             reason,
         } => {
             event.worker = ctx.worker_name.clone();
-            if let Some(key) = result_key.filter(|_| event.status == "failed") {
+            if let Some(key) = result_key.filter(|_| event.status == Outcome::Failed) {
                 // A failed job keeps its outcome, so a redelivery publishes it again instead
                 // of working the job once more.
                 if let Ok(body) = serde_json::to_vec_pretty(&event) {
@@ -259,7 +259,7 @@ pub async fn publish_event(
     publish_confirmed(
         publish,
         &ctx.settings.amqp.events_exchange,
-        &format!("job.{}", event.status),
+        &event.status.event_key(),
         &body,
         props,
         confirm_timeout(ctx),
@@ -310,7 +310,7 @@ pub async fn send_reply(ctx: &Context, reply: &Channel, d: &Delivery, event: &Re
     let mut props = json_props()
         .with_delivery_mode(1)
         .with_timestamp(amqp::now_unix())
-        .with_type(format!("job.{}", event.status).as_str().into());
+        .with_type(event.status.event_key().as_str().into());
     if let Some(c) = d
         .properties
         .correlation_id()
@@ -370,7 +370,7 @@ async fn dead_letter(
         amqp::header_str(&bounded_header(reason)),
     );
     headers.insert("x-r2f-error-kind".into(), amqp::header_str(kind));
-    headers.insert("x-r2f-status".into(), amqp::header_str(&event.status));
+    headers.insert("x-r2f-status".into(), amqp::header_str(event.status.name()));
     headers.insert(ATTEMPT_HEADER.into(), AMQPValue::LongUInt(attempt));
     headers.insert("x-r2f-worker".into(), amqp::header_str(&ctx.worker_name));
     let mut props = BasicProperties::default()
@@ -403,14 +403,14 @@ pub async fn record_status(ctx: &Context, d: &Delivery, attempt: u32, settlement
     let (id, state, reason, result, attempt) = match settlement {
         Settlement::Publish { event } => (
             Some(event.id.clone()),
-            event.status.as_str(),
+            JobState::from(event.status),
             None,
             Some(event),
             attempt,
         ),
         Settlement::DeadLetter { event, reason, .. } => (
             Some(event.id.clone()),
-            event.status.as_str(),
+            JobState::from(event.status),
             Some(reason.as_str()),
             Some(event),
             attempt,
@@ -421,14 +421,14 @@ pub async fn record_status(ctx: &Context, d: &Delivery, attempt: u32, settlement
             reason,
         } => (
             best_effort_id_bounded(ctx, &d.data),
-            "retrying",
+            JobState::Retrying,
             Some(reason.as_str()),
             None,
             *next_attempt,
         ),
         Settlement::GiveBack { reason } => (
             best_effort_id_bounded(ctx, &d.data),
-            "queued",
+            JobState::Queued,
             Some(reason.as_str()),
             None,
             attempt,

@@ -1,0 +1,58 @@
+//! What r2f tells clients about a job: the result event (also the job's `result.json`, the
+//! body of its webhook and its reply), and progress events.
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::job::state::{ErrorKind, Outcome};
+
+/// One stored image of a job.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
+pub struct OutputImage {
+    pub uri: String,
+    pub width: i64,
+    pub height: i64,
+    pub sha256: String,
+    /// An HTTPS URL that downloads the image without credentials until it expires
+    /// (`storage.presign_ttl_secs`; S3 only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
+pub struct EventError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+/// The result event (and the content of `<id>/result.json`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
+pub struct ResultEvent {
+    /// The job's id (empty when a rejected message had none that could be read).
+    pub id: String,
+    /// How the job ended.
+    pub status: Outcome,
+    /// The delivery attempt that produced this event (1 for the first).
+    pub attempt: u32,
+    #[serde(default)]
+    pub outputs: Vec<OutputImage>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<Value>,
+    #[serde(default)]
+    pub timings_ms: BTreeMap<String, u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<EventError>,
+    pub worker: String,
+}
+
+/// A progress event: `step` of `steps` denoising steps done (every image and, for R2F+, every
+/// run of the job counted).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct ProgressEvent {
+    pub id: String,
+    pub step: usize,
+    pub steps: usize,
+}
