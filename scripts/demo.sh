@@ -28,7 +28,10 @@ for _ in $(seq 1 600); do
   kill -0 "$worker" 2>/dev/null || { cat out/demo-worker.log; exit 1; }
   sleep 0.5
 done
-"$r2f" enqueue --config "$config" "$jobs" || true
+# enqueue checks every line as a worker would and refuses the invalid one (exit 65)...
+"$r2f" enqueue --config "$config" "$jobs" || echo "demo: enqueue refused the invalid line (exit $?)"
+# ...which is sent once more unchecked, to show how a worker rejects and dead-letters a job.
+grep '"demo-invalid"' "$jobs" | "$r2f" enqueue --config "$config" --no-validate - || true
 
 ids=$(grep -o '"id": *"[^"]*"' "$jobs" | sed 's/.*"\([^"]*\)"$/\1/' | grep -v invalid)
 echo "demo: waiting for $(echo "$ids" | wc -w) results"

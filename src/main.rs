@@ -41,13 +41,17 @@ fn main() -> ExitCode {
         Command::BenchService { jobs, steps, size } => {
             cli::bench_service(&settings, jobs, steps, size)
         }
-        Command::Enqueue { file } => cli::enqueue(&settings, &file),
+        Command::Enqueue {
+            file,
+            check,
+            no_validate,
+        } => cli::enqueue(&settings, &file, check, !no_validate),
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", cli::error_line(&e));
-            ExitCode::from(2)
+            ExitCode::from(cli::Exit::code_of(&e))
         }
     }
 }

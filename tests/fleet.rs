@@ -111,7 +111,7 @@ async fn each_job_reaches_its_models_worker_and_unknown_models_are_rejected() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "a refused line fails the command");
     assert!(
-        stderr.contains("line 3: not published: no queue exists for model `sd9`"),
+        stderr.contains("line 3: not published: unknown model `sd9` (known models: sd3, sdxl)"),
         "{stderr}"
     );
     expect.push((format!("{p}-e-sd3"), Some("sd3")));

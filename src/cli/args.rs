@@ -78,9 +78,19 @@ pub enum Command {
         size: u32,
     },
     /// Publish jobs (one JSON object a line) with publisher confirms.
+    /// Lines a worker would reject are refused first, without the broker, each with its line
+    /// number and reason; the others are published. Exit 0 when every line was published, 65
+    /// when a line was refused, 69 when the broker failed.
     Enqueue {
         /// A JSON-lines file (`-` for standard input).
         file: PathBuf,
+        /// Only check the lines (no broker): print what would be refused.
+        #[arg(long, conflicts_with = "no_validate")]
+        check: bool,
+        /// Publish every JSON object with an `id` and a model that has a queue, unvalidated
+        /// (to test how workers reject jobs).
+        #[arg(long)]
+        no_validate: bool,
     },
 }
 

@@ -1,93 +1,155 @@
 //! `r2f enqueue FILE.jsonl`: publish jobs (one JSON object a line) with publisher confirms, each
 //! to the jobs exchange with its model as routing key.
+//!
+//! Every line is validated first, without the broker, by the workers' own validation
+//! ([`JobMessage::validate`] with the configured limits and models): a line a worker would
+//! reject is refused here, with its line number and reason. The valid lines are then published;
+//! with none, the broker is never contacted.
 
 use std::io::BufRead;
 
 use crate::config::Settings;
+use crate::job::{valid_id, JobMessage};
 use crate::worker::amqp;
 
-pub struct EnqueueReport {
-    pub accepted: Vec<String>,
-    /// (line number, reason)
+/// One line to publish: its body, id, model (the routing key) and AMQP priority.
+pub struct Line {
+    pub number: usize,
+    pub body: String,
+    pub id: String,
+    pub model: String,
+    pub priority: u8,
+}
+
+/// What reading a file came to: the lines to publish and the lines refused (with why).
+pub struct Checked {
+    pub valid: Vec<Line>,
     pub refused: Vec<(usize, String)>,
 }
 
-/// Publishes each line; lines that are not JSON objects with an `id`, or that name a model no
-/// queue exists for, are refused locally (a worker would only dead-letter them). Every accepted
-/// message was confirmed by the broker.
-pub async fn enqueue(settings: &Settings, input: impl BufRead) -> anyhow::Result<EnqueueReport> {
-    let s = &settings.amqp;
-    let conn = amqp::connect(s, "r2f-enqueue").await?;
-    let ch = amqp::confirm_channel(&conn).await?;
+/// Reads and checks every line. `validate` false only checks what publishing needs (a JSON
+/// object with a valid `id` and a model that has a queue): a way to send workers jobs they will
+/// reject, for testing them.
+pub fn check(settings: &Settings, input: impl BufRead, validate: bool) -> anyhow::Result<Checked> {
     let models = settings.routed_models();
-    amqp::declare_topology(&ch, s, &models).await?;
-    let mut report = EnqueueReport {
-        accepted: Vec::new(),
+    let limits = &settings.limits;
+    let mut out = Checked {
+        valid: Vec::new(),
         refused: Vec::new(),
     };
     for (i, line) in input.lines().enumerate() {
-        let lineno = i + 1;
-        let line = line?;
-        if line.trim().is_empty() {
+        let number = i + 1;
+        let body = line.map_err(|e| anyhow::anyhow!("cannot read line {number}: {e}"))?;
+        if body.trim().is_empty() {
             continue;
         }
-        let value: serde_json::Value = match serde_json::from_str(&line) {
-            Ok(v) => v,
-            Err(e) => {
-                report
-                    .refused
-                    .push((lineno, format!("not valid JSON: {e}")));
+        let message = match JobMessage::parse(body.as_bytes(), limits) {
+            Ok(m) => m,
+            Err(r) if validate => {
+                out.refused.push((number, r.0));
                 continue;
             }
+            Err(_) => match loose(&body) {
+                Ok(m) => m,
+                Err(why) => {
+                    out.refused.push((number, why));
+                    continue;
+                }
+            },
         };
-        let Some(id) = value.get("id").and_then(|v| v.as_str()).map(str::to_string) else {
-            report.refused.push((lineno, "no string `id` field".into()));
-            continue;
-        };
-        let model = match value.get("model") {
-            None | Some(serde_json::Value::Null) => settings.default_model().to_string(),
-            Some(serde_json::Value::String(m)) => m.clone(),
-            Some(_) => {
-                report
-                    .refused
-                    .push((lineno, "`model` must be a string".into()));
+        let max_priority = i64::from(settings.amqp.max_priority);
+        let priority = message.priority.unwrap_or(0).clamp(0, max_priority) as u8;
+        let (id, model) = if validate {
+            match message.validate(limits, Some(&models), settings.default_model()) {
+                Ok(job) => (job.id, job.model),
+                Err(r) => {
+                    out.refused.push((number, r.0));
+                    continue;
+                }
+            }
+        } else {
+            let model = message
+                .model
+                .clone()
+                .unwrap_or_else(|| settings.default_model().to_string());
+            if !valid_id(&message.id) {
+                out.refused
+                    .push((number, crate::job::rules::invalid_id().0));
                 continue;
             }
+            if !models.contains(&model) {
+                out.refused.push((
+                    number,
+                    format!(
+                        "no queue exists for model `{model}` (models: {})",
+                        models.join(", ")
+                    ),
+                ));
+                continue;
+            }
+            (message.id, model)
         };
-        if !models.contains(&model) {
-            report.refused.push((
-                lineno,
-                format!(
-                    "no queue exists for model `{model}` (models: {})",
-                    models.join(", ")
-                ),
-            ));
-            continue;
-        }
-        let priority = value
-            .get("priority")
-            .and_then(|p| p.as_u64())
-            .map(|p| p.min(s.max_priority as u64) as u8)
-            .unwrap_or(0);
-        if !crate::job::valid_id(&id) {
-            report.refused.push((
-                lineno,
-                "invalid `id`: 1 to 128 characters of letters, digits, '-', '_', '.', ':'".into(),
-            ));
-            continue;
-        }
+        out.valid.push(Line {
+            number,
+            body,
+            id,
+            model,
+            priority,
+        });
+    }
+    Ok(out)
+}
+
+/// Without validation: the id and model of anything that is a JSON object with a string `id`.
+fn loose(body: &str) -> Result<JobMessage, String> {
+    let v: serde_json::Value =
+        serde_json::from_str(body).map_err(|e| format!("not valid JSON: {e}"))?;
+    let id = v
+        .get("id")
+        .and_then(|x| x.as_str())
+        .ok_or("no string `id` field")?;
+    let model = match v.get("model") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(m)) => Some(m.clone()),
+        Some(_) => return Err("`model` must be a string".into()),
+    };
+    Ok(JobMessage {
+        id: id.to_string(),
+        model,
+        priority: v.get("priority").and_then(|p| p.as_i64()),
+        ..JobMessage::default()
+    })
+}
+
+/// Publishes the lines, each confirmed by the broker; returns their ids. An error is the
+/// broker's (unreachable, refused, a confirm that did not come).
+pub async fn publish(settings: &Settings, lines: &[Line]) -> anyhow::Result<Vec<String>> {
+    let s = &settings.amqp;
+    let conn = amqp::connect(s, "r2f-enqueue").await?;
+    let ch = amqp::confirm_channel(&conn).await?;
+    amqp::declare_topology(&ch, s, &settings.routed_models()).await?;
+    let timeout = std::time::Duration::from_secs(s.confirm_timeout_secs.max(1));
+    let mut published = Vec::new();
+    for line in lines {
         let mut props = amqp::json_props()
             .with_timestamp(amqp::now_unix())
-            .with_priority(priority);
-        if let Some(mid) = amqp::message_id(&id) {
+            .with_priority(line.priority);
+        if let Some(mid) = amqp::message_id(&line.id) {
             props = props.with_message_id(mid);
         }
-        let timeout = std::time::Duration::from_secs(s.confirm_timeout_secs.max(1));
-        let exchange = &s.jobs_exchange;
-        amqp::publish_confirmed(&ch, exchange, &model, line.as_bytes(), props, timeout).await?;
-        report.accepted.push(id);
+        amqp::publish_confirmed(
+            &ch,
+            &s.jobs_exchange,
+            &line.model,
+            line.body.as_bytes(),
+            props,
+            timeout,
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("line {}: {e}", line.number))?;
+        published.push(line.id.clone());
     }
     let _ = ch.close(200, "done".into()).await;
     let _ = conn.close(200, "done".into()).await;
-    Ok(report)
+    Ok(published)
 }

@@ -3,11 +3,13 @@
 
 mod args;
 mod enqueue;
+mod exit;
 mod local;
 mod remote;
 mod values;
 
 pub use args::{BenchArgs, Cli, Command, GenerateArgs, ParityArgs, PromptScheduleArgs, RegionArgs};
+pub use exit::{error_line, Exit};
 pub use local::{bench, generate, parity, schedule};
 pub use remote::{bench_service, cancel, enqueue, plan, status, wait, worker};
 
@@ -25,12 +27,4 @@ pub fn init_tracing(json: bool) {
     } else {
         builder.init();
     }
-}
-
-/// An error and its causes on one line.
-pub fn error_line(e: &anyhow::Error) -> String {
-    e.chain()
-        .map(|c| c.to_string())
-        .collect::<Vec<_>>()
-        .join(": ")
 }

@@ -3,6 +3,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use super::exit::{error_line, Exit};
 use crate::config::Settings;
 use crate::job::status::CancelVerdict;
 use crate::job::JobState;
@@ -56,30 +57,45 @@ pub fn plan(settings: &Settings, prompt: &str, mode: PlanMode) -> anyhow::Result
     Ok(())
 }
 
-/// `r2f enqueue`: publishes a JSON-lines file (`-`: standard input) with publisher confirms;
-/// an error when any line was not published.
-pub fn enqueue(settings: &Settings, file: &Path) -> anyhow::Result<()> {
+/// `r2f enqueue`: checks a JSON-lines file (`-`: standard input) line by line, then publishes
+/// the valid lines with publisher confirms (none with `check`).
+pub fn enqueue(
+    settings: &Settings,
+    file: &Path,
+    check: bool,
+    validate: bool,
+) -> anyhow::Result<()> {
     let reader: Box<dyn std::io::BufRead> = if file.as_os_str() == "-" {
         Box::new(std::io::BufReader::new(std::io::stdin()))
     } else {
         Box::new(std::io::BufReader::new(std::fs::File::open(file).map_err(
-            |e| anyhow::anyhow!("cannot read {}: {e}", file.display()),
+            |e| Exit::usage(format!("cannot read {}: {e}", file.display())),
         )?))
     };
-    let report = runtime()?.block_on(crate::cli::enqueue::enqueue(settings, reader))?;
-    for (line, reason) in &report.refused {
+    let checked = crate::cli::enqueue::check(settings, reader, validate)?;
+    for (line, reason) in &checked.refused {
         eprintln!("line {line}: not published: {reason}");
     }
-    println!(
-        "{} published (confirmed by the broker), {} refused",
-        report.accepted.len(),
-        report.refused.len()
-    );
-    if report.refused.is_empty() {
-        Ok(())
+    let refused = checked.refused.len();
+    if check {
+        println!("{} valid, {refused} refused", checked.valid.len());
     } else {
-        anyhow::bail!("{} line(s) were not published", report.refused.len())
+        let published = if checked.valid.is_empty() {
+            Vec::new()
+        } else {
+            runtime()?
+                .block_on(crate::cli::enqueue::publish(settings, &checked.valid))
+                .map_err(|e| Exit::unavailable(format!("broker: {}", error_line(&e))))?
+        };
+        println!(
+            "{} published (confirmed by the broker), {refused} refused",
+            published.len()
+        );
     }
+    if refused > 0 {
+        return Err(Exit::data(format!("{refused} line(s) refused")).into());
+    }
+    Ok(())
 }
 
 /// `r2f bench-service`: jobs per second and service overhead against a running worker.

@@ -276,10 +276,9 @@ fn region_plan_schema(p: &PlanLimits) -> Value {
 }
 
 fn region_object_schema(p: &PlanLimits) -> Value {
-    json!({
+    let mut schema = json!({
         "description": "One object of an R2F+ plan: its prompt (with its own #N), its name, its frequent prompts with their levels, and its box [x_min, y_min, x_max, y_max] in [0, 1].",
         "type": "object",
-        "required": ["prompt", "object", "r2f", "visual_detail_levels", "bbox"],
         "properties": {
             "prompt": plan_text(p),
             "object": plan_text(p),
@@ -296,7 +295,14 @@ fn region_object_schema(p: &PlanLimits) -> Value {
                 "items": {"type": "number", "minimum": 0, "maximum": 1}
             }
         }
-    })
+    });
+    // Every property is required.
+    let names: Vec<String> = schema["properties"]
+        .as_object()
+        .map(|p| p.keys().cloned().collect())
+        .unwrap_or_default();
+    schema["required"] = json!(names);
+    schema
 }
 
 #[cfg(test)]
