@@ -65,6 +65,13 @@ pub struct AmqpSettings {
     /// The prefix of one model's retry queues (`{model}` as in `jobs_queue`).
     pub retry_queue: String,
     pub events_exchange: String,
+    /// The webhook outbox: deliveries wait here (durable) until a receiver answers 2xx; retries
+    /// wait in `<webhooks_queue>.retry`, deliveries given up go to `<webhooks_queue>.dead`.
+    pub webhooks_queue: String,
+    /// Clients publish control messages (`cancel`) to this direct exchange.
+    pub control_exchange: String,
+    /// The queue every worker takes control messages from.
+    pub control_queue: String,
     /// `reply_to` queues the worker answers: names starting with one of these (never r2f's own
     /// queues).
     pub reply_to_prefixes: Vec<String>,
@@ -90,6 +97,9 @@ impl AmqpSettings {
             dead_letter_queue: dead.into(),
             retry_queue: retry.into(),
             events_exchange: events.into(),
+            webhooks_queue: format!("{jobs}.webhooks"),
+            control_exchange: format!("{jobs}.control"),
+            control_queue: format!("{jobs}.control"),
             reply_to_prefixes: vec![
                 "amq.rabbitmq.reply-to".into(),
                 "amq.gen-".into(),
@@ -252,6 +262,14 @@ pub struct WebhookSettings {
     pub retry_min_ms: u64,
     /// Deliveries in flight at once per worker.
     pub max_in_flight: usize,
+    /// Deliveries in flight at once to one receiver host (per worker): a receiver that is slow
+    /// or never answers holds no more than this, and its other deliveries wait in the outbox.
+    pub max_per_host: usize,
+    /// Ports a webhook URL may name besides 443 (and 80 with `allow_http`); single-tenant
+    /// fleets (a tenant's own list otherwise).
+    pub allowed_ports: Vec<u16>,
+    /// Private networks (CIDR) webhooks may reach; single-tenant fleets.
+    pub allowed_networks: Vec<String>,
 }
 
 impl WebhookSettings {
@@ -293,10 +311,58 @@ crate::named_enum! {
     }
 }
 
+crate::named_enum! {
+    /// Who a fleet's clients are.
+    pub enum TenancyMode("tenancy mode") {
+        /// One team: every client acts as the operator; ids, status records and storage paths
+        /// are shared by all clients (the layout of earlier releases).
+        Single = "single",
+        /// Tenants: a job belongs to the tenant of its broker user (the `user_id` property,
+        /// which RabbitMQ checks against the connection's user), and its status record, cancel
+        /// requests, lock, id claim and storage keys are scoped by (tenant, id).
+        Multi = "multi",
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct TenancySettings {
+    pub mode: TenancyMode,
+}
+
+/// One tenant (`[tenants.<name>]`): who publishes as it, where its webhooks may go and how they
+/// are signed, what it may ask for.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct TenantSettings {
+    /// The broker users that publish as this tenant (their `user_id`); empty: the user named
+    /// like the tenant.
+    pub users: Vec<String>,
+    /// Files each holding one webhook signing secret (`whsec_<base64>`, Standard Webhooks);
+    /// every one signs each delivery, so that a secret can be rotated without a gap.
+    pub webhook_secret_files: Vec<String>,
+    /// Hosts its webhooks may call: exact names, or `*.example.com` for the subdomains.
+    pub webhook_allowed_hosts: Vec<String>,
+    /// Ports its webhook URLs may name besides 443 (and 80 where `webhook.allow_http`).
+    pub webhook_allowed_ports: Vec<u16>,
+    /// Private networks (CIDR) its webhooks may reach; loopback, private, link-local, CGNAT,
+    /// multicast and cloud-metadata addresses outside them are refused.
+    pub webhook_allowed_networks: Vec<String>,
+    /// The models it may run; empty: every model of the fleet.
+    pub models: Vec<String>,
+    /// Its own bounds, within the fleet's `[limits]`.
+    pub max_steps: Option<usize>,
+    pub max_pixels: Option<i64>,
+    /// Its jobs running at once across the fleet; more wait in their queue.
+    pub max_jobs_in_flight: Option<usize>,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 pub struct Settings {
     #[serde(default)]
     pub models: BTreeMap<String, ModelSettings>,
+    pub tenancy: TenancySettings,
+    #[serde(default)]
+    pub tenants: BTreeMap<String, TenantSettings>,
     pub worker: WorkerSettings,
     pub amqp: AmqpSettings,
     pub redis: RedisSettings,
@@ -469,6 +535,63 @@ impl Settings {
         }
         if !self.tls.ca_file.is_empty() && !Path::new(&self.tls.ca_file).exists() {
             return bad(format!("tls.ca_file {} does not exist", self.tls.ca_file));
+        }
+        self.validate_tenants()
+    }
+
+    fn validate_tenants(&self) -> anyhow::Result<()> {
+        let bad = |m: String| Err(anyhow::anyhow!("invalid configuration: {m}"));
+        if self.tenancy.mode == TenancyMode::Multi && self.tenants.is_empty() {
+            return bad("tenancy.mode is multi but no [tenants.<name>] is configured".into());
+        }
+        let mut users = std::collections::BTreeSet::new();
+        for (name, t) in &self.tenants {
+            // A tenant's name is a Redis key part, a storage key segment and an AMQP routing key
+            // word.
+            if name.is_empty()
+                || name.len() > 64
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
+            {
+                return bad(format!(
+                    "tenant name `{name}`: 1 to 64 letters, digits, '-' or '_'"
+                ));
+            }
+            let names = if t.users.is_empty() {
+                vec![name.clone()]
+            } else {
+                t.users.clone()
+            };
+            for u in names {
+                if !users.insert(u.clone()) {
+                    return bad(format!("broker user `{u}` belongs to two tenants"));
+                }
+            }
+            if let Some(m) = t.models.iter().find(|m| !self.models.contains_key(*m)) {
+                return bad(format!(
+                    "tenants.{name}.models: `{m}` is not one of [models]"
+                ));
+            }
+            for n in &t.webhook_allowed_networks {
+                if n.parse::<ipnet::IpNet>().is_err() {
+                    return bad(format!(
+                        "tenants.{name}.webhook_allowed_networks: `{n}` is not a CIDR network"
+                    ));
+                }
+            }
+            if t.max_jobs_in_flight == Some(0) {
+                return bad(format!(
+                    "tenants.{name}.max_jobs_in_flight must be at least 1"
+                ));
+            }
+        }
+        for n in &self.webhook.allowed_networks {
+            if n.parse::<ipnet::IpNet>().is_err() {
+                return bad(format!(
+                    "webhook.allowed_networks: `{n}` is not a CIDR network"
+                ));
+            }
         }
         Ok(())
     }

@@ -353,6 +353,40 @@ impl Encoding {
     };
 }
 
+/// What an image says about itself (PNG text chunks, XMP in JPEG and WebP).
+pub struct ImageMetadata<'a> {
+    pub prompt: &'a str,
+    pub negative_prompt: &'a str,
+    pub seed: String,
+    pub model: &'a str,
+    pub mode: JobMode,
+    /// The plan in its official JSON shape (empty for a plain run).
+    pub plan: String,
+    pub steps: String,
+    pub guidance: String,
+    pub dtype: String,
+    pub device: String,
+}
+
+impl ImageMetadata<'_> {
+    /// The fields as (key, text) pairs, in the order the image carries them.
+    pub fn fields(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("prompt", self.prompt.to_string()),
+            ("negative_prompt", self.negative_prompt.to_string()),
+            ("seed", self.seed.clone()),
+            ("model", self.model.to_string()),
+            ("mode", self.mode.name().to_string()),
+            ("plan", self.plan.clone()),
+            ("steps", self.steps.clone()),
+            ("guidance", self.guidance.clone()),
+            ("dtype", self.dtype.clone()),
+            ("device", self.device.clone()),
+            ("software", format!("r2f {}", env!("CARGO_PKG_VERSION"))),
+        ]
+    }
+}
+
 /// Runs one generation and encodes it in `encoding` with its metadata (PNG text chunks, XMP).
 #[allow(clippy::too_many_arguments)]
 pub fn generate_image(
@@ -368,22 +402,19 @@ pub fn generate_image(
     let resolved = engine.resolve(mode, p, max_pixels)?;
     let start = Instant::now();
     let output = engine.run(prompt, mode, p, &resolved, on_step)?;
-    let text = [
-        ("prompt", prompt.to_string()),
-        ("negative_prompt", p.negative_prompt.clone()),
-        ("seed", resolved.seed.to_string()),
-        ("model", model_name.to_string()),
-        ("mode", mode.name().to_string()),
-        (
-            "plan",
-            mode.plan_json().map(|p| p.to_string()).unwrap_or_default(),
-        ),
-        ("steps", resolved.steps.to_string()),
-        ("guidance", resolved.guidance.to_string()),
-        ("dtype", dtype_name(engine.dtype()).to_string()),
-        ("device", device_name(engine.device())),
-        ("software", format!("r2f {}", env!("CARGO_PKG_VERSION"))),
-    ];
+    let text = ImageMetadata {
+        prompt,
+        negative_prompt: &p.negative_prompt,
+        seed: resolved.seed.to_string(),
+        model: model_name,
+        mode: mode.job_mode(),
+        plan: mode.plan_json().map(|p| p.to_string()).unwrap_or_default(),
+        steps: resolved.steps.to_string(),
+        guidance: resolved.guidance.to_string(),
+        dtype: dtype_name(engine.dtype()).to_string(),
+        device: device_name(engine.device()),
+    }
+    .fields();
     let bytes = encode_image(&output.image, &text, encoding.format, encoding.quality)?;
     Ok(Generated {
         bytes,

@@ -71,6 +71,9 @@ pub fn encode_image(
             let mut enc = jpeg_encoder::Encoder::new(&mut out, quality.clamp(1, 100));
             let mut app1 = XMP_JPEG_HEADER.to_vec();
             app1.extend_from_slice(xmp_packet(text).as_bytes());
+            if app1.len() > JPEG_SEGMENT_MAX {
+                return Err(MetadataTooLarge { bytes: app1.len() }.into());
+            }
             enc.add_app_segment(1, &app1)?;
             enc.encode(&data, w, h, jpeg_encoder::ColorType::Rgb)?;
             Ok(out)
@@ -82,6 +85,25 @@ pub fn encode_image(
             webp_with_xmp(&lossy, w, h, xmp_packet(text).as_bytes())
         }
     }
+}
+
+/// The most bytes one JPEG APP1 segment holds (65535 less its 2-byte length field).
+pub const JPEG_SEGMENT_MAX: usize = 65_533;
+
+/// The metadata of an image does not fit its format (JPEG holds XMP in one 64 KiB segment): the
+/// job's own content (its prompt, negative prompt, plan), not the model, is the cause.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error(
+    "the image metadata takes {bytes} bytes as JPEG XMP, over the {} bytes a JPEG metadata segment holds: use png or webp, or a shorter prompt or plan",
+    JPEG_SEGMENT_MAX
+)]
+pub struct MetadataTooLarge {
+    pub bytes: usize,
+}
+
+/// The bytes the XMP segment of a JPEG with `text` as metadata takes.
+pub fn jpeg_xmp_len(text: &[(&str, String)]) -> usize {
+    XMP_JPEG_HEADER.len() + xmp_packet(text).len()
 }
 
 /// The APP1 signature of an XMP packet in a JPEG.

@@ -22,11 +22,16 @@ fn main() -> ExitCode {
         Command::Bench(a) => cli::bench(a),
         Command::Schedule(a) => cli::schedule(a),
         Command::Parity(a) => cli::parity(a),
-        Command::Status { id } => cli::status(&settings, &id),
-        Command::Cancel { id } => cli::cancel(&settings, &id),
-        Command::Wait { id, timeout } => cli::wait(
+        Command::Status { id, tenant } => cli::status(&settings, &id, tenant.as_deref()),
+        Command::Cancel { id, tenant } => cli::cancel(&settings, &id, tenant.as_deref()),
+        Command::Wait {
+            id,
+            timeout,
+            tenant,
+        } => cli::wait(
             &settings,
             &id,
+            tenant.as_deref(),
             std::time::Duration::from_secs_f64(timeout.clamp(0.0, 1e7)),
         ),
         Command::Schema { document } => {

@@ -1,6 +1,6 @@
 //! The client examples (`examples/python`, `examples/typescript`) run against the local
-//! RabbitMQ and Redis and a tiny-model worker: each submits a job and gets its result, and
-//! cancels a running job. `scripts/setup.sh` installs what they need (their one-line setups).
+//! RabbitMQ and a tiny-model worker, talking to nothing but the broker: each submits a job and
+//! gets its result, and cancels a running job through the control exchange. `scripts/setup.sh` installs what they need (their one-line setups).
 
 mod common;
 
@@ -22,14 +22,14 @@ fn python() -> PathBuf {
     venv.join("bin/python")
 }
 
-fn client_args(names: &Names, prefix: &str, steps: u32, cancel: bool) -> Vec<String> {
+fn client_args(names: &Names, steps: u32, cancel: bool) -> Vec<String> {
     let mut args: Vec<String> = [
         "--jobs-exchange",
         &names.route,
         "--events-exchange",
         &names.events,
-        "--redis-prefix",
-        prefix,
+        "--control-exchange",
+        &names.control,
         "--model",
         "tiny",
         "--prompt",
@@ -91,7 +91,7 @@ async fn check_client(name: &str, make: impl Fn(Vec<String>) -> Command) {
     assert!(worker.wait_ready(T).await, "{}", worker.log());
 
     // Submit, follow, wait: exit 0, the succeeded event, progress seen on the way.
-    let out = run_client(make(client_args(&names, &names.prefix, 3, false))).await;
+    let out = run_client(make(client_args(&names, 3, false))).await;
     assert!(
         out.status.success(),
         "{name}:\n{}\n{}\n{}",
@@ -105,7 +105,7 @@ async fn check_client(name: &str, make: impl Fn(Vec<String>) -> Command) {
     assert!(lines(&out).iter().any(|v| v.get("progress").is_some()));
 
     // Cancel a long job once it runs: the result is `cancelled` and the client exits 1.
-    let out = run_client(make(client_args(&names, &names.prefix, 1_000_000, true))).await;
+    let out = run_client(make(client_args(&names, 1_000_000, true))).await;
     let ev = result_of(&out);
     assert_eq!(ev["status"], "cancelled", "{ev}\n{}", worker.log());
     assert_eq!(out.status.code(), Some(1));

@@ -206,9 +206,7 @@ async fn cancel_drops_a_queued_job_and_stops_a_running_one() {
     assert_eq!(answer["state"], "unknown");
     broker.publish(&tiny_job(&queued, 2)).await;
     let (ev, rk) = broker
-        .wait_event(T, |v, rk| {
-            rk != "job.progress" && v["id"] == queued.as_str()
-        })
+        .wait_event(T, |v, rk| is_final(rk) && v["id"] == queued.as_str())
         .await
         .expect("an event for the queued job");
     assert_eq!(rk, "job.cancelled");
@@ -240,9 +238,7 @@ async fn cancel_drops_a_queued_job_and_stops_a_running_one() {
     let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(answer["state"], "running", "{answer}");
     let (ev, rk) = broker
-        .wait_event(T, |v, rk| {
-            rk != "job.progress" && v["id"] == running.as_str()
-        })
+        .wait_event(T, |v, rk| is_final(rk) && v["id"] == running.as_str())
         .await
         .unwrap_or_else(|| panic!("the running job did not stop:\n{}", worker.log()));
     assert_eq!(rk, "job.cancelled", "{ev}");
@@ -421,9 +417,10 @@ async fn reply_to_gets_one_terminal_event_and_presigned_urls_download_the_image(
     broker.cleanup().await;
 }
 
-/// Webhooks: the terminal event is POSTed with an HMAC-SHA256 signature over the timestamp and
-/// body; a 503 is retried; the event filter is honoured; a host outside the allow-list is
-/// refused when the job is validated (and never called).
+/// Webhooks (Standard Webhooks): the terminal event is POSTed with an HMAC-SHA256 signature
+/// over the webhook id, the timestamp and the body; a 503 is retried under the same id; the
+/// event filter is honoured; a host outside the allow-list is refused when the job is validated
+/// (and never called).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhooks_are_signed_retried_filtered_and_held_to_the_allow_list() {
     use hmac::Mac;
@@ -457,6 +454,7 @@ async fn webhooks_are_signed_retried_filtered_and_held_to_the_allow_list() {
         )
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
     let hook = format!("http://{}/hook", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
 
@@ -464,8 +462,10 @@ async fn webhooks_are_signed_retried_filtered_and_held_to_the_allow_list() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = WorkerConfig::new(&names);
     cfg.local_dir = Some(dir.path().to_path_buf());
-    cfg.extra =
-        "[webhook]\nallowed_hosts = [\"127.0.0.1\"]\nallow_http = true\nretry_min_ms = 200".into();
+    // The receiver is on loopback: its network and port are allowed explicitly.
+    cfg.extra = format!(
+        "[webhook]\nallowed_hosts = [\"127.0.0.1\"]\nallow_http = true\nretry_min_ms = 200\nallowed_ports = [{port}]\nallowed_networks = [\"127.0.0.0/8\"]"
+    );
     let secret = "whsec-test-7f3a";
     cfg.env.push(("R2F_WEBHOOK_SECRET".into(), secret.into()));
     let mut broker = Broker::connect(&names).await;
@@ -497,7 +497,7 @@ async fn webhooks_are_signed_retried_filtered_and_held_to_the_allow_list() {
     let r = by_id[outside.as_str()];
     assert_eq!(r["status"], "rejected", "{r}");
     let msg = r["error"]["message"].as_str().unwrap();
-    assert!(msg.contains("not in webhook.allowed_hosts"), "{msg}");
+    assert!(msg.contains("is not an allowed host"), "{msg}");
 
     // The good job's event arrives twice: a 503, then a 200.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -510,20 +510,25 @@ async fn webhooks_are_signed_retried_filtered_and_held_to_the_allow_list() {
     assert_eq!(seen.len(), 2, "only the good job's event, retried once");
     for (h, body) in &seen {
         let ev: serde_json::Value = serde_json::from_slice(body).unwrap();
-        assert_eq!(ev["id"], good.as_str());
-        assert_eq!(ev["status"], "succeeded");
-        assert_eq!(h["x-r2f-event"], "job.succeeded");
+        assert_eq!(ev["type"], "job.succeeded");
+        assert_eq!(ev["data"]["id"], good.as_str());
+        assert_eq!(ev["data"]["status"], "succeeded");
         assert_eq!(h["content-type"], "application/json");
-        let ts: u64 = h["x-r2f-timestamp"].parse().unwrap();
+        let ts: u64 = h["webhook-timestamp"].parse().unwrap();
         let now = r2f::worker::amqp::now_unix();
         assert!(ts <= now && now - ts < 120, "timestamp {ts}");
+        // A secret without the whsec_ prefix is the key's bytes.
         let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
-        mac.update(format!("{ts}.").as_bytes());
+        mac.update(format!("{}.{ts}.", h["webhook-id"]).as_bytes());
         mac.update(body);
-        let expected = format!("v1={}", hex::encode(mac.finalize().into_bytes()));
-        assert_eq!(h["x-r2f-signature"], expected);
+        use base64::Engine;
+        let expected = format!(
+            "v1,{}",
+            base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+        );
+        assert_eq!(h["webhook-signature"], expected);
     }
-    assert_eq!(seen[0].0["x-r2f-delivery"], seen[1].0["x-r2f-delivery"]);
+    assert_eq!(seen[0].0["webhook-id"], seen[1].0["webhook-id"]);
     assert_eq!(
         metric(&worker, "r2f_webhook_deliveries_total{outcome=\"ok\"}").await,
         1.0

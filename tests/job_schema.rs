@@ -415,9 +415,13 @@ impl Gen {
             }
             if self.chance(0.3) {
                 let events = if self.broken() {
-                    self.pick(&[json!([]), json!(["progress"])])
+                    self.pick(&[json!([]), json!(["sideways"])])
                 } else {
-                    self.pick(&[Value::Null, json!(["succeeded", "failed"])])
+                    self.pick(&[
+                        Value::Null,
+                        json!(["succeeded", "failed"]),
+                        json!(["started", "progress"]),
+                    ])
                 };
                 out.insert(
                     "webhook".into(),

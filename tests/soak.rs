@@ -170,7 +170,7 @@ async fn soak_every_valid_job_once_every_malformed_one_rejected() {
             fleet.restart(1);
         }
         let Some((ev, _)) = broker
-            .wait_event(Duration::from_secs(5), |_, rk| rk != "job.progress")
+            .wait_event(Duration::from_secs(5), |_, rk| is_final(rk))
             .await
         else {
             continue;

@@ -6,11 +6,14 @@ Setup (one line):  python3 -m pip install -r examples/python/requirements.txt
     python3 examples/python/client.py --prompt "a furry frog warrior" --model sd3
     python3 examples/python/client.py --prompt "..." --model sd3 --cancel-after-progress
 
-It talks to the broker the way docs/contract.md describes: the job goes to the exchange
-`r2f.jobs` with its model as routing key (publisher confirms), progress events come from the
-topic exchange `r2f.events`, and the terminal event comes back on the client's own reply queue
-(`reply_to` + `correlation_id`). Cancelling writes the job's cancellation request to Redis, the
-key `r2f cancel` writes. Prints one JSON line per event and exits 0 only when the job succeeded.
+It talks to the broker the way docs/contract.md describes, and to nothing else: the job goes to
+the exchange `r2f.jobs` with its model as routing key (publisher confirms), progress events come
+from the topic exchange `r2f.events`, the terminal event comes back on the client's own reply
+queue (`reply_to` + `correlation_id`), and a cancel request goes to the exchange `r2f.control`
+(routing key `cancel`), answered on the same reply queue. With `--tenant` (a multi-tenant fleet)
+the job carries the broker user as `user_id`, progress is bound per job
+(`job.progress.<tenant>.<id>`) and the reply queue is the tenant's (`r2f.reply.<tenant>.*`).
+Prints one JSON line per event and exits 0 only when the job succeeded.
 """
 
 import argparse
@@ -19,8 +22,9 @@ import json
 import sys
 import uuid
 
+import urllib.parse
+
 import aio_pika
-import redis.asyncio as aioredis
 
 
 async def run(a: argparse.Namespace) -> int:
@@ -38,13 +42,20 @@ async def run(a: argparse.Namespace) -> int:
         # Progress: a private queue bound to this job's events.
         events = await ch.declare_exchange(a.events_exchange, aio_pika.ExchangeType.TOPIC,
                                            durable=True)
-        progress_q = await ch.declare_queue("", exclusive=True, auto_delete=True)
-        await progress_q.bind(events, routing_key="job.progress")
-        # The terminal event: on our own reply queue. Workers answer only queues named like a
-        # client's (amqp.reply_to_prefixes: r2f.reply.*, server-named amq.gen-*, direct reply-to);
-        # aio-pika names anonymous queues itself (amq_...), so this one is named explicitly.
-        reply_q = await ch.declare_queue(f"r2f.reply.{uuid.uuid4().hex}", exclusive=True,
+        own = f"r2f.reply.{a.tenant}." if a.tenant else "r2f.reply."
+        progress_q = await ch.declare_queue(f"{own}{uuid.uuid4().hex}", exclusive=True,
+                                            auto_delete=True)
+        key = f"job.progress.{a.tenant}.{job_id}" if a.tenant else "job.progress"
+        await progress_q.bind(events, routing_key=key)
+        # The terminal event and the cancel answer: on our own reply queue. Workers answer only
+        # queues named like a client's (r2f.reply.* — r2f.reply.<tenant>.* for a tenant —,
+        # direct reply-to); aio-pika names anonymous queues itself (amq_...), so this one is
+        # named explicitly.
+        reply_q = await ch.declare_queue(f"{own}{uuid.uuid4().hex}", exclusive=True,
                                          auto_delete=True)
+        # A tenant's messages carry its broker user, which RabbitMQ checks.
+        user = urllib.parse.unquote(urllib.parse.urlparse(a.amqp).username or "guest")
+        user_id = user if a.tenant else None
         jobs = await ch.get_exchange(a.jobs_exchange, ensure=False)
         await jobs.publish(
             aio_pika.Message(
@@ -54,6 +65,7 @@ async def run(a: argparse.Namespace) -> int:
                 message_id=job_id,
                 correlation_id=job_id,
                 reply_to=reply_q.name,
+                user_id=user_id,
             ),
             routing_key=a.model,
             mandatory=True,
@@ -72,15 +84,21 @@ async def run(a: argparse.Namespace) -> int:
                 print(json.dumps({"progress": ev}), flush=True)
                 if a.cancel_after_progress and not cancelled:
                     cancelled = True
-                    r = aioredis.from_url(a.redis)
-                    # What `r2f cancel` writes: the worker stops at its next denoising step.
-                    await r.set(f"{a.redis_prefix}:cancel:{job_id}", "1", ex=7 * 24 * 3600)
-                    await r.aclose()
-                    print(json.dumps({"cancel": "requested"}), flush=True)
+                    # The worker stops at its next denoising step; the answer comes back on
+                    # our reply queue.
+                    control = await ch.get_exchange(a.control_exchange, ensure=False)
+                    await control.publish(
+                        aio_pika.Message(json.dumps({"id": job_id}).encode(),
+                                         content_type="application/json",
+                                         correlation_id=f"cancel-{job_id}",
+                                         reply_to=reply_q.name, user_id=user_id),
+                        routing_key="cancel")
 
         async def on_reply(msg: aio_pika.abc.AbstractIncomingMessage) -> None:
             async with msg.process():
-                if msg.correlation_id == job_id and not result.done():
+                if msg.correlation_id == f"cancel-{job_id}":
+                    print(json.dumps({"cancel": json.loads(msg.body)}), flush=True)
+                elif msg.correlation_id == job_id and not result.done():
                     result.set_result(json.loads(msg.body))
 
         await progress_q.consume(on_progress)
@@ -97,9 +115,9 @@ async def run(a: argparse.Namespace) -> int:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--amqp", default="amqp://guest:guest@127.0.0.1:5672/%2f")
-    p.add_argument("--redis", default="redis://127.0.0.1:6379")
-    p.add_argument("--redis-prefix", default="r2f", help="redis.key_prefix of the workers")
     p.add_argument("--jobs-exchange", default="r2f.jobs")
+    p.add_argument("--control-exchange", default="r2f.control")
+    p.add_argument("--tenant", help="this broker user's tenant (a multi-tenant fleet)")
     p.add_argument("--events-exchange", default="r2f.events")
     p.add_argument("--id", help="the job id (default: a new one)")
     p.add_argument("--prompt", required=True)

@@ -4,22 +4,24 @@
 //
 //   npx --prefix examples/typescript tsx examples/typescript/client.ts --prompt "a furry frog warrior" --model sd3
 //
-// It talks to the broker the way docs/contract.md describes: the job goes to the exchange
-// `r2f.jobs` with its model as routing key (publisher confirms), progress events come from the
-// topic exchange `r2f.events`, and the terminal event comes back on the client's own reply queue
-// (`replyTo` + `correlationId`). Cancelling writes the job's cancellation request to Redis, the
-// key `r2f cancel` writes. Prints one JSON line per event; exits 0 only when the job succeeded.
+// It talks to the broker the way docs/contract.md describes, and to nothing else: the job goes to
+// the exchange `r2f.jobs` with its model as routing key (publisher confirms), progress events come
+// from the topic exchange `r2f.events`, the terminal event comes back on the client's own reply
+// queue (`replyTo` + `correlationId`), and a cancel request goes to the exchange `r2f.control`
+// (routing key `cancel`), answered on the same reply queue. With `--tenant` (a multi-tenant
+// fleet) the job carries the broker user as `userId`, progress is bound per job
+// (`job.progress.<tenant>.<id>`) and the reply queue is the tenant's (`r2f.reply.<tenant>.*`).
+// Prints one JSON line per event; exits 0 only when the job succeeded.
 import { randomUUID } from "node:crypto";
 import { parseArgs } from "node:util";
 import amqp from "amqplib";
-import Redis from "ioredis";
 
 const { values: a } = parseArgs({
   options: {
     amqp: { type: "string", default: "amqp://guest:guest@127.0.0.1:5672/%2f" },
-    redis: { type: "string", default: "redis://127.0.0.1:6379" },
-    "redis-prefix": { type: "string", default: "r2f" },
     "jobs-exchange": { type: "string", default: "r2f.jobs" },
+    "control-exchange": { type: "string", default: "r2f.control" },
+    tenant: { type: "string" },
     "events-exchange": { type: "string", default: "r2f.events" },
     id: { type: "string" },
     prompt: { type: "string" },
@@ -49,17 +51,29 @@ async function main(): Promise<number> {
   const conn = await amqp.connect(a.amqp!);
   try {
     const ch = await conn.createConfirmChannel();
-    // Progress: a private queue bound to the progress events.
+    // Queues named like a client's: r2f.reply.* (r2f.reply.<tenant>.* for a tenant).
+    const own = a.tenant ? `r2f.reply.${a.tenant}.` : "r2f.reply.";
+    const opts = { exclusive: true, autoDelete: true };
+    // Progress: a private queue bound to the progress events (this job's, for a tenant).
     await ch.assertExchange(a["events-exchange"]!, "topic", { durable: true });
-    const progressQ = (await ch.assertQueue("", { exclusive: true, autoDelete: true })).queue;
-    await ch.bindQueue(progressQ, a["events-exchange"]!, "job.progress");
-    // The terminal event: on our own reply queue.
-    const replyQ = (await ch.assertQueue("", { exclusive: true, autoDelete: true })).queue;
+    const progressQ = (await ch.assertQueue(own + randomUUID(), opts)).queue;
+    const key = a.tenant ? `job.progress.${a.tenant}.${jobId}` : "job.progress";
+    await ch.bindQueue(progressQ, a["events-exchange"]!, key);
+    // The terminal event and the cancel answer: on our own reply queue.
+    const replyQ = (await ch.assertQueue(own + randomUUID(), opts)).queue;
+    // A tenant's messages carry its broker user, which RabbitMQ checks.
+    const user = decodeURIComponent(new URL(a.amqp!).username || "guest");
+    const userId = a.tenant ? user : undefined;
 
     let cancelled = false;
     const result = new Promise<any>((resolve) => {
       ch.consume(replyQ, (m) => {
-        if (m && m.properties.correlationId === jobId) resolve(JSON.parse(m.content.toString()));
+        if (!m) return;
+        if (m.properties.correlationId === `cancel-${jobId}`) {
+          say({ cancel: JSON.parse(m.content.toString()) });
+        } else if (m.properties.correlationId === jobId) {
+          resolve(JSON.parse(m.content.toString()));
+        }
       }, { noAck: true });
     });
     await ch.consume(progressQ, async (m) => {
@@ -69,11 +83,13 @@ async function main(): Promise<number> {
       say({ progress: ev });
       if (a["cancel-after-progress"] && !cancelled) {
         cancelled = true;
-        const r = new Redis(a.redis!);
-        // What `r2f cancel` writes: the worker stops at its next denoising step.
-        await r.set(`${a["redis-prefix"]}:cancel:${jobId}`, "1", "EX", 7 * 24 * 3600);
-        r.disconnect();
-        say({ cancel: "requested" });
+        // The worker stops at its next denoising step; the answer comes to our reply queue.
+        ch.publish(a["control-exchange"]!, "cancel", Buffer.from(JSON.stringify({ id: jobId })), {
+          contentType: "application/json",
+          correlationId: `cancel-${jobId}`,
+          replyTo: replyQ,
+          userId,
+        });
       }
     }, { noAck: true });
 
@@ -83,6 +99,7 @@ async function main(): Promise<number> {
       messageId: jobId,
       correlationId: jobId,
       replyTo: replyQ,
+      userId,
     });
     await ch.waitForConfirms();
     say({ submitted: jobId });

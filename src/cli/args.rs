@@ -42,17 +42,30 @@ pub enum Command {
     /// to the diffusers references (the GPU check's correctness half).
     Parity(ParityArgs),
     /// Print a job's status record (from Redis), as JSON.
-    Status { id: String },
+    Status {
+        id: String,
+        /// The job's tenant (multi-tenant fleets).
+        #[arg(long)]
+        tenant: Option<String>,
+    },
     /// Wait until a job is finished and print its status record; exit 0 only if it succeeded.
     Wait {
         id: String,
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 600.0)]
         timeout: f64,
+        /// The job's tenant (multi-tenant fleets).
+        #[arg(long)]
+        tenant: Option<String>,
     },
     /// Cancel a job: dropped when a worker takes it if queued, stopped at its next denoising
     /// step if running; prints what was done as JSON. Exit 2 when it had already finished.
-    Cancel { id: String },
+    Cancel {
+        id: String,
+        /// The job's tenant (multi-tenant fleets).
+        #[arg(long)]
+        tenant: Option<String>,
+    },
     /// Print the JSON Schema of a document clients exchange with r2f.
     Schema {
         #[arg(value_enum)]

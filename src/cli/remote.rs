@@ -4,11 +4,12 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::exit::{error_line, Exit};
-use crate::config::Settings;
+use crate::config::{Settings, TenancyMode};
 use crate::job::status::CancelVerdict;
 use crate::job::JobState;
 use crate::service::metrics::Metrics;
 use crate::service::planner::PlanMode;
+use crate::service::tenancy::{JobKey, Scope};
 
 /// `r2f worker`: runs until a signal, then drains; past the drain deadline or at a second
 /// signal the process exits without acking (the broker redelivers the job in hand).
@@ -111,9 +112,10 @@ pub fn bench_service(
 }
 
 /// `r2f status ID`: the job's status record, as JSON.
-pub fn status(settings: &Settings, id: &str) -> anyhow::Result<()> {
+pub fn status(settings: &Settings, id: &str, tenant: Option<&str>) -> anyhow::Result<()> {
+    let job = job_key(settings, id, tenant)?;
     let redis = crate::service::redis_store::RedisStore::new(&settings.redis);
-    let record = runtime()?.block_on(crate::service::status::read(&redis, id))?;
+    let record = runtime()?.block_on(crate::service::status::read(&redis, &job))?;
     match record {
         Some(r) => {
             println!("{}", serde_json::to_string_pretty(&r)?);
@@ -126,13 +128,11 @@ pub fn status(settings: &Settings, id: &str) -> anyhow::Result<()> {
 }
 
 /// `r2f cancel ID`: records a cancellation request; fails when the job had already finished.
-pub fn cancel(settings: &Settings, id: &str) -> anyhow::Result<()> {
-    if !crate::job::valid_id(id) {
-        anyhow::bail!("`{id}` is not a valid job id");
-    }
+pub fn cancel(settings: &Settings, id: &str, tenant: Option<&str>) -> anyhow::Result<()> {
+    let job = job_key(settings, id, tenant)?;
     let redis = crate::service::redis_store::RedisStore::new(&settings.redis);
     let ttl = Duration::from_secs(settings.redis.status_ttl_secs);
-    let answer = runtime()?.block_on(crate::service::status::request_cancel(&redis, id, ttl))?;
+    let answer = runtime()?.block_on(crate::service::status::request_cancel(&redis, &job, ttl))?;
     println!("{}", serde_json::to_string(&answer)?);
     if answer.cancel != CancelVerdict::Requested {
         let state = answer.state.map_or("finished", JobState::name);
@@ -143,9 +143,16 @@ pub fn cancel(settings: &Settings, id: &str) -> anyhow::Result<()> {
 
 /// `r2f wait ID`: blocks until the job is finished (on its status announcements), prints its
 /// status record; succeeds only when the job did.
-pub fn wait(settings: &Settings, id: &str, timeout: Duration) -> anyhow::Result<()> {
+pub fn wait(
+    settings: &Settings,
+    id: &str,
+    tenant: Option<&str>,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let job = job_key(settings, id, tenant)?;
     let redis = crate::service::redis_store::RedisStore::new(&settings.redis);
-    let record = runtime()?.block_on(crate::service::status::wait_terminal(&redis, id, timeout))?;
+    let record =
+        runtime()?.block_on(crate::service::status::wait_terminal(&redis, &job, timeout))?;
     let Some(r) = record else {
         anyhow::bail!("job `{id}` not finished after {} s", timeout.as_secs_f64());
     };
@@ -162,4 +169,26 @@ pub(super) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .worker_threads(2)
         .enable_all()
         .build()?)
+}
+
+/// The job an operator command names: its id, and in a multi-tenant fleet its tenant.
+fn job_key(settings: &Settings, id: &str, tenant: Option<&str>) -> anyhow::Result<JobKey> {
+    if !crate::job::valid_id(id) {
+        return Err(Exit::usage(format!("`{id}` is not a valid job id")).into());
+    }
+    match (settings.tenancy.mode, tenant) {
+        (TenancyMode::Single, None) => Ok(JobKey::single(id)),
+        (TenancyMode::Single, Some(_)) => {
+            Err(Exit::usage("--tenant names a tenant, but tenancy.mode is single").into())
+        }
+        (TenancyMode::Multi, None) => {
+            Err(Exit::usage("a multi-tenant fleet needs --tenant NAME (the job's tenant)").into())
+        }
+        (TenancyMode::Multi, Some(t)) if settings.tenants.contains_key(t) => {
+            Ok(JobKey::new(Scope::tenant(t), id))
+        }
+        (TenancyMode::Multi, Some(t)) => {
+            Err(Exit::usage(format!("`{t}` is not a configured tenant")).into())
+        }
+    }
 }

@@ -33,6 +33,9 @@ pub struct EventError {
 pub struct ResultEvent {
     /// The job's id (empty when a rejected message had none that could be read).
     pub id: String,
+    /// The job's tenant, in a multi-tenant fleet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
     /// How the job ended.
     pub status: Outcome,
     /// The delivery attempt that produced this event (1 for the first).
@@ -45,6 +48,17 @@ pub struct ResultEvent {
     pub timings_ms: BTreeMap<String, u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<EventError>,
+    pub worker: String,
+}
+
+/// A worker took the job (`job.started`): its attempt and the worker.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct StartedEvent {
+    pub id: String,
+    /// The job's tenant, in a multi-tenant fleet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    pub attempt: u32,
     pub worker: String,
 }
 

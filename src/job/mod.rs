@@ -14,8 +14,8 @@ pub mod status;
 pub mod validate;
 pub mod wire;
 
-pub use event::{EventError, OutputImage, ProgressEvent, ResultEvent};
+pub use event::{EventError, OutputImage, ProgressEvent, ResultEvent, StartedEvent};
 pub use rules::{valid_id, Limits, Rejection, Rules};
 pub use state::{ErrorKind, JobState, Outcome};
 pub use validate::{best_effort_id, validate_message, ModeSpec, ValidJob};
-pub use wire::{JobMessage, JobOutput, JobParams, WebhookSpec};
+pub use wire::{JobMessage, JobOutput, JobParams, WebhookEvent, WebhookSpec};

@@ -81,7 +81,8 @@ mode r2fplus with schedule faithful (the default) needs a square size, guidance 
 and more steps than the stop-step map's last stop; \
 mode r2fplus runs on SD3 models only; a job without a plan needs the fleet's LLM planner; \
 a webhook URL must be https (or http where allowed) on a host in webhook.allowed_hosts; \
-the whole message is at most limits.max_message_bytes.";
+the whole message is at most limits.max_message_bytes; \
+with output format jpeg, the image metadata (prompt, negative prompt and plan, XML-escaped) fits one 64 KiB JPEG segment.";
 
 /// The job schema: the message's types, with every rule's bounds, the plan's two official
 /// shapes, and which plan shape each mode takes.

@@ -82,6 +82,12 @@ crate::named_enum! {
         Model = "model",
         /// Anything else (a lock, a time limit, the worker).
         Internal = "internal",
+        /// The job's own content cannot be produced (its metadata does not fit its output
+        /// format): failed at once, never retried.
+        Job = "job",
+        /// The id is already its tenant's for another job (a different body): the message is
+        /// dead-lettered and the first job left alone.
+        DuplicateId = "duplicate_id",
         /// A client cancelled the job.
         Cancelled = "cancelled",
     }

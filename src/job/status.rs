@@ -52,6 +52,8 @@ crate::named_enum! {
         Requested = "requested",
         /// The job had already finished.
         TooLate = "too_late",
+        /// The request was refused (`reason` says why).
+        Invalid = "invalid",
     }
 }
 
@@ -64,6 +66,9 @@ pub struct CancelAnswer {
     #[serde(with = "state_or_unknown")]
     #[schemars(with = "String")]
     pub state: Option<JobState>,
+    /// Why a request was refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// A state, or `unknown` for none.

@@ -6,9 +6,12 @@
 //! `r2f generate`, `r2f enqueue` and the worker all go through [`JobMessage::validate`].
 
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 
-use crate::generate::{Encoding, JobMode, Mode, Params};
-use crate::image::{ImageFormat, DEFAULT_QUALITY};
+use crate::generate::{Encoding, ImageMetadata, JobMode, Mode, Params};
+use crate::image::{
+    jpeg_xmp_len, ImageFormat, MetadataTooLarge, DEFAULT_QUALITY, JPEG_SEGMENT_MAX,
+};
 use crate::job::rules::{check_prefix, invalid_id, valid_id, Limits, Rejection, Rules};
 use crate::job::wire::{JobMessage, JobParams, WebhookSpec};
 use crate::pipelines::sd3::plus::RegionKnobs;
@@ -116,6 +119,9 @@ pub struct ValidJob {
     pub webhook: Option<WebhookSpec>,
     /// The outputs' file format.
     pub encoding: Encoding,
+    /// The SHA-256 (hex) of the message as read (its fields in a fixed order, unknown fields
+    /// left out): two messages with one id are the same job only when this matches.
+    pub fingerprint: String,
 }
 
 fn reject<T>(msg: impl Into<String>) -> Result<T, Rejection> {
@@ -172,6 +178,9 @@ impl JobMessage {
         default_model: &str,
     ) -> Result<ValidJob, Rejection> {
         let rules = Rules::new(limits);
+        let fingerprint = hex::encode(Sha256::digest(
+            serde_json::to_vec(&self).unwrap_or_default(),
+        ));
         if !valid_id(&self.id) {
             return Err(invalid_id());
         }
@@ -257,9 +266,13 @@ impl JobMessage {
                 }
             }
         };
+        let prompt = self.prompt.trim().to_string();
+        if encoding.format == ImageFormat::Jpeg {
+            check_jpeg_metadata(&prompt, p, seed, &model, &spec)?;
+        }
         Ok(ValidJob {
             id: self.id,
-            prompt: self.prompt.trim().to_string(),
+            prompt,
             model,
             spec,
             params: Params {
@@ -276,6 +289,7 @@ impl JobMessage {
             prefix,
             webhook: output.webhook,
             encoding,
+            fingerprint,
         })
     }
 }
@@ -300,6 +314,41 @@ pub fn validate_message(
     default_model: &str,
 ) -> Result<ValidJob, Rejection> {
     JobMessage::parse(body, limits)?.validate(limits, Some(models), default_model)
+}
+
+/// Room in a JPEG's metadata for the fields a job leaves to the model and the worker (steps,
+/// guidance, dtype, device, image index): far more than they ever take.
+const METADATA_ALLOWANCE: usize = 256;
+
+/// A JPEG carries its metadata in one 64 KiB segment: a job whose prompt, negative prompt and
+/// plan (XML-escaped) cannot fit is rejected here, before any work, instead of failing after
+/// generating. (A plan the LLM makes is checked when the image is encoded; a failure there is
+/// the job's own, not retried.)
+fn check_jpeg_metadata(
+    prompt: &str,
+    p: &JobParams,
+    seed: i64,
+    model: &str,
+    spec: &ModeSpec,
+) -> Result<(), Rejection> {
+    let fields = ImageMetadata {
+        prompt,
+        negative_prompt: p.negative_prompt.as_deref().unwrap_or(""),
+        seed: seed.to_string(),
+        model,
+        mode: spec.mode(),
+        plan: spec.plan_json().map(|v| v.to_string()).unwrap_or_default(),
+        steps: String::new(),
+        guidance: String::new(),
+        dtype: String::new(),
+        device: String::new(),
+    }
+    .fields();
+    let bytes = jpeg_xmp_len(&fields) + METADATA_ALLOWANCE;
+    if bytes > JPEG_SEGMENT_MAX {
+        return Err(Rejection(MetadataTooLarge { bytes }.to_string()));
+    }
+    Ok(())
 }
 
 /// The R2F+ knobs of a job's params, each checked against its rule (in every mode).

@@ -177,9 +177,9 @@ fn each_invalid_field_is_rejected_with_its_reason() {
         (
             with(
                 &["output", "webhook"],
-                json!({"url": "https://h/", "events": ["progress"]}),
+                json!({"url": "https://h/", "events": ["sideways"]}),
             ),
-            "output.webhook.events[0]: unknown job status `progress`",
+            "output.webhook.events[0]: unknown webhook event `sideways`",
         ),
         (
             with(&["output", "prefix"], json!("../up")),

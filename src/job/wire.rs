@@ -157,20 +157,60 @@ pub struct JobOutput {
 /// A job's `output.webhook`.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
 pub struct WebhookSpec {
-    /// `https://` (or `http://` where `webhook.allow_http`) URL on a host the fleet allows
-    /// (`webhook.allowed_hosts`), without credentials, at most 2048 characters: checked by the
-    /// worker against its settings.
+    /// `https://` (or `http://` where allowed) URL on a host, and at a port, its tenant (or the
+    /// fleet) allows, without credentials, at most 2048 characters: checked by the worker
+    /// against its settings.
     pub url: String,
-    /// The terminal statuses to be told of; default: all of them.
+    /// The events to be told of; default: the terminal ones (`succeeded`, `failed`,
+    /// `rejected`, `cancelled`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1))]
-    pub events: Option<Vec<Outcome>>,
+    pub events: Option<Vec<WebhookEvent>>,
+}
+
+crate::named_enum! {
+    /// An event a webhook can ask for.
+    pub enum WebhookEvent("webhook event") {
+        /// A worker took the job.
+        Started = "started",
+        /// Denoising steps done (throttled like progress events).
+        Progress = "progress",
+        Succeeded = "succeeded",
+        Failed = "failed",
+        Rejected = "rejected",
+        Cancelled = "cancelled",
+    }
+}
+
+impl WebhookEvent {
+    /// The `type` of its webhook body: `job.<event>`.
+    pub fn event_type(self) -> String {
+        format!("job.{}", self.name())
+    }
+
+    /// Whether it is a job's last event.
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, WebhookEvent::Started | WebhookEvent::Progress)
+    }
+}
+
+impl From<Outcome> for WebhookEvent {
+    fn from(o: Outcome) -> Self {
+        match o {
+            Outcome::Succeeded => WebhookEvent::Succeeded,
+            Outcome::Failed => WebhookEvent::Failed,
+            Outcome::Rejected => WebhookEvent::Rejected,
+            Outcome::Cancelled => WebhookEvent::Cancelled,
+        }
+    }
 }
 
 impl WebhookSpec {
-    /// Whether an event of `status` is to be sent.
-    pub fn wants(&self, status: Outcome) -> bool {
-        self.events.as_ref().is_none_or(|e| e.contains(&status))
+    /// Whether an event of `kind` is to be sent.
+    pub fn wants(&self, kind: WebhookEvent) -> bool {
+        match &self.events {
+            None => kind.is_terminal(),
+            Some(e) => e.contains(&kind),
+        }
     }
 }
 

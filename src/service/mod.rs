@@ -9,4 +9,5 @@ pub mod planner;
 pub mod redis_store;
 pub mod status;
 pub mod storage;
+pub mod tenancy;
 pub mod webhook;

@@ -151,6 +151,25 @@ impl LlmClient {
         &self.s.model
     }
 
+    /// A short hash of everything that shapes an answer: the server, model, dialect, answer
+    /// length, the templates' version and the plan limits. Plans cached under one planner are
+    /// not served by another (and nobody can predict a key without the configuration).
+    pub fn fingerprint(&self) -> String {
+        let mut h = Sha256::new();
+        for part in [
+            self.s.base_url.as_str(),
+            self.s.model.as_str(),
+            self.s.backend.name(),
+            &self.s.max_tokens.to_string(),
+            TEMPLATE_VERSION,
+            &format!("{:?}", self.limits),
+        ] {
+            h.update(part.as_bytes());
+            h.update([0]);
+        }
+        hex::encode(&h.finalize()[..8])
+    }
+
     /// The request body: GPT-4o with the API's default sampling (as the official runs), LLaMA 3
     /// with temperature 0.6 and top_p 0.9.
     fn body(&self, system: &str, user: &str) -> Value {
@@ -333,16 +352,12 @@ impl CachedPlanner {
         }
     }
 
-    /// Key: template version, LLM model, mode and the normalised prompt's hash.
+    /// Key: the planner's fingerprint (server, model, dialect, templates, limits), the mode and
+    /// the normalised prompt's hash.
     pub fn cache_key(&self, prompt: &str, mode: PlanMode) -> String {
         let hash = hex::encode(Sha256::digest(normalize_prompt(prompt).as_bytes()));
-        self.redis.key(&[
-            "plan",
-            TEMPLATE_VERSION,
-            self.llm.model(),
-            mode.name(),
-            &hash,
-        ])
+        self.redis
+            .key(&["plan", &self.llm.fingerprint(), mode.name(), &hash])
     }
 
     /// The plan for a prompt: from the cache, or from the LLM once across all workers.

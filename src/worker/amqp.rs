@@ -112,7 +112,46 @@ pub async fn declare_topology(
             .map_err(amqp_error)?;
         bind(ch, &queue, &s.jobs_exchange, model).await?;
     }
+    // The webhook outbox: deliveries, their delayed retries (dead-lettering back into the
+    // outbox when their per-message TTL runs out) and the deliveries given up.
+    for (queue, args) in [
+        (s.webhooks_queue.clone(), FieldTable::default()),
+        (webhooks_retry_queue(s), dead_letter_to(&s.webhooks_queue)),
+        (webhooks_dead_queue(s), FieldTable::default()),
+    ] {
+        ch.queue_declare(queue.as_str().into(), durable(), args)
+            .await
+            .map_err(amqp_error)?;
+    }
+    // Control messages: clients publish `cancel` to the exchange; workers share the queue.
+    exchange(
+        &s.control_exchange,
+        ExchangeKind::Direct,
+        FieldTable::default(),
+    )
+    .await?;
+    ch.queue_declare(
+        s.control_queue.as_str().into(),
+        durable(),
+        FieldTable::default(),
+    )
+    .await
+    .map_err(amqp_error)?;
+    bind(ch, &s.control_queue, &s.control_exchange, CANCEL).await?;
     Ok(())
+}
+
+/// The routing key of a cancel request on the control exchange.
+pub const CANCEL: &str = "cancel";
+
+/// Where webhook deliveries wait for their next attempt.
+pub fn webhooks_retry_queue(s: &AmqpSettings) -> String {
+    format!("{}.retry", s.webhooks_queue)
+}
+
+/// Where webhook deliveries that were given up go, with their last answer.
+pub fn webhooks_dead_queue(s: &AmqpSettings) -> String {
+    format!("{}.dead", s.webhooks_queue)
 }
 
 async fn bind(ch: &Channel, queue: &str, exchange: &str, key: &str) -> anyhow::Result<()> {

@@ -14,12 +14,14 @@ use tracing::{error, info, warn};
 
 use super::amqp::{self, amqp_error, json_props};
 use super::context::{count_job, AbortOnDrop, Context};
-use super::lifecycle::{run_job, Incoming, ProgressTx};
+use super::lifecycle::{run_job, Incoming, Notice, ProgressTx};
 use super::outcome::{decide, Fault, JobError, JobOutcome, Settlement};
 use super::settle::{self, attempt_of, best_effort_id_bounded, deliveries_of, record_status};
 use super::shutdown::Shutdown;
-use crate::job::{ErrorKind, Outcome, ProgressEvent, ResultEvent};
+use crate::job::{ErrorKind, Outcome, ProgressEvent, ResultEvent, StartedEvent, WebhookEvent};
 use crate::service::backoff::Breaker;
+use crate::service::tenancy::{JobKey, Scope};
+use crate::service::webhook::Delivery as WebhookDelivery;
 
 /// One connection's worth of broker state.
 pub struct Session {
@@ -33,9 +35,17 @@ pub struct Session {
     reply: Channel,
     consumer: lapin::Consumer,
     tag: String,
-    /// The inbox, consumed on a channel of its own by the router task (see [`super::router`]).
-    inbox: Option<lapin::Consumer>,
-    _inbox_channel: Channel,
+    /// The consumers of the side tasks, each on a channel of its own: the inbox router (see
+    /// [`super::router`]), control messages ([`super::control`]) and the webhook outbox
+    /// ([`super::outbox`]; only where this worker sends webhooks).
+    sides: Option<Sides>,
+    _side_channels: Vec<Channel>,
+}
+
+struct Sides {
+    inbox: lapin::Consumer,
+    control: lapin::Consumer,
+    outbox: Option<lapin::Consumer>,
 }
 
 /// How a session ended.
@@ -74,6 +84,31 @@ impl Session {
             .map_err(amqp_error)?;
         let inbox_tag = format!("{tag}-inbox");
         let inbox = start_consumer(&inbox_channel, &s.inbox_queue, &inbox_tag).await?;
+        let control_channel = conn.create_channel().await.map_err(amqp_error)?;
+        control_channel
+            .basic_qos(8, BasicQosOptions { global: false })
+            .await
+            .map_err(amqp_error)?;
+        let control = start_consumer(
+            &control_channel,
+            &s.control_queue,
+            &format!("{tag}-control"),
+        )
+        .await?;
+        let mut side_channels = vec![inbox_channel, control_channel];
+        let outbox = match &ctx.webhooks {
+            Some(sender) => {
+                let ch = conn.create_channel().await.map_err(amqp_error)?;
+                let prefetch = sender.settings().max_in_flight.clamp(1, u16::MAX as usize) as u16;
+                ch.basic_qos(prefetch, BasicQosOptions { global: false })
+                    .await
+                    .map_err(amqp_error)?;
+                let c = start_consumer(&ch, &s.webhooks_queue, &format!("{tag}-outbox")).await?;
+                side_channels.push(ch);
+                Some(c)
+            }
+            None => None,
+        };
         Ok(Self {
             _conn: conn,
             consume,
@@ -82,23 +117,47 @@ impl Session {
             reply,
             consumer,
             tag,
-            inbox: Some(inbox),
-            _inbox_channel: inbox_channel,
+            sides: Some(Sides {
+                inbox,
+                control,
+                outbox,
+            }),
+            _side_channels: side_channels,
         })
     }
 
     /// Consumes until drained or broken.
     pub async fn run(mut self, ctx: &Arc<Context>, shutdown: &mut Shutdown) -> SessionEnd {
         let progress = spawn_progress_publisher(ctx, &self);
-        let mut router = match self.inbox.take() {
-            Some(inbox) => AbortOnDrop(tokio::spawn(super::router::run(
+        let Some(sides) = self.sides.take() else {
+            return SessionEnd::Broken(anyhow::anyhow!("session run twice"));
+        };
+        // The side tasks end with the session; the first of them to stop breaks it.
+        let mut router = AbortOnDrop(tokio::spawn({
+            let router = super::router::run(
                 ctx.clone(),
-                inbox,
+                sides.inbox,
                 self.publish.clone(),
                 self.reply.clone(),
-            ))),
-            None => return SessionEnd::Broken(anyhow::anyhow!("session run twice")),
-        };
+            );
+            let control = super::control::run(ctx.clone(), sides.control, self.reply.clone());
+            let outbox = sides
+                .outbox
+                .map(|c| super::outbox::run(ctx.clone(), c, self.publish.clone()));
+            async move {
+                let outbox = async move {
+                    match outbox {
+                        Some(o) => o.await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    e = router => e,
+                    e = control => e,
+                    e = outbox => e,
+                }
+            }
+        }));
         let mut breaker = Breaker::new(
             ctx.settings.worker.pause_after_failures,
             Duration::from_secs(ctx.settings.worker.pause_min_secs),
@@ -110,7 +169,7 @@ impl Session {
                 _ = shutdown.requested() => break SessionEnd::Drained,
                 e = &mut router.0 => break SessionEnd::Broken(match e {
                     Ok(e) => e,
-                    Err(e) => anyhow::anyhow!("the inbox router stopped: {e}"),
+                    Err(e) => anyhow::anyhow!("a side task (inbox, control, outbox) stopped: {e}"),
                 }),
             };
             let delivery = match next {
@@ -154,6 +213,7 @@ impl Session {
         breaker: &mut Breaker,
     ) -> anyhow::Result<Option<(Duration, ErrorKind)>> {
         let attempt = attempt_of(d);
+        let scope = ctx.scope_of(d);
         if d.redelivered {
             // Delivered before and never settled: the worker holding it died or lost its
             // connection. Count that on the message itself before touching its content.
@@ -163,7 +223,9 @@ impl Session {
                 let outcome = JobOutcome::Poison { id, deliveries };
                 let s = decide(outcome, attempt, ctx.settings.worker.max_attempts);
                 count_job(ctx, None, Outcome::Failed);
-                settle::settle(ctx, &self.publish, &self.reply, d, attempt, s, None).await?;
+                record_status(ctx, d, attempt, &s, scope.as_ref().ok()).await;
+                let scope = scope.as_ref().ok();
+                settle::settle(ctx, &self.publish, &self.reply, d, attempt, s, None, scope).await?;
             } else {
                 warn!(
                     job_id = id.as_deref().unwrap_or("-"),
@@ -183,6 +245,7 @@ impl Session {
             attempt,
             queue_ms,
             routed: settle::was_routed(d),
+            scope: scope.clone(),
         };
         ctx.metrics.jobs_in_progress.inc();
         ctx.metrics.job_started.set(amqp::now_unix() as f64);
@@ -199,6 +262,11 @@ impl Session {
                 );
                 let event = ResultEvent {
                     id: best_effort_id_bounded(ctx, &d.data).unwrap_or_default(),
+                    tenant: scope
+                        .as_ref()
+                        .ok()
+                        .and_then(Scope::name)
+                        .map(str::to_string),
                     status: Outcome::Failed,
                     attempt,
                     outputs: vec![],
@@ -249,7 +317,8 @@ impl Session {
         if let Some(status) = status {
             count_job(ctx, info.mode, status);
         }
-        record_status(ctx, d, attempt, &settlement).await;
+        let scope = scope.as_ref().ok();
+        record_status(ctx, d, attempt, &settlement, scope).await;
         settle::settle(
             ctx,
             &self.publish,
@@ -258,6 +327,7 @@ impl Session {
             attempt,
             settlement,
             info.result_key.as_deref(),
+            scope,
         )
         .await?;
         Ok(pause)
@@ -333,36 +403,80 @@ pub(super) async fn start_consumer(
     .map_err(amqp_error)
 }
 
-/// Progress events, throttled to `progress_interval_ms`, on their own channel without
-/// confirms: best effort, and nothing accumulates per event.
+/// Start and progress events, progress throttled to `progress_interval_ms`, on their own
+/// channel without confirms: best effort, and nothing accumulates per event. Routed
+/// `job.started` / `job.progress` (`job.<kind>.<tenant>.<id>` in a multi-tenant fleet); a job
+/// whose webhook asks for them gets them there too, through the outbox.
 fn spawn_progress_publisher(ctx: &Arc<Context>, session: &Session) -> ProgressTx {
-    let (tx, mut rx) = mpsc::unbounded_channel::<(String, usize, usize)>();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Notice>();
     let ch = session.progress.clone();
+    let ctx = ctx.clone();
     let exchange = ctx.settings.amqp.events_exchange.clone();
     let interval = Duration::from_millis(ctx.settings.worker.progress_interval_ms);
     tokio::spawn(async move {
-        let mut last: Option<(String, Instant)> = None;
-        while let Some((id, step, steps)) = rx.recv().await {
-            let due = match &last {
-                Some((last_id, at)) if *last_id == id => at.elapsed() >= interval || step == steps,
-                _ => true,
+        let mut last: Option<(JobKey, Instant)> = None;
+        while let Some(notice) = rx.recv().await {
+            let (job, kind, body, webhook, nth) = match notice {
+                Notice::Started {
+                    job,
+                    attempt,
+                    webhook,
+                } => {
+                    let event = StartedEvent {
+                        id: job.id.clone(),
+                        tenant: job.scope.name().map(str::to_string),
+                        attempt,
+                        worker: ctx.worker_name.clone(),
+                    };
+                    let body = serde_json::to_value(&event).unwrap_or_default();
+                    (
+                        job,
+                        WebhookEvent::Started,
+                        body,
+                        webhook,
+                        u64::from(attempt),
+                    )
+                }
+                Notice::Progress {
+                    job,
+                    step,
+                    steps,
+                    webhook,
+                } => {
+                    let due = match &last {
+                        Some((last_job, at)) if *last_job == job => {
+                            at.elapsed() >= interval || step == steps
+                        }
+                        _ => true,
+                    };
+                    if !due {
+                        continue;
+                    }
+                    last = Some((job.clone(), Instant::now()));
+                    let event = ProgressEvent {
+                        id: job.id.clone(),
+                        step,
+                        steps,
+                    };
+                    let body = serde_json::to_value(&event).unwrap_or_default();
+                    (job, WebhookEvent::Progress, body, webhook, step as u64)
+                }
             };
-            if !due {
-                continue;
-            }
-            last = Some((id.clone(), Instant::now()));
-            let Ok(body) = serde_json::to_vec(&ProgressEvent { id, step, steps }) else {
-                continue;
-            };
+            let key = job.scope.routing_key(kind.name(), &job.id);
             let _ = ch
                 .basic_publish(
                     exchange.as_str().into(),
-                    "job.progress".into(),
+                    key.as_str().into(),
                     Default::default(),
-                    &body,
+                    body.to_string().as_bytes(),
                     json_props().with_delivery_mode(1),
                 )
                 .await;
+            if let (Some(spec), Some(_)) = (webhook, &ctx.webhooks) {
+                if let Some(d) = WebhookDelivery::of(&job.scope, &job.id, &spec, kind, nth, &body) {
+                    super::outbox::enqueue_unconfirmed(&ctx, &ch, &d).await;
+                }
+            }
         }
     });
     tx

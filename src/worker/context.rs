@@ -4,10 +4,11 @@ use std::sync::Arc;
 
 use crate::config::Settings;
 use crate::generate::{JobMode, ModelCaps};
-use crate::job::Outcome;
+use crate::job::{Outcome, Rejection, WebhookSpec};
 use crate::service::metrics::{Metrics, UNKNOWN_MODE};
 use crate::service::redis_store::RedisStore;
 use crate::service::storage::Storage;
+use crate::service::tenancy::{Scope, Tenancy};
 
 use super::gpu::GpuWorker;
 
@@ -30,6 +31,21 @@ pub fn count_job(ctx: &Context, mode: Option<JobMode>, outcome: Outcome) {
         .inc();
 }
 
+impl Context {
+    /// A delivery's scope: its tenant (from the broker-checked `user_id`), or why it has none.
+    pub fn scope_of(&self, d: &lapin::message::Delivery) -> Result<Scope, Rejection> {
+        let user = d.properties.user_id().as_ref().map(|u| u.as_str());
+        self.tenancy.scope_of(user)
+    }
+
+    /// Checks a job's webhook against the receivers its tenant (or the fleet) allows.
+    pub fn webhook_check(&self, scope: &Scope, spec: &WebhookSpec) -> Result<(), String> {
+        crate::service::webhook::Receivers::of(&self.settings, self.tenancy.settings(scope))
+            .check(spec)
+            .map(|_| ())
+    }
+}
+
 /// What every job of this worker shares.
 pub struct Context {
     pub settings: Settings,
@@ -38,6 +54,8 @@ pub struct Context {
     pub redis: RedisStore,
     pub gpu: GpuWorker,
     pub worker_name: String,
+    /// The fleet's tenants (one unnamed scope in a single-tenant fleet).
+    pub tenancy: Tenancy,
     pub planner: Option<Arc<dyn crate::service::planner::Planner>>,
     /// The models that have a queue (job `model` values that are not rejected); this worker
     /// serves `settings.worker.model` and sends the others on.
@@ -45,5 +63,5 @@ pub struct Context {
     /// What the loaded model can draw.
     pub caps: ModelCaps,
     /// Webhook deliveries; None when no host is allowed.
-    pub webhooks: Option<Arc<crate::service::webhook::Webhooks>>,
+    pub webhooks: Option<Arc<crate::service::webhook::Sender>>,
 }

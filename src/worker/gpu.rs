@@ -35,6 +35,9 @@ pub enum GpuFailure {
     Device(String),
     /// The run was asked to stop and stopped between two denoising steps.
     Stopped(StopReason),
+    /// The job's own output cannot be produced (its metadata does not fit its format): the
+    /// job's fault, not the model's nor the device's.
+    Content(String),
 }
 
 /// Why a run stopped before its end.
@@ -237,6 +240,7 @@ impl GpuWorker {
                             GpuFailure::Device(msg)
                         }
                         TaskError::Failed(msg) => GpuFailure::Job(msg),
+                        TaskError::Content(msg) => GpuFailure::Content(msg),
                     });
                     let _ = task.reply.send(result);
                 }
@@ -256,6 +260,8 @@ impl GpuWorker {
 enum TaskError {
     Stopped(StopReason),
     Failed(String),
+    /// The job's own output cannot be produced (its metadata does not fit its format).
+    Content(String),
 }
 
 fn run_task(
@@ -306,6 +312,9 @@ fn run_task(
             Ok(Err(e)) => {
                 if let Some(why) = e.downcast_ref::<StopReason>() {
                     return Err(TaskError::Stopped(*why));
+                }
+                if let Some(m) = e.downcast_ref::<crate::image::MetadataTooLarge>() {
+                    return Err(TaskError::Content(m.to_string()));
                 }
                 return Err(TaskError::Failed(
                     e.chain()

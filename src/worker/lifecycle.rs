@@ -12,15 +12,17 @@ use tracing::{info, warn};
 use super::context::Context;
 use super::gpu::{ms, total_timings, GeneratedImage, GpuFailure, GpuTask, StopReason, TaskControl};
 use super::lock::{Acquired, JobLock};
-use super::outcome::{bounded, Fault, JobError, JobOutcome};
+use super::outcome::{bounded, Fault, JobError, JobOutcome, Rejected};
 use super::upload::{storage_error, store_result, upload};
 use crate::generate::{JobMode, Mode};
 use crate::job::{
-    best_effort_id, validate_message, ErrorKind, JobState, Outcome, ResultEvent, ValidJob,
+    best_effort_id, validate_message, ErrorKind, JobState, Outcome, Rejection, ResultEvent,
+    ValidJob, WebhookSpec,
 };
 use crate::models::hub::Family;
 use crate::plan::Plan;
 use crate::service::storage::join_key;
+use crate::service::tenancy::{JobKey, Scope};
 
 /// What the lifecycle needs of a delivery.
 pub struct Incoming<'a> {
@@ -30,10 +32,53 @@ pub struct Incoming<'a> {
     pub queue_ms: u64,
     /// A worker sent it on to this queue already (it is not sent on again).
     pub routed: bool,
+    /// Whose job it is (from the delivery's `user_id`), or why it is no tenant's.
+    pub scope: Result<Scope, Rejection>,
 }
 
-/// Progress of the job in hand: (job id, steps done, total steps); published by the consumer.
-pub type ProgressTx = mpsc::UnboundedSender<(String, usize, usize)>;
+/// What the job in hand tells as it runs; published by the consumer (best effort).
+pub enum Notice {
+    /// A worker took the job (`job.started`).
+    Started {
+        job: JobKey,
+        attempt: u32,
+        webhook: Option<Arc<WebhookSpec>>,
+    },
+    /// `step` of `steps` denoising steps done (`job.progress`, throttled).
+    Progress {
+        job: JobKey,
+        step: usize,
+        steps: usize,
+        webhook: Option<Arc<WebhookSpec>>,
+    },
+}
+
+pub type ProgressTx = mpsc::UnboundedSender<Notice>;
+
+/// A valid job this worker runs, with its keys: (tenant, id) for its records and requests,
+/// and its `result.json` (also its lock and idempotency key).
+pub struct Taken {
+    pub job: ValidJob,
+    pub key: JobKey,
+    pub result_key: String,
+}
+
+impl Taken {
+    /// A result event of this job (its id, tenant and worker filled in).
+    fn event(&self, ctx: &Context, status: Outcome, attempt: u32) -> ResultEvent {
+        ResultEvent {
+            id: self.job.id.clone(),
+            tenant: self.key.scope.name().map(str::to_string),
+            status,
+            attempt,
+            outputs: vec![],
+            plan: self.job.spec.plan_json(),
+            timings_ms: BTreeMap::new(),
+            error: None,
+            worker: ctx.worker_name.clone(),
+        }
+    }
+}
 
 /// What the consumer needs to know of a job besides its outcome.
 #[derive(Default)]
@@ -51,28 +96,48 @@ pub async fn run_job(
     progress: &ProgressTx,
 ) -> (JobOutcome, JobInfo) {
     let s = &ctx.settings;
-    let job = match validate_message(msg.body, &s.limits, &ctx.models, &s.worker.model) {
+    // The id is only read back from a message of bounded size, and only a valid one is carried
+    // on (it names storage keys, AMQP properties and log lines).
+    let id_of = || best_effort_id(msg.body, s.limits.max_message_bytes);
+    let scope = match &msg.scope {
+        Ok(scope) => scope.clone(),
+        Err(rejection) => {
+            let id = id_of();
+            warn!(job_id = id.as_deref().unwrap_or("-"), reason = ?rejection.0, "job of no tenant rejected");
+            let outcome = JobOutcome::Rejected(Rejected::unattributable(id, rejection.0.clone()));
+            return (outcome, JobInfo::default());
+        }
+    };
+    let limits = ctx.tenancy.limits(&scope, &s.limits);
+    let models = ctx.tenancy.models(&scope, &ctx.models);
+    let job = match validate_message(msg.body, &limits, &models, &s.worker.model) {
         Ok(job) => job,
         Err(rejection) => {
-            // The id is only read back from a message of bounded size, and only a valid one is
-            // carried on (it names storage keys, AMQP properties and log lines).
-            let id = best_effort_id(msg.body, s.limits.max_message_bytes);
+            let id = id_of();
             warn!(job_id = id.as_deref().unwrap_or("-"), reason = ?rejection.0, "job rejected");
-            let outcome = JobOutcome::Rejected {
-                id,
-                reason: rejection.0,
-            };
+            // An invalid message under an id the tenant used for a job leaves that job alone.
+            if let Some(id) = &id {
+                let key = JobKey::new(scope.clone(), id.as_str());
+                if crate::service::status::claimed(&ctx.redis, &key).await {
+                    let reason = format!(
+                        "duplicate_id: `{id}` is already another job's ({})",
+                        rejection.0
+                    );
+                    let outcome = JobOutcome::Rejected(Rejected::duplicate(id.clone(), reason));
+                    return (outcome, JobInfo::default());
+                }
+            }
+            let outcome = JobOutcome::Rejected(Rejected::invalid(id, rejection.0));
             return (outcome, JobInfo::default());
         }
     };
     // A valid job this worker will not run: logged, and rejected with its reason.
     let rejected = |id: String, reason: String, info: JobInfo| {
         warn!(job_id = %id, reason = ?reason, "job rejected");
-        let outcome = JobOutcome::Rejected {
-            id: Some(id),
-            reason,
-        };
-        (outcome, info)
+        (
+            JobOutcome::Rejected(Rejected::invalid(Some(id), reason)),
+            info,
+        )
     };
     if job.model != s.worker.model {
         if !msg.routed {
@@ -86,17 +151,45 @@ pub async fn run_job(
         );
         return rejected(job.id, reason, JobInfo::default());
     }
-    if let Some(Err(reason)) = job
-        .webhook
-        .as_ref()
-        .map(|w| crate::service::webhook::check(w, &s.webhook))
-    {
+    let key = JobKey::new(scope.clone(), job.id.as_str());
+    // The id is this job's from now on (within its tenant): a message with another body under
+    // the same id is rejected as a duplicate, and never touches this job.
+    let ttl = Duration::from_secs(s.redis.status_ttl_secs);
+    match crate::service::status::claim(&ctx.redis, &key, &job.fingerprint, ttl).await {
+        Ok(true) => {}
+        Ok(false) => {
+            let reason = format!(
+                "duplicate_id: `{}` is already another job's (a message with another body); send a new id",
+                job.id
+            );
+            warn!(job_id = %job.id, "duplicate id rejected");
+            let outcome = JobOutcome::Rejected(Rejected::duplicate(job.id, reason));
+            return (outcome, JobInfo::default());
+        }
+        Err(e) if !s.redis.require_lock => {
+            ctx.metrics.redis_errors.with_label_values(&["claim"]).inc();
+            warn!(error = %e, "id claim unavailable: not checked (redis.require_lock = false)");
+        }
+        Err(e) => {
+            ctx.metrics.redis_errors.with_label_values(&["claim"]).inc();
+            let taken = taken(ctx, job, key);
+            let error = JobError::new(
+                ErrorKind::Internal,
+                Fault::Transient,
+                format!("the id claim is unavailable: {e}"),
+            );
+            return (failed(ctx, &taken, msg.attempt, error), JobInfo::default());
+        }
+    }
+    if let Some(Err(reason)) = job.webhook.as_ref().map(|w| ctx.webhook_check(&scope, w)) {
         return rejected(job.id, reason, JobInfo::default());
     }
+    let taken = taken(ctx, job, key);
     let info = JobInfo {
-        mode: Some(job.spec.mode()),
-        result_key: Some(result_key(ctx, &job)),
+        mode: Some(taken.job.spec.mode()),
+        result_key: Some(taken.result_key.clone()),
     };
+    let job = &taken.job;
     let reason = if let Err(reason) =
         ctx.caps
             .check_size(job.params.width, job.params.height, s.limits.max_pixels)
@@ -116,7 +209,7 @@ pub async fn run_job(
         None
     };
     if let Some(reason) = reason {
-        return rejected(job.id, reason, info);
+        return rejected(job.id.clone(), reason, info);
     }
     let span = tracing::info_span!("job", job_id = %job.id, attempt = msg.attempt);
     let _enter = span.enter();
@@ -126,32 +219,29 @@ pub async fn run_job(
         "job received"
     );
     drop(_enter);
-    let outcome = tracing::Instrument::instrument(locked(ctx, job, msg, progress), span).await;
+    let outcome = tracing::Instrument::instrument(locked(ctx, &taken, msg, progress), span).await;
     (outcome, info)
 }
 
-/// The key of the job's `result.json`; also its idempotency and lock key.
-pub fn result_key(ctx: &Context, job: &ValidJob) -> String {
-    join_key(&[
+/// A valid job with its keys.
+fn taken(ctx: &Context, job: ValidJob, key: JobKey) -> Taken {
+    let result_key = join_key(&[
         &ctx.settings.storage.prefix,
+        key.scope.name().unwrap_or(""),
         &job.prefix,
         &job.id,
         "result.json",
-    ])
+    ]);
+    Taken {
+        job,
+        key,
+        result_key,
+    }
 }
 
-fn failed(ctx: &Context, job: &ValidJob, attempt: u32, error: JobError) -> JobOutcome {
+fn failed(ctx: &Context, t: &Taken, attempt: u32, error: JobError) -> JobOutcome {
     JobOutcome::Failed {
-        event: ResultEvent {
-            id: job.id.clone(),
-            status: Outcome::Failed,
-            attempt,
-            outputs: vec![],
-            plan: job.spec.plan_json(),
-            timings_ms: BTreeMap::new(),
-            error: None,
-            worker: ctx.worker_name.clone(),
-        },
+        event: t.event(ctx, Outcome::Failed, attempt),
         error,
     }
 }
@@ -159,15 +249,15 @@ fn failed(ctx: &Context, job: &ValidJob, attempt: u32, error: JobError) -> JobOu
 /// Takes the job's lock, runs it, releases the lock.
 async fn locked(
     ctx: &Arc<Context>,
-    job: ValidJob,
+    t: &Taken,
     msg: Incoming<'_>,
     progress: &ProgressTx,
 ) -> JobOutcome {
-    let key = result_key(ctx, &job);
+    let key = &t.result_key;
     let ttl = Duration::from_secs(ctx.settings.redis.lock_ttl_secs.max(5));
     // Redis down for the lock is a transient failure (docs/contract.md): running unlocked
     // would let two workers generate one job.
-    let lock = match JobLock::acquire(&ctx.redis, &key, &ctx.worker_name, ttl).await {
+    let lock = match JobLock::acquire(&ctx.redis, key, &ctx.worker_name, ttl).await {
         Ok(Acquired::Held(lock)) => lock,
         Ok(Acquired::Busy) => {
             info!("another worker holds this job: postponed");
@@ -176,13 +266,13 @@ async fn locked(
         Err(e) if !ctx.settings.redis.require_lock => {
             ctx.metrics.redis_errors.with_label_values(&["lock"]).inc();
             warn!(error = %e, "job lock unavailable: running unlocked (redis.require_lock = false)");
-            return with_lock(ctx, &job, &key, &msg, progress, None).await;
+            return in_flight(ctx, t, &msg, progress, None).await;
         }
         Err(e) => {
             ctx.metrics.redis_errors.with_label_values(&["lock"]).inc();
             return failed(
                 ctx,
-                &job,
+                t,
                 msg.attempt,
                 JobError::new(
                     ErrorKind::Internal,
@@ -192,20 +282,56 @@ async fn locked(
             );
         }
     };
-    let outcome = with_lock(ctx, &job, &key, &msg, progress, Some(&lock)).await;
+    let outcome = in_flight(ctx, t, &msg, progress, Some(&lock)).await;
     lock.release().await;
+    outcome
+}
+
+/// Counts the job among its tenant's jobs in flight (`max_jobs_in_flight`) while it runs; a
+/// tenant at its cap has the job postponed.
+async fn in_flight(
+    ctx: &Arc<Context>,
+    t: &Taken,
+    msg: &Incoming<'_>,
+    progress: &ProgressTx,
+    lock: Option<&JobLock>,
+) -> JobOutcome {
+    let cap = ctx
+        .tenancy
+        .settings(&t.key.scope)
+        .and_then(|s| s.max_jobs_in_flight);
+    let Some(max) = cap else {
+        return with_lock(ctx, t, msg, progress, lock).await;
+    };
+    let lapse = Duration::from_secs(ctx.settings.worker.job_timeout_secs + 60);
+    match crate::service::status::enter_in_flight(&ctx.redis, &t.key, max, lapse).await {
+        Ok(true) => {}
+        Ok(false) => {
+            info!(max, "the tenant has max_jobs_in_flight running: postponed");
+            return JobOutcome::Busy;
+        }
+        Err(e) => {
+            ctx.metrics
+                .redis_errors
+                .with_label_values(&["in_flight"])
+                .inc();
+            warn!(error = %e, "in-flight count unavailable: running uncounted");
+        }
+    }
+    let outcome = with_lock(ctx, t, msg, progress, lock).await;
+    crate::service::status::leave_in_flight(&ctx.redis, &t.key).await;
     outcome
 }
 
 async fn with_lock(
     ctx: &Arc<Context>,
-    job: &ValidJob,
-    key: &str,
+    t: &Taken,
     msg: &Incoming<'_>,
     progress: &ProgressTx,
     lock: Option<&JobLock>,
 ) -> JobOutcome {
     let attempt = msg.attempt;
+    let (job, key) = (&t.job, t.result_key.as_str());
     // Idempotency, checked under the lock: a finished job (succeeded or failed) is not worked
     // again; its stored result is published again.
     match ctx.storage.get(key).await {
@@ -217,11 +343,11 @@ async fn with_lock(
             Err(_) => warn!("result.json exists but is unreadable: generating again"),
         },
         Ok(None) => {}
-        Err(e) => return failed(ctx, job, attempt, storage_error(e)),
+        Err(e) => return failed(ctx, t, attempt, storage_error(e)),
     }
     // A job cancelled while it was queued is dropped here, before any work.
-    if crate::service::status::cancel_requested(&ctx.redis, &job.id).await {
-        return cancelled(ctx, job, attempt, key, "while queued").await;
+    if crate::service::status::cancel_requested(&ctx.redis, &t.key).await {
+        return cancelled(ctx, t, attempt, "while queued").await;
     }
     // `running` only once this worker holds the job and it is not finished already: a
     // postponed or re-published delivery must not overwrite the state of the real run.
@@ -229,7 +355,7 @@ async fn with_lock(
         &ctx.redis,
         Duration::from_secs(ctx.settings.redis.status_ttl_secs),
         crate::service::status::Update {
-            id: &job.id,
+            job: &t.key,
             state: JobState::Running,
             attempt,
             worker: &ctx.worker_name,
@@ -238,30 +364,35 @@ async fn with_lock(
         },
     )
     .await;
+    let _ = progress.send(Notice::Started {
+        job: t.key.clone(),
+        attempt,
+        webhook: job.webhook.clone().map(Arc::new),
+    });
     let started = Instant::now();
     let (mode, plan_json) = match plan(ctx, job).await {
         Ok(x) => x,
-        Err(e) => return failed(ctx, job, attempt, e),
+        Err(e) => return failed(ctx, t, attempt, e),
     };
     let plan_time = started.elapsed();
     info!(mode = mode.name(), images = job.num_images, "generating");
-    let images = match generate(ctx, job, mode, progress).await {
+    let images = match generate(ctx, t, mode, progress).await {
         Ok(images) => images,
-        Err(Halt::Cancelled) => return cancelled(ctx, job, attempt, key, "while running").await,
-        Err(Halt::Failed(e)) => return failed(ctx, job, attempt, e),
+        Err(Halt::Cancelled) => return cancelled(ctx, t, attempt, "while running").await,
+        Err(Halt::Failed(e)) => return failed(ctx, t, attempt, e),
     };
     // A request that came after the last step still wins over storing the images.
-    if crate::service::status::cancel_requested(&ctx.redis, &job.id).await {
-        return cancelled(ctx, job, attempt, key, "after generating, before storing").await;
+    if crate::service::status::cancel_requested(&ctx.redis, &t.key).await {
+        return cancelled(ctx, t, attempt, "after generating, before storing").await;
     }
     if lock.is_some_and(JobLock::is_lost) {
         warn!("the job's lock was lost while generating: postponed (its holder finishes it)");
         return JobOutcome::Busy;
     }
-    let t = Instant::now();
-    let outputs = match upload(ctx, job, images.iter()).await {
+    let upload_started = Instant::now();
+    let outputs = match upload(ctx, job, key, images.iter()).await {
         Ok(o) => o,
-        Err(e) => return failed(ctx, job, attempt, e),
+        Err(e) => return failed(ctx, t, attempt, e),
     };
     let mut stages = vec![("plan", plan_time)];
     let timings = total_timings(&images);
@@ -270,7 +401,10 @@ async fn with_lock(
         // R2F+ bbox guidance, apart from the denoising it precedes.
         stages.push(("guidance", timings.guidance));
     }
-    stages.extend([("decode", timings.decode), ("upload", t.elapsed())]);
+    stages.extend([
+        ("decode", timings.decode),
+        ("upload", upload_started.elapsed()),
+    ]);
     let total = started.elapsed();
     observe(ctx, &stages, &images, msg.queue_ms, total);
     let mut timings_ms: BTreeMap<String, u64> = stages
@@ -280,18 +414,14 @@ async fn with_lock(
     timings_ms.insert("queue".into(), msg.queue_ms);
     timings_ms.insert("total".into(), ms(total));
     let event = ResultEvent {
-        id: job.id.clone(),
-        status: Outcome::Succeeded,
-        attempt,
         outputs,
         plan: plan_json,
         timings_ms,
-        error: None,
-        worker: ctx.worker_name.clone(),
+        ..t.event(ctx, Outcome::Succeeded, attempt)
     };
     // result.json before the event and the ack: a redelivery after a crash finds it.
     if let Err(e) = store_result(ctx, key, &event).await {
-        return failed(ctx, job, attempt, e);
+        return failed(ctx, t, attempt, e);
     }
     info!(
         outputs = event.outputs.len(),
@@ -303,28 +433,16 @@ async fn with_lock(
 
 /// A cancelled job: `result.json` records it (a redelivery or the same id sent again publishes
 /// it again instead of running), no image is stored.
-async fn cancelled(
-    ctx: &Context,
-    job: &ValidJob,
-    attempt: u32,
-    key: &str,
-    when: &str,
-) -> JobOutcome {
+async fn cancelled(ctx: &Context, t: &Taken, attempt: u32, when: &str) -> JobOutcome {
     let event = ResultEvent {
-        id: job.id.clone(),
-        status: Outcome::Cancelled,
-        attempt,
-        outputs: vec![],
-        plan: job.spec.plan_json(),
-        timings_ms: BTreeMap::new(),
         error: Some(crate::job::EventError {
             kind: ErrorKind::Cancelled,
             message: "cancelled by request".into(),
         }),
-        worker: ctx.worker_name.clone(),
+        ..t.event(ctx, Outcome::Cancelled, attempt)
     };
-    if let Err(e) = store_result(ctx, key, &event).await {
-        return failed(ctx, job, attempt, e);
+    if let Err(e) = store_result(ctx, &t.result_key, &event).await {
+        return failed(ctx, t, attempt, e);
     }
     info!(when, "job cancelled");
     JobOutcome::Cancelled(event)
@@ -422,10 +540,11 @@ impl Drop for AbandonOnDrop<'_> {
 /// steps without synchronising the device).
 async fn generate(
     ctx: &Context,
-    job: &ValidJob,
+    t: &Taken,
     mode: Mode,
     progress: &ProgressTx,
 ) -> Result<Vec<GeneratedImage>, Halt> {
+    let job = &t.job;
     let (step_tx, mut step_rx) = mpsc::unbounded_channel::<(usize, usize)>();
     let (reply_tx, reply_rx) = oneshot::channel();
     let control = TaskControl::new();
@@ -450,10 +569,16 @@ async fn generate(
     };
     let forward = {
         let progress = progress.clone();
-        let id = job.id.clone();
+        let key = t.key.clone();
+        let webhook = job.webhook.clone().map(Arc::new);
         async move {
             while let Some((step, steps)) = step_rx.recv().await {
-                let _ = progress.send((id.clone(), step, steps));
+                let _ = progress.send(Notice::Progress {
+                    job: key.clone(),
+                    step,
+                    steps,
+                    webhook: webhook.clone(),
+                });
             }
         }
     };
@@ -461,7 +586,7 @@ async fn generate(
         let every = Duration::from_millis(ctx.settings.worker.cancel_poll_ms.max(50));
         loop {
             tokio::time::sleep(every).await;
-            if crate::service::status::cancel_requested(&ctx.redis, &job.id).await {
+            if crate::service::status::cancel_requested(&ctx.redis, &t.key).await {
                 info!("cancellation requested: stopping at the next denoising step");
                 control.stop(StopReason::Cancelled);
                 break;
@@ -483,6 +608,9 @@ async fn generate(
             Fault::Transient,
             "the generation was stopped past job_timeout_secs",
         ))),
+        Ok(Err(GpuFailure::Content(msg))) => {
+            Err(Halt::Failed(JobError::new(ErrorKind::Job, Fault::Job, msg)))
+        }
         Ok(Err(GpuFailure::Job(msg))) => Err(Halt::Failed(JobError::new(
             ErrorKind::Model,
             Fault::Transient,

@@ -20,9 +20,11 @@
 pub mod amqp;
 pub mod consumer;
 pub mod context;
+pub mod control;
 pub mod gpu;
 pub mod lifecycle;
 pub mod lock;
+pub mod outbox;
 pub mod outcome;
 pub mod router;
 pub mod settle;
@@ -65,8 +67,7 @@ impl Worker {
         planner: Option<Arc<dyn crate::service::planner::Planner>>,
     ) -> anyhow::Result<Option<Self>> {
         let metrics = Metrics::new();
-        let webhooks =
-            crate::service::webhook::Webhooks::from_settings(&settings.webhook, metrics.clone())?;
+        let webhooks = crate::service::webhook::Sender::from_settings(&settings)?;
         let addr =
             crate::service::metrics::serve(metrics.clone(), &settings.metrics.listen).await?;
         info!(%addr, "metrics, /healthz and /readyz listening");
@@ -117,6 +118,7 @@ impl Worker {
         for m in &models {
             metrics.routed.with_label_values(&[m]);
         }
+        let tenancy = crate::service::tenancy::Tenancy::from_settings(&settings);
         Ok(Some(Self {
             ctx: Arc::new(Context {
                 settings,
@@ -125,6 +127,7 @@ impl Worker {
                 redis,
                 gpu,
                 worker_name,
+                tenancy,
                 planner,
                 models,
                 caps,

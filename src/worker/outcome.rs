@@ -58,6 +58,7 @@ impl JobError {
             ErrorKind::Storage => "storing the images failed".into(),
             ErrorKind::Model => "the model failed on this job".into(),
             ErrorKind::Internal => bounded(&self.detail, 200),
+            ErrorKind::Job | ErrorKind::DuplicateId => bounded(&self.detail, 500),
             ErrorKind::Cancelled => "cancelled by request".into(),
         }
     }
@@ -79,8 +80,9 @@ pub enum JobOutcome {
     /// `result.json` already existed (a redelivered finished job, or a duplicate message): the
     /// stored event is published again, nothing is generated.
     AlreadyFinished(ResultEvent),
-    /// The message is not a valid job. `id` is the message's id when it has a usable one.
-    Rejected { id: Option<String>, reason: String },
+    /// The message is not a job this fleet runs (invalid, or an id its tenant already used for
+    /// another job). `id` is the message's id when it has a usable one.
+    Rejected(Rejected),
     /// An attempt failed.
     Failed {
         /// The event a terminal failure publishes (status, id, plan, attempt filled in).
@@ -100,18 +102,66 @@ pub enum JobOutcome {
     Poison { id: Option<String>, deliveries: u32 },
 }
 
+/// A rejection: why, of which kind, and whether it is announced under the job's id.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejected {
+    pub id: Option<String>,
+    pub reason: String,
+    /// `invalid_job`, or `duplicate_id` for an id its tenant used for another job.
+    pub kind: ErrorKind,
+    /// Whether the rejection is published as the id's event and status record. Not for an id
+    /// that belongs to another job of the tenant (its record and events stay that job's), nor
+    /// for a message no tenant can be told of (no or an unknown `user_id`): those go to the
+    /// dead-letter queue and the sender's `reply_to` only.
+    pub announce: bool,
+}
+
+impl Rejected {
+    /// An invalid job, announced under its id.
+    pub fn invalid(id: Option<String>, reason: impl Into<String>) -> Self {
+        Self {
+            id,
+            reason: reason.into(),
+            kind: ErrorKind::InvalidJob,
+            announce: true,
+        }
+    }
+
+    /// An id its tenant already used for another job.
+    pub fn duplicate(id: String, reason: impl Into<String>) -> Self {
+        Self {
+            id: Some(id),
+            reason: reason.into(),
+            kind: ErrorKind::DuplicateId,
+            announce: false,
+        }
+    }
+
+    /// A message that belongs to no tenant.
+    pub fn unattributable(id: Option<String>, reason: impl Into<String>) -> Self {
+        Self {
+            announce: false,
+            ..Self::invalid(id, reason)
+        }
+    }
+}
+
 /// The broker side effects of an outcome. Every variant ends with the delivery acked, except
 /// [`Settlement::GiveBack`] and [`Settlement::Postpone`], which republish it first.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Settlement {
     /// Publish `event` (confirmed), ack.
     Publish { event: ResultEvent },
-    /// Copy the message to the dead-letter queue with `reason`, publish `event`, ack.
+    /// Copy the message to the dead-letter queue with `reason`, publish `event` (when
+    /// `announce`), ack.
     DeadLetter {
         event: ResultEvent,
         /// The `reason` label of `r2f_dead_lettered_total`.
         label: &'static str,
         reason: String,
+        /// Whether the event is published and recorded under its id (else only the dead letter
+        /// and the sender's `reply_to` carry it).
+        announce: bool,
     },
     /// Republish to the retry queue of backoff level `next_attempt - 1` with the attempt header
     /// set to `next_attempt`, ack.
@@ -131,16 +181,11 @@ pub fn decide(outcome: JobOutcome, attempt: u32, max_attempts: u32) -> Settlemen
         JobOutcome::Succeeded(event)
         | JobOutcome::AlreadyFinished(event)
         | JobOutcome::Cancelled(event) => Settlement::Publish { event },
-        JobOutcome::Rejected { id, reason } => Settlement::DeadLetter {
-            event: terminal_event(
-                id,
-                Outcome::Rejected,
-                attempt,
-                ErrorKind::InvalidJob,
-                &reason,
-            ),
-            label: ErrorKind::InvalidJob.name(),
-            reason,
+        JobOutcome::Rejected(r) => Settlement::DeadLetter {
+            event: terminal_event(r.id, Outcome::Rejected, attempt, r.kind, &r.reason),
+            label: r.kind.name(),
+            reason: r.reason,
+            announce: r.announce,
         },
         JobOutcome::Poison { id, deliveries } => {
             let reason = format!(
@@ -150,6 +195,7 @@ pub fn decide(outcome: JobOutcome, attempt: u32, max_attempts: u32) -> Settlemen
                 event: terminal_event(id, Outcome::Failed, attempt, ErrorKind::Internal, &reason),
                 label: POISON,
                 reason,
+                announce: true,
             }
         }
         JobOutcome::Busy => Settlement::Postpone,
@@ -178,6 +224,7 @@ pub fn decide(outcome: JobOutcome, attempt: u32, max_attempts: u32) -> Settlemen
                         error.kind.name()
                     },
                     reason,
+                    announce: true,
                 }
             }
         },
@@ -193,6 +240,7 @@ fn terminal_event(
 ) -> ResultEvent {
     ResultEvent {
         id: id.unwrap_or_default(),
+        tenant: None,
         status,
         attempt,
         outputs: vec![],
@@ -213,6 +261,7 @@ mod tests {
     fn event(id: &str) -> ResultEvent {
         ResultEvent {
             id: id.into(),
+            tenant: None,
             status: Outcome::Succeeded,
             attempt: 1,
             outputs: vec![],
@@ -243,10 +292,7 @@ mod tests {
     #[test]
     fn rejections_are_dead_lettered_at_once_with_their_reason() {
         let s = decide(
-            JobOutcome::Rejected {
-                id: Some("x".into()),
-                reason: "bad width".into(),
-            },
+            JobOutcome::Rejected(Rejected::invalid(Some("x".into()), "bad width")),
             1,
             3,
         );
@@ -254,13 +300,32 @@ mod tests {
             event,
             label,
             reason,
+            announce,
         } = s
         else {
             panic!("{s:?}")
         };
         assert_eq!((event.status.name(), label), ("rejected", "invalid_job"));
         assert_eq!(reason, "bad width");
+        assert!(announce);
         assert_eq!(event.error.unwrap().kind, ErrorKind::InvalidJob);
+        // An id taken by another job of the tenant: dead-lettered, not announced under the id.
+        let s = decide(
+            JobOutcome::Rejected(Rejected::duplicate("x".into(), "taken")),
+            1,
+            3,
+        );
+        assert!(
+            matches!(
+                &s,
+                Settlement::DeadLetter {
+                    label: "duplicate_id",
+                    announce: false,
+                    ..
+                }
+            ),
+            "{s:?}"
+        );
     }
 
     #[test]

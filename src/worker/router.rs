@@ -14,9 +14,10 @@ use tracing::warn;
 
 use super::amqp::amqp_error;
 use super::context::{count_job, Context};
-use super::outcome::{decide, JobOutcome};
+use super::outcome::{decide, JobOutcome, Rejected};
 use super::settle::{self, attempt_of, best_effort_id_bounded, record_status, was_routed};
 use crate::job::{validate_message, Outcome};
+use crate::service::tenancy::{JobKey, Scope};
 
 /// Routes inbox deliveries until the consumer ends; returns why it ended.
 pub async fn run(
@@ -38,26 +39,41 @@ pub async fn run(
 }
 
 /// What becomes of one inbox delivery: sent on to its model's queue, or rejected.
-pub fn inbox_outcome(ctx: &Context, d: &Delivery) -> JobOutcome {
+pub async fn inbox_outcome(ctx: &Context, d: &Delivery, scope: Option<&Scope>) -> JobOutcome {
     let s = &ctx.settings;
-    match validate_message(
-        &d.data,
-        &s.limits,
-        &ctx.models,
-        ctx.settings.default_model(),
-    ) {
+    let id = || best_effort_id_bounded(ctx, &d.data);
+    let Some(scope) = scope else {
+        let reason = ctx.scope_of(d).err().map(|r| r.0).unwrap_or_default();
+        return JobOutcome::Rejected(Rejected::unattributable(id(), reason));
+    };
+    let limits = ctx.tenancy.limits(scope, &s.limits);
+    let models = ctx.tenancy.models(scope, &ctx.models);
+    match validate_message(&d.data, &limits, &models, ctx.settings.default_model()) {
         Ok(job) if !was_routed(d) => JobOutcome::Route { model: job.model },
         // The exchange sent it back: no queue is bound for its model.
-        Ok(job) => JobOutcome::Rejected {
-            reason: format!(
+        Ok(job) => JobOutcome::Rejected(Rejected::invalid(
+            Some(job.id.clone()),
+            format!(
                 "no queue takes model `{}` (the broker has no queue bound to it on `{}`)",
                 job.model, s.amqp.jobs_exchange
             ),
-            id: Some(job.id),
-        },
-        Err(rejection) => JobOutcome::Rejected {
-            id: best_effort_id_bounded(ctx, &d.data),
-            reason: rejection.0,
+        )),
+        Err(rejection) => match id() {
+            // An invalid message under an id the tenant used for a job leaves that job alone.
+            Some(id)
+                if crate::service::status::claimed(
+                    &ctx.redis,
+                    &JobKey::new(scope.clone(), id.as_str()),
+                )
+                .await =>
+            {
+                let reason = format!(
+                    "duplicate_id: `{id}` is already another job's ({})",
+                    rejection.0
+                );
+                JobOutcome::Rejected(Rejected::duplicate(id, reason))
+            }
+            id => JobOutcome::Rejected(Rejected::invalid(id, rejection.0)),
         },
     }
 }
@@ -69,12 +85,23 @@ async fn route_one(
     d: &Delivery,
 ) -> anyhow::Result<()> {
     let attempt = attempt_of(d);
-    let outcome = inbox_outcome(ctx, d);
-    if let JobOutcome::Rejected { id, reason } = &outcome {
-        warn!(job_id = id.as_deref().unwrap_or("-"), reason = ?reason, "inbox job rejected");
+    let scope = ctx.scope_of(d).ok();
+    let outcome = inbox_outcome(ctx, d, scope.as_ref()).await;
+    if let JobOutcome::Rejected(r) = &outcome {
+        warn!(job_id = r.id.as_deref().unwrap_or("-"), reason = ?r.reason, "inbox job rejected");
         count_job(ctx, None, Outcome::Rejected);
     }
     let settlement = decide(outcome, attempt, ctx.settings.worker.max_attempts);
-    record_status(ctx, d, attempt, &settlement).await;
-    settle::settle(ctx, publish, reply, d, attempt, settlement, None).await
+    record_status(ctx, d, attempt, &settlement, scope.as_ref()).await;
+    settle::settle(
+        ctx,
+        publish,
+        reply,
+        d,
+        attempt,
+        settlement,
+        None,
+        scope.as_ref(),
+    )
+    .await
 }

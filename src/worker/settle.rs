@@ -13,8 +13,11 @@ use tracing::{info, warn};
 use super::amqp::{self, amqp_error, json_props, publish_confirmed};
 use super::context::Context;
 use super::outcome::Settlement;
-use crate::job::{best_effort_id, JobState, Outcome, ResultEvent};
+use crate::config::TenancyMode;
+use crate::job::{best_effort_id, JobState, Outcome, ResultEvent, WebhookEvent};
 use crate::service::backoff::retry_delay;
+use crate::service::tenancy::{JobKey, Scope};
+use crate::service::webhook::Delivery as WebhookDelivery;
 
 /// Header: the attempt number of a job (transient failures retried so far + 1).
 pub const ATTEMPT_HEADER: &str = "x-r2f-attempt";
@@ -48,6 +51,8 @@ pub fn deliveries_of(d: &Delivery) -> u32 {
 
 /// The broker side of a settlement, then the ack.
 /// `reply` carries the terminal event to the message's `reply_to` queue, when it names one.
+/// `scope` is the delivery's tenant (none for a message that belongs to no tenant).
+#[allow(clippy::too_many_arguments)]
 pub async fn settle(
     ctx: &Context,
     publish: &Channel,
@@ -56,19 +61,23 @@ pub async fn settle(
     attempt: u32,
     settlement: Settlement,
     result_key: Option<&str>,
+    scope: Option<&Scope>,
 ) -> anyhow::Result<()> {
     match settlement {
         Settlement::Publish { event } => {
             publish_event(ctx, publish, &event).await?;
-            send_reply(ctx, reply, d, &event).await;
-            send_webhook(ctx, d, &event);
+            send_reply(ctx, reply, d, &event, scope).await;
+            send_webhook(ctx, publish, d, &event, scope).await?;
         }
         Settlement::DeadLetter {
             mut event,
             label,
             reason,
+            announce,
         } => {
             event.worker = ctx.worker_name.clone();
+            event.tenant = scope.and_then(Scope::name).map(str::to_string);
+            let result_key = result_key.filter(|_| announce);
             if let Some(key) = result_key.filter(|_| event.status == Outcome::Failed) {
                 // A failed job keeps its outcome, so a redelivery publishes it again instead
                 // of working the job once more.
@@ -81,9 +90,13 @@ pub async fn settle(
             // The dead letter first: whoever sees the event finds the message in the
             // dead-letter queue already.
             dead_letter(ctx, publish, d, &event, label, &reason, attempt).await?;
-            publish_event(ctx, publish, &event).await?;
-            send_reply(ctx, reply, d, &event).await;
-            send_webhook(ctx, d, &event);
+            if announce {
+                publish_event(ctx, publish, &event).await?;
+            }
+            send_reply(ctx, reply, d, &event, scope).await;
+            if announce {
+                send_webhook(ctx, publish, d, &event, scope).await?;
+            }
         }
         Settlement::Retry {
             next_attempt,
@@ -245,12 +258,17 @@ pub fn was_routed(d: &Delivery) -> bool {
         .is_some_and(|h| h.inner().contains_key(ROUTED_HEADER))
 }
 
-/// Publishes a result event (confirmed) on `job.<status>`.
+/// Publishes a result event (confirmed) on `job.<status>` (`job.<status>.<tenant>.<id>` in a
+/// multi-tenant fleet).
 pub async fn publish_event(
     ctx: &Context,
     publish: &Channel,
     event: &ResultEvent,
 ) -> anyhow::Result<()> {
+    let scope = event
+        .tenant
+        .as_deref()
+        .map_or_else(Scope::single, Scope::tenant);
     let body = serde_json::to_vec(event)?;
     let mut props = json_props().with_timestamp(amqp::now_unix());
     if let Some(id) = amqp::message_id(&event.id) {
@@ -259,7 +277,7 @@ pub async fn publish_event(
     publish_confirmed(
         publish,
         &ctx.settings.amqp.events_exchange,
-        &event.status.event_key(),
+        &scope.routing_key(event.status.name(), &event.id),
         &body,
         props,
         confirm_timeout(ctx),
@@ -267,15 +285,38 @@ pub async fn publish_event(
     .await
 }
 
+/// The reply-to queue that RabbitMQ binds to the publishing connection (direct reply-to).
+const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
+
 /// Whether the worker may publish a reply to `queue`: one of `amqp.reply_to_prefixes` (by
 /// default RabbitMQ's direct reply-to and server-named queues, `amq.gen-…`), and never one of
 /// r2f's own queues (a client must not make the worker feed its jobs, retry or dead-letter
-/// queues).
-pub fn reply_allowed(s: &crate::config::AmqpSettings, queue: &str) -> Result<(), &'static str> {
+/// queues). In a multi-tenant fleet only direct reply-to and the tenant's own
+/// `r2f.reply.<tenant>.…` queues (none for a message of no tenant): a message cannot make a
+/// worker write into another tenant's queue.
+pub fn reply_allowed(
+    s: &crate::config::AmqpSettings,
+    queue: &str,
+    tenancy: TenancyMode,
+    scope: Option<&Scope>,
+) -> Result<(), &'static str> {
+    if tenancy == TenancyMode::Multi {
+        if queue.starts_with(DIRECT_REPLY_TO) {
+            return Ok(());
+        }
+        return match scope.and_then(Scope::reply_prefix) {
+            Some(prefix) if queue.starts_with(&prefix) => Ok(()),
+            _ => {
+                Err("is neither direct reply-to nor one of the tenant's r2f.reply.<tenant>. queues")
+            }
+        };
+    }
     // A template's text before `{model}` starts every queue made from it.
     let stem = |t: &str| t.split("{model}").next().unwrap_or_default().to_string();
     let own = queue == s.inbox_queue
         || queue == s.dead_letter_queue
+        || queue.starts_with(&s.webhooks_queue)
+        || queue == s.control_queue
         || queue.starts_with(&stem(&s.jobs_queue))
         || queue.starts_with(&stem(&s.retry_queue));
     if own {
@@ -296,11 +337,22 @@ pub fn reply_allowed(s: &crate::config::AmqpSettings, queue: &str) -> Result<(),
 /// `message_id` when it has none). Best effort, on a channel of its own without confirms: a
 /// client that has gone away never costs the job (the event on the events exchange and the
 /// status record stay the durable answers).
-pub async fn send_reply(ctx: &Context, reply: &Channel, d: &Delivery, event: &ResultEvent) {
+pub async fn send_reply(
+    ctx: &Context,
+    reply: &Channel,
+    d: &Delivery,
+    event: &ResultEvent,
+    scope: Option<&Scope>,
+) {
     let Some(queue) = d.properties.reply_to().as_ref() else {
         return;
     };
-    if let Err(why) = reply_allowed(&ctx.settings.amqp, queue.as_str()) {
+    if let Err(why) = reply_allowed(
+        &ctx.settings.amqp,
+        queue.as_str(),
+        ctx.tenancy.mode(),
+        scope,
+    ) {
         warn!(reply_to = ?super::outcome::bounded(queue.as_str(), 100), why, "reply_to not answered");
         return;
     }
@@ -336,17 +388,28 @@ pub async fn send_reply(ctx: &Context, reply: &Channel, d: &Delivery, event: &Re
     }
 }
 
-/// Hands the terminal event to the webhook sender when the message asks for one (it is sent in
-/// the background; the ack does not wait for it).
-fn send_webhook(ctx: &Context, d: &Delivery, event: &ResultEvent) {
-    let Some(webhooks) = &ctx.webhooks else {
-        return;
+/// Puts the terminal event's webhook delivery into the outbox (confirmed, before the ack) when
+/// the message asks for one: the delivery survives this worker.
+async fn send_webhook(
+    ctx: &Context,
+    publish: &Channel,
+    d: &Delivery,
+    event: &ResultEvent,
+    scope: Option<&Scope>,
+) -> anyhow::Result<()> {
+    let (Some(_), Some(scope)) = (&ctx.webhooks, scope) else {
+        return Ok(());
     };
-    if let Some(spec) =
+    let Some(spec) =
         crate::service::webhook::spec_of(&d.data, ctx.settings.limits.max_message_bytes)
-    {
-        webhooks.deliver(&spec, event);
+    else {
+        return Ok(());
+    };
+    let kind = WebhookEvent::from(event.status);
+    if let Some(delivery) = WebhookDelivery::of(scope, &event.id, &spec, kind, 0, event) {
+        super::outbox::enqueue(ctx, publish, &[delivery]).await?;
     }
+    Ok(())
 }
 
 /// Copies the original message to the dead-letter queue (confirmed), with why.
@@ -399,7 +462,17 @@ async fn dead_letter(
 
 /// The job's status record after a settlement: finished with its result event, `retrying` or
 /// `queued` (handed back) with the reason. Messages without a readable id have none.
-pub async fn record_status(ctx: &Context, d: &Delivery, attempt: u32, settlement: &Settlement) {
+/// `scope` is the delivery's (none for a message that belongs to no tenant: it has no record).
+pub async fn record_status(
+    ctx: &Context,
+    d: &Delivery,
+    attempt: u32,
+    settlement: &Settlement,
+    scope: Option<&Scope>,
+) {
+    let Some(scope) = scope else {
+        return;
+    };
     let (id, state, reason, result, attempt) = match settlement {
         Settlement::Publish { event } => (
             Some(event.id.clone()),
@@ -408,6 +481,10 @@ pub async fn record_status(ctx: &Context, d: &Delivery, attempt: u32, settlement
             Some(event),
             attempt,
         ),
+        // Not under the id of another job of the tenant (a duplicate id).
+        Settlement::DeadLetter {
+            announce: false, ..
+        } => return,
         Settlement::DeadLetter { event, reason, .. } => (
             Some(event.id.clone()),
             JobState::from(event.status),
@@ -438,11 +515,12 @@ pub async fn record_status(ctx: &Context, d: &Delivery, attempt: u32, settlement
     let Some(id) = id.filter(|i| crate::job::valid_id(i)) else {
         return;
     };
+    let job = JobKey::new(scope.clone(), id);
     crate::service::status::record(
         &ctx.redis,
         Duration::from_secs(ctx.settings.redis.status_ttl_secs),
         crate::service::status::Update {
-            id: &id,
+            job: &job,
             state,
             attempt,
             worker: &ctx.worker_name,
@@ -477,7 +555,11 @@ mod tests {
             "amq.gen-JzTY20BRgKO-HjmUJj0wLg",
             "r2f.reply.client-7",
         ] {
-            assert_eq!(reply_allowed(&s, ok), Ok(()), "{ok}");
+            assert_eq!(
+                reply_allowed(&s, ok, TenancyMode::Single, None),
+                Ok(()),
+                "{ok}"
+            );
         }
         for bad in [
             "r2f.jobs",
@@ -487,7 +569,25 @@ mod tests {
             "billing.invoices",
             "",
         ] {
-            assert!(reply_allowed(&s, bad).is_err(), "{bad}");
+            assert!(
+                reply_allowed(&s, bad, TenancyMode::Single, None).is_err(),
+                "{bad}"
+            );
         }
+        // Tenants: direct reply-to and their own r2f.reply.<tenant>. queues, nothing else.
+        let acme = Scope::tenant("acme");
+        let multi =
+            |q: &str, scope: Option<&Scope>| reply_allowed(&s, q, TenancyMode::Multi, scope);
+        assert_eq!(multi("amq.rabbitmq.reply-to", Some(&acme)), Ok(()));
+        assert_eq!(multi("r2f.reply.acme.7f", Some(&acme)), Ok(()));
+        assert_eq!(multi("amq.rabbitmq.reply-to.g1h2AA==.abc", None), Ok(()));
+        for bad in [
+            "r2f.reply.beta.7f",
+            "amq.gen-JzTY20BRgKO",
+            "r2f.reply.acmex.1",
+        ] {
+            assert!(multi(bad, Some(&acme)).is_err(), "{bad}");
+        }
+        assert!(multi("r2f.reply.acme.7f", None).is_err());
     }
 }

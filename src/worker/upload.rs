@@ -35,14 +35,15 @@ pub fn storage_error(e: StorageError) -> JobError {
 pub async fn upload<'a>(
     ctx: &Context,
     job: &ValidJob,
+    result_key: &str,
     images: impl Iterator<Item = &'a GeneratedImage>,
 ) -> Result<Vec<OutputImage>, JobError> {
+    // The images go next to the job's result.json.
+    let folder = result_key.rsplit_once('/').map_or("", |(f, _)| f);
     let mut outputs = Vec::new();
     for (index, img) in images.enumerate() {
         let key = join_key(&[
-            &ctx.settings.storage.prefix,
-            &job.prefix,
-            &job.id,
+            folder,
             &format!("{index}.{}", job.encoding.format.extension()),
         ]);
         let content_type = job.encoding.format.content_type();

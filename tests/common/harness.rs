@@ -213,6 +213,10 @@ pub struct Names {
     pub route: String,
     /// The inbox queue (jobs published to it directly, and the unroutable ones).
     pub inbox: String,
+    /// The webhook outbox (retries in `<webhooks>.retry`, given up in `<webhooks>.dead`).
+    pub webhooks: String,
+    /// The control exchange and queue (cancel requests).
+    pub control: String,
 }
 
 /// The models of a fleet test: (name, fixture folder).
@@ -228,6 +232,8 @@ impl Names {
             events: format!("{prefix}.events"),
             route: format!("{prefix}.jobs.route"),
             inbox: format!("{prefix}.jobs.inbox"),
+            webhooks: format!("{prefix}.jobs.webhooks"),
+            control: format!("{prefix}.jobs.control"),
         }
     }
 
@@ -379,13 +385,13 @@ impl Broker {
         }
     }
 
-    /// Waits for `n` final events (not progress); returns them.
+    /// Waits for `n` final events (not progress, not started); returns them.
     pub async fn wait_results(&mut self, n: usize, timeout: Duration) -> Vec<serde_json::Value> {
         let mut out = Vec::new();
         let deadline = Instant::now() + timeout;
         while out.len() < n {
             let left = deadline.saturating_duration_since(Instant::now());
-            match self.wait_event(left, |_, rk| rk != "job.progress").await {
+            match self.wait_event(left, |_, rk| is_final(rk)).await {
                 Some((v, _)) => out.push(v),
                 None => break,
             }
@@ -452,6 +458,10 @@ impl Broker {
             self.names.dead.clone(),
             self.names.retry.clone(),
             self.names.inbox.clone(),
+            self.names.webhooks.clone(),
+            format!("{}.retry", self.names.webhooks),
+            format!("{}.dead", self.names.webhooks),
+            self.names.control.clone(),
         ];
         queues.extend((0..=10).map(|l| format!("{}.{l}", self.names.retry)));
         for (m, _) in FLEET {
@@ -461,6 +471,7 @@ impl Broker {
         for x in [
             self.names.route.clone(),
             format!("{}.unrouted", self.names.route),
+            self.names.control.clone(),
         ] {
             let _ = self
                 .ch
@@ -482,6 +493,13 @@ impl Broker {
             .await;
         let _ = ExchangeKind::Topic;
     }
+}
+
+/// Whether an event's routing key is a job's final event (`job.<status>`, or
+/// `job.<status>.<tenant>.<id>`), not `job.started` or `job.progress`.
+pub fn is_final(routing_key: &str) -> bool {
+    let kind = routing_key.split('.').nth(1).unwrap_or("");
+    !matches!(kind, "progress" | "started")
 }
 
 /// A queue's message count through a passive declare.
@@ -632,6 +650,9 @@ jobs_queue = "{jobs}"
 dead_letter_queue = "{dead}"
 retry_queue = "{retry}"
 events_exchange = "{events}"
+webhooks_queue = "{webhooks}"
+control_exchange = "{control}"
+control_queue = "{control}"
 reconnect_min_ms = 100
 reconnect_max_ms = 1000
 stable_connection_secs = 2
@@ -664,6 +685,8 @@ listen = "127.0.0.1:{port}"
             inbox = n.inbox,
             dead = n.dead,
             events = n.events,
+            webhooks = n.webhooks,
+            control = n.control,
             redis = self.redis_url,
             port = self.metrics_port,
             storage = storage,
