@@ -140,3 +140,75 @@ async fn the_typescript_client_submits_follows_waits_and_cancels() {
     })
     .await;
 }
+
+/// The TypeScript webhook receiver verifies a delivery signed the way the worker signs it
+/// (the `standardwebhooks` crate) with the npm `standardwebhooks` library, and refuses one whose
+/// body was changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_typescript_webhook_receiver_verifies_signed_deliveries() {
+    use std::io::{BufRead, BufReader};
+    let dir = root().join("examples/typescript");
+    let tsx = dir.join("node_modules/.bin/tsx");
+    assert!(tsx.exists(), "no {} (run scripts/setup.sh)", tsx.display());
+    let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let port = free_port();
+    // tsx runs node as its child: a process group of its own, killed whole at the end.
+    use std::os::unix::process::CommandExt;
+    let mut child = Command::new(&tsx)
+        .arg(dir.join("webhook-receiver.ts"))
+        .args(["--port", &port.to_string(), "--secret", secret])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    struct Group(i32);
+    impl Drop for Group {
+        fn drop(&mut self) {
+            // SAFETY: signals the process group this test made.
+            unsafe { libc::kill(-self.0, libc::SIGKILL) };
+        }
+    }
+    let _group = Group(child.id() as i32);
+    let (tx, rx) = std::sync::mpsc::channel::<serde_json::Value>();
+    let out = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str(&line) {
+                let _ = tx.send(v);
+            }
+        }
+    });
+    let first = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the receiver listens");
+    assert!(first.get("listening").is_some(), "{first}");
+    let body =
+        r#"{"type":"job.succeeded","timestamp":"2026-12-07T00:00:00.000Z","data":{"id":"j-1"}}"#;
+    let ts = chrono::Utc::now().timestamp();
+    let sig = standardwebhooks::Webhook::new(secret)
+        .unwrap()
+        .sign("msg_1", ts, body.as_bytes())
+        .unwrap();
+    let client = reqwest::Client::new();
+    let post = |body: &'static str| {
+        client
+            .post(format!("http://127.0.0.1:{port}/"))
+            .header("webhook-id", "msg_1")
+            .header("webhook-timestamp", ts.to_string())
+            .header("webhook-signature", &sig)
+            .body(body)
+            .send()
+    };
+    assert_eq!(post(body).await.unwrap().status().as_u16(), 200);
+    let line = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!(line["verified"], true, "{line}");
+    assert_eq!(line["job"], "j-1", "{line}");
+    let tampered =
+        r#"{"type":"job.succeeded","timestamp":"2026-12-07T00:00:00.000Z","data":{"id":"j-2"}}"#;
+    assert_eq!(post(tampered).await.unwrap().status().as_u16(), 401);
+    let line = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!(line["verified"], false, "{line}");
+    drop(_group);
+    let _ = child.wait();
+}
