@@ -515,7 +515,7 @@ async fn webhooks_are_signed_retried_filtered_and_held_to_the_allow_list() {
         assert_eq!(ev["data"]["status"], "succeeded");
         assert_eq!(h["content-type"], "application/json");
         let ts: u64 = h["webhook-timestamp"].parse().unwrap();
-        let now = r2f::worker::amqp::now_unix();
+        let now = r2f::service::amqp::now_unix();
         assert!(ts <= now && now - ts < 120, "timestamp {ts}");
         // A secret without the whsec_ prefix is the key's bytes.
         let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();

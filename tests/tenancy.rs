@@ -91,7 +91,7 @@ async fn publish(
 ) -> bool {
     let mut props = BasicProperties::default()
         .with_delivery_mode(2)
-        .with_timestamp(r2f::worker::amqp::now_unix());
+        .with_timestamp(r2f::service::amqp::now_unix());
     if let Some(u) = user_id {
         props = props.with_user_id(u.into());
     }
@@ -385,7 +385,7 @@ async fn the_shipped_definitions_keep_clients_to_their_own() {
         .await
         .unwrap();
     let admin = conn.create_channel().await.unwrap();
-    r2f::worker::amqp::declare_topology(&admin, &settings.amqp, &settings.routed_models())
+    r2f::service::amqp::declare_topology(&admin, &settings.amqp, &settings.routed_models())
         .await
         .unwrap();
 

@@ -9,7 +9,7 @@ use lapin::options::{BasicConsumeOptions, QueueBindOptions};
 use lapin::types::FieldTable;
 
 use crate::config::Settings;
-use crate::worker::amqp;
+use crate::service::amqp;
 
 pub struct ServiceReport {
     pub jobs: usize,

@@ -10,7 +10,7 @@ use std::io::BufRead;
 
 use crate::config::Settings;
 use crate::job::{valid_id, JobMessage};
-use crate::worker::amqp;
+use crate::service::amqp;
 
 /// One line to publish: its body, id, model (the routing key) and AMQP priority.
 pub struct Line {

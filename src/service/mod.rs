@@ -3,6 +3,7 @@
 //! planner, webhook deliveries, and the backoff they share. They know the job contract
 //! ([`crate::job`]) and the settings ([`crate::config`]); the core knows none of them.
 
+pub mod amqp;
 pub mod backoff;
 pub mod metrics;
 pub mod planner;

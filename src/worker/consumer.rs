@@ -12,13 +12,13 @@ use lapin::Channel;
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
-use super::amqp::{self, amqp_error, json_props};
 use super::context::{count_job, AbortOnDrop, Context};
 use super::lifecycle::{run_job, Incoming, Notice, ProgressTx};
 use super::outcome::{decide, Fault, JobError, JobOutcome, Settlement};
 use super::settle::{self, attempt_of, best_effort_id_bounded, deliveries_of, record_status};
 use super::shutdown::Shutdown;
 use crate::job::{ErrorKind, Outcome, ProgressEvent, ResultEvent, StartedEvent, WebhookEvent};
+use crate::service::amqp::{self, amqp_error, json_props};
 use crate::service::backoff::Breaker;
 use crate::service::tenancy::{JobKey, Scope};
 use crate::service::webhook::Delivery as WebhookDelivery;

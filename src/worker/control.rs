@@ -15,11 +15,11 @@ use lapin::Channel;
 use serde::Deserialize;
 use tracing::{info, warn};
 
-use super::amqp::{self, amqp_error, json_props};
 use super::context::Context;
 use super::settle::reply_allowed;
 use crate::job::status::{CancelAnswer, CancelVerdict};
 use crate::job::valid_id;
+use crate::service::amqp::{self, amqp_error, json_props};
 use crate::service::tenancy::JobKey;
 
 /// A cancel request's body.

@@ -17,7 +17,6 @@
 //! A job is acked only after its outputs and `result.json` are stored and its result event is
 //! confirmed. Failure semantics: docs/contract.md.
 
-pub mod amqp;
 pub mod consumer;
 pub mod context;
 pub mod control;

@@ -17,8 +17,8 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel};
 use tracing::{info, warn};
 
-use super::amqp::{self, amqp_error, json_props, publish_confirmed};
 use super::context::Context;
+use crate::service::amqp::{self, amqp_error, json_props, publish_confirmed};
 use crate::service::backoff::retry_delay;
 use crate::service::metrics::Delivery as Counted;
 use crate::service::webhook::{Attempt, Delivery};

@@ -12,11 +12,11 @@ use lapin::message::Delivery;
 use lapin::Channel;
 use tracing::warn;
 
-use super::amqp::amqp_error;
 use super::context::{count_job, Context};
 use super::outcome::{decide, JobOutcome, Rejected};
 use super::settle::{self, attempt_of, best_effort_id_bounded, record_status, was_routed};
 use crate::job::{validate_message, Outcome};
+use crate::service::amqp::amqp_error;
 use crate::service::tenancy::{JobKey, Scope};
 
 /// Routes inbox deliveries until the consumer ends; returns why it ended.

@@ -10,11 +10,11 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel};
 use tracing::{info, warn};
 
-use super::amqp::{self, amqp_error, json_props, publish_confirmed};
 use super::context::Context;
 use super::outcome::Settlement;
 use crate::config::TenancyMode;
 use crate::job::{best_effort_id, JobState, Outcome, ResultEvent, WebhookEvent};
+use crate::service::amqp::{self, amqp_error, json_props, publish_confirmed};
 use crate::service::backoff::retry_delay;
 use crate::service::tenancy::{JobKey, Scope};
 use crate::service::webhook::Delivery as WebhookDelivery;

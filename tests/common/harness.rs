@@ -261,7 +261,7 @@ impl Names {
 
 /// A server-named, exclusive, auto-deleted queue (a client's own queue for events or replies).
 pub async fn private_queue(ch: &Channel) -> lapin::Queue {
-    r2f::worker::amqp::declare_private_queue(ch).await.unwrap()
+    r2f::service::amqp::declare_private_queue(ch).await.unwrap()
 }
 
 /// The test's own broker client: publishes jobs, listens to events, reads dead letters.
@@ -297,7 +297,7 @@ impl Broker {
         } else {
             vec!["tiny".into()]
         };
-        r2f::worker::amqp::declare_topology(&ch, &names.settings(fleet), &models)
+        r2f::service::amqp::declare_topology(&ch, &names.settings(fleet), &models)
             .await
             .unwrap();
         let q = private_queue(&ch).await;
@@ -339,7 +339,7 @@ impl Broker {
     pub async fn publish_at(&self, exchange: &str, key: &str, body: &[u8]) {
         let props = BasicProperties::default()
             .with_delivery_mode(2)
-            .with_timestamp(r2f::worker::amqp::now_unix());
+            .with_timestamp(r2f::service::amqp::now_unix());
         let c = self
             .ch
             .basic_publish(

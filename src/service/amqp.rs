@@ -1,5 +1,5 @@
-//! Broker plumbing shared by the worker and `r2f enqueue`: connection, topology, confirmed
-//! publishing.
+//! Broker plumbing shared by the worker, the gateway and `r2f enqueue`: connection, topology,
+//! confirmed publishing.
 
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
