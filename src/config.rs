@@ -354,6 +354,56 @@ pub struct TenantSettings {
     pub max_pixels: Option<i64>,
     /// Its jobs running at once across the fleet; more wait in their queue.
     pub max_jobs_in_flight: Option<usize>,
+    /// Gateway: files of the SHA-256 digests (hex) of its API keys, one per line.
+    pub api_key_files: Vec<String>,
+    /// Gateway: its requests per second and burst (all replicas together); none: the
+    /// gateway's.
+    pub rate_per_sec: Option<f64>,
+    pub burst: Option<u32>,
+    /// Gateway: its jobs accepted and not finished at once; none: the gateway's.
+    pub max_jobs_open: Option<usize>,
+}
+
+/// The HTTP door (`r2f gateway`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct GatewaySettings {
+    pub listen: String,
+    /// A single-tenant fleet's API keys: files of SHA-256 digests (hex), one per line.
+    pub api_key_files: Vec<String>,
+    /// Requests per second and burst per tenant (all gateway replicas together).
+    pub rate_per_sec: f64,
+    pub burst: u32,
+    /// A tenant's jobs accepted and not finished at once (across the gateways).
+    pub max_jobs_open: usize,
+    /// How long an accepted job counts as open at most (a job whose end was never recorded
+    /// stops counting then).
+    pub open_lapse_secs: u64,
+    /// Origins allowed by CORS (`*` for any); empty: no CORS headers.
+    pub cors_origins: Vec<String>,
+    /// On SIGTERM: stop accepting, finish requests and close event streams within this.
+    pub drain_secs: u64,
+    /// How long an `Idempotency-Key` keeps naming its job.
+    pub idempotency_ttl_secs: u64,
+}
+
+/// Traces (OpenTelemetry).
+#[derive(Debug, Clone, Deserialize)]
+pub struct TelemetrySettings {
+    /// The OTLP/HTTP endpoint (`http://collector:4318`); empty: no export (spans cost nothing).
+    pub otlp_endpoint: String,
+    /// `http/protobuf` or `http/json`.
+    pub otlp_protocol: OtlpProtocol,
+    /// The share of traces started here that are kept (a `traceparent` that says sampled is
+    /// always kept).
+    pub sample_ratio: f64,
+}
+
+crate::named_enum! {
+    /// How spans are sent to the OTLP endpoint.
+    pub enum OtlpProtocol("otlp protocol") {
+        Protobuf = "http/protobuf",
+        Json = "http/json",
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -373,6 +423,8 @@ pub struct Settings {
     pub metrics: MetricsSettings,
     pub log: LogSettings,
     pub limits: Limits,
+    pub gateway: GatewaySettings,
+    pub telemetry: TelemetrySettings,
 }
 
 impl Settings {

@@ -21,6 +21,7 @@ pub mod job;
 // Services, the daemon, and the tools and commands on top.
 pub mod bench;
 pub mod cli;
+pub mod gateway;
 pub mod service;
 pub mod worker;
 

@@ -16,7 +16,24 @@ fn main() -> ExitCode {
         s.apply_tls();
     }
     let json_logs = cli.log_json || matches!(&settings, Ok(s) if s.log.format == LogFormat::Json);
-    cli::init_tracing(json_logs);
+    // The services export their spans when telemetry is configured.
+    let export_as = match &cli.command {
+        Command::Worker => Some("r2f-worker"),
+        Command::Gateway => Some("r2f-gateway"),
+        _ => None,
+    };
+    let exporter = cli::init_tracing(
+        json_logs,
+        settings.as_ref().ok().map(|s| &s.telemetry),
+        export_as,
+    );
+    let exporter = match exporter {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("error: {}", cli::error_line(&e));
+            return ExitCode::from(cli::Exit::code_of(&e));
+        }
+    };
     let result = settings.and_then(|settings| match cli.command {
         Command::Generate(a) => cli::generate(&settings, *a),
         Command::Bench(a) => cli::bench(a),
@@ -51,7 +68,12 @@ fn main() -> ExitCode {
             check,
             no_validate,
         } => cli::enqueue(&settings, &file, check, !no_validate),
+        Command::Gateway => cli::gateway(settings),
+        Command::Key { hash } => cli::key(hash),
+        Command::BenchGateway(a) => cli::bench_gateway(&settings, a),
     });
+    // Spans still batched go out before the process ends.
+    drop(exporter);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -225,7 +225,8 @@ async fn cancel_drops_a_queued_job_and_stops_a_running_one() {
     broker.publish(&tiny_job(&running, 1_000_000)).await;
     broker
         .wait_event(T, |v, rk| {
-            rk == "job.progress" && v["id"] == running.as_str()
+            rk == format!("job.progress.{}", v["id"].as_str().unwrap_or(""))
+                && v["id"] == running.as_str()
         })
         .await
         .expect("progress of the running job");

@@ -201,7 +201,9 @@ async fn worker_killed_mid_job_completes_it_exactly_once_after_restart() {
     broker.publish(&tiny_job("killed", 120)).await;
     // Mid-job: after the first progress event.
     let p = broker
-        .wait_event(T, |v, rk| rk == "job.progress" && v["id"] == "killed")
+        .wait_event(T, |v, rk| {
+            rk == format!("job.progress.{}", v["id"].as_str().unwrap_or("")) && v["id"] == "killed"
+        })
         .await;
     assert!(p.is_some(), "{}", worker.log());
     worker.signal(libc::SIGKILL);
@@ -270,7 +272,9 @@ async fn sigterm_during_a_job_finishes_it_acks_and_exits_zero() {
     broker.publish(&tiny_job("in-hand", 60)).await;
     broker.publish(&tiny_job("next", 1)).await;
     let p = broker
-        .wait_event(T, |v, rk| rk == "job.progress" && v["id"] == "in-hand")
+        .wait_event(T, |v, rk| {
+            rk == format!("job.progress.{}", v["id"].as_str().unwrap_or("")) && v["id"] == "in-hand"
+        })
         .await;
     assert!(p.is_some(), "{}", worker.log());
     worker.signal(libc::SIGTERM);
@@ -323,7 +327,10 @@ async fn broker_connection_dropped_idle_and_busy_recovers() {
     // Busy: cut while a job is being generated.
     broker.publish(&tiny_job("busy-drop", 60)).await;
     let p = broker
-        .wait_event(T, |v, rk| rk == "job.progress" && v["id"] == "busy-drop")
+        .wait_event(T, |v, rk| {
+            rk == format!("job.progress.{}", v["id"].as_str().unwrap_or(""))
+                && v["id"] == "busy-drop"
+        })
         .await;
     assert!(p.is_some());
     proxy.cut_all();
@@ -574,6 +581,39 @@ async fn enqueue_publishes_with_confirms_and_reports_refused_lines() {
         "{stderr}"
     );
     assert_eq!(broker.queue_len(&names.jobs).await, 2);
+    // Accepted jobs are `queued` from then on, by r2f-enqueue, before any worker runs.
+    let out = status_cli(file.path(), &["status", "e-1"]);
+    assert!(out.status.success(), "{out:?}");
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(st["state"], "queued", "{st}");
+    assert_eq!(st["worker"], "r2f-enqueue");
+    // Another job under a claimed id is refused before publishing; the same job again is not.
+    let mut other = tiny_job("e-1", 1);
+    other["prompt"] = json!("another prompt");
+    std::fs::write(
+        jobs.path(),
+        [other.to_string(), tiny_job("e-2", 1).to_string()].join("\n"),
+    )
+    .unwrap();
+    let (cfg_path, jobs_path) = (file.path().to_path_buf(), jobs.path().to_path_buf());
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_r2f"))
+            .args(["enqueue", "--config"])
+            .arg(&cfg_path)
+            .arg(&jobs_path)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(65), "{stderr}");
+    assert!(
+        stderr.contains("line 1") && stderr.contains("duplicate_id"),
+        "{stderr}"
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1 published"));
+    assert_eq!(broker.queue_len(&names.jobs).await, 3);
     broker.cleanup().await;
 }
 

@@ -161,7 +161,8 @@ async fn an_s3_outage_during_upload_costs_no_attempt_and_no_regeneration() {
     // Generation has started (the result.json lookup is done): S3 goes away for 3 s.
     let progress = broker
         .wait_event(T, |v, rk| {
-            rk == "job.progress" && v["id"] == "through-outage"
+            rk == format!("job.progress.{}", v["id"].as_str().unwrap_or(""))
+                && v["id"] == "through-outage"
         })
         .await;
     assert!(progress.is_some(), "{}", worker.log());

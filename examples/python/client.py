@@ -45,7 +45,7 @@ async def run(a: argparse.Namespace) -> int:
         own = f"r2f.reply.{a.tenant}." if a.tenant else "r2f.reply."
         progress_q = await ch.declare_queue(f"{own}{uuid.uuid4().hex}", exclusive=True,
                                             auto_delete=True)
-        key = f"job.progress.{a.tenant}.{job_id}" if a.tenant else "job.progress"
+        key = f"job.progress.{a.tenant}.{job_id}" if a.tenant else f"job.progress.{job_id}"
         await progress_q.bind(events, routing_key=key)
         # The terminal event and the cancel answer: on our own reply queue. Workers answer only
         # queues named like a client's (r2f.reply.* — r2f.reply.<tenant>.* for a tenant —,

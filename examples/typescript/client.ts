@@ -54,10 +54,10 @@ async function main(): Promise<number> {
     // Queues named like a client's: r2f.reply.* (r2f.reply.<tenant>.* for a tenant).
     const own = a.tenant ? `r2f.reply.${a.tenant}.` : "r2f.reply.";
     const opts = { exclusive: true, autoDelete: true };
-    // Progress: a private queue bound to the progress events (this job's, for a tenant).
+    // Progress: a private queue bound to this job's progress events.
     await ch.assertExchange(a["events-exchange"]!, "topic", { durable: true });
     const progressQ = (await ch.assertQueue(own + randomUUID(), opts)).queue;
-    const key = a.tenant ? `job.progress.${a.tenant}.${jobId}` : "job.progress";
+    const key = a.tenant ? `job.progress.${a.tenant}.${jobId}` : `job.progress.${jobId}`;
     await ch.bindQueue(progressQ, a["events-exchange"]!, key);
     // The terminal event and the cancel answer: on our own reply queue.
     const replyQ = (await ch.assertQueue(own + randomUUID(), opts)).queue;

@@ -3,6 +3,7 @@
 //! measures, and the reports of `r2f bench` and `r2f bench-service`.
 
 pub mod e2e;
+pub mod gateway;
 pub mod model;
 pub mod parity;
 pub mod service;

@@ -90,6 +90,20 @@ pub enum Command {
         #[arg(long, default_value_t = 64)]
         size: u32,
     },
+    /// The HTTP door (docs/contract.md, "HTTP API"): submit, follow and cancel jobs over HTTP
+    /// with API keys; serves until a signal, then drains within `gateway.drain_secs`.
+    Gateway,
+    /// Make an API key: prints the key (line 1, give it to the client) and its SHA-256 digest
+    /// (line 2, append it to a key file the gateway reads). With --hash, print the digest of a
+    /// key read from standard input.
+    Key {
+        #[arg(long)]
+        hash: bool,
+    },
+    /// Measure `POST /v1/jobs`: submissions per second and p50/p90/p99 latency at a fixed rate.
+    /// Without --url, runs a gateway in this process on the configured broker and Redis, under
+    /// names of its own that it removes afterwards.
+    BenchGateway(BenchGatewayArgs),
     /// Publish jobs (one JSON object a line) with publisher confirms.
     /// Lines a worker would reject are refused first, without the broker, each with its line
     /// number and reason; the others are published. Exit 0 when every line was published, 65
@@ -250,6 +264,22 @@ pub struct ParityArgs {
     /// Also write the report as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+pub struct BenchGatewayArgs {
+    /// Requests per second.
+    #[arg(long, default_value_t = 500.0)]
+    pub rate: f64,
+    /// How long to send.
+    #[arg(long, default_value_t = 10.0)]
+    pub seconds: f64,
+    /// A running gateway (`http://host:port`); needs --key.
+    #[arg(long)]
+    pub url: Option<String>,
+    /// An API key of that gateway.
+    #[arg(long, env = "R2F_API_KEY", hide_env_values = true)]
+    pub key: Option<String>,
 }
 
 #[derive(clap::Args)]

@@ -12,13 +12,15 @@ use crate::config::Settings;
 use crate::job::{valid_id, JobMessage};
 use crate::service::amqp;
 
-/// One line to publish: its body, id, model (the routing key) and AMQP priority.
+/// One line to publish: its body, id, model (the routing key), AMQP priority and, for a
+/// validated job, its fingerprint (its `queued` record and id claim are written first).
 pub struct Line {
     pub number: usize,
     pub body: String,
     pub id: String,
     pub model: String,
     pub priority: u8,
+    pub fingerprint: Option<String>,
 }
 
 /// What reading a file came to: the lines to publish and the lines refused (with why).
@@ -59,9 +61,9 @@ pub fn check(settings: &Settings, input: impl BufRead, validate: bool) -> anyhow
         };
         let max_priority = i64::from(settings.amqp.max_priority);
         let priority = message.priority.unwrap_or(0).clamp(0, max_priority) as u8;
-        let (id, model) = if validate {
+        let (id, model, fingerprint) = if validate {
             match message.validate(limits, Some(&models), settings.default_model()) {
-                Ok(job) => (job.id, job.model),
+                Ok(job) => (job.id, job.model, Some(job.fingerprint)),
                 Err(r) => {
                     out.refused.push((number, r.0));
                     continue;
@@ -87,7 +89,7 @@ pub fn check(settings: &Settings, input: impl BufRead, validate: bool) -> anyhow
                 ));
                 continue;
             }
-            (message.id, model)
+            (message.id, model, None)
         };
         out.valid.push(Line {
             number,
@@ -95,6 +97,7 @@ pub fn check(settings: &Settings, input: impl BufRead, validate: bool) -> anyhow
             id,
             model,
             priority,
+            fingerprint,
         });
     }
     Ok(out)
@@ -121,21 +124,82 @@ fn loose(body: &str) -> Result<JobMessage, String> {
     })
 }
 
-/// Publishes the lines, each confirmed by the broker; returns their ids. An error is the
-/// broker's (unreachable, refused, a confirm that did not come).
-pub async fn publish(settings: &Settings, lines: &[Line]) -> anyhow::Result<Vec<String>> {
+/// What publishing came to: the ids published, and the lines refused because their id is
+/// another job's.
+pub struct Published {
+    pub ids: Vec<String>,
+    pub refused: Vec<(usize, String)>,
+}
+
+/// The broker user of an AMQP URL (`guest` when it names none).
+fn url_user(url: &str) -> String {
+    reqwest::Url::parse(url)
+        .ok()
+        .map(|u| u.username().to_string())
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "guest".into())
+}
+
+/// Publishes the lines, each confirmed by the broker; a validated job is first recorded
+/// `queued` under its id (best effort: without Redis it is published all the same), and a line
+/// whose id another job holds is refused. An error is the broker's (unreachable, refused, a
+/// confirm that did not come). In a multi-tenant fleet the jobs are the tenant's of the URL's
+/// user, and carry it as `user_id`.
+pub async fn publish(settings: &Settings, lines: &[Line]) -> anyhow::Result<Published> {
+    use crate::service::status::{admit, Admission, Admit};
     let s = &settings.amqp;
+    let user = url_user(&s.url);
+    let multi = settings.tenancy.mode == crate::config::TenancyMode::Multi;
+    let scope = crate::service::tenancy::Tenancy::from_settings(settings)
+        .scope_of(Some(&user))
+        .map_err(|r| anyhow::anyhow!("{}", r.0))?;
+    let redis = crate::service::redis_store::RedisStore::new(&settings.redis);
     let conn = amqp::connect(s, "r2f-enqueue").await?;
     let ch = amqp::confirm_channel(&conn).await?;
     amqp::declare_topology(&ch, s, &settings.routed_models()).await?;
     let timeout = std::time::Duration::from_secs(s.confirm_timeout_secs.max(1));
-    let mut published = Vec::new();
+    let ttl = std::time::Duration::from_secs(settings.redis.status_ttl_secs);
+    let mut out = Published {
+        ids: Vec::new(),
+        refused: Vec::new(),
+    };
+    let mut redis_down = false;
     for line in lines {
+        if let (Some(fingerprint), false) = (&line.fingerprint, redis_down) {
+            let job = crate::service::tenancy::JobKey::new(scope.clone(), line.id.as_str());
+            let a = Admit {
+                job: &job,
+                fingerprint,
+                by: "r2f-enqueue",
+                ttl,
+                open: None,
+            };
+            match admit(&redis, a).await {
+                Ok(Admission::Conflict) => {
+                    out.refused.push((
+                        line.number,
+                        format!(
+                            "duplicate_id: `{}` is already another job's (a message with another body); send a new id",
+                            line.id
+                        ),
+                    ));
+                    continue;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "Redis unavailable: publishing without queued records");
+                    redis_down = true;
+                }
+            }
+        }
         let mut props = amqp::json_props()
             .with_timestamp(amqp::now_unix())
             .with_priority(line.priority);
         if let Some(mid) = amqp::message_id(&line.id) {
             props = props.with_message_id(mid);
+        }
+        if multi {
+            props = props.with_user_id(user.as_str().into());
         }
         amqp::publish_confirmed(
             &ch,
@@ -147,9 +211,9 @@ pub async fn publish(settings: &Settings, lines: &[Line]) -> anyhow::Result<Vec<
         )
         .await
         .map_err(|e| anyhow::anyhow!("line {}: {e}", line.number))?;
-        published.push(line.id.clone());
+        out.ids.push(line.id.clone());
     }
     let _ = ch.close(200, "done".into()).await;
     let _ = conn.close(200, "done".into()).await;
-    Ok(published)
+    Ok(out)
 }

@@ -42,6 +42,51 @@ pub fn worker(settings: Settings) -> anyhow::Result<()> {
     })
 }
 
+/// `r2f gateway`: serves HTTP until a signal, then drains (a second signal stops it at once).
+pub fn gateway(settings: Settings) -> anyhow::Result<()> {
+    runtime()?.block_on(async move {
+        let shutdown = crate::worker::Shutdown::on_signals();
+        let listen = settings.gateway.listen.clone();
+        let listener = tokio::net::TcpListener::bind(&listen)
+            .await
+            .map_err(|e| Exit::unavailable(format!("cannot listen on {listen}: {e}")))?;
+        crate::gateway::serve(settings, listener, shutdown).await
+    })
+}
+
+/// `r2f key`: a new API key and its digest; with `hash`, the digest of the key on stdin.
+pub fn key(hash: bool) -> anyhow::Result<()> {
+    use crate::gateway::auth::{digest, new_key};
+    if hash {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line)?;
+        let key = line.trim();
+        if key.is_empty() {
+            return Err(Exit::usage("no key on standard input").into());
+        }
+        println!("{}", digest(key));
+        return Ok(());
+    }
+    let key = new_key();
+    println!("{key}");
+    println!("{}", digest(&key));
+    eprintln!("line 1: the key, for the client (shown once); line 2: its digest, for a key file in gateway.api_key_files or tenants.<name>.api_key_files");
+    Ok(())
+}
+
+/// `r2f bench-gateway`: `POST /v1/jobs` at a fixed rate.
+pub fn bench_gateway(settings: &Settings, a: crate::cli::BenchGatewayArgs) -> anyhow::Result<()> {
+    let args = crate::bench::gateway::GatewayBenchArgs {
+        rate: a.rate,
+        seconds: a.seconds,
+        url: a.url,
+        key: a.key,
+    };
+    let report = runtime()?.block_on(crate::bench::gateway::run(settings, args))?;
+    print!("{report}");
+    Ok(())
+}
+
 /// `r2f plan`: the LLM's plan (through the plan cache), printed as JSON.
 pub fn plan(settings: &Settings, prompt: &str, mode: PlanMode) -> anyhow::Result<()> {
     if prompt.trim().is_empty() {
@@ -77,20 +122,27 @@ pub fn enqueue(
     for (line, reason) in &checked.refused {
         eprintln!("line {line}: not published: {reason}");
     }
-    let refused = checked.refused.len();
+    let mut refused = checked.refused.len();
     if check {
         println!("{} valid, {refused} refused", checked.valid.len());
     } else {
         let published = if checked.valid.is_empty() {
-            Vec::new()
+            crate::cli::enqueue::Published {
+                ids: Vec::new(),
+                refused: Vec::new(),
+            }
         } else {
             runtime()?
                 .block_on(crate::cli::enqueue::publish(settings, &checked.valid))
                 .map_err(|e| Exit::unavailable(format!("broker: {}", error_line(&e))))?
         };
+        for (line, reason) in &published.refused {
+            eprintln!("line {line}: not published: {reason}");
+        }
+        refused += published.refused.len();
         println!(
             "{} published (confirmed by the broker), {refused} refused",
-            published.len()
+            published.ids.len()
         );
     }
     if refused > 0 {

@@ -49,6 +49,10 @@ pub struct ResultEvent {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<EventError>,
     pub worker: String,
+    /// The W3C trace id of the job's trace, when the job came with a `traceparent` or traces are
+    /// exported: the id to look the job up by in the tracing back-end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
 }
 
 /// A worker took the job (`job.started`): its attempt and the worker.
@@ -60,6 +64,10 @@ pub struct StartedEvent {
     pub tenant: Option<String>,
     pub attempt: u32,
     pub worker: String,
+    /// The W3C trace id of the job's trace, when the job came with a `traceparent` or traces are
+    /// exported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
 }
 
 /// A progress event: `step` of `steps` denoising steps done (every image and, for R2F+, every
@@ -67,6 +75,18 @@ pub struct StartedEvent {
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct ProgressEvent {
     pub id: String,
+    /// The job's tenant, in a multi-tenant fleet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
     pub step: usize,
     pub steps: usize,
+    /// The attempt this run is (progress restarts with each attempt).
+    #[serde(default)]
+    pub attempt: u32,
+    /// An estimate of the milliseconds left, from the pace of the steps so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_ms: Option<u64>,
+    /// The W3C trace id of the job's trace (see `StartedEvent.trace_id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
 }

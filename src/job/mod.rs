@@ -1,11 +1,13 @@
 //! The job contract (docs/contract.md): a job as clients write it ([`wire`]), the rules it must
 //! keep ([`rules`]), its validation into a typed job ([`validate`]), the names of its states and
 //! outcomes ([`state`]), the events and status records r2f writes about it ([`event`],
-//! [`status`]), and the JSON Schemas of all of these ([`schema`]).
+//! [`status`]), the HTTP API's own documents and its OpenAPI description ([`api`]), and the
+//! JSON Schemas of all of these ([`schema`]).
 //!
 //! Everything a client sends is read here once: a message either becomes a [`ValidJob`] or a
 //! [`Rejection`] with its reason.
 
+pub mod api;
 pub mod event;
 pub mod rules;
 pub mod schema;

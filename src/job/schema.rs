@@ -11,7 +11,7 @@
 use serde_json::{json, Map, Value};
 
 use crate::generate::JobMode;
-use crate::job::event::{ProgressEvent, ResultEvent};
+use crate::job::event::{ProgressEvent, ResultEvent, StartedEvent};
 use crate::job::rules::{Limits, Rules, NOT_BLANK_PATTERN, WHITE_SPACE_CLASS};
 use crate::job::status::JobStatus;
 use crate::job::validate::min_faithful_steps;
@@ -28,16 +28,22 @@ pub enum Document {
     Result,
     /// A progress event.
     Progress,
+    /// A started event.
+    Started,
     /// A job's status record (`r2f status ID`).
     Status,
+    /// The gateway's OpenAPI document (HTTP API), whose schemas are these.
+    Openapi,
 }
 
 impl Document {
-    pub const ALL: [Document; 4] = [
+    pub const ALL: [Document; 6] = [
         Document::Job,
         Document::Result,
         Document::Progress,
+        Document::Started,
         Document::Status,
+        Document::Openapi,
     ];
 
     pub fn name(self) -> &'static str {
@@ -45,7 +51,17 @@ impl Document {
             Document::Job => "job",
             Document::Result => "result",
             Document::Progress => "progress",
+            Document::Started => "started",
             Document::Status => "status",
+            Document::Openapi => "openapi",
+        }
+    }
+
+    /// Its file under `docs/schemas/`.
+    pub fn file_name(self) -> String {
+        match self {
+            Document::Openapi => "openapi.json".into(),
+            d => format!("{}.schema.json", d.name()),
         }
     }
 
@@ -53,8 +69,10 @@ impl Document {
     pub fn schema(self, limits: &Limits, models: &[String]) -> Value {
         let schema = match self {
             Document::Job => return job_schema(limits, models),
+            Document::Openapi => return crate::job::api::openapi(limits, models),
             Document::Result => schemars::schema_for!(ResultEvent),
             Document::Progress => schemars::schema_for!(ProgressEvent),
+            Document::Started => schemars::schema_for!(StartedEvent),
             Document::Status => schemars::schema_for!(JobStatus),
         };
         serde_json::to_value(schema).unwrap_or_default()
@@ -318,7 +336,7 @@ mod tests {
     fn committed_schemas_equal_the_generated_ones() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/schemas");
         for doc in Document::ALL {
-            let path = dir.join(format!("{}.schema.json", doc.name()));
+            let path = dir.join(doc.file_name());
             let committed = std::fs::read_to_string(&path).unwrap_or_default();
             assert!(
                 committed == doc.schema_json(&defaults().limits, &defaults().routed_models()),

@@ -32,6 +32,15 @@ pub struct JobStatus {
     pub reason: Option<String>,
     /// Every transition, oldest first.
     pub history: Vec<Transition>,
+    /// While `running`: denoising steps done, of `steps` (every image and, for R2F+, every run
+    /// of the job counted), updated as progress events are published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<usize>,
+    /// While `running`: an estimate of the milliseconds left, from the pace of the steps so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_ms: Option<u64>,
     /// The result event, once the job is finished.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<ResultEvent>,

@@ -4,7 +4,7 @@ pub mod sd3;
 pub mod sdxl;
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tch::{Device, Kind, Tensor};
@@ -183,4 +183,37 @@ pub fn to_u8_image(decoded: &Tensor) -> Tensor {
         .squeeze_dim(0)
         .permute([1, 2, 0])
         .contiguous()
+}
+
+/// One stage of a generation (encode, denoise, decode): timed, and a tracing span while it
+/// runs (exported as a child of the job's span when traces are exported).
+pub(crate) struct Stage {
+    start: Instant,
+    _span: tracing::span::EnteredSpan,
+}
+
+impl Stage {
+    pub(crate) fn encode() -> Self {
+        Self::of(tracing::info_span!("encode"))
+    }
+
+    pub(crate) fn denoise() -> Self {
+        Self::of(tracing::info_span!("denoise"))
+    }
+
+    pub(crate) fn decode() -> Self {
+        Self::of(tracing::info_span!("decode"))
+    }
+
+    fn of(span: tracing::Span) -> Self {
+        Self {
+            start: Instant::now(),
+            _span: span.entered(),
+        }
+    }
+
+    /// The stage's time; its span ends here.
+    pub(crate) fn elapsed(self) -> Duration {
+        self.start.elapsed()
+    }
 }

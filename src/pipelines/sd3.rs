@@ -15,7 +15,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::{
     apply_cfg_to_batch, initial_latents, to_u8_image, ComponentLoader, Conditioning, Output,
-    Request, Timings,
+    Request, Stage, Timings,
 };
 use crate::device::synchronize;
 use crate::models::clip::{ClipConfig, ClipTextModel};
@@ -308,7 +308,7 @@ impl Sd3Pipeline {
         let mut timings = Timings::default();
 
         // Encode each distinct prompt once, plus the negative prompt.
-        let t0 = Instant::now();
+        let t0 = Stage::encode();
         let cfg = req.guidance > 1.0;
         let negative = if cfg {
             Some(self.encode(&req.negative_prompt)?)
@@ -323,7 +323,7 @@ impl Sd3Pipeline {
         synchronize(self.device);
         timings.encode = t0.elapsed();
 
-        let t0 = Instant::now();
+        let t0 = Stage::denoise();
         let noise_schedule = FlowMatchSchedule::new(&self.scheduler_config, steps);
         let channels = self.latent_channels();
         let mut latents = initial_latents(req.seed, &[1, channels, lh, lw])
@@ -354,7 +354,7 @@ impl Sd3Pipeline {
         synchronize(self.device);
         timings.denoise = t0.elapsed();
 
-        let t0 = Instant::now();
+        let t0 = Stage::decode();
         let decoded = self.vae.decode_latents(&latents);
         let image = to_u8_image(&decoded);
         timings.decode = t0.elapsed();

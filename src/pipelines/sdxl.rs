@@ -11,7 +11,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::{
     apply_cfg_to_batch, initial_latents, to_u8_image, ComponentLoader, Conditioning, Output,
-    Request, Timings,
+    Request, Stage, Timings,
 };
 use crate::device::synchronize;
 use crate::models::clip::{ClipConfig, ClipTextModel};
@@ -200,7 +200,7 @@ impl SdxlPipeline {
         let (lh, lw) = req.latent_size(self.vae_scale_factor())?;
         let mut timings = Timings::default();
 
-        let t0 = Instant::now();
+        let t0 = Stage::encode();
         let cfg = req.guidance > 1.0;
         let positives = req
             .prompts
@@ -232,7 +232,7 @@ impl SdxlPipeline {
         synchronize(self.device);
         timings.encode = t0.elapsed();
 
-        let t0 = Instant::now();
+        let t0 = Stage::denoise();
         let noise_schedule = DiscreteSchedule::new(&self.scheduler_config, scheduler, steps)?;
         let timesteps = Tensor::from_slice(&noise_schedule.timesteps).to_device(self.device);
         let init_sigma = noise_schedule.init_noise_sigma as f64;
@@ -264,7 +264,7 @@ impl SdxlPipeline {
         synchronize(self.device);
         timings.denoise = t0.elapsed();
 
-        let t0 = Instant::now();
+        let t0 = Stage::decode();
         let decoded = self.vae.decode_latents(&latents.to_kind(self.vae_dtype));
         let image = to_u8_image(&decoded);
         timings.decode = t0.elapsed();

@@ -10,5 +10,6 @@ pub mod planner;
 pub mod redis_store;
 pub mod status;
 pub mod storage;
+pub mod telemetry;
 pub mod tenancy;
 pub mod webhook;

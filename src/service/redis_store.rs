@@ -180,6 +180,20 @@ impl RedisStore {
             .map_err(|e| RedisUnavailable(redact_text(&e.to_string())))
     }
 
+    /// A subscription to every channel matching `pattern`, on a connection of its own.
+    pub async fn psubscribe(&self, pattern: &str) -> Result<redis::aio::PubSub, RedisUnavailable> {
+        let client = self.client()?;
+        let subscribe = async {
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.psubscribe(pattern).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        };
+        tokio::time::timeout(self.inner.timeout * 2, subscribe)
+            .await
+            .map_err(|_| RedisUnavailable("subscribe timed out".into()))?
+            .map_err(|e| RedisUnavailable(redact_text(&e.to_string())))
+    }
+
     pub async fn get(&self, key: &str) -> Result<Option<String>, RedisUnavailable> {
         self.query(redis::cmd("GET").arg(key)).await
     }

@@ -1,5 +1,5 @@
-//! Job status records: what happened to a job, by id, at every transition (`running` when a
-//! worker takes it, `retrying` when it goes back with a delay, `queued` when it is handed back,
+//! Job status records: what happened to a job, by id, at every transition (`queued` when the
+//! gateway or `r2f enqueue` accepts it, `running` when a worker takes it, `retrying` when it goes back with a delay, `queued` when it is handed back,
 //! then `succeeded`, `failed`, `rejected` or `cancelled` with the result event), and the
 //! cancellation requests of `r2f cancel`.
 //!
@@ -9,6 +9,11 @@
 //! prefix, which `r2f status ID` does not know), each transition is one small write, and old
 //! records expire by themselves. `result.json` in the storage stays the durable record of
 //! finished jobs. Writes are best effort: Redis down costs a status record, never a job.
+//!
+//! A running job's progress (step, steps, an estimate of the time left) is kept beside its
+//! record (`...:progress:...`, one small write per progress event) and merged into it on read;
+//! every transition and every progress write is announced on the job's channel, which is what
+//! the gateway's event streams follow.
 
 use std::time::Duration;
 
@@ -21,10 +26,28 @@ fn key(redis: &RedisStore, job: &JobKey) -> String {
     job.redis_key(redis, "status")
 }
 
+fn progress_key(redis: &RedisStore, job: &JobKey) -> String {
+    job.redis_key(redis, "progress")
+}
+
+/// The key of a tenant's open jobs (accepted by the gateway and not finished): a sorted set of
+/// ids scored by when each entry lapses.
+fn open_key(redis: &RedisStore, job: &JobKey) -> String {
+    redis.key(&job.scope.key("open", &[]))
+}
+
+/// What is announced on a job's channel for a progress write (transitions announce the state).
+pub const PROGRESS_ANNOUNCEMENT: &str = "progress";
+
 /// The channel on which every transition of `job` is announced (its new state), so that a
 /// client waits for events instead of polling (`r2f wait`).
 pub fn channel(redis: &RedisStore, job: &JobKey) -> String {
     job.redis_key(redis, "status-changed")
+}
+
+/// The pattern of every job's channel (`PSUBSCRIBE`).
+pub fn channel_pattern(redis: &RedisStore) -> String {
+    redis.key(&["status-changed", "*"])
 }
 
 fn now_ms() -> u64 {
@@ -34,14 +57,80 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// The status record of `job`, if Redis holds one.
+/// The status record of `job`, if Redis holds one, with its progress while it runs.
 pub async fn read(redis: &RedisStore, job: &JobKey) -> anyhow::Result<Option<JobStatus>> {
-    let text = redis
-        .get(&key(redis, job))
+    let mut cmd = redis::cmd("MGET");
+    cmd.arg(key(redis, job)).arg(progress_key(redis, job));
+    let (text, progress): (Option<String>, Option<String>) = redis
+        .query(&cmd)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    text.map(|t| serde_json::from_str(&t).map_err(|e| anyhow::anyhow!("status of {}: {e}", job.id)))
-        .transpose()
+    let Some(text) = text else {
+        return Ok(None);
+    };
+    let mut status: JobStatus =
+        serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("status of {}: {e}", job.id))?;
+    if let Some(p) = progress.as_deref().and_then(Progress::parse) {
+        if status.state == JobState::Running && p.attempt == status.attempt {
+            status.step = Some(p.step);
+            status.steps = Some(p.steps);
+            status.eta_ms = p.eta_ms;
+        }
+    }
+    Ok(Some(status))
+}
+
+/// A running job's progress, as the worker writes it beside the record.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Progress {
+    pub attempt: u32,
+    pub step: usize,
+    pub steps: usize,
+    pub eta_ms: Option<u64>,
+}
+
+impl Progress {
+    fn text(&self) -> String {
+        let eta = self
+            .eta_ms
+            .map(|e| e.to_string())
+            .unwrap_or_else(|| "-".into());
+        format!("{} {} {} {eta}", self.attempt, self.step, self.steps)
+    }
+
+    fn parse(text: &str) -> Option<Self> {
+        let mut parts = text.split(' ');
+        let attempt = parts.next()?.parse().ok()?;
+        let step = parts.next()?.parse().ok()?;
+        let steps = parts.next()?.parse().ok()?;
+        let eta_ms = parts.next()?.parse().ok();
+        Some(Self {
+            attempt,
+            step,
+            steps,
+            eta_ms,
+        })
+    }
+}
+
+/// Records a running job's progress and announces it (best effort: a failure is logged at
+/// debug level; the next one comes soon).
+pub async fn progress(redis: &RedisStore, ttl: Duration, job: &JobKey, p: Progress) {
+    let script = redis::cmd("EVAL")
+        .arg(
+            "redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) \
+             redis.call('PUBLISH', KEYS[2], ARGV[3]) return 1",
+        )
+        .arg(2)
+        .arg(progress_key(redis, job))
+        .arg(channel(redis, job))
+        .arg(p.text())
+        .arg(ttl.as_millis() as u64)
+        .arg(PROGRESS_ANNOUNCEMENT)
+        .clone();
+    if let Err(e) = redis.query::<i64>(&script).await {
+        tracing::debug!(job_id = %job.id, error = %e, "progress not recorded");
+    }
 }
 
 /// What one transition writes.
@@ -78,6 +167,9 @@ pub async fn record(redis: &RedisStore, ttl: Duration, u: Update<'_>) {
         updated_at_ms: at_ms,
         reason: u.reason.map(str::to_string),
         history,
+        step: None,
+        steps: None,
+        eta_ms: None,
         result: u.result.cloned(),
     };
     let text = match serde_json::to_string(&status) {
@@ -87,14 +179,139 @@ pub async fn record(redis: &RedisStore, ttl: Duration, u: Update<'_>) {
             return;
         }
     };
-    if let Err(e) = redis.set_ex(&key(redis, u.job), &text, ttl).await {
+    // One round trip: the record, the progress of the run before it dropped, the job out of its
+    // tenant's open jobs once finished, and the announcement.
+    let script = redis::cmd("EVAL")
+        .arg(
+            "redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) \
+             redis.call('DEL', KEYS[2]) \
+             if ARGV[4] == '1' then redis.call('ZREM', KEYS[3], ARGV[5]) end \
+             redis.call('PUBLISH', KEYS[4], ARGV[3]) return 1",
+        )
+        .arg(4)
+        .arg(key(redis, u.job))
+        .arg(progress_key(redis, u.job))
+        .arg(open_key(redis, u.job))
+        .arg(channel(redis, u.job))
+        .arg(text)
+        .arg(ttl.as_millis() as u64)
+        .arg(u.state.name())
+        .arg(if u.state.is_terminal() { "1" } else { "0" })
+        .arg(&u.job.id)
+        .clone();
+    if let Err(e) = redis.query::<i64>(&script).await {
         tracing::warn!(job_id = %u.job.id, error = %e, "status record not written");
-        return;
     }
-    let mut publish = redis::cmd("PUBLISH");
-    publish.arg(channel(redis, u.job)).arg(u.state.name());
-    if let Err(e) = redis.query::<i64>(&publish).await {
-        tracing::debug!(job_id = %u.job.id, error = %e, "status change not announced");
+}
+
+/// What [`admit`] came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// The job is recorded `queued`, its id claimed and counted open: publish it.
+    Admitted,
+    /// The same job (same fingerprint) was accepted before: answer with it, publish nothing.
+    Exists,
+    /// Another job of the tenant holds the id.
+    Conflict,
+    /// The tenant has `max_open` jobs open already.
+    Full,
+}
+
+/// What an admission writes.
+pub struct Admit<'a> {
+    pub job: &'a JobKey,
+    /// The job's fingerprint (its id claim holds it).
+    pub fingerprint: &'a str,
+    /// Who accepted it (the `worker` of the `queued` record).
+    pub by: &'a str,
+    /// How long the records live (`redis.status_ttl_secs`).
+    pub ttl: Duration,
+    /// The tenant's cap on open jobs and how long an entry counts; none: not counted.
+    pub open: Option<(usize, Duration)>,
+}
+
+/// Accepts a job before it is published, atomically: claims its id, writes its `queued` record
+/// and counts it among its tenant's open jobs (under the cap). Written before publishing, so
+/// that no worker's `running` can come first and be overwritten.
+pub async fn admit(
+    redis: &RedisStore,
+    a: Admit<'_>,
+) -> Result<Admission, crate::service::redis_store::RedisUnavailable> {
+    let at_ms = now_ms();
+    let status = JobStatus {
+        id: a.job.id.clone(),
+        state: JobState::Queued,
+        attempt: 1,
+        worker: a.by.to_string(),
+        updated_at_ms: at_ms,
+        reason: None,
+        history: vec![Transition {
+            state: JobState::Queued,
+            attempt: 1,
+            at_ms,
+        }],
+        step: None,
+        steps: None,
+        eta_ms: None,
+        result: None,
+    };
+    let text = serde_json::to_string(&status).unwrap_or_default();
+    let (max_open, lapse) = match a.open {
+        Some((max, lapse)) => (max as i64, lapse),
+        None => (-1, Duration::ZERO),
+    };
+    let script = redis::cmd("EVAL")
+        .arg(
+            "local held = redis.call('GET', KEYS[2]) \
+             if held and held ~= ARGV[1] then return 'conflict' end \
+             if redis.call('EXISTS', KEYS[1]) == 1 then return 'exists' end \
+             local max = tonumber(ARGV[6]) \
+             if max >= 0 then \
+               redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[4]) \
+               if redis.call('ZCARD', KEYS[3]) >= max then return 'full' end \
+               redis.call('ZADD', KEYS[3], ARGV[5], ARGV[7]) \
+               redis.call('PEXPIRE', KEYS[3], ARGV[8]) \
+             end \
+             redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2]) \
+             redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[2]) \
+             redis.call('PUBLISH', KEYS[4], 'queued') \
+             return 'admitted'",
+        )
+        .arg(4)
+        .arg(key(redis, a.job))
+        .arg(claim_key(redis, a.job))
+        .arg(open_key(redis, a.job))
+        .arg(channel(redis, a.job))
+        .arg(a.fingerprint)
+        .arg(a.ttl.as_millis() as u64)
+        .arg(text)
+        .arg(at_ms)
+        .arg(at_ms + lapse.as_millis() as u64)
+        .arg(max_open)
+        .arg(&a.job.id)
+        .arg(lapse.as_millis() as u64)
+        .clone();
+    let answer: String = redis.query(&script).await?;
+    Ok(match answer.as_str() {
+        "admitted" => Admission::Admitted,
+        "exists" => Admission::Exists,
+        "conflict" => Admission::Conflict,
+        _ => Admission::Full,
+    })
+}
+
+/// Undoes an admission whose job could not be published: its record, claim and open entry.
+pub async fn withdraw(redis: &RedisStore, job: &JobKey) {
+    let script = redis::cmd("EVAL")
+        .arg("redis.call('DEL', KEYS[1], KEYS[2]) redis.call('ZREM', KEYS[3], ARGV[1]) return 1")
+        .arg(3)
+        .arg(key(redis, job))
+        .arg(claim_key(redis, job))
+        .arg(open_key(redis, job))
+        .arg(&job.id)
+        .clone();
+    if let Err(e) = redis.query::<i64>(&script).await {
+        tracing::warn!(job_id = %job.id, error = %e, "admission not withdrawn");
     }
 }
 

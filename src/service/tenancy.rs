@@ -50,6 +50,17 @@ impl Scope {
         }
     }
 
+    /// The routing key of a notice about job `id` while it runs (`started`, `progress`): per
+    /// job in every fleet, `job.<kind>.<id>` in a single-tenant one and
+    /// `job.<kind>.<tenant>.<id>` in a multi-tenant one, so that a client binds its own job's
+    /// and nobody has to filter everyone's.
+    pub fn notice_key(&self, kind: &str, id: &str) -> String {
+        match &self.0 {
+            None => format!("job.{kind}.{id}"),
+            Some(t) => format!("job.{kind}.{t}.{id}"),
+        }
+    }
+
     /// The prefix of the reply queues a tenant may name in `reply_to` (`r2f.reply.<tenant>.`);
     /// none in a single-tenant fleet (`amqp.reply_to_prefixes` apply).
     pub fn reply_prefix(&self) -> Option<String> {
@@ -224,6 +235,11 @@ mod tests {
         assert_eq!(s, Scope::single());
         assert_eq!(s.key("status", &["j1"]), vec!["status", "j1"]);
         assert_eq!(s.routing_key("succeeded", "j1"), "job.succeeded");
+        assert_eq!(s.notice_key("progress", "j1"), "job.progress.j1");
+        assert_eq!(
+            Scope::tenant("acme").notice_key("progress", "j1"),
+            "job.progress.acme.j1"
+        );
         assert_eq!(s.reply_prefix(), None);
     }
 }

@@ -184,6 +184,12 @@ pub struct Delivery {
     /// When the first attempt was due (ms since the Unix epoch): the retry budget counts from
     /// here.
     pub first_at_ms: u64,
+    /// The job's trace context: the delivery's span continues it, and the receiver gets it as
+    /// `traceparent`/`tracestate` headers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracestate: Option<String>,
 }
 
 impl Delivery {
@@ -223,7 +229,26 @@ impl Delivery {
             id: format!("msg_{}", &hex::encode(h.finalize())[..32]),
             body: body.to_string(),
             first_at_ms: now.timestamp_millis().max(0) as u64,
+            traceparent: None,
+            tracestate: None,
         })
+    }
+
+    /// The delivery carrying the trace context `trace`.
+    pub fn traced(mut self, trace: Option<crate::service::telemetry::TraceHeaders>) -> Self {
+        if let Some(t) = trace {
+            self.traceparent = Some(t.traceparent);
+            self.tracestate = t.tracestate;
+        }
+        self
+    }
+
+    /// The trace context it carries, if valid.
+    pub fn trace(&self) -> Option<crate::service::telemetry::TraceHeaders> {
+        crate::service::telemetry::TraceHeaders::parse(
+            self.traceparent.as_deref()?,
+            self.tracestate.as_deref(),
+        )
     }
 
     pub fn scope(&self) -> Scope {
@@ -437,16 +462,22 @@ impl Sender {
             Ok(s) => s,
             Err(e) => return Attempt::GiveUp { answer: e },
         };
-        let answer = outlet
+        let mut request = outlet
             .client
             .post(url)
             .header("content-type", "application/json")
             .header("webhook-id", &d.id)
             .header("webhook-timestamp", timestamp.to_string())
-            .header("webhook-signature", signature)
-            .body(d.body.clone())
-            .send()
-            .await;
+            .header("webhook-signature", signature);
+        let trace =
+            crate::service::telemetry::outgoing(&tracing::Span::current(), d.trace().as_ref());
+        if let Some(t) = trace {
+            request = request.header(crate::service::telemetry::TRACEPARENT, t.traceparent);
+            if let Some(s) = t.tracestate {
+                request = request.header(crate::service::telemetry::TRACESTATE, s);
+            }
+        }
+        let answer = request.body(d.body.clone()).send().await;
         match answer {
             Ok(r) if r.status().is_success() => Attempt::Delivered,
             Ok(r) => {

@@ -10,7 +10,7 @@ use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::Channel;
 use tokio::sync::mpsc;
-use tracing::{error, info, warn};
+use tracing::{error, info, warn, Instrument};
 
 use super::context::{count_job, AbortOnDrop, Context};
 use super::lifecycle::{run_job, Incoming, Notice, ProgressTx};
@@ -20,6 +20,8 @@ use super::shutdown::Shutdown;
 use crate::job::{ErrorKind, Outcome, ProgressEvent, ResultEvent, StartedEvent, WebhookEvent};
 use crate::service::amqp::{self, amqp_error, json_props};
 use crate::service::backoff::Breaker;
+use crate::service::status::Progress;
+use crate::service::telemetry::{self, TraceHeaders};
 use crate::service::tenancy::{JobKey, Scope};
 use crate::service::webhook::Delivery as WebhookDelivery;
 
@@ -240,17 +242,26 @@ impl Session {
             .timestamp()
             .map(|t| amqp::now_unix().saturating_sub(t) * 1000)
             .unwrap_or(0);
+        // The job's span continues the trace of whoever published it.
+        let span = tracing::info_span!(
+            "job",
+            job_id = tracing::field::Empty,
+            attempt,
+            trace_id = tracing::field::Empty,
+        );
+        let trace_id = telemetry::adopt(&span, TraceHeaders::from_amqp(&d.properties).as_ref());
         let incoming = Incoming {
             body: &d.data,
             attempt,
             queue_ms,
             routed: settle::was_routed(d),
             scope: scope.clone(),
+            trace_id,
         };
         ctx.metrics.jobs_in_progress.inc();
         ctx.metrics.job_started.set(amqp::now_unix() as f64);
         let limit = Duration::from_secs(ctx.settings.worker.job_timeout_secs);
-        let run = run_job(ctx, incoming, progress);
+        let run = run_job(ctx, incoming, progress).instrument(span.clone());
         let (outcome, info) = match tokio::time::timeout(limit, run).await {
             Ok(x) => x,
             Err(_) => {
@@ -274,6 +285,7 @@ impl Session {
                     timings_ms: Default::default(),
                     error: None,
                     worker: ctx.worker_name.clone(),
+                    trace_id: None,
                 };
                 // Transient, not the worker's: a job that outlives the limit on every worker
                 // is dead-lettered after max_attempts instead of circulating forever.
@@ -318,17 +330,21 @@ impl Session {
             count_job(ctx, info.mode, status);
         }
         let scope = scope.as_ref().ok();
-        record_status(ctx, d, attempt, &settlement, scope).await;
-        settle::settle(
-            ctx,
-            &self.publish,
-            &self.reply,
-            d,
-            attempt,
-            settlement,
-            info.result_key.as_deref(),
-            scope,
-        )
+        async {
+            record_status(ctx, d, attempt, &settlement, scope).await;
+            settle::settle(
+                ctx,
+                &self.publish,
+                &self.reply,
+                d,
+                attempt,
+                settlement,
+                info.result_key.as_deref(),
+                scope,
+            )
+            .await
+        }
+        .instrument(span)
         .await?;
         Ok(pause)
     }
@@ -413,20 +429,26 @@ fn spawn_progress_publisher(ctx: &Arc<Context>, session: &Session) -> ProgressTx
     let ctx = ctx.clone();
     let exchange = ctx.settings.amqp.events_exchange.clone();
     let interval = Duration::from_millis(ctx.settings.worker.progress_interval_ms);
+    let status_ttl = Duration::from_secs(ctx.settings.redis.status_ttl_secs);
     tokio::spawn(async move {
         let mut last: Option<(JobKey, Instant)> = None;
+        // The first progress of the run in hand: the pace since then gives the estimate.
+        let mut first: Option<(JobKey, u32, usize, Instant)> = None;
         while let Some(notice) = rx.recv().await {
             let (job, kind, body, webhook, nth) = match notice {
                 Notice::Started {
                     job,
                     attempt,
                     webhook,
+                    trace_id,
                 } => {
+                    first = None;
                     let event = StartedEvent {
                         id: job.id.clone(),
                         tenant: job.scope.name().map(str::to_string),
                         attempt,
                         worker: ctx.worker_name.clone(),
+                        trace_id,
                     };
                     let body = serde_json::to_value(&event).unwrap_or_default();
                     (
@@ -439,10 +461,18 @@ fn spawn_progress_publisher(ctx: &Arc<Context>, session: &Session) -> ProgressTx
                 }
                 Notice::Progress {
                     job,
+                    attempt,
                     step,
                     steps,
                     webhook,
+                    trace_id,
                 } => {
+                    let now = Instant::now();
+                    let same_run = matches!(&first, Some((k, a, s0, _)) if *k == job && *a == attempt && *s0 <= step);
+                    if !same_run {
+                        first = Some((job.clone(), attempt, step, now));
+                    }
+                    let (step0, t0) = first.as_ref().map_or((step, now), |f| (f.2, f.3));
                     let due = match &last {
                         Some((last_job, at)) if *last_job == job => {
                             at.elapsed() >= interval || step == steps
@@ -452,17 +482,33 @@ fn spawn_progress_publisher(ctx: &Arc<Context>, session: &Session) -> ProgressTx
                     if !due {
                         continue;
                     }
-                    last = Some((job.clone(), Instant::now()));
-                    let event = ProgressEvent {
-                        id: job.id.clone(),
+                    last = Some((job.clone(), now));
+                    // Time per step since the first progress of this run, times the steps left.
+                    let eta_ms = (step > step0).then(|| {
+                        let per_step = t0.elapsed().as_secs_f64() / (step - step0) as f64;
+                        (per_step * steps.saturating_sub(step) as f64 * 1e3) as u64
+                    });
+                    let p = Progress {
+                        attempt,
                         step,
                         steps,
+                        eta_ms,
+                    };
+                    crate::service::status::progress(&ctx.redis, status_ttl, &job, p).await;
+                    let event = ProgressEvent {
+                        id: job.id.clone(),
+                        tenant: job.scope.name().map(str::to_string),
+                        step,
+                        steps,
+                        attempt,
+                        eta_ms,
+                        trace_id,
                     };
                     let body = serde_json::to_value(&event).unwrap_or_default();
                     (job, WebhookEvent::Progress, body, webhook, step as u64)
                 }
             };
-            let key = job.scope.routing_key(kind.name(), &job.id);
+            let key = job.scope.notice_key(kind.name(), &job.id);
             let _ = ch
                 .basic_publish(
                     exchange.as_str().into(),

@@ -127,6 +127,9 @@ pub struct GpuTask {
     /// Stop requests, and the GPU thread's word that it is done with the task.
     pub control: Arc<TaskControl>,
     pub reply: oneshot::Sender<Result<Vec<GeneratedImage>, GpuFailure>>,
+    /// The job's span: the GPU thread's spans (one per image, its stages inside) are its
+    /// children.
+    pub span: tracing::Span,
 }
 
 /// What the GPU thread reports once the model is loaded and warm.
@@ -281,6 +284,7 @@ fn run_task(
         // `steps` counts every run of the image (R2F+: each object run, then the overall one).
         let run_steps = std::cell::Cell::new(0);
         let control = &task.control;
+        let _image = tracing::info_span!(parent: &task.span, "generate", image = index).entered();
         let mut on_step = |s: usize, steps: usize| {
             run_steps.set(steps);
             let _ = progress.send((index * steps + s, n * steps));

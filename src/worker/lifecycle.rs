@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
-use tracing::{info, warn};
+use tracing::{info, warn, Instrument};
 
 use super::context::Context;
 use super::gpu::{ms, total_timings, GeneratedImage, GpuFailure, GpuTask, StopReason, TaskControl};
@@ -34,6 +34,8 @@ pub struct Incoming<'a> {
     pub routed: bool,
     /// Whose job it is (from the delivery's `user_id`), or why it is no tenant's.
     pub scope: Result<Scope, Rejection>,
+    /// The W3C trace id the job goes by (`service::telemetry::adopt`).
+    pub trace_id: Option<String>,
 }
 
 /// What the job in hand tells as it runs; published by the consumer (best effort).
@@ -43,13 +45,16 @@ pub enum Notice {
         job: JobKey,
         attempt: u32,
         webhook: Option<Arc<WebhookSpec>>,
+        trace_id: Option<String>,
     },
     /// `step` of `steps` denoising steps done (`job.progress`, throttled).
     Progress {
         job: JobKey,
+        attempt: u32,
         step: usize,
         steps: usize,
         webhook: Option<Arc<WebhookSpec>>,
+        trace_id: Option<String>,
     },
 }
 
@@ -61,6 +66,8 @@ pub struct Taken {
     pub job: ValidJob,
     pub key: JobKey,
     pub result_key: String,
+    /// The job's trace id, for its events.
+    pub trace_id: Option<String>,
 }
 
 impl Taken {
@@ -76,6 +83,7 @@ impl Taken {
             timings_ms: BTreeMap::new(),
             error: None,
             worker: ctx.worker_name.clone(),
+            trace_id: self.trace_id.clone(),
         }
     }
 }
@@ -110,7 +118,11 @@ pub async fn run_job(
     };
     let limits = ctx.tenancy.limits(&scope, &s.limits);
     let models = ctx.tenancy.models(&scope, &ctx.models);
-    let job = match validate_message(msg.body, &limits, &models, &s.worker.model) {
+    let validated = {
+        let _v = tracing::info_span!("validate").entered();
+        validate_message(msg.body, &limits, &models, &s.worker.model)
+    };
+    let job = match validated {
         Ok(job) => job,
         Err(rejection) => {
             let id = id_of();
@@ -172,7 +184,7 @@ pub async fn run_job(
         }
         Err(e) => {
             ctx.metrics.redis_errors.with_label_values(&["claim"]).inc();
-            let taken = taken(ctx, job, key);
+            let taken = taken(ctx, job, key, msg.trace_id.clone());
             let error = JobError::new(
                 ErrorKind::Internal,
                 Fault::Transient,
@@ -184,7 +196,7 @@ pub async fn run_job(
     if let Some(Err(reason)) = job.webhook.as_ref().map(|w| ctx.webhook_check(&scope, w)) {
         return rejected(job.id, reason, JobInfo::default());
     }
-    let taken = taken(ctx, job, key);
+    let taken = taken(ctx, job, key, msg.trace_id.clone());
     let info = JobInfo {
         mode: Some(taken.job.spec.mode()),
         result_key: Some(taken.result_key.clone()),
@@ -211,20 +223,19 @@ pub async fn run_job(
     if let Some(reason) = reason {
         return rejected(job.id.clone(), reason, info);
     }
-    let span = tracing::info_span!("job", job_id = %job.id, attempt = msg.attempt);
-    let _enter = span.enter();
+    // The consumer's `job` span (when there is one) names the job from now on.
+    tracing::Span::current().record("job_id", job.id.as_str());
     info!(
         mode = job.spec.mode().name(),
         prompt = ?bounded(&job.prompt, 200),
         "job received"
     );
-    drop(_enter);
-    let outcome = tracing::Instrument::instrument(locked(ctx, &taken, msg, progress), span).await;
+    let outcome = locked(ctx, &taken, msg, progress).await;
     (outcome, info)
 }
 
 /// A valid job with its keys.
-fn taken(ctx: &Context, job: ValidJob, key: JobKey) -> Taken {
+fn taken(ctx: &Context, job: ValidJob, key: JobKey, trace_id: Option<String>) -> Taken {
     let result_key = join_key(&[
         &ctx.settings.storage.prefix,
         key.scope.name().unwrap_or(""),
@@ -236,6 +247,7 @@ fn taken(ctx: &Context, job: ValidJob, key: JobKey) -> Taken {
         job,
         key,
         result_key,
+        trace_id,
     }
 }
 
@@ -368,15 +380,16 @@ async fn with_lock(
         job: t.key.clone(),
         attempt,
         webhook: job.webhook.clone().map(Arc::new),
+        trace_id: t.trace_id.clone(),
     });
     let started = Instant::now();
-    let (mode, plan_json) = match plan(ctx, job).await {
+    let (mode, plan_json) = match plan(ctx, job).instrument(tracing::info_span!("plan")).await {
         Ok(x) => x,
         Err(e) => return failed(ctx, t, attempt, e),
     };
     let plan_time = started.elapsed();
     info!(mode = mode.name(), images = job.num_images, "generating");
-    let images = match generate(ctx, t, mode, progress).await {
+    let images = match generate(ctx, t, mode, attempt, progress).await {
         Ok(images) => images,
         Err(Halt::Cancelled) => return cancelled(ctx, t, attempt, "while running").await,
         Err(Halt::Failed(e)) => return failed(ctx, t, attempt, e),
@@ -390,7 +403,10 @@ async fn with_lock(
         return JobOutcome::Busy;
     }
     let upload_started = Instant::now();
-    let outputs = match upload(ctx, job, key, images.iter()).await {
+    let outputs = match upload(ctx, job, key, images.iter())
+        .instrument(tracing::info_span!("upload"))
+        .await
+    {
         Ok(o) => o,
         Err(e) => return failed(ctx, t, attempt, e),
     };
@@ -542,6 +558,7 @@ async fn generate(
     ctx: &Context,
     t: &Taken,
     mode: Mode,
+    attempt: u32,
     progress: &ProgressTx,
 ) -> Result<Vec<GeneratedImage>, Halt> {
     let job = &t.job;
@@ -558,6 +575,7 @@ async fn generate(
         progress: step_tx,
         control: control.clone(),
         reply: reply_tx,
+        span: tracing::Span::current(),
     };
     if ctx.gpu.submit(task).is_err() {
         return Err(Halt::Failed(gpu_thread_gone()));
@@ -571,13 +589,16 @@ async fn generate(
         let progress = progress.clone();
         let key = t.key.clone();
         let webhook = job.webhook.clone().map(Arc::new);
+        let trace_id = t.trace_id.clone();
         async move {
             while let Some((step, steps)) = step_rx.recv().await {
                 let _ = progress.send(Notice::Progress {
                     job: key.clone(),
+                    attempt,
                     step,
                     steps,
                     webhook: webhook.clone(),
+                    trace_id: trace_id.clone(),
                 });
             }
         }

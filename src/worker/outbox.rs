@@ -132,7 +132,13 @@ async fn attempt_one(ctx: &Context, publish: &Channel, d: &AmqpDelivery) -> anyh
     };
     let attempts = attempts_of(d) + 1;
     let count = |c: Counted| ctx.metrics.webhooks.with_label_values(&[c.name()]).inc();
-    let attempt = sender.attempt(&delivery).await;
+    let span = tracing::info_span!(
+        "webhook",
+        webhook_id = %delivery.id,
+        trace_id = tracing::field::Empty,
+    );
+    crate::service::telemetry::adopt(&span, delivery.trace().as_ref());
+    let attempt = tracing::Instrument::instrument(sender.attempt(&delivery), span).await;
     let host = reqwest::Url::parse(&delivery.url)
         .ok()
         .and_then(|u| u.host_str().map(str::to_string))

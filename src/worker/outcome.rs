@@ -251,6 +251,7 @@ fn terminal_event(
             message: bounded(message, 500),
         }),
         worker: String::new(),
+        trace_id: None,
     }
 }
 
@@ -269,6 +270,7 @@ mod tests {
             timings_ms: Default::default(),
             error: None,
             worker: "w".into(),
+            trace_id: None,
         }
     }
 

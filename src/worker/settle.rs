@@ -16,6 +16,7 @@ use crate::config::TenancyMode;
 use crate::job::{best_effort_id, JobState, Outcome, ResultEvent, WebhookEvent};
 use crate::service::amqp::{self, amqp_error, json_props, publish_confirmed};
 use crate::service::backoff::retry_delay;
+use crate::service::telemetry::{self, TraceHeaders};
 use crate::service::tenancy::{JobKey, Scope};
 use crate::service::webhook::Delivery as WebhookDelivery;
 
@@ -63,9 +64,11 @@ pub async fn settle(
     result_key: Option<&str>,
     scope: Option<&Scope>,
 ) -> anyhow::Result<()> {
+    let trace = trace_of(d);
     match settlement {
-        Settlement::Publish { event } => {
-            publish_event(ctx, publish, &event).await?;
+        Settlement::Publish { mut event } => {
+            fill_trace_id(&mut event, d);
+            publish_event(ctx, publish, &event, trace.as_ref()).await?;
             send_reply(ctx, reply, d, &event, scope).await;
             send_webhook(ctx, publish, d, &event, scope).await?;
         }
@@ -77,6 +80,7 @@ pub async fn settle(
         } => {
             event.worker = ctx.worker_name.clone();
             event.tenant = scope.and_then(Scope::name).map(str::to_string);
+            fill_trace_id(&mut event, d);
             let result_key = result_key.filter(|_| announce);
             if let Some(key) = result_key.filter(|_| event.status == Outcome::Failed) {
                 // A failed job keeps its outcome, so a redelivery publishes it again instead
@@ -91,7 +95,7 @@ pub async fn settle(
             // dead-letter queue already.
             dead_letter(ctx, publish, d, &event, label, &reason, attempt).await?;
             if announce {
-                publish_event(ctx, publish, &event).await?;
+                publish_event(ctx, publish, &event, trace.as_ref()).await?;
             }
             send_reply(ctx, reply, d, &event, scope).await;
             if announce {
@@ -178,6 +182,15 @@ pub async fn give_back_unworked(
     ack(d).await
 }
 
+/// The trace context to pass on for what is published about delivery `d` (see
+/// `service::telemetry::outgoing`; the settlement runs in the job's span).
+fn trace_of(d: &Delivery) -> Option<TraceHeaders> {
+    telemetry::outgoing(
+        &tracing::Span::current(),
+        TraceHeaders::from_amqp(&d.properties).as_ref(),
+    )
+}
+
 fn confirm_timeout(ctx: &Context) -> Duration {
     Duration::from_secs(ctx.settings.amqp.confirm_timeout_secs.max(1))
 }
@@ -213,6 +226,9 @@ async fn republish(
 fn republished_props(d: &Delivery, edit: impl FnOnce(&mut FieldTable)) -> BasicProperties {
     let mut headers = d.properties.headers().clone().unwrap_or_default();
     edit(&mut headers);
+    if let Some(t) = trace_of(d) {
+        t.to_amqp(&mut headers);
+    }
     let props = d
         .properties
         .clone()
@@ -258,12 +274,23 @@ pub fn was_routed(d: &Delivery) -> bool {
         .is_some_and(|h| h.inner().contains_key(ROUTED_HEADER))
 }
 
+/// The trace id of an event built without one (a rejection, a timeout), from the job's span.
+fn fill_trace_id(event: &mut ResultEvent, d: &Delivery) {
+    if event.trace_id.is_none() {
+        event.trace_id = telemetry::trace_id_of(
+            &tracing::Span::current(),
+            TraceHeaders::from_amqp(&d.properties).as_ref(),
+        );
+    }
+}
+
 /// Publishes a result event (confirmed) on `job.<status>` (`job.<status>.<tenant>.<id>` in a
-/// multi-tenant fleet).
+/// multi-tenant fleet), with the job's trace context.
 pub async fn publish_event(
     ctx: &Context,
     publish: &Channel,
     event: &ResultEvent,
+    trace: Option<&TraceHeaders>,
 ) -> anyhow::Result<()> {
     let scope = event
         .tenant
@@ -273,6 +300,11 @@ pub async fn publish_event(
     let mut props = json_props().with_timestamp(amqp::now_unix());
     if let Some(id) = amqp::message_id(&event.id) {
         props = props.with_message_id(id);
+    }
+    if let Some(t) = trace {
+        let mut headers = FieldTable::default();
+        t.to_amqp(&mut headers);
+        props = props.with_headers(headers);
     }
     publish_confirmed(
         publish,
@@ -407,6 +439,7 @@ async fn send_webhook(
     };
     let kind = WebhookEvent::from(event.status);
     if let Some(delivery) = WebhookDelivery::of(scope, &event.id, &spec, kind, 0, event) {
+        let delivery = delivery.traced(trace_of(d));
         super::outbox::enqueue(ctx, publish, &[delivery]).await?;
     }
     Ok(())

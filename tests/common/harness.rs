@@ -711,6 +711,12 @@ pub struct WorkerProc {
 
 impl WorkerProc {
     pub fn spawn(cfg: &WorkerConfig) -> Self {
+        Self::spawn_as(cfg, "worker")
+    }
+
+    /// `r2f COMMAND --config <cfg>` (`worker`, `gateway`); `metrics_port` is where its HTTP
+    /// endpoints are.
+    pub fn spawn_as(cfg: &WorkerConfig, command: &str) -> Self {
         let mut file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
         std::io::Write::write_all(&mut file, cfg.toml().as_bytes()).unwrap();
         // R2F_TEST_BIN runs the tests against another build (for example an older commit's, to
@@ -718,7 +724,7 @@ impl WorkerProc {
         let bin =
             std::env::var("R2F_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_r2f").into());
         let mut child = Command::new(bin)
-            .args(["worker", "--config"])
+            .args([command, "--config"])
             .arg(file.path())
             .env("AWS_ACCESS_KEY_ID", S3_KEY)
             .env("AWS_SECRET_ACCESS_KEY", S3_SECRET)

@@ -20,7 +20,7 @@ use super::Sd3Pipeline;
 use crate::device::synchronize;
 use crate::models::tokenizer::PromptTokenizer;
 use crate::pipelines::{
-    apply_cfg_to_batch, seeded_draws, to_u8_image, Conditioning, Output, Timings,
+    apply_cfg_to_batch, seeded_draws, to_u8_image, Conditioning, Output, Stage, Timings,
 };
 use crate::plan::RegionPlan;
 use crate::r2f::plus::{
@@ -381,7 +381,7 @@ impl Sd3Pipeline {
         let shape = [1, self.latent_channels(), lh, lw];
         let noise = seeded_draws(req.seed, &vec![&shape[..]; runs.len()]);
 
-        let t0 = Instant::now();
+        let t0 = Stage::encode();
         let mut enc = Encodings::new(self, &req.negative_prompt, req.guidance > 1.0)?;
         let schedule = FlowMatchSchedule::new(self.scheduler_config(), req.steps);
         let timesteps = Tensor::from_slice(&schedule.timesteps).to_device(self.device());
@@ -397,7 +397,7 @@ impl Sd3Pipeline {
             encode_time: t0.elapsed(),
         };
 
-        let t0 = Instant::now();
+        let t0 = Stage::denoise();
         // Prompts met first during the runs are encoded then: that time is encode, not denoise.
         let encoded_before = ctx.encode_time;
         let (object_runs, overall) = runs.split_at(runs.len() - 1);
@@ -419,7 +419,7 @@ impl Sd3Pipeline {
         synchronize(self.device());
         let denoise = t0.elapsed();
 
-        let t0 = Instant::now();
+        let t0 = Stage::decode();
         let decoded = self.vae.decode_latents(&latents);
         let image = to_u8_image(&decoded);
         let timings = Timings {
