@@ -49,7 +49,8 @@ pub fn init_tracing(
     };
     // Only r2f's own spans are exported (not those of the HTTP, AMQP and Redis clients, nor
     // the exporter's own requests).
-    let ours = tracing_subscriber::filter::Targets::new().with_target("r2f", tracing::Level::INFO);
+    let ours = tracing_subscriber::filter::Targets::new()
+        .with_target(env!("CARGO_CRATE_NAME"), tracing::Level::INFO);
     tracing_subscriber::registry()
         .with(fmt.with_filter(filter))
         .with(otel.map(|l| l.with_filter(ours)))

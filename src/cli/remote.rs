@@ -75,7 +75,7 @@ pub fn key(hash: bool) -> anyhow::Result<()> {
 }
 
 /// `r2f bench-gateway`: `POST /v1/jobs` at a fixed rate.
-pub fn bench_gateway(settings: &Settings, a: crate::cli::BenchGatewayArgs) -> anyhow::Result<()> {
+pub fn bench_gateway(settings: &Settings, a: super::args::BenchGatewayArgs) -> anyhow::Result<()> {
     let args = crate::bench::gateway::GatewayBenchArgs {
         rate: a.rate,
         seconds: a.seconds,
@@ -118,7 +118,7 @@ pub fn enqueue(
             |e| Exit::usage(format!("cannot read {}: {e}", file.display())),
         )?))
     };
-    let checked = crate::cli::enqueue::check(settings, reader, validate)?;
+    let checked = super::enqueue::check(settings, reader, validate)?;
     for (line, reason) in &checked.refused {
         eprintln!("line {line}: not published: {reason}");
     }
@@ -127,13 +127,13 @@ pub fn enqueue(
         println!("{} valid, {refused} refused", checked.valid.len());
     } else {
         let published = if checked.valid.is_empty() {
-            crate::cli::enqueue::Published {
+            super::enqueue::Published {
                 ids: Vec::new(),
                 refused: Vec::new(),
             }
         } else {
             runtime()?
-                .block_on(crate::cli::enqueue::publish(settings, &checked.valid))
+                .block_on(super::enqueue::publish(settings, &checked.valid))
                 .map_err(|e| Exit::unavailable(format!("broker: {}", error_line(&e))))?
         };
         for (line, reason) in &published.refused {

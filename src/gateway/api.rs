@@ -16,7 +16,7 @@ use tracing::{info, warn, Instrument};
 
 use super::events::{events_of, Cursor};
 use super::quota::{self, Quota, Remembered};
-use super::Gateway;
+use super::state::Gateway;
 use crate::config::TenancyMode;
 use crate::job::api::{Accepted, ApiError, ApiErrorBody};
 use crate::job::status::{CancelAnswer, JobStatus};

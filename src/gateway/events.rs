@@ -148,7 +148,7 @@ pub fn events_of(
         .map_or(status.updated_at_ms, |t| t.at_ms);
     push(
         Cursor::QUEUED,
-        "queued",
+        JobState::Queued.name(),
         serde_json::to_value(QueuedEvent {
             id: status.id.clone(),
             tenant: tenant.clone(),

@@ -18,6 +18,9 @@ pub mod broker;
 pub mod events;
 pub mod metrics;
 pub mod quota;
+pub mod state;
+
+pub use state::Gateway;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,82 +35,14 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::config::Settings;
-use crate::service::redis_store::RedisStore;
-use crate::service::storage::Storage;
-use crate::service::tenancy::Tenancy;
 use crate::worker::shutdown::Shutdown;
-
-/// What every request shares.
-pub struct Gateway {
-    pub settings: Settings,
-    pub tenancy: Tenancy,
-    pub keys: auth::Keys,
-    pub redis: RedisStore,
-    pub storage: Box<dyn Storage>,
-    pub publisher: broker::Publisher,
-    pub hub: Arc<events::Hub>,
-    pub metrics: metrics::GatewayMetrics,
-    /// This replica's name (the `worker` of the `queued` records it writes).
-    pub name: String,
-    /// The models that have a queue.
-    pub models: Vec<String>,
-    /// True once a drain began.
-    pub draining: watch::Receiver<bool>,
-}
-
-impl Gateway {
-    /// Everything but the listener: keys, Redis, storage (for presigned URLs), the publisher
-    /// and the event hub. `draining` flips to true when a drain begins.
-    pub async fn new(settings: Settings, draining: watch::Receiver<bool>) -> anyhow::Result<Self> {
-        let keys = auth::Keys::load(&settings)?;
-        let redis = RedisStore::new(&settings.redis);
-        let storage = crate::service::storage::from_settings(&settings.storage)
-            .await
-            .map_err(|e| anyhow::anyhow!("storage: {}", e.0))?;
-        let name = std::env::var("HOSTNAME")
-            .ok()
-            .filter(|h| !h.is_empty())
-            .map(|h| format!("gateway/{h}"))
-            .unwrap_or_else(|| "gateway".into());
-        let publisher = broker::Publisher::new(&settings.amqp, &format!("r2f-{name}"));
-        Ok(Self {
-            tenancy: Tenancy::from_settings(&settings),
-            models: settings.routed_models(),
-            hub: events::Hub::start(redis.clone()),
-            keys,
-            redis,
-            storage,
-            publisher,
-            metrics: metrics::GatewayMetrics::new(),
-            name,
-            draining,
-            settings,
-        })
-    }
-
-    pub fn is_draining(&self) -> bool {
-        *self.draining.borrow()
-    }
-
-    /// Whether the gateway can take jobs: not draining, the broker reachable and not blocking
-    /// publishers, Redis reachable.
-    pub async fn ready(&self) -> Result<(), String> {
-        if self.is_draining() {
-            return Err("draining".into());
-        }
-        self.publisher.ready().await.map_err(str::to_string)?;
-        self.redis
-            .query::<String>(&redis::cmd("PING"))
-            .await
-            .map_err(|e| format!("Redis: {e}"))?;
-        Ok(())
-    }
-}
 
 /// The gateway's routes, with the body limit, CORS and the request metrics.
 pub fn router(gw: Arc<Gateway>) -> Router {
     let s = &gw.settings;
-    let openapi = crate::job::api::openapi(&s.limits, &gw.models).to_string();
+    let openapi = crate::job::schema::Document::Openapi
+        .schema(&s.limits, &gw.models)
+        .to_string();
     let mut app = Router::new()
         .route("/v1/jobs", post(api::submit))
         .route("/v1/jobs/{id}", get(api::get_job))

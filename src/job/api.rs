@@ -7,7 +7,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use crate::job::event::{ProgressEvent, ResultEvent, StartedEvent};
-use crate::job::rules::Limits;
 use crate::job::state::JobState;
 use crate::job::status::{CancelAnswer, JobStatus};
 
@@ -56,8 +55,9 @@ pub struct QueuedEvent {
     pub at_ms: u64,
 }
 
-/// The OpenAPI 3.1 document of the gateway, its job schema bounded by `limits` and `models`.
-pub fn openapi(limits: &Limits, models: &[String]) -> Value {
+/// The OpenAPI 3.1 document of the gateway, with `job` (the job's JSON Schema, bounded by a
+/// fleet's limits and models: `schema::Document::Openapi` passes it) as the request body.
+pub fn openapi(job: Value) -> Value {
     let mut components = Map::new();
     let mut add = |name: &str, mut schema: Value| {
         if let Some(defs) = schema.as_object_mut().and_then(|o| o.remove("$defs")) {
@@ -70,7 +70,7 @@ pub fn openapi(limits: &Limits, models: &[String]) -> Value {
         }
         components.insert(name.to_string(), schema);
     };
-    let mut job = crate::job::schema::Document::Job.schema(limits, models);
+    let mut job = job;
     // Over HTTP the id may be left out: the gateway makes one.
     if let Some(required) = job["required"].as_array_mut() {
         required.retain(|r| r != "id");
@@ -238,12 +238,11 @@ fn rewrite_refs(v: &mut Value) {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
 
     #[test]
     fn every_reference_of_the_openapi_document_resolves() {
         let s = crate::config::Settings::load(None).unwrap();
-        let doc = openapi(&s.limits, &s.routed_models());
+        let doc = crate::job::schema::Document::Openapi.schema(&s.limits, &s.routed_models());
         let text = doc.to_string();
         assert!(!text.contains("#/$defs/"));
         let schemas = doc["components"]["schemas"].as_object().unwrap();

@@ -69,7 +69,7 @@ impl Document {
     pub fn schema(self, limits: &Limits, models: &[String]) -> Value {
         let schema = match self {
             Document::Job => return job_schema(limits, models),
-            Document::Openapi => return crate::job::api::openapi(limits, models),
+            Document::Openapi => return crate::job::api::openapi(job_schema(limits, models)),
             Document::Result => schemars::schema_for!(ResultEvent),
             Document::Progress => schemars::schema_for!(ProgressEvent),
             Document::Started => schemars::schema_for!(StartedEvent),

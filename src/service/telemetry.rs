@@ -228,7 +228,7 @@ where
                 .build(),
         )
         .build();
-    let tracer = provider.tracer("r2f");
+    let tracer = provider.tracer(env!("CARGO_CRATE_NAME"));
     EXPORTING.store(true, Ordering::Relaxed);
     Ok(Some((
         tracing_opentelemetry::layer().with_tracer(tracer),
