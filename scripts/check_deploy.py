@@ -13,13 +13,20 @@ cannot: a GPU in limits and the GPU taint tolerated, probes on /healthz and /rea
 terminationGracePeriodSeconds above the drain timeout of the mounted config, secrets only by
 reference, selectors that match the pods, the KEDA trigger on the configured jobs queue through
 the management API, one worker Deployment and ScaledObject per model (each on its model's
-queue, selectors that keep the models' pods apart), and so on.
+queue, selectors that keep the models' pods apart), and so on. The gateway (`r2f gateway`,
+label app.kubernetes.io/component: gateway): exactly one Deployment, no GPU, probes on /healthz
+and /readyz on the port of gateway.listen, terminationGracePeriodSeconds above
+gateway.drain_secs, its API key files mounted from a Secret, no LLM key or Hub token, the
+workers' storage/broker/Redis settings, and an HPA (minReplicas >= 2), a PDB, a Service (and
+ServiceMonitor) and a NetworkPolicy (ingress on its port; egress to DNS, the broker, Redis and
+HTTPS) for its pods.
 
 Compose: files, services and mounts that deploy/local/docker-compose.yml refers to exist, the
-worker reserves a GPU and gets a stop grace period above its drain timeout, Prometheus scrapes
-the services that exist. Dockerfile: multi-stage, non-root USER, HEALTHCHECK on /healthz,
-EXPOSE 9464, the ENTRYPOINT/CMD of the contract, and every COPY source let through by
-.dockerignore.
+worker reserves a GPU and gets a stop grace period above its drain timeout, the gateway reserves
+none, gets a stop grace period above gateway.drain_secs, its key files, a healthcheck on its own
+port and no LLM key or Hub token, Prometheus scrapes the services that exist (the gateway too).
+Dockerfile: multi-stage, non-root USER, HEALTHCHECK on /healthz, EXPOSE 9464, the
+ENTRYPOINT/CMD of the contract, and every COPY source let through by .dockerignore.
 
 Exits 1 and lists every problem found.
 """
@@ -66,6 +73,14 @@ SECRET_ENV = {"R2F__AMQP__URL", "R2F__REDIS__URL", "OPENAI_API_KEY", "AWS_ACCESS
               "AWS_SECRET_ACCESS_KEY", "HF_TOKEN"}
 CONFIG_PATH = "/etc/r2f/config.toml"
 METRICS_PORT = 9464
+# The gateway's defaults (config/default.toml, [gateway]).
+GATEWAY_LISTEN = "0.0.0.0:8080"
+GATEWAY_DRAIN_SECS = 30
+# Secrets the gateway must never get (it calls neither the LLM nor the Hub).
+GATEWAY_FORBIDDEN_ENV = {"OPENAI_API_KEY", "HF_TOKEN"}
+# Config sections whose per-environment variables (R2F__<SECTION>__*) name state that the
+# gateway and the workers share: they must agree.
+SHARED_ENV_SECTIONS = {"STORAGE", "AMQP", "REDIS", "TENANCY", "LIMITS"}
 
 
 class Problems(list):
@@ -131,9 +146,167 @@ def is_worker(o: dict) -> bool:
     return (o["metadata"].get("labels") or {}).get("app.kubernetes.io/component") == "worker"
 
 
+def is_gateway(o: dict) -> bool:
+    return (o["metadata"].get("labels") or {}).get("app.kubernetes.io/component") == "gateway"
+
+
+def pod_labels_of(dep: dict) -> dict:
+    return ((((dep.get("spec") or {}).get("template") or {}).get("metadata") or {}).get("labels") or {})
+
+
+def config_args(c: dict, command: str, dw: str, problems: Problems) -> str:
+    """The --config FILE of a container whose args must be `COMMAND --config FILE`."""
+    args = c.get("args") or []
+    if args[:1] != [command] or "--config" not in args:
+        problems.add(dw, f"container args must be {command} --config FILE")
+        return CONFIG_PATH
+    return args[args.index("--config") + 1] if args.index("--config") + 1 < len(args) else ""
+
+
+def volume_sources(vol: dict) -> list[tuple[str, dict]]:
+    """(kind, source) of a volume: ("configMap", {...}) or ("secret", {...}), the sources of a
+    projected volume each on its own."""
+    out = []
+    for kind in ("configMap", "secret"):
+        if vol.get(kind) is not None:
+            out.append((kind, vol[kind]))
+    for src in ((vol.get("projected") or {}).get("sources") or []):
+        for kind in ("configMap", "secret"):
+            if src.get(kind) is not None:
+                out.append((kind, src[kind]))
+    return out
+
+
+def source_key(src: dict, kind: str, relpath: str):
+    """The key of a ConfigMap/Secret source that provides the file RELPATH of its volume, or
+    None. A source with `items` provides only those paths; one without provides every key at
+    the volume's top level."""
+    items = src.get("items") or []
+    if items:
+        return next((i.get("key") for i in items if i.get("path") == relpath), None)
+    return relpath if "/" not in relpath else None
+
+
+def mounted_file(c: dict, volumes: dict, path: str):
+    """The volume mount of a container under which PATH lies: (mount, volume, path inside it),
+    the deepest mount first; (None, None, None) when no mount covers it."""
+    best = None
+    for m in c.get("volumeMounts") or []:
+        mp = (m.get("mountPath") or "").rstrip("/")
+        if mp and (path == mp or path.startswith(mp + "/")):
+            if best is None or len(mp) > len(best[0]):
+                best = (mp, m)
+    if best is None:
+        return None, None, None
+    mp, m = best
+    return m, volumes.get(m.get("name")), path[len(mp) + 1:]
+
+
+def mounted_config(c: dict, pod: dict, cfg_file: str, objs: list[dict], where: str, dw: str,
+                   problems: Problems):
+    """The TOML settings a container reads from CFG_FILE, mounted from a ConfigMap of the
+    rendering (a configMap volume, or a projected volume's configMap source); None if missing
+    or invalid (reported)."""
+    volumes = {v.get("name"): v for v in pod.get("volumes") or []}
+    for m in c.get("volumeMounts") or []:
+        if m.get("name") not in volumes:
+            problems.add(dw, f"volumeMount {m.get('mountPath')} refers to missing volume {m.get('name')}")
+    _, vol, relpath = mounted_file(c, volumes, cfg_file)
+    found = None
+    for kind, src in volume_sources(vol or {}):
+        key = source_key(src, kind, relpath) if kind == "configMap" else None
+        if key is not None:
+            found = (src.get("name"), key)
+    if not found or not found[0]:
+        problems.add(dw, f"{cfg_file} is not mounted from a ConfigMap")
+        return None
+    cm_name, key = found
+    cms = [o for o in by_kind(objs, "ConfigMap") if o["metadata"]["name"] == cm_name]
+    if len(cms) != 1 or key not in (cms[0].get("data") or {}):
+        problems.add(dw, f"ConfigMap {cm_name} with key {key} not in the rendering")
+        return None
+    try:
+        return tomllib.loads(cms[0]["data"][key])
+    except tomllib.TOMLDecodeError as e:
+        problems.add(f"{where}: ConfigMap {cm_name}", f"{key} is not valid TOML: {e}")
+        return None
+
+
+def port_of(port, named: dict):
+    """A probe's, Service's or NetworkPolicy's port: a number, or a container port's name."""
+    return named.get(port, port) if isinstance(port, str) else port
+
+
+def listen_port(listen: str):
+    try:
+        return int(str(listen).rsplit(":", 1)[1])
+    except (IndexError, ValueError):
+        return None
+
+
+def policy_allows(rules: list, port: int, protocol: str, named: dict) -> bool:
+    """Whether NetworkPolicy ingress or egress rules let PORT/PROTOCOL through (to or from
+    somewhere): a rule without ports allows every port."""
+    for r in rules:
+        ports = r.get("ports")
+        if not ports:
+            return True
+        for p in ports:
+            if (p.get("protocol") or "TCP") != protocol:
+                continue
+            if p.get("port") is None:
+                return True
+            lo = port_of(p["port"], named)
+            hi = p.get("endPort", lo)
+            if isinstance(lo, int) and isinstance(hi, int) and lo <= port <= hi:
+                return True
+    return False
+
+
+def shared_env(c: dict) -> dict:
+    """The container's literal R2F__<SECTION>__* values of the sections shared with the workers."""
+    out = {}
+    for e in c.get("env") or []:
+        parts = str(e.get("name", "")).split("__")
+        if "value" in e and len(parts) >= 3 and parts[0] == "R2F" and parts[1] in SHARED_ENV_SECTIONS:
+            out[e["name"]] = str(e["value"])
+    return out
+
+
+def env_or(c: dict, name: str, default):
+    """A literal env value of the container, else DEFAULT (the config's)."""
+    e = env_value(c, name)
+    return e["value"] if e and "value" in e else default
+
+
+def api_key_files(cfg: dict, c: dict, where: str, problems: Problems) -> list[str]:
+    """The key files the gateway reads, by tenancy mode; reports a fleet without any."""
+    mode = env_or(c, "R2F__TENANCY__MODE", (cfg.get("tenancy") or {}).get("mode", "single"))
+    single = list((cfg.get("gateway") or {}).get("api_key_files") or [])
+    if mode == "multi":
+        if single:
+            problems.add(where, "gateway.api_key_files is for a single-tenant fleet; in a multi-tenant one "
+                                "each tenant lists its own (tenants.<name>.api_key_files)")
+        files = [f for t in (cfg.get("tenants") or {}).values() for f in (t or {}).get("api_key_files") or []]
+        if not files:
+            problems.add(where, "no tenants.<name>.api_key_files: the gateway refuses to start without a key")
+        return files
+    if not single:
+        problems.add(where, "gateway.api_key_files is empty: the gateway refuses to start without a key")
+    return single
+
+
 def check_rendering(objs: list[dict], where: str, problems: Problems) -> None:
-    """Every worker Deployment (one per model) on its own, then what they share."""
+    """Every worker Deployment (one per model) on its own, the gateway, then what they share."""
     deps = [d for d in by_kind(objs, "Deployment") if is_worker(d)]
+    gateways = [d for d in by_kind(objs, "Deployment") if is_gateway(d)]
+    for d in by_kind(objs, "Deployment"):
+        if not is_worker(d) and not is_gateway(d):
+            problems.add(where, f"Deployment {d['metadata']['name']} is neither a worker nor the gateway "
+                                "(label app.kubernetes.io/component: worker or gateway)")
+    if len(gateways) != 1:
+        problems.add(where, f"expected exactly one gateway Deployment (label app.kubernetes.io/component: "
+                            f"gateway), found {len(gateways)}")
     if not deps:
         problems.add(where, "no worker Deployment (label app.kubernetes.io/component: worker)")
         return
@@ -147,13 +320,44 @@ def check_rendering(objs: list[dict], where: str, problems: Problems) -> None:
             if queue in queues.values():
                 problems.add(where, f"two worker Deployments consume the queue {queue}")
             queues[dep["metadata"]["name"]] = queue
-    # Two models' Deployments must not select each other's pods.
-    for a in deps:
-        for b in deps:
+    # Two models' Deployments (or a worker and the gateway) must not select each other's pods.
+    for a in deps + gateways:
+        for b in deps + gateways:
             if a is not b and matches(((a.get("spec") or {}).get("selector") or {}).get("matchLabels"),
                                       ((b["spec"].get("template") or {}).get("metadata") or {}).get("labels") or {}):
                 problems.add(where, f"Deployment {a['metadata']['name']} selects the pods of "
                                     f"{b['metadata']['name']} (add the r2f.io/model label to the selectors)")
+
+    if len(gateways) == 1:
+        check_gateway(gateways[0], deps, objs, where, problems)
+
+    # Services: none spans the workers and the gateway (the gateway's traffic would reach
+    # workers, which serve no API).
+    for svc in by_kind(objs, "Service"):
+        sel = (svc.get("spec") or {}).get("selector")
+        if sel and any(matches(sel, pod_labels_of(d)) for d in deps) and \
+                any(matches(sel, pod_labels_of(g)) for g in gateways):
+            problems.add(where, f"Service {svc['metadata']['name']} selects both worker and gateway pods")
+
+    # ServiceMonitors: each picks Services of the rendering, on ports those Services name.
+    for sm in by_kind(objs, "ServiceMonitor"):
+        sel = ((sm.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
+        picked = [s for s in by_kind(objs, "Service") if matches(sel, s["metadata"].get("labels") or {})]
+        if not picked:
+            problems.add(where, f"ServiceMonitor {sm['metadata']['name']} selects no Service")
+        for ep in (sm.get("spec") or {}).get("endpoints") or []:
+            if ep.get("port") and not any(
+                    ep["port"] in [p.get("name") for p in (s.get("spec") or {}).get("ports") or []] for s in picked):
+                problems.add(where, f"ServiceMonitor endpoint port {ep['port']} is not a Service port name")
+
+    # HorizontalPodAutoscalers: the gateway's only (KEDA makes and owns the workers' HPAs).
+    gw_names = [g["metadata"]["name"] for g in gateways]
+    for hpa in by_kind(objs, "HorizontalPodAutoscaler"):
+        ref = (hpa.get("spec") or {}).get("scaleTargetRef") or {}
+        if ref.get("kind") != "Deployment" or ref.get("name") not in gw_names:
+            problems.add(where, f"HorizontalPodAutoscaler {hpa['metadata']['name']} targets {ref.get('kind')} "
+                                f"{ref.get('name')}; only the gateway has an HPA of its own (KEDA owns the "
+                                "workers' replica counts)")
 
     # Secrets: by reference only, nothing rendered.
     for sec in by_kind(objs, "Secret"):
@@ -263,32 +467,8 @@ def check_worker(dep: dict, objs: list[dict], where: str, problems: Problems):
     # Config: mounted ConfigMap, parsed; drain timeout vs grace period.
     mounts = {m.get("mountPath"): m.get("name") for m in c.get("volumeMounts") or []}
     volumes = {v.get("name"): v for v in pod.get("volumes") or []}
-    for mp, vname in mounts.items():
-        if vname not in volumes:
-            problems.add(dw, f"volumeMount {mp} refers to missing volume {vname}")
-    args = c.get("args") or []
-    if args[:1] != ["worker"] or "--config" not in args:
-        problems.add(dw, "container args must be worker --config FILE")
-        cfg_file = CONFIG_PATH
-    else:
-        cfg_file = args[args.index("--config") + 1] if args.index("--config") + 1 < len(args) else ""
-    cfg_dir, cfg_name = os.path.split(cfg_file)
-    cfg = None
-    vol = volumes.get(mounts.get(cfg_dir))
-    cm_name = ((vol or {}).get("configMap") or {}).get("name")
-    if not cm_name:
-        problems.add(dw, f"{cfg_file} is not mounted from a ConfigMap")
-    else:
-        items = (vol["configMap"].get("items") or [])
-        key = next((i["key"] for i in items if i.get("path") == cfg_name), cfg_name if not items else None)
-        cms = [o for o in by_kind(objs, "ConfigMap") if o["metadata"]["name"] == cm_name]
-        if len(cms) != 1 or key not in (cms[0].get("data") or {}):
-            problems.add(dw, f"ConfigMap {cm_name} with key {key} not in the rendering")
-        else:
-            try:
-                cfg = tomllib.loads(cms[0]["data"][key])
-            except tomllib.TOMLDecodeError as e:
-                problems.add(f"{where}: ConfigMap {cm_name}", f"{key} is not valid TOML: {e}")
+    cfg_file = config_args(c, "worker", dw, problems)
+    cfg = mounted_config(c, pod, cfg_file, objs, where, dw, problems)
     if cfg is not None:
         check_config(cfg, c, dw, problems)
         drain = int(((cfg.get("worker") or {}).get("drain_timeout_secs", 300)))
@@ -340,15 +520,10 @@ def check_worker(dep: dict, objs: list[dict], where: str, problems: Problems):
             and (s.get("spec") or {}).get("selector")]
     if not svcs:
         problems.add(where, "no Service selects the worker pods")
-    for sm in by_kind(objs, "ServiceMonitor"):
-        sel = ((sm.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
-        picked = [s for s in svcs if matches(sel, s["metadata"].get("labels") or {})]
-        if not picked:
-            problems.add(where, f"ServiceMonitor {sm['metadata']['name']} selects no worker Service")
-        for ep in (sm.get("spec") or {}).get("endpoints") or []:
-            if ep.get("port") and not any(ep["port"] in [p.get("name") for p in s["spec"].get("ports") or []]
-                                          for s in picked):
-                problems.add(where, f"ServiceMonitor endpoint port {ep['port']} is not a Service port name")
+    sms = by_kind(objs, "ServiceMonitor")
+    if sms and not any(matches(((sm.get("spec") or {}).get("selector") or {}).get("matchLabels") or {},
+                               s["metadata"].get("labels") or {}) for sm in sms for s in svcs):
+        problems.add(where, "no ServiceMonitor selects a worker Service")
 
     # PDB.
     pdbs = by_kind(objs, "PodDisruptionBudget")
@@ -358,9 +533,219 @@ def check_worker(dep: dict, objs: list[dict], where: str, problems: Problems):
     return jobs_queue
 
 
+def check_gateway(dep: dict, workers: list[dict], objs: list[dict], where: str, problems: Problems) -> None:
+    """The gateway's Deployment (`r2f gateway`) and the objects around it: HPA, PDB, Service,
+    ServiceMonitor, NetworkPolicy."""
+    name = dep["metadata"]["name"]
+    dw = f"{where}: Deployment {name}"
+    spec = dep.get("spec") or {}
+    tmpl = spec.get("template") or {}
+    pod = tmpl.get("spec") or {}
+    pod_labels = (tmpl.get("metadata") or {}).get("labels") or {}
+    if "replicas" in spec:
+        problems.add(dw, "sets spec.replicas; the HorizontalPodAutoscaler owns the replica count")
+    if not matches((spec.get("selector") or {}).get("matchLabels"), pod_labels):
+        problems.add(dw, "selector does not match the pod template labels")
+    ru = (spec.get("strategy") or {}).get("rollingUpdate") or {}
+    if (spec.get("strategy") or {}).get("type", "RollingUpdate") != "RollingUpdate" or \
+            ru.get("maxUnavailable") not in (0, "0", "0%"):
+        problems.add(dw, "needs a RollingUpdate with maxUnavailable 0 (a new pod is Ready before an old one drains)")
+
+    containers = pod.get("containers") or []
+    mine = [c for c in containers if c.get("name") == "r2f"]
+    if len(mine) != 1:
+        problems.add(dw, "needs exactly one container named r2f")
+        return
+    c = mine[0]
+    for cc in containers + (pod.get("initContainers") or []):
+        res = cc.get("resources") or {}
+        if any("nvidia.com/gpu" in (res.get(k) or {}) for k in ("limits", "requests")):
+            problems.add(dw, f"container {cc.get('name')} must not request nvidia.com/gpu (the gateway needs no GPU)")
+    if any(t.get("key") == "nvidia.com/gpu" for t in pod.get("tolerations") or []):
+        problems.add(dw, "tolerates the nvidia.com/gpu taint; the gateway belongs off the GPU nodes")
+    requests = (c.get("resources") or {}).get("requests") or {}
+    if "cpu" not in requests:
+        problems.add(dw, "container r2f needs a CPU request (the HPA's utilization is relative to it)")
+    if "memory" not in ((c.get("resources") or {}).get("limits") or {}):
+        problems.add(dw, "container r2f needs a memory limit")
+    sc = pod.get("securityContext") or {}
+    if not sc.get("runAsNonRoot") or not sc.get("runAsUser"):
+        problems.add(dw, "pod must run as non-root (runAsNonRoot, runAsUser)")
+    csc = c.get("securityContext") or {}
+    if not csc.get("readOnlyRootFilesystem") or csc.get("allowPrivilegeEscalation") is not False or \
+            "ALL" not in ((csc.get("capabilities") or {}).get("drop") or []):
+        problems.add(dw, "container r2f needs readOnlyRootFilesystem, allowPrivilegeEscalation: false "
+                         "and capabilities drop ALL")
+    spread = [t for t in pod.get("topologySpreadConstraints") or []
+              if t.get("topologyKey") == "kubernetes.io/hostname"]
+    if not spread:
+        problems.add(dw, "no topologySpreadConstraints over kubernetes.io/hostname (replicas could share a node)")
+    for t in pod.get("topologySpreadConstraints") or []:
+        if not matches((t.get("labelSelector") or {}).get("matchLabels"), pod_labels):
+            problems.add(dw, f"topologySpreadConstraints on {t.get('topologyKey')} do not select the gateway's "
+                             "own pods")
+    volumes = {v.get("name"): v for v in pod.get("volumes") or []}
+    used = {m.get("name") for cc in containers + (pod.get("initContainers") or [])
+            for m in cc.get("volumeMounts") or []}
+    for vname in volumes:
+        if vname not in used:
+            problems.add(dw, f"volume {vname} is declared but not mounted (a patch meant for the workers?)")
+
+    # Secrets: by reference; the gateway never gets the LLM key or the Hub token.
+    for e in c.get("env") or []:
+        if e.get("name") in GATEWAY_FORBIDDEN_ENV:
+            problems.add(dw, f"env {e['name']}: the gateway must not get the LLM key or the Hub token")
+    for ef in c.get("envFrom") or []:
+        if ef.get("secretRef"):
+            problems.add(dw, f"envFrom Secret {ef['secretRef'].get('name')}: name the gateway's secrets one "
+                             "by one (envFrom would hand it every key, the LLM key too)")
+    for n in SECRET_ENV - GATEWAY_FORBIDDEN_ENV:
+        e = env_value(c, n)
+        if e is None:
+            if n in ("R2F__AMQP__URL", "R2F__REDIS__URL"):
+                problems.add(dw, f"env {n} missing (it carries credentials, from a Secret)")
+            continue
+        if "value" in e or "secretKeyRef" not in (e.get("valueFrom") or {}):
+            problems.add(dw, f"env {n} must come from a secretKeyRef, not a literal value")
+    for e in c.get("env") or []:
+        if "value" in e and re.search(r"://[^/\s:@]+:[^/\s@]+@", str(e["value"])):
+            problems.add(dw, f"env {e['name']} holds a URL with credentials")
+
+    # Shared state: the gateway records, publishes and signs URLs where the workers work.
+    mine_env = shared_env(c)
+    for w in workers:
+        wc = next((x for x in ((w.get("spec") or {}).get("template") or {}).get("spec", {}).get("containers") or []
+                   if x.get("name") == "r2f"), None)
+        if wc is None:
+            continue
+        theirs = shared_env(wc)
+        for k in sorted(set(mine_env) | set(theirs)):
+            if mine_env.get(k) != theirs.get(k):
+                problems.add(dw, f"env {k} is {mine_env.get(k)!r} but {theirs.get(k)!r} on Deployment "
+                                 f"{w['metadata']['name']} (the gateway and the workers share storage, broker "
+                                 "and Redis: patch both)")
+
+    # Config: listen port, probes, drain vs grace period, key files.
+    cfg_file = config_args(c, "gateway", dw, problems)
+    cfg = mounted_config(c, pod, cfg_file, objs, where, dw, problems)
+    if cfg is None:
+        return
+    check_config(cfg, c, dw, problems)
+    g = cfg.get("gateway") or {}
+    listen = env_or(c, "R2F__GATEWAY__LISTEN", g.get("listen", GATEWAY_LISTEN))
+    port = listen_port(listen)
+    if port is None or str(listen).startswith(("127.", "localhost", "[::1]")):
+        problems.add(dw, f"gateway.listen {listen} must be HOST:PORT on all interfaces")
+        return
+    named = {p.get("name"): p.get("containerPort") for p in c.get("ports") or [] if p.get("name")}
+    if port not in [p.get("containerPort") for p in c.get("ports") or []]:
+        problems.add(dw, f"gateway.listen port {port} is not a container port of r2f")
+
+    def probe(kind, path):
+        pr = c.get(kind)
+        if not pr:
+            problems.add(dw, f"container r2f has no {kind}")
+            return
+        hg = pr.get("httpGet") or {}
+        if hg.get("path") != path or port_of(hg.get("port"), named) != port:
+            problems.add(dw, f"{kind} must GET {path} on port {port} (gateway.listen)")
+    probe("startupProbe", "/healthz")
+    probe("livenessProbe", "/healthz")
+    probe("readinessProbe", "/readyz")
+    drain = int(env_or(c, "R2F__GATEWAY__DRAIN_SECS", g.get("drain_secs", GATEWAY_DRAIN_SECS)))
+    grace = pod.get("terminationGracePeriodSeconds", 30)
+    if grace < drain + 5:
+        problems.add(dw, f"terminationGracePeriodSeconds {grace} must exceed gateway.drain_secs {drain} "
+                         "by at least 5 s")
+    ann = (tmpl.get("metadata") or {}).get("annotations") or {}
+    if "prometheus.io/port" in ann and ann["prometheus.io/port"] != str(port):
+        problems.add(dw, f"annotation prometheus.io/port {ann['prometheus.io/port']} is not the gateway's port {port}")
+    for f in api_key_files(cfg, c, dw, problems):
+        m, vol, relpath = mounted_file(c, volumes, f)
+        if m is None or vol is None:
+            problems.add(dw, f"API key file {f} is not mounted")
+            continue
+        if m.get("subPath") or m.get("subPathExpr"):
+            problems.add(dw, f"API key file {f} is mounted with subPath: a changed Secret would never reach "
+                             "the pod (keys rotate by editing it)")
+        if not any(kind == "secret" and source_key(src, kind, relpath) is not None
+                   for kind, src in volume_sources(vol)):
+            problems.add(dw, f"API key file {f} is not provided by a Secret of volume {m.get('name')} "
+                             "(list it under the Secret's items)")
+
+    # Service (+ ServiceMonitor) on the gateway's port.
+    svcs = [s for s in by_kind(objs, "Service") if (s.get("spec") or {}).get("selector")
+            and matches(s["spec"]["selector"], pod_labels)]
+    if not svcs:
+        problems.add(dw, "no Service selects the gateway pods")
+    for s in svcs:
+        for sp in s["spec"].get("ports") or []:
+            if port_of(sp.get("targetPort", sp.get("port")), named) != port:
+                problems.add(dw, f"Service {s['metadata']['name']} port {sp.get('port')} targets "
+                                 f"{sp.get('targetPort')}, not the gateway's port {port}")
+    sms = by_kind(objs, "ServiceMonitor")
+    if sms and not any(ep.get("port") in [sp.get("name") for sp in s["spec"].get("ports") or []]
+                       for sm in sms for s in svcs
+                       if matches(((sm.get("spec") or {}).get("selector") or {}).get("matchLabels") or {},
+                                  s["metadata"].get("labels") or {})
+                       for ep in (sm.get("spec") or {}).get("endpoints") or []):
+        problems.add(dw, "no ServiceMonitor scrapes a Service port of the gateway")
+
+    # HPA.
+    hpas = [h for h in by_kind(objs, "HorizontalPodAutoscaler")
+            if ((h.get("spec") or {}).get("scaleTargetRef") or {}).get("kind") == "Deployment"
+            and h["spec"]["scaleTargetRef"].get("name") == name]
+    if len(hpas) != 1:
+        problems.add(dw, f"expected one HorizontalPodAutoscaler for the gateway, found {len(hpas)}")
+    min_replicas = 2
+    for h in hpas:
+        hw = f"{where}: HorizontalPodAutoscaler {h['metadata']['name']}"
+        hs = h.get("spec") or {}
+        min_replicas = hs.get("minReplicas", 1)
+        if min_replicas < 2:
+            problems.add(hw, f"minReplicas {min_replicas}: keep at least 2 gateways (rollouts, node drains, crashes)")
+        if hs.get("maxReplicas", 0) < min_replicas:
+            problems.add(hw, "maxReplicas < minReplicas")
+        if not any(m.get("type") == "Resource" and (m.get("resource") or {}).get("name") == "cpu"
+                   for m in hs.get("metrics") or []):
+            problems.add(hw, "scales on no CPU metric")
+
+    # PDB.
+    pdbs = [p for p in by_kind(objs, "PodDisruptionBudget")
+            if matches(((p.get("spec") or {}).get("selector") or {}).get("matchLabels"), pod_labels)]
+    if not pdbs:
+        problems.add(dw, "no PodDisruptionBudget selects the gateway pods")
+    for p in pdbs:
+        ma = (p.get("spec") or {}).get("minAvailable")
+        if isinstance(ma, int) and ma >= min_replicas:
+            problems.add(dw, f"PodDisruptionBudget {p['metadata']['name']} minAvailable {ma} >= minReplicas "
+                             f"{min_replicas} blocks node drains")
+
+    # NetworkPolicy: ingress on the port, egress to DNS, broker, Redis and HTTPS.
+    nps = [n for n in by_kind(objs, "NetworkPolicy")
+           if matches(((n.get("spec") or {}).get("podSelector") or {}).get("matchLabels"), pod_labels)]
+    if not nps:
+        problems.add(dw, "no NetworkPolicy selects the gateway pods")
+        return
+    ingress = [r for n in nps for r in (n.get("spec") or {}).get("ingress") or []]
+    egress = [r for n in nps for r in (n.get("spec") or {}).get("egress") or []]
+    types = {t for n in nps for t in (n.get("spec") or {}).get("policyTypes") or ["Ingress"]}
+    if "Ingress" not in types or "Egress" not in types:
+        problems.add(dw, "its NetworkPolicies must restrict both Ingress and Egress (policyTypes)")
+    if not policy_allows(ingress, port, "TCP", named):
+        problems.add(dw, f"its NetworkPolicies admit no ingress on port {port}: clients and Prometheus "
+                         "cannot reach the gateway")
+    if "Egress" in types:
+        for what, wanted in (("DNS", [(53, "UDP")]), ("RabbitMQ", [(5672, "TCP"), (5671, "TCP")]),
+                             ("Redis", [(6379, "TCP")]), ("HTTPS (S3)", [(443, "TCP")])):
+            if not any(policy_allows(egress, pt, proto, named) for pt, proto in wanted):
+                problems.add(dw, f"its NetworkPolicies block egress to {what} "
+                                 f"({', '.join(f'{pt}/{proto}' for pt, proto in wanted)})")
+
+
 def check_config(cfg: dict, container: dict, where: str, problems: Problems) -> None:
     known = {"worker", "amqp", "redis", "storage", "llm", "webhook", "tls", "metrics", "log", "models",
-             "limits"}
+             "limits", "gateway", "tenancy", "tenants", "telemetry"}
     for section in cfg:
         if section not in known:
             problems.add(where, f"config section [{section}] unknown (known: {sorted(known)})")
@@ -388,6 +773,73 @@ def parse_duration(s) -> float:
     for num, unit in re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)", str(s)):
         total += float(num) * {"h": 3600, "m": 60, "s": 1, "ms": 1e-3, "us": 1e-6}[unit]
     return total
+
+
+def compose_command(svc: dict) -> list[str]:
+    cmd = svc.get("command") or []
+    return cmd.split() if isinstance(cmd, str) else [str(x) for x in cmd]
+
+
+def compose_env(svc: dict) -> dict:
+    env = svc.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(e.split("=", 1) if "=" in e else (e, "") for e in env)
+    return env
+
+
+def check_compose_gateway(name: str, svc: dict, services: dict, where: str, problems: Problems):
+    """A compose service running `r2f gateway`; returns its port (None if unknown)."""
+    sw = f"{where}: service {name}"
+    devices = (((svc.get("deploy") or {}).get("resources") or {}).get("reservations") or {}).get("devices") or []
+    if devices:
+        problems.add(sw, "reserves devices; the gateway needs no GPU")
+    env = compose_env(svc)
+    for k in sorted(GATEWAY_FORBIDDEN_ENV & set(env)):
+        problems.add(sw, f"environment {k}: the gateway must not get the LLM key or the Hub token")
+    for url_key in ("R2F__AMQP__URL", "R2F__REDIS__URL"):
+        host = re.sub(r"^\w+://([^@/]*@)?", "", str(env.get(url_key, ""))).split(":")[0].split("/")[0]
+        if host not in services:
+            problems.add(sw, f"{url_key} host {host!r} is not a compose service")
+    cmd = compose_command(svc)
+    if "--config" not in cmd or cmd[cmd.index("--config") + 1:cmd.index("--config") + 2] != [CONFIG_PATH]:
+        problems.add(sw, f"command must be gateway --config {CONFIG_PATH}")
+    mounts = [v.split(":") for v in svc.get("volumes") or [] if isinstance(v, str)]
+    cfg_src = next((m[0] for m in mounts if len(m) >= 2 and m[1] == CONFIG_PATH), None)
+    if not cfg_src:
+        problems.add(sw, f"does not mount its config at {CONFIG_PATH}")
+        return None
+    cfg_path = os.path.normpath(os.path.join(LOCAL, cfg_src))
+    try:
+        with open(cfg_path, "rb") as f:
+            cfg = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        problems.add(rel(cfg_path), f"not valid TOML: {e}")
+        return None
+    check_config(cfg, svc, rel(cfg_path), problems)
+    g = cfg.get("gateway") or {}
+    listen = env.get("R2F__GATEWAY__LISTEN", g.get("listen", GATEWAY_LISTEN))
+    port = listen_port(listen)
+    if port is None or str(listen).startswith(("127.", "localhost", "[::1]")):
+        problems.add(rel(cfg_path), f"gateway.listen {listen} must be HOST:PORT on all interfaces")
+        return None
+    published = []
+    for pt in svc.get("ports") or []:
+        target = pt.get("target") if isinstance(pt, dict) else str(pt).split("/")[0].rsplit(":", 1)[-1]
+        published.append(int(target) if str(target).isdigit() else target)
+    if port not in published:
+        problems.add(sw, f"does not publish gateway.listen port {port}")
+    test = " ".join(str(t) for t in ((svc.get("healthcheck") or {}).get("test") or []))
+    if not re.search(rf":{port}/(readyz|healthz)\b", test):
+        problems.add(sw, f"needs a healthcheck on /readyz or /healthz at port {port} (the image's HEALTHCHECK "
+                         f"probes the worker's {METRICS_PORT})")
+    drain = int(env.get("R2F__GATEWAY__DRAIN_SECS", g.get("drain_secs", GATEWAY_DRAIN_SECS)))
+    if parse_duration(svc.get("stop_grace_period", "10s")) < drain + 5:
+        problems.add(sw, f"stop_grace_period must exceed gateway.drain_secs {drain} s by at least 5 s")
+    as_container = {"env": [{"name": k, "value": v} for k, v in env.items()]}
+    for f in api_key_files(cfg, as_container, rel(cfg_path), problems):
+        if not any(len(m) >= 2 and (m[1] == f or f.startswith(m[1].rstrip("/") + "/")) for m in mounts):
+            problems.add(sw, f"API key file {f} (gateway.api_key_files) is not mounted")
+    return port
 
 
 def check_compose(problems: Problems) -> None:
@@ -457,6 +909,16 @@ def check_compose(problems: Problems) -> None:
         if host not in services:
             problems.add(where, f"r2f {url_key} host {host!r} is not a compose service")
 
+    # The gateway: one service running `r2f gateway`.
+    gateways = {n: s for n, s in services.items() if compose_command(s)[:1] == ["gateway"]}
+    if len(gateways) != 1:
+        problems.add(where, f"expected one service whose command is gateway, found {sorted(gateways)}")
+    gateway_targets = {}
+    for n, s in gateways.items():
+        gp = check_compose_gateway(n, s, services, where, problems)
+        if gp is not None:
+            gateway_targets[n] = f"{n}:{gp}"
+
     # Grafana: the dashboard JSON must be mounted under the provisioning provider's path.
     graf = services.get("grafana") or {}
     mounts = [v.split(":") for v in graf.get("volumes") or [] if isinstance(v, str)]
@@ -488,9 +950,13 @@ def check_compose(problems: Problems) -> None:
                 if host != "localhost" and host not in services:
                     problems.add(rel(prom_path), f"scrape target {t} is not a compose service")
                 jobs.setdefault(host, []).append(sc)
-    if f"r2f:{METRICS_PORT}" not in [t for sc in prom.get("scrape_configs") or []
-                                     for st in sc.get("static_configs") or [] for t in st.get("targets") or []]:
+    targets = [t for sc in prom.get("scrape_configs") or [] for st in sc.get("static_configs") or []
+               for t in st.get("targets") or []]
+    if f"r2f:{METRICS_PORT}" not in targets:
         problems.add(rel(prom_path), f"does not scrape r2f:{METRICS_PORT}")
+    for n, t in gateway_targets.items():
+        if t not in targets:
+            problems.add(rel(prom_path), f"does not scrape the gateway at {t}")
     if not any(sc.get("metrics_path") == "/metrics/per-object" for sc in jobs.get("rabbitmq", [])):
         problems.add(rel(prom_path), "RabbitMQ must be scraped on /metrics/per-object (queue label)")
 
@@ -617,8 +1083,9 @@ def main() -> int:
     dirs = [os.path.join(K8S, "base")] + sorted(
         d for d in glob.glob(os.path.join(K8S, "overlays", "*")) if os.path.isdir(d))
     counts = []
-    # The parts the renderings include (the worker, each model's copy of it).
-    for d in [os.path.join(K8S, "worker")] + sorted(glob.glob(os.path.join(K8S, "models", "*"))):
+    # The parts the renderings include (the worker, each model's copy of it, the gateway).
+    for d in [os.path.join(K8S, "worker"), os.path.join(K8S, "gateway")] + \
+            sorted(glob.glob(os.path.join(K8S, "models", "*"))):
         check_unreferenced(d, problems)
     for d in dirs:
         try:

@@ -460,6 +460,24 @@ async fn a_job_over_http_is_followed_fetched_retried_cancelled_and_kept_from_oth
     assert!(metrics
         .lines()
         .any(|l| l.contains("code=\"429\"") && l.contains("tenant=\"b\"")));
+    // Every gateway metric the dashboard and the alert rules use is exported.
+    let exported = exported_names(&metrics);
+    let mut used = BTreeSet::new();
+    for file in ["dashboards/r2f.json", "dashboards/alerts.yml"] {
+        let text = std::fs::read_to_string(root().join(file)).unwrap();
+        used.extend(
+            metric_names_in(&text)
+                .into_iter()
+                .filter(|n| n.starts_with("r2f_gateway_")),
+        );
+    }
+    assert!(used.len() >= 3, "{used:?}");
+    for name in &used {
+        assert!(
+            exported.contains(name),
+            "{name} (used by dashboards/rules) is not exported"
+        );
+    }
     drop(gw);
     drop(worker);
     broker.cleanup().await;
@@ -559,7 +577,8 @@ async fn the_openapi_document_is_valid_and_the_http_examples_run_against_the_gat
     let images = tempfile::tempdir().unwrap();
     let tsx = root().join("examples/typescript/node_modules/.bin/tsx");
     assert!(tsx.exists(), "no {} (run scripts/setup.sh)", tsx.display());
-    let clients: Vec<(&str, Box<dyn Fn(&[&str]) -> Command>)> = vec![
+    type MakeCommand<'a> = Box<dyn Fn(&[&str]) -> Command + 'a>;
+    let clients: Vec<(&str, MakeCommand)> = vec![
         (
             "python",
             Box::new(|args: &[&str]| {

@@ -497,6 +497,30 @@ async fn the_shipped_definitions_keep_clients_to_their_own() {
         .await;
     assert!(stolen.is_err(), "consumed another tenant's reply queue");
     let _ = globex.queue_delete(theirs.into(), Default::default()).await;
+    // The gateway's user publishes jobs as any tenant (impersonator) and does nothing else.
+    ctl(&["change_password", "r2f-gateway", "pw-gateway"]);
+    let (gw_conn, gw) = connect_as("r2f-gateway", "pw-gateway").await;
+    let job = json!({"id": "defs-gw-1", "prompt": "p", "model": "sd3"});
+    assert!(publish(&gw, "r2f.jobs", "sd3", &job, Some("globex"), None).await);
+    let gw = gw_conn.create_channel().await.unwrap();
+    gw.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    assert!(!publish(&gw, "r2f.events", "job.succeeded.acme.x", &job, None, None).await);
+    let gw = gw_conn.create_channel().await.unwrap();
+    let declared = gw
+        .queue_declare(
+            "r2f.gateway-test".into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await;
+    assert!(declared.is_err(), "the gateway declared a queue");
+    let gw = gw_conn.create_channel().await.unwrap();
+    let read = gw
+        .basic_get("r2f.jobs.sd3".into(), BasicGetOptions::default())
+        .await;
+    assert!(read.is_err(), "the gateway read a jobs queue");
     for q in ["r2f.jobs.sd3", "r2f.jobs", "r2f.control"] {
         let _ = admin.queue_purge(q.into(), Default::default()).await;
     }

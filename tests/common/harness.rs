@@ -853,3 +853,43 @@ pub fn tiny_job(id: &str, steps: u32) -> serde_json::Value {
         "params": {"steps": steps, "guidance": 5.0, "width": 64, "height": 48, "seed": 7}
     })
 }
+
+/// Metric family names in a Prometheus text exposition.
+pub fn exported_names(text: &str) -> std::collections::BTreeSet<String> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
+}
+
+/// `r2f_*` metric names in a text, histogram series suffixes folded into their family.
+pub fn metric_names_in(text: &str) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while let Some(pos) = text[i..].find("r2f_") {
+        let start = i + pos;
+        let boundary =
+            start == 0 || !(bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
+        let mut end = start;
+        while end < bytes.len()
+            && (bytes[end].is_ascii_lowercase()
+                || bytes[end].is_ascii_digit()
+                || bytes[end] == b'_')
+        {
+            end += 1;
+        }
+        if boundary {
+            let mut name = &text[start..end];
+            for suffix in ["_bucket", "_sum", "_count"] {
+                if let Some(base) = name.strip_suffix(suffix) {
+                    name = base;
+                }
+            }
+            out.insert(name.to_string());
+        }
+        i = end.max(start + 1);
+    }
+    out
+}
