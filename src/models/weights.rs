@@ -77,31 +77,129 @@ pub struct Weights {
     kept: Option<Mutex<Vec<(String, Tensor)>>>,
 }
 
+crate::named_enum! {
+    /// Which weight files of a component a model loads (`[models.NAME] variant`), where a
+    /// component folder holds both the full-precision files and the `.fp16.` variant: `auto`
+    /// takes the variant when the model runs in fp16 or bf16 and the full-precision files
+    /// otherwise; `fp16` and `full` always prefer one. A component holding one kind only loads
+    /// that kind whatever the setting.
+    #[derive(Default)]
+    pub enum WeightsVariant("weights variant") {
+        #[default]
+        Auto = "auto",
+        Fp16 = "fp16",
+        Full = "full",
+    }
+}
+
+impl WeightsVariant {
+    /// The files preferred by a model that runs in `kind`.
+    pub fn resolve(self, kind: Kind) -> Variant {
+        match self {
+            WeightsVariant::Fp16 => Variant::Fp16,
+            WeightsVariant::Full => Variant::Full,
+            WeightsVariant::Auto if matches!(kind, Kind::Half | Kind::BFloat16) => Variant::Fp16,
+            WeightsVariant::Auto => Variant::Full,
+        }
+    }
+}
+
+/// The weight files a component loads when its folder holds both kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Variant {
+    /// The full-precision files (`model.safetensors`, `model-00001-of-00002.safetensors`).
+    #[default]
+    Full,
+    /// The `.fp16.` variant files (`model.fp16.safetensors`,
+    /// `model.fp16-00001-of-00002.safetensors`, their index `model.safetensors.index.fp16.json`
+    /// or `model.fp16.safetensors.index.json`).
+    Fp16,
+}
+
+/// Whether a file name (no folder) belongs to the `.fp16.` variant: `fp16` is one of its
+/// dot- or dash-separated parts.
+pub fn is_fp16_variant(file_name: &str) -> bool {
+    file_name.split(['.', '-']).any(|part| part == "fp16")
+}
+
+/// Whether a file name (no folder) is a safetensors shard index (`*.safetensors.index.json`,
+/// `*.safetensors.index.fp16.json`, ...).
+pub fn is_shard_index(file_name: &str) -> bool {
+    file_name.ends_with(".json")
+        && file_name.contains(".safetensors.")
+        && file_name.split('.').any(|part| part == "index")
+}
+
+/// The weight files of one component folder to load.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChosenFiles<'a> {
+    /// The `.safetensors` files of the chosen kind.
+    pub weights: Vec<&'a str>,
+    /// Its shard index, if any: the shards to load are the ones it names.
+    pub index: Option<&'a str>,
+}
+
+/// From the file names of one component folder (no folder part), the weight files to load:
+/// those of the `prefer`red kind when it has any `.safetensors` file, else the other kind's.
+/// `None` when the folder holds no `.safetensors` file.
+pub fn choose_weight_files<'a>(names: &[&'a str], prefer: Variant) -> Option<ChosenFiles<'a>> {
+    let of_kind = |fp16: bool| {
+        let weights: Vec<&'a str> = names
+            .iter()
+            .copied()
+            .filter(|n| n.ends_with(".safetensors") && is_fp16_variant(n) == fp16)
+            .collect();
+        let index = names
+            .iter()
+            .copied()
+            .filter(|n| is_shard_index(n) && is_fp16_variant(n) == fp16)
+            .min();
+        (!weights.is_empty()).then_some(ChosenFiles { weights, index })
+    };
+    let fp16_first = prefer == Variant::Fp16;
+    of_kind(fp16_first).or_else(|| of_kind(!fp16_first))
+}
+
 impl Weights {
     /// Memory-maps the safetensors weights of one component folder (`transformer/`, `vae/`, ...):
-    /// `*.safetensors`, preferring a `*.safetensors.index.json` shard index when present.
+    /// `*.safetensors`, preferring a `*.safetensors.index.json` shard index when present, and
+    /// the full-precision files over the `.fp16.` variant when both exist.
     pub fn from_dir(dir: &Path, device: Device, kind: Kind) -> Result<Self, WeightError> {
-        let files = Self::weight_files(dir)?;
+        Self::from_dir_preferring(dir, Variant::Full, device, kind)
+    }
+
+    /// Like [`Weights::from_dir`], taking the `prefer`red kind of files when the folder holds
+    /// both the full-precision files and the `.fp16.` variant (else whichever it holds).
+    pub fn from_dir_preferring(
+        dir: &Path,
+        prefer: Variant,
+        device: Device,
+        kind: Kind,
+    ) -> Result<Self, WeightError> {
+        let files = Self::weight_files(dir, prefer)?;
         Self::from_files(&files, dir, device, kind)
     }
 
-    fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, WeightError> {
+    /// The files [`Weights::from_dir_preferring`] maps from `dir`: the chosen kind's shards as
+    /// its index names them, else its `.safetensors` files.
+    pub fn weight_files(dir: &Path, prefer: Variant) -> Result<Vec<PathBuf>, WeightError> {
         let io = |source| WeightError::Io {
             path: dir.to_path_buf(),
             source,
         };
-        let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        let mut names: Vec<String> = std::fs::read_dir(dir)
             .map_err(io)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().into_string().ok())
             .collect();
-        entries.sort();
+        names.sort();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let chosen = choose_weight_files(&refs, prefer)
+            .ok_or_else(|| WeightError::NoWeights(dir.to_path_buf()))?;
         // A sharded checkpoint: the index names the shards.
-        if let Some(index) = entries
-            .iter()
-            .find(|p| p.to_string_lossy().ends_with(".safetensors.index.json"))
-            .filter(|p| !p.to_string_lossy().contains(".fp16."))
-        {
-            let text = std::fs::read_to_string(index).map_err(|source| WeightError::Io {
+        if let Some(index) = chosen.index {
+            let index = dir.join(index);
+            let text = std::fs::read_to_string(&index).map_err(|source| WeightError::Io {
                 path: index.clone(),
                 source,
             })?;
@@ -126,21 +224,7 @@ impl Weights {
             shards.dedup();
             return Ok(shards);
         }
-        // Unsharded: prefer the full-precision file over a `.fp16.` variant when both exist.
-        let all: Vec<PathBuf> = entries
-            .into_iter()
-            .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
-            .collect();
-        let full: Vec<PathBuf> = all
-            .iter()
-            .filter(|p| !p.to_string_lossy().contains(".fp16."))
-            .cloned()
-            .collect();
-        let chosen = if full.is_empty() { all } else { full };
-        if chosen.is_empty() {
-            return Err(WeightError::NoWeights(dir.to_path_buf()));
-        }
-        Ok(chosen)
+        Ok(chosen.weights.iter().map(|n| dir.join(n)).collect())
     }
 
     pub fn from_files(
@@ -378,6 +462,18 @@ impl Vb {
     /// The weights of one component folder, memory-mapped.
     pub fn from_dir(dir: &Path, device: Device, kind: Kind) -> Result<Self, WeightError> {
         Ok(Self::new(Weights::from_dir(dir, device, kind)?))
+    }
+
+    /// [`Weights::from_dir_preferring`], as a view.
+    pub fn from_dir_preferring(
+        dir: &Path,
+        prefer: Variant,
+        device: Device,
+        kind: Kind,
+    ) -> Result<Self, WeightError> {
+        Ok(Self::new(Weights::from_dir_preferring(
+            dir, prefer, device, kind,
+        )?))
     }
 
     pub fn pp(&self, name: impl std::fmt::Display) -> Self {

@@ -114,7 +114,7 @@ impl ComponentLoader<'_> {
     ) -> anyhow::Result<T> {
         tracing::info!(component = what, "loading");
         let dir = self.model.require(name)?;
-        let vb = Vb::from_dir(&dir, self.device, dtype)?;
+        let vb = self.model.weights(&dir, self.device, dtype)?;
         build(&vb, &config(&dir)?).with_context(|| format!("loading {}", dir.display()))
     }
 }

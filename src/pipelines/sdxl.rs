@@ -95,7 +95,7 @@ impl SdxlPipeline {
         } else {
             dtype
         };
-        let vae = VaeDecoder::new(&Vb::from_dir(&dir, device, vae_dtype)?, &vae_cfg)
+        let vae = VaeDecoder::new(&model.weights(&dir, device, vae_dtype)?, &vae_cfg)
             .with_context(|| format!("loading {}", dir.display()))?;
         let scheduler_config = DiscreteConfig::load(&model.require("scheduler")?)?;
         tracing::info!(seconds = start.elapsed().as_secs_f64(), model = %model.root.display(), "SDXL model loaded");
