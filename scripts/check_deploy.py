@@ -475,10 +475,14 @@ def check_worker(dep: dict, objs: list[dict], where: str, problems: Problems):
         env = env_value(c, "R2F__WORKER__DRAIN_TIMEOUT_SECS")
         if env and "value" in env:
             drain = int(env["value"])
+        stop = int(((cfg.get("worker") or {}).get("stop_grace_secs", 30)))
+        env = env_value(c, "R2F__WORKER__STOP_GRACE_SECS")
+        if env and "value" in env:
+            stop = int(env["value"])
         grace = pod.get("terminationGracePeriodSeconds", 30)
-        if grace < drain + 30:
+        if grace <= drain + stop:
             problems.add(dw, f"terminationGracePeriodSeconds {grace} must exceed the drain timeout "
-                             f"{drain} s by at least 30 s")
+                             f"{drain} s plus stop_grace_secs {stop} s")
         model = env_value(c, "R2F__WORKER__MODEL") or {}
         model = model.get("value") or (cfg.get("worker") or {}).get("model", "sd3")
         jobs_queue = (cfg.get("amqp") or {}).get("jobs_queue", "r2f.jobs.{model}")
@@ -894,7 +898,8 @@ def check_compose(problems: Problems) -> None:
             with open(cfg_path, "rb") as f:
                 cfg = tomllib.load(f)
             check_config(cfg, r2f, f"{rel(cfg_path)}", problems)
-            drain = int((cfg.get("worker") or {}).get("drain_timeout_secs", 300))
+            w = cfg.get("worker") or {}
+            drain = int(w.get("drain_timeout_secs", 300)) + int(w.get("stop_grace_secs", 30))
             endpoint = ((cfg.get("storage") or {}).get("s3") or {}).get("endpoint", "")
             host = re.sub(r"^\w+://", "", endpoint).split(":")[0].split("/")[0]
             if host and host not in services:

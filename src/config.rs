@@ -15,6 +15,11 @@ const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 pub struct ModelSettings {
     /// A local diffusers-layout folder or a Hub model id.
     pub source: String,
+    /// Which weight files to download and load where a component has both the full-precision
+    /// files and the `.fp16.` variant: `auto` (the variant when the worker runs in fp16 or
+    /// bf16), `fp16` or `full`.
+    #[serde(default)]
+    pub variant: crate::models::weights::WeightsVariant,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -28,7 +33,12 @@ pub struct WorkerSettings {
     pub max_attempts: u32,
     pub retry_backoff_ms: u64,
     pub retry_backoff_max_ms: u64,
+    /// On SIGTERM the job in hand may finish for this long; past it, it is stopped at its next
+    /// denoising step and handed back to the queue (not counted as a failure or a death).
     pub drain_timeout_secs: u64,
+    /// After the drain deadline (or a second signal): how long the job in hand has to stop and
+    /// be handed back before the process exits anyway (status 1; the broker redelivers it).
+    pub stop_grace_secs: u64,
     pub progress_interval_ms: u64,
     /// How often a running job checks Redis for a cancellation request.
     pub cancel_poll_ms: u64,
@@ -51,6 +61,9 @@ pub struct WorkerSettings {
 #[derive(Clone, Deserialize)]
 pub struct AmqpSettings {
     pub url: String,
+    /// A file holding the URL (a mounted secret); when set it replaces `url`.
+    #[serde(default)]
+    pub url_file: String,
     /// Clients publish jobs here (a direct exchange) with the job's model as routing key.
     pub jobs_exchange: String,
     /// The queue of one model's jobs; `{model}` stands for the model's name (see
@@ -90,6 +103,7 @@ impl AmqpSettings {
     pub fn named(url: &str, jobs: &str, dead: &str, retry: &str, events: &str) -> Self {
         Self {
             url: url.into(),
+            url_file: String::new(),
             jobs_exchange: format!("{jobs}.route"),
             jobs_queue: jobs.into(),
             inbox_queue: format!("{jobs}.inbox"),
@@ -145,6 +159,9 @@ impl std::fmt::Debug for AmqpSettings {
 #[derive(Clone, Deserialize)]
 pub struct RedisSettings {
     pub url: String,
+    /// A file holding the URL (a mounted secret); when set it replaces `url`.
+    #[serde(default)]
+    pub url_file: String,
     pub key_prefix: String,
     pub plan_ttl_secs: u64,
     /// Job status records live this long after their last transition.
@@ -238,8 +255,26 @@ fn read_secret(file_setting: &str, file: &str, env: &str) -> anyhow::Result<Opti
 impl LlmSettings {
     /// The API key from the configured environment variable or file (None: no auth header,
     /// as local servers need none).
+    /// A key that is configured (`api_key_env` or `api_key_file` set) but absent is an error:
+    /// a server that needs no key has `api_key_env = ""`.
     pub fn api_key(&self) -> anyhow::Result<Option<String>> {
-        read_secret("llm.api_key_file", &self.api_key_file, &self.api_key_env)
+        let key = read_secret("llm.api_key_file", &self.api_key_file, &self.api_key_env)?;
+        if key.is_none() && (!self.api_key_env.is_empty() || !self.api_key_file.is_empty()) {
+            let from = if self.api_key_file.is_empty() {
+                format!(
+                    "the environment variable {} (llm.api_key_env) is unset or empty",
+                    self.api_key_env
+                )
+            } else {
+                format!("llm.api_key_file {} is empty", self.api_key_file)
+            };
+            anyhow::bail!(
+                "no API key for the LLM at {}: {from}; set it, or set llm.api_key_env = \"\" \
+                 for a server that needs no key",
+                redact_url(&self.base_url)
+            );
+        }
+        Ok(key)
     }
 }
 
@@ -428,32 +463,67 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// The defaults, then `file`, then the `R2F__SECTION__KEY` environment variables. A key
+    /// that no setting reads stops the load, named with its source.
     pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
-        let mut builder = config::Config::builder().add_source(config::File::from_str(
-            DEFAULT_TOML,
-            config::FileFormat::Toml,
-        ));
-        if let Some(file) = file {
-            if !file.exists() {
-                anyhow::bail!("config file {} does not exist", file.display());
-            }
-            builder = builder.add_source(config::File::from(file).format(config::FileFormat::Toml));
+        Self::load_from(file, std::env::vars())
+    }
+
+    /// [`Settings::load`] with the environment given.
+    pub fn load_from(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> anyhow::Result<Self> {
+        let layers = Layers::read(file, env)?;
+        let mut unknown = Vec::new();
+        let settings: Settings =
+            serde_ignored::deserialize(layers.merged()?, |path| unknown.push(path.to_string()))
+                .map_err(|e| invalid(&e.to_string()))?;
+        if let Some(path) = unknown.first() {
+            let more = match unknown.len() {
+                1 => String::new(),
+                n => format!(" (and {} more: {})", n - 1, unknown[1..].join(", ")),
+            };
+            anyhow::bail!(
+                "invalid configuration: unknown key `{path}` in {}{more}",
+                layers.source_of(path)
+            );
         }
-        builder = builder.add_source(
-            config::Environment::with_prefix("R2F")
-                .prefix_separator("__")
-                .separator("__")
-                .try_parsing(true),
-        );
-        let settings: Settings = builder
-            .build()
-            .map_err(|e| anyhow::anyhow!("invalid configuration: {}", redact_text(&e.to_string())))?
-            .try_deserialize()
-            .map_err(|e| {
-                anyhow::anyhow!("invalid configuration: {}", redact_text(&e.to_string()))
-            })?;
+        let mut settings = settings;
+        settings.read_url_files()?;
         settings.validate()?;
         Ok(settings)
+    }
+
+    /// The effective configuration as TOML, secrets redacted (`r2f config check`).
+    pub fn effective_toml(file: Option<&Path>) -> anyhow::Result<String> {
+        let layers = Layers::read(file, std::env::vars())?;
+        let mut table: toml::Table = layers
+            .merged()?
+            .try_deserialize()
+            .map_err(|e| invalid(&e.to_string()))?;
+        redact_table(&mut table);
+        Ok(toml::to_string(&table)?)
+    }
+
+    /// `amqp.url_file`, `redis.url_file`: the URL from a file (a mounted secret).
+    fn read_url_files(&mut self) -> anyhow::Result<()> {
+        for (name, file, url) in [
+            ("amqp.url_file", &self.amqp.url_file, &mut self.amqp.url),
+            ("redis.url_file", &self.redis.url_file, &mut self.redis.url),
+        ] {
+            if file.is_empty() {
+                continue;
+            }
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| anyhow::anyhow!("invalid configuration: {name} `{file}`: {e}"))?;
+            let text = text.trim();
+            if text.is_empty() {
+                anyhow::bail!("invalid configuration: {name} `{file}` is empty");
+            }
+            *url = text.to_string();
+        }
+        Ok(())
     }
 
     /// The models that have a queue (every model of [models] when each has its own queue,
@@ -661,6 +731,173 @@ impl Settings {
         if !self.tls.ca_file.is_empty() {
             // SAFETY: called once at start-up, before any other thread exists.
             unsafe { std::env::set_var("SSL_CERT_FILE", &self.tls.ca_file) };
+        }
+    }
+}
+
+fn invalid(e: &str) -> anyhow::Error {
+    anyhow::anyhow!("invalid configuration: {}", redact_text(e))
+}
+
+/// The environment variables of the configuration start with this (`R2F__WORKER__PREFETCH`).
+const ENV_PREFIX: &str = "R2F__";
+
+/// Settings that hold a list in every tenant's section (a comma-separated list in the
+/// environment, as every list of the defaults).
+const TENANT_LISTS: &[&str] = &[
+    "users",
+    "webhook_secret_files",
+    "webhook_allowed_hosts",
+    "webhook_allowed_ports",
+    "webhook_allowed_networks",
+    "models",
+    "api_key_files",
+];
+
+/// The layers of the configuration: the defaults, the file, the environment.
+struct Layers {
+    file: Option<(std::path::PathBuf, toml::Table)>,
+    /// Key path (`worker.prefetch`) → (variable name, value) of each `R2F__` variable.
+    env: BTreeMap<String, (String, config::Value)>,
+}
+
+impl Layers {
+    fn read(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> anyhow::Result<Self> {
+        let file = match file {
+            None => None,
+            Some(file) => {
+                let text = std::fs::read_to_string(file)
+                    .map_err(|e| anyhow::anyhow!("config file {}: {e}", file.display()))?;
+                let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+                    anyhow::anyhow!(
+                        "invalid configuration: {} is not valid TOML: {}",
+                        file.display(),
+                        redact_text(&e.to_string())
+                    )
+                })?;
+                Some((file.to_path_buf(), table))
+            }
+        };
+        let defaults: toml::Table = DEFAULT_TOML.parse()?;
+        let mut lists = std::collections::BTreeSet::new();
+        array_paths(&defaults, "", &mut lists);
+        let mut vars = BTreeMap::new();
+        for (name, value) in env {
+            let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            let path = rest.to_lowercase().replace("__", ".");
+            if path.is_empty() || path.split('.').any(str::is_empty) {
+                anyhow::bail!("invalid configuration: environment variable {name} names no key");
+            }
+            let is_list = lists.contains(&path)
+                || (path.starts_with("tenants.")
+                    && path.split('.').count() == 3
+                    && TENANT_LISTS.contains(&path.rsplit('.').next().unwrap_or("")));
+            let value = if is_list {
+                let items: Vec<config::Value> = value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| config::Value::from(s.to_string()))
+                    .collect();
+                config::Value::from(items)
+            } else {
+                config::Value::from(value)
+            };
+            vars.insert(path, (name, value));
+        }
+        Ok(Self { file, env: vars })
+    }
+
+    fn merged(&self) -> anyhow::Result<config::Config> {
+        let mut builder = config::Config::builder().add_source(config::File::from_str(
+            DEFAULT_TOML,
+            config::FileFormat::Toml,
+        ));
+        if let Some((path, _)) = &self.file {
+            builder = builder
+                .add_source(config::File::from(path.as_path()).format(config::FileFormat::Toml));
+        }
+        for (path, (_, value)) in &self.env {
+            builder = builder
+                .set_override(path.as_str(), value.clone())
+                .map_err(|e| invalid(&e.to_string()))?;
+        }
+        builder.build().map_err(|e| invalid(&e.to_string()))
+    }
+
+    /// Where key `path` (as serde_ignored names it: `worker.prefech`) was set.
+    fn source_of(&self, path: &str) -> String {
+        if let Some((name, _)) = self.env.get(path) {
+            return format!("the environment ({name})");
+        }
+        if let Some((file, table)) = &self.file {
+            let mut node = Some(table);
+            let parts: Vec<&str> = path.split('.').collect();
+            for (i, part) in parts.iter().enumerate() {
+                let Some(t) = node else { break };
+                match t.get(*part) {
+                    Some(v) if i + 1 == parts.len() => {
+                        let _ = v;
+                        return format!("{}", file.display());
+                    }
+                    Some(toml::Value::Table(inner)) => node = Some(inner),
+                    _ => node = None,
+                }
+            }
+            return format!("{}", file.display());
+        }
+        "the configuration".to_string()
+    }
+}
+
+/// The paths of the arrays in `table` (`webhook.allowed_hosts`).
+fn array_paths(table: &toml::Table, prefix: &str, out: &mut std::collections::BTreeSet<String>) {
+    for (k, v) in table {
+        let path = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        match v {
+            toml::Value::Array(_) => {
+                out.insert(path);
+            }
+            toml::Value::Table(t) => array_paths(t, &path, out),
+            _ => {}
+        }
+    }
+}
+
+/// Whether a setting named `key` holds a secret: its value is printed as `***`.
+fn is_secret_key(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    let names_file = k.ends_with("_file") || k.ends_with("_files") || k.ends_with("_env");
+    !names_file
+        && ["secret", "password", "token", "api_key", "key_pem"]
+            .iter()
+            .any(|s| k.contains(s))
+}
+
+/// Redacts URLs with credentials and secret values in an effective configuration.
+fn redact_table(table: &mut toml::Table) {
+    for (k, v) in table.iter_mut() {
+        match v {
+            toml::Value::Table(t) => redact_table(t),
+            toml::Value::String(s) if is_secret_key(k) && !s.is_empty() => *s = "***".into(),
+            toml::Value::String(s) => *s = redact_text(s),
+            toml::Value::Array(items) => {
+                for item in items {
+                    if let toml::Value::String(s) = item {
+                        *s = redact_text(s);
+                    }
+                }
+            }
+            _ => {}
         }
     }
 }

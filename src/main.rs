@@ -9,8 +9,21 @@ use r2f::cli::{self, Cli, Command};
 use r2f::config::{LogFormat, Settings};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let settings = Settings::load(cli.config.as_deref());
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            // --help and --version are not failures; a wrong command line is EX_USAGE.
+            return match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                    ExitCode::SUCCESS
+                }
+                _ => ExitCode::from(cli::Exit::USAGE),
+            };
+        }
+    };
+    let settings = Settings::load(cli.config.as_deref())
+        .map_err(|e| anyhow::Error::new(cli::Exit::config(cli::error_line(&e))));
     if let Ok(s) = &settings {
         // Before any thread exists: the CA bundle for every TLS client.
         s.apply_tls();
@@ -40,7 +53,9 @@ fn main() -> ExitCode {
         Command::Schedule(a) => cli::schedule(a),
         Command::Parity(a) => cli::parity(a),
         Command::Status { id, tenant } => cli::status(&settings, &id, tenant.as_deref()),
-        Command::Cancel { id, tenant } => cli::cancel(&settings, &id, tenant.as_deref()),
+        Command::Cancel { id, tenant, force } => {
+            cli::cancel(&settings, &id, tenant.as_deref(), force)
+        }
         Command::Wait {
             id,
             timeout,
@@ -70,6 +85,10 @@ fn main() -> ExitCode {
         } => cli::enqueue(&settings, &file, check, !no_validate),
         Command::Gateway => cli::gateway(settings),
         Command::Key { hash } => cli::key(hash),
+        Command::Config {
+            action: cli::ConfigCommand::Check { no_probe },
+        } => cli::config_check(&settings, cli.config.as_deref(), no_probe),
+        Command::Replay(a) => cli::replay(&settings, a),
         Command::BenchGateway(a) => cli::bench_gateway(&settings, a),
     });
     // Spans still batched go out before the process ends.

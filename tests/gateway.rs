@@ -864,6 +864,7 @@ async fn a_draining_gateway_fails_readyz_ends_its_streams_and_exits() {
     // The job is untouched by the gateway's exit.
     let redis = r2f::service::redis_store::RedisStore::new(&r2f::config::RedisSettings {
         url: "redis://127.0.0.1:6379".into(),
+        url_file: String::new(),
         key_prefix: broker.names.prefix.clone(),
         plan_ttl_secs: 60,
         status_ttl_secs: 600,

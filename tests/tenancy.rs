@@ -156,6 +156,7 @@ async fn no_message_of_another_tenant_touches_a_tenants_job() {
     let (_cb, b) = connect_as(&bu, "pw-b").await;
     let redis = RedisStore::new(&r2f::config::RedisSettings {
         url: "redis://127.0.0.1:6379".into(),
+        url_file: String::new(),
         key_prefix: p.clone(),
         plan_ttl_secs: 60,
         status_ttl_secs: 600,

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::fake_llm::{FakeLlm, Reply};
 use common::harness::*;
-use serde_json::json;
+use serde_json::{json, Value};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -257,6 +257,27 @@ async fn a_message_whose_workers_keep_dying_is_dead_lettered_after_max_attempts(
         assert!(d.1.contains("without finishing"), "{dead:?}");
     }
     assert!(!s3.keys().iter().any(|k| k.ends_with(".png")));
+    // Its status record and its stored result say what became of it.
+    let st = job_status(&names, "kills-workers")
+        .await
+        .expect("a status record");
+    assert_eq!(st.state, r2f::job::JobState::Failed, "{st:?}");
+    assert!(
+        st.reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("delivered 3 times"),
+        "{st:?}"
+    );
+    let stored: Value = serde_json::from_slice(&s3.read("out/kills-workers/result.json")).unwrap();
+    assert_eq!(stored["status"], "failed", "{stored}");
+    assert!(
+        stored["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("delivered 3 times"),
+        "{stored}"
+    );
     broker.cleanup().await;
 }
 

@@ -196,7 +196,7 @@ export interface JobStatus {
   updated_at_ms: number;
   /** Why the job is retrying or was handed back, when it is. */
   reason?: string | null;
-  /** Every transition, oldest first. */
+  /** The transitions, oldest first: the first one and the latest 31 (a job retried or handed back many times does not grow its record without bound). */
   history: Array<Transition>;
   /** While `running`: denoising steps done, of `steps` (every image and, for R2F+, every run of the job counted), updated as progress events are published. */
   step?: number | null;

@@ -43,6 +43,7 @@ pub enum Command {
     Parity(ParityArgs),
     /// Print a job's status record (from Redis), as JSON.
     Status {
+        /// The job's id.
         id: String,
         /// The job's tenant (multi-tenant fleets).
         #[arg(long)]
@@ -50,6 +51,7 @@ pub enum Command {
     },
     /// Wait until a job is finished and print its status record; exit 0 only if it succeeded.
     Wait {
+        /// The job's id.
         id: String,
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 600.0)]
@@ -59,15 +61,22 @@ pub enum Command {
         tenant: Option<String>,
     },
     /// Cancel a job: dropped when a worker takes it if queued, stopped at its next denoising
-    /// step if running; prints what was done as JSON. Exit 2 when it had already finished.
+    /// step if running; prints what was done as JSON. Exit 65 when it had already finished or
+    /// no such job is known.
     Cancel {
+        /// The job's id.
         id: String,
         /// The job's tenant (multi-tenant fleets).
         #[arg(long)]
         tenant: Option<String>,
+        /// Record the request even without a status record (a job published straight to the
+        /// broker that no worker has taken yet).
+        #[arg(long)]
+        force: bool,
     },
     /// Print the JSON Schema of a document clients exchange with r2f.
     Schema {
+        /// The document.
         #[arg(value_enum)]
         document: crate::job::schema::Document,
     },
@@ -75,18 +84,23 @@ pub enum Command {
     Worker,
     /// Ask the configured LLM (through the plan cache) and print the plan as JSON.
     Plan {
+        /// The prompt to plan.
         #[arg(long)]
         prompt: String,
+        /// The kind of plan: r2f (rare and frequent concepts) or r2fplus (with object boxes).
         #[arg(long, value_enum, default_value_t = PlanMode::R2f)]
         mode: PlanMode,
     },
     /// Measure jobs per second through the broker and the per-job service overhead against a
     /// running worker (plain jobs of the worker's model).
     BenchService {
+        /// Jobs to publish.
         #[arg(long, default_value_t = 50)]
         jobs: usize,
+        /// Denoising steps of each job.
         #[arg(long, default_value_t = 1)]
         steps: u32,
+        /// Width and height of each job's image.
         #[arg(long, default_value_t = 64)]
         size: u32,
     },
@@ -97,9 +111,20 @@ pub enum Command {
     /// (line 2, append it to a key file the gateway reads). With --hash, print the digest of a
     /// key read from standard input.
     Key {
+        /// Print the digest of a key read from standard input instead of making one.
         #[arg(long)]
         hash: bool,
     },
+    /// The configuration: `r2f config check` prints the effective settings (secrets redacted)
+    /// and probes each dependency.
+    Config {
+        #[command(subcommand)]
+        action: ConfigCommand,
+    },
+    /// Publish dead-lettered jobs again: select them by reason, status, model or id; a dry run
+    /// unless --apply. Each selected job leaves the dead-letter queue for its model's queue
+    /// with its routing, attempt and delivery headers removed and its stored failure cleared.
+    Replay(ReplayArgs),
     /// Measure `POST /v1/jobs`: submissions per second and p50/p90/p99 latency at a fixed rate.
     /// Without --url, runs a gateway in this process on the configured broker and Redis, under
     /// names of its own that it removes afterwards.
@@ -121,6 +146,43 @@ pub enum Command {
     },
 }
 
+#[derive(Subcommand)]
+pub enum ConfigCommand {
+    /// Print the effective configuration (defaults, file, environment; secrets redacted), then
+    /// probe the broker, Redis, storage, the LLM and the model: one verdict a line. Exit 0
+    /// when all answer, 69 when one does not.
+    Check {
+        /// Print the configuration only; probe nothing.
+        #[arg(long)]
+        no_probe: bool,
+    },
+}
+
+#[derive(clap::Args)]
+pub struct ReplayArgs {
+    /// Only dead letters whose reason contains this text (case-insensitive).
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// Only dead letters of this status: failed or rejected.
+    #[arg(long)]
+    pub status: Option<String>,
+    /// Only jobs for this model.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Only these job ids (repeat the option for several).
+    #[arg(long = "id")]
+    pub ids: Vec<String>,
+    /// At most this many dead letters are looked at.
+    #[arg(long, default_value_t = 10_000)]
+    pub limit: usize,
+    /// Publish the selected jobs again (without it: print what would be replayed).
+    #[arg(long)]
+    pub apply: bool,
+    /// The jobs' tenant (multi-tenant fleets: only its dead letters, and its stored results).
+    #[arg(long)]
+    pub tenant: Option<String>,
+}
+
 #[derive(clap::Args)]
 pub struct PromptScheduleArgs {
     /// An R2F or R2F+ plan in the official JSON shape.
@@ -135,6 +197,7 @@ pub struct PromptScheduleArgs {
     pub t5_tokens: usize,
     #[command(flatten)]
     pub regions: RegionArgs,
+    /// The number of denoising steps.
     #[arg(long)]
     pub steps: usize,
     /// The model family (selects the level -> stop-step map).
@@ -150,24 +213,31 @@ pub struct PromptScheduleArgs {
 
 #[derive(clap::Args)]
 pub struct GenerateArgs {
+    /// The text to draw.
     #[arg(long)]
     pub prompt: String,
     /// A logical model name from the config (sd3), a diffusers-layout folder, or a Hub model id.
     #[arg(long)]
     pub model: String,
-    /// The PNG to write.
+    /// The image to write; its extension picks the format (.png, .jpg/.jpeg, .webp).
     #[arg(long)]
     pub out: PathBuf,
+    /// Denoising steps (default: the model's and mode's).
     #[arg(long)]
     pub steps: Option<usize>,
+    /// Classifier-free guidance scale (default: the model's).
     #[arg(long)]
     pub guidance: Option<f64>,
+    /// The seed of the initial noise.
     #[arg(long, default_value_t = 0)]
     pub seed: i64,
+    /// Image width, a multiple of 16 (default: the model's native size).
     #[arg(long)]
     pub width: Option<i64>,
+    /// Image height, a multiple of 16 (default: the model's native size).
     #[arg(long)]
     pub height: Option<i64>,
+    /// What the image should not show.
     #[arg(long, default_value = "")]
     pub negative_prompt: String,
     /// Default: the kind of the --plan file (r2f or r2fplus), else plain.
@@ -258,7 +328,7 @@ pub struct ParityArgs {
     /// cpu, cuda or cuda:N (default: cuda when available).
     #[arg(long)]
     pub device: Option<DeviceSpec>,
-    /// Fail (exit 2) when a case's final latents are further than this, relative.
+    /// Fail (exit 1) when a case's final latents are further than this, relative.
     #[arg(long)]
     pub tolerance: Option<f64>,
     /// Also write the report as JSON.
@@ -288,13 +358,16 @@ pub struct BenchArgs {
     /// configurations for a smoke run).
     #[arg(long, value_enum, default_value = "sd3")]
     pub model: BenchModel,
+    /// Image width.
     #[arg(long, default_value_t = 1024)]
     pub width: i64,
+    /// Image height.
     #[arg(long, default_value_t = 1024)]
     pub height: i64,
     /// Timed denoising steps.
     #[arg(long, default_value_t = 20)]
     pub steps: usize,
+    /// Untimed steps first.
     #[arg(long, default_value_t = 3)]
     pub warmup: usize,
     /// Text tokens in the context (77 CLIP + 256 T5 in diffusers' default).
@@ -476,5 +549,34 @@ mod tests {
         ])
         .unwrap();
         assert!(matches!(cli.command, Command::Schedule(a) if a.model == Family::Sdxl));
+    }
+
+    #[test]
+    fn every_command_option_and_argument_says_what_it_is() {
+        use clap::CommandFactory;
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in cmd.get_arguments() {
+                let id = a.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                let help = a.get_help().map(ToString::to_string).unwrap_or_default();
+                if help.trim().is_empty() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for s in cmd.get_subcommands() {
+                if s.get_name() == "help" {
+                    continue;
+                }
+                if s.get_about().is_none() {
+                    missing.push(format!("{path} {}", s.get_name()));
+                }
+                walk(s, &format!("{path} {}", s.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "r2f", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:?}");
     }
 }

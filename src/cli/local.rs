@@ -51,12 +51,15 @@ fn llm_planner(
     settings: &Settings,
     mode: JobMode,
 ) -> anyhow::Result<std::sync::Arc<crate::service::planner::CachedPlanner>> {
-    crate::service::planner::planner(settings)?.ok_or_else(|| {
-        anyhow::anyhow!(
-            "mode {} needs a plan: pass --plan FILE or enable [llm]",
-            mode.name()
-        )
-    })
+    crate::service::planner::planner(settings)
+        .map_err(|e| super::exit::Exit::config(super::exit::error_line(&e)))?
+        .ok_or_else(|| {
+            super::exit::Exit::config(format!(
+                "mode {} needs a plan: pass --plan FILE or enable [llm]",
+                mode.name()
+            ))
+            .into()
+        })
 }
 
 /// The configured LLM's plan for `prompt`, for a job of `mode` (r2f or r2fplus).
@@ -121,10 +124,13 @@ fn job_of(settings: &Settings, a: &GenerateArgs) -> anyhow::Result<ValidJob> {
     };
     let job = message
         .validate(&settings.limits, None, &a.model)
-        .map_err(|r| anyhow::anyhow!(r.0))?;
+        .map_err(|r| super::exit::Exit::data(r.0))?;
     if let Some(t) = a.t5_tokens {
         if !(1..=512).contains(&t) {
-            bail!("T5 sequence length must be between 1 and 512 (got {t})");
+            return Err(super::exit::Exit::data(format!(
+                "T5 sequence length must be between 1 and 512 (got {t})"
+            ))
+            .into());
         }
     }
     Ok(job)
@@ -140,9 +146,28 @@ fn progress_bar() -> ProgressBar {
     bar
 }
 
-/// `r2f generate`: one image in this process, written as a PNG (and optionally its latents).
+/// The format of the image file `path`, from its extension.
+fn format_of(path: &Path) -> anyhow::Result<crate::image::ImageFormat> {
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    crate::image::ImageFormat::parse(&ext).map_err(|_| {
+        super::exit::Exit::usage(format!(
+            "cannot tell the image format of `{}` from its extension: use .png, .jpg, .jpeg or \
+             .webp",
+            path.display()
+        ))
+        .into()
+    })
+}
+
+/// `r2f generate`: one image in this process, in the format its `--out` extension names (and
+/// optionally its latents).
 pub fn generate(settings: &Settings, a: GenerateArgs) -> anyhow::Result<()> {
     // Fail on bad options before spending time on loading (or on the LLM).
+    let format = format_of(&a.out)?;
     let job = job_of(settings, &a)?;
     let mode = job.spec.mode();
     let planned = if job.spec.needs_planner() {
@@ -157,7 +182,8 @@ pub fn generate(settings: &Settings, a: GenerateArgs) -> anyhow::Result<()> {
     };
     let (device, dtype) = device_and_dtype(a.device, a.dtype)?;
     let source = settings.model_source(&a.model);
-    let folder = hub::resolve(&source)?;
+    let variant = settings.models.get(&a.model).map(|m| m.variant);
+    let folder = hub::resolve(&source, variant.unwrap_or_default().resolve(dtype))?;
     tracing::info!(model = %source, device = %device_name(device), dtype = dtype_name(dtype), "loading model");
     let mut engine = Engine::load(&folder, device, dtype)?;
 
@@ -175,7 +201,10 @@ pub fn generate(settings: &Settings, a: GenerateArgs) -> anyhow::Result<()> {
         &mode,
         &params,
         settings.limits.max_pixels,
-        Encoding::PNG,
+        Encoding {
+            format,
+            quality: crate::image::DEFAULT_QUALITY,
+        },
         &mut on_step,
     )?;
     bar.finish_and_clear();

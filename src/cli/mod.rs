@@ -5,15 +5,17 @@ mod args;
 mod enqueue;
 mod exit;
 mod local;
+mod ops;
 mod remote;
 mod values;
 
 pub use args::{
-    BenchArgs, BenchGatewayArgs, Cli, Command, GenerateArgs, ParityArgs, PromptScheduleArgs,
-    RegionArgs,
+    BenchArgs, BenchGatewayArgs, Cli, Command, ConfigCommand, GenerateArgs, ParityArgs,
+    PromptScheduleArgs, RegionArgs, ReplayArgs,
 };
 pub use exit::{error_line, Exit};
 pub use local::{bench, generate, parity, schedule};
+pub use ops::{config_check, replay};
 pub use remote::{
     bench_gateway, bench_service, cancel, enqueue, gateway, key, plan, status, wait, worker,
 };

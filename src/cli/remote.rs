@@ -11,32 +11,37 @@ use crate::service::metrics::Metrics;
 use crate::service::planner::PlanMode;
 use crate::service::tenancy::{JobKey, Scope};
 
-/// `r2f worker`: runs until a signal, then drains; past the drain deadline or at a second
-/// signal the process exits without acking (the broker redelivers the job in hand).
+/// `r2f worker`: runs until a signal, then drains: the job in hand finishes within
+/// `drain_timeout_secs`, or is stopped at its next step and handed back (a second signal stops
+/// it at once); exit 0. Only a job that cannot be stopped and handed back within
+/// `stop_grace_secs` more makes the process exit without acking: status 1 after the drain
+/// deadline, 130 after a second signal (the broker redelivers the job).
 pub fn worker(settings: Settings) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
         let mut shutdown = crate::worker::Shutdown::on_signals();
         let planner = crate::service::planner::planner_from_settings(&settings)?;
         let drain = Duration::from_secs(settings.worker.drain_timeout_secs);
+        let grace = Duration::from_secs(settings.worker.stop_grace_secs);
         let Some(worker) = crate::worker::Worker::start(settings, &mut shutdown, planner).await?
         else {
             return Ok(());
         };
-        // The drain deadline and the second signal are decided here, not in the job code:
-        // past either, the process ends without acking (the broker redelivers the job).
         let mut watch = shutdown.clone();
         let deadline = async move {
             watch.requested().await;
             tokio::select! {
-                _ = tokio::time::sleep(drain) => 1,
-                _ = watch.immediate() => 130,
+                _ = tokio::time::sleep(drain + grace) => 1,
+                _ = watch.immediate() => {
+                    tokio::time::sleep(grace).await;
+                    130
+                }
             }
         };
         tokio::select! {
             r = worker.run(shutdown) => r,
             code = deadline => {
-                tracing::error!(code, "drain not finished in time (or second signal): exiting without acking; the job in hand will be redelivered");
-                std::process::exit(code);
+                tracing::error!(code, "the job in hand could not be handed back in time: exiting without acking; the broker will redeliver it");
+                super::exit::hard_exit(code)
             }
         }
     })
@@ -173,22 +178,47 @@ pub fn status(settings: &Settings, id: &str, tenant: Option<&str>) -> anyhow::Re
             println!("{}", serde_json::to_string_pretty(&r)?);
             Ok(())
         }
-        None => anyhow::bail!(
-            "no status for job `{id}` (never taken by a worker, or older than redis.status_ttl_secs)"
-        ),
+        None => Err(Exit::data(format!(
+            "no status for job `{id}` (never accepted, or older than redis.status_ttl_secs)"
+        ))
+        .into()),
     }
 }
 
-/// `r2f cancel ID`: records a cancellation request; fails when the job had already finished.
-pub fn cancel(settings: &Settings, id: &str, tenant: Option<&str>) -> anyhow::Result<()> {
+/// `r2f cancel ID`: records a cancellation request; fails when the job had already finished,
+/// or (without `force`) when no job of that id is known.
+pub fn cancel(
+    settings: &Settings,
+    id: &str,
+    tenant: Option<&str>,
+    force: bool,
+) -> anyhow::Result<()> {
     let job = job_key(settings, id, tenant)?;
     let redis = crate::service::redis_store::RedisStore::new(&settings.redis);
     let ttl = Duration::from_secs(settings.redis.status_ttl_secs);
-    let answer = runtime()?.block_on(crate::service::status::request_cancel(&redis, &job, ttl))?;
+    let answer = runtime()?.block_on(async {
+        let known = crate::service::status::read(&redis, &job)
+            .await
+            .map_err(|e| Exit::unavailable(format!("redis: {}", error_line(&e))))?
+            .is_some();
+        if !known && !force {
+            return Err(Exit::data(format!(
+                "no job `{id}` is known (no status record: never accepted, or older than \
+                 redis.status_ttl_secs); nothing recorded. --force records the request anyway, \
+                 for a job published straight to the broker that no worker has taken yet"
+            ))
+            .into());
+        }
+        crate::service::status::request_cancel(&redis, &job, ttl)
+            .await
+            .map_err(|e| {
+                anyhow::Error::new(Exit::unavailable(format!("redis: {}", error_line(&e))))
+            })
+    })?;
     println!("{}", serde_json::to_string(&answer)?);
     if answer.cancel != CancelVerdict::Requested {
         let state = answer.state.map_or("finished", JobState::name);
-        anyhow::bail!("job `{id}` already {state}: nothing to cancel");
+        return Err(Exit::data(format!("job `{id}` already {state}: nothing to cancel")).into());
     }
     Ok(())
 }
@@ -206,7 +236,11 @@ pub fn wait(
     let record =
         runtime()?.block_on(crate::service::status::wait_terminal(&redis, &job, timeout))?;
     let Some(r) = record else {
-        anyhow::bail!("job `{id}` not finished after {} s", timeout.as_secs_f64());
+        return Err(Exit::tempfail(format!(
+            "job `{id}` not finished after {} s",
+            timeout.as_secs_f64()
+        ))
+        .into());
     };
     println!("{}", serde_json::to_string_pretty(&r)?);
     if r.state == JobState::Succeeded {

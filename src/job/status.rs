@@ -30,7 +30,8 @@ pub struct JobStatus {
     /// Why the job is retrying or was handed back, when it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
-    /// Every transition, oldest first.
+    /// The transitions, oldest first: the first one and the latest 31 (a job retried or
+    /// handed back many times does not grow its record without bound).
     pub history: Vec<Transition>,
     /// While `running`: denoising steps done, of `steps` (every image and, for R2F+, every run
     /// of the job counted), updated as progress events are published.
@@ -46,7 +47,18 @@ pub struct JobStatus {
     pub result: Option<ResultEvent>,
 }
 
+/// The most transitions a status record keeps.
+pub const HISTORY_MAX: usize = 32;
+
 impl JobStatus {
+    /// Appends a transition, keeping the first and the latest ones within [`HISTORY_MAX`].
+    pub fn push_transition(history: &mut Vec<Transition>, t: Transition) {
+        history.push(t);
+        if history.len() > HISTORY_MAX {
+            history.drain(1..history.len() - (HISTORY_MAX - 1));
+        }
+    }
+
     /// Whether the job is finished (succeeded, failed, rejected or cancelled).
     pub fn is_terminal(&self) -> bool {
         self.state.is_terminal()
@@ -103,5 +115,35 @@ mod state_or_unknown {
         JobState::parse(&text)
             .map(Some)
             .map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn history_keeps_the_first_and_the_latest_transitions() {
+        let mut h = Vec::new();
+        for i in 0..100u64 {
+            let state = if i == 0 {
+                JobState::Queued
+            } else {
+                JobState::Running
+            };
+            JobStatus::push_transition(
+                &mut h,
+                Transition {
+                    state,
+                    attempt: 1,
+                    at_ms: i,
+                },
+            );
+            assert!(h.len() <= HISTORY_MAX);
+        }
+        assert_eq!(h.len(), HISTORY_MAX);
+        assert_eq!(h[0].at_ms, 0);
+        assert_eq!(h[1].at_ms, 100 - (HISTORY_MAX as u64 - 1));
+        assert_eq!(h.last().unwrap().at_ms, 99);
     }
 }

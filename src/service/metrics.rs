@@ -251,7 +251,7 @@ impl Metrics {
                 "r2f_jobs_given_back_total",
                 "Jobs put back on the queue unconsumed (sick worker, lock held elsewhere, redelivery count).",
                 "reason",
-                &["sick_worker", "busy", "redelivered"],
+                &["sick_worker", "busy", "redelivered", "stopping"],
             ),
             registry: {
                 // Process metrics (resident memory, CPU, open files) for the OOM runbook.

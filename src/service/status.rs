@@ -154,11 +154,14 @@ pub async fn record(redis: &RedisStore, ttl: Duration, u: Update<'_>) {
     };
     let at_ms = now_ms();
     let mut history = previous.map(|p| p.history).unwrap_or_default();
-    history.push(Transition {
-        state: u.state,
-        attempt: u.attempt,
-        at_ms,
-    });
+    JobStatus::push_transition(
+        &mut history,
+        Transition {
+            state: u.state,
+            attempt: u.attempt,
+            at_ms,
+        },
+    );
     let status = JobStatus {
         id: u.job.id.clone(),
         state: u.state,

@@ -46,6 +46,8 @@ pub trait Storage: Send + Sync {
     ) -> BoxFuture<'a, Result<String, StorageError>>;
     /// The object at `key`, or None when absent.
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Vec<u8>>, StorageError>>;
+    /// Removes the object at `key`; an absent object is no error.
+    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), StorageError>>;
     /// The URI an object at `key` has.
     fn uri(&self, key: &str) -> String;
     /// A URL that lets anyone holding it GET the object at `key` for `ttl`, without
@@ -139,6 +141,20 @@ impl Storage for LocalStorage {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
                 Err(e) => Err(StorageError::new(format!(
                     "cannot read {}: {e}",
+                    path.display()
+                ))),
+            }
+        })
+    }
+
+    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), StorageError>> {
+        Box::pin(async move {
+            let path = self.path(key)?;
+            match tokio::fs::remove_file(&path).await {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(StorageError::new(format!(
+                    "cannot remove {}: {e}",
                     path.display()
                 ))),
             }
@@ -265,6 +281,19 @@ impl Storage for S3Storage {
                     }
                 }
             }
+        })
+    }
+
+    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), StorageError>> {
+        Box::pin(async move {
+            self.client
+                .delete_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| s3_error("DELETE", key, e))
         })
     }
 

@@ -227,7 +227,20 @@ impl Session {
                 count_job(ctx, None, Outcome::Failed);
                 record_status(ctx, d, attempt, &s, scope.as_ref().ok()).await;
                 let scope = scope.as_ref().ok();
-                settle::settle(ctx, &self.publish, &self.reply, d, attempt, s, None, scope).await?;
+                // Its failure is stored like any other: `result.json` says what became of it.
+                let result_key =
+                    scope.and_then(|s| super::lifecycle::result_key_of(ctx, s, &d.data));
+                settle::settle(
+                    ctx,
+                    &self.publish,
+                    &self.reply,
+                    d,
+                    attempt,
+                    s,
+                    result_key.as_deref(),
+                    scope,
+                )
+                .await?;
             } else {
                 warn!(
                     job_id = id.as_deref().unwrap_or("-"),
@@ -309,7 +322,7 @@ impl Session {
             JobOutcome::Failed { error, .. } if error.fault != Fault::Job => {
                 breaker.failure().map(|p| (p, error.kind))
             }
-            JobOutcome::Busy => None,
+            JobOutcome::Busy | JobOutcome::HandBack => None,
             _ => {
                 breaker.success();
                 None

@@ -64,4 +64,20 @@ pub struct Context {
     pub caps: ModelCaps,
     /// Webhook deliveries; None when no host is allowed.
     pub webhooks: Option<Arc<crate::service::webhook::Sender>>,
+    /// True once the worker is stopping (drain deadline, second signal): the job in hand stops
+    /// at its next denoising step (or leaves its planning) and is handed back.
+    pub stopping: tokio::sync::watch::Sender<bool>,
+}
+
+impl Context {
+    /// Whether the worker is stopping (see [`Context::stopping`]).
+    pub fn is_stopping(&self) -> bool {
+        *self.stopping.borrow()
+    }
+
+    /// Resolves once the worker is stopping.
+    pub async fn stopped(&self) {
+        let mut rx = self.stopping.subscribe();
+        let _ = rx.wait_for(|s| *s).await;
+    }
 }

@@ -47,6 +47,8 @@ pub enum StopReason {
     Cancelled,
     /// The job ran past `worker.job_timeout_secs` and its worker gave up on it.
     Abandoned,
+    /// The worker is stopping (drain deadline, second signal): the job is handed back.
+    Stopping,
 }
 
 impl std::fmt::Display for StopReason {
@@ -54,6 +56,7 @@ impl std::fmt::Display for StopReason {
         f.write_str(match self {
             StopReason::Cancelled => "cancelled by request",
             StopReason::Abandoned => "abandoned past job_timeout_secs",
+            StopReason::Stopping => "the worker is stopping",
         })
     }
 }
@@ -79,6 +82,7 @@ impl TaskControl {
         let code = match why {
             StopReason::Cancelled => 1,
             StopReason::Abandoned => 2,
+            StopReason::Stopping => 3,
         };
         let _ = self
             .stop
@@ -89,6 +93,7 @@ impl TaskControl {
         match self.stop.load(Ordering::SeqCst) {
             1 => Some(StopReason::Cancelled),
             2 => Some(StopReason::Abandoned),
+            3 => Some(StopReason::Stopping),
             _ => None,
         }
     }
@@ -187,7 +192,9 @@ impl GpuWorker {
                     let kind = w.dtype.resolve(device);
                     let source = settings.model_source(&w.model);
                     let start = Instant::now();
-                    let folder = hub::resolve(&source)?;
+                    let variant = settings.models.get(&w.model).map(|m| m.variant);
+                    let prefer = variant.unwrap_or_default().resolve(kind);
+                    let folder = hub::resolve(&source, prefer)?;
                     let mut engine = Engine::load(&folder, device, kind)?;
                     metrics
                         .model_load_seconds

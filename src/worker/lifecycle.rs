@@ -234,15 +234,29 @@ pub async fn run_job(
     (outcome, info)
 }
 
-/// A valid job with its keys.
-fn taken(ctx: &Context, job: ValidJob, key: JobKey, trace_id: Option<String>) -> Taken {
-    let result_key = join_key(&[
+/// Where the `result.json` of job `job` of `scope` lives.
+fn result_key(ctx: &Context, scope: &Scope, job: &ValidJob) -> String {
+    join_key(&[
         &ctx.settings.storage.prefix,
-        key.scope.name().unwrap_or(""),
+        scope.name().unwrap_or(""),
         &job.prefix,
         &job.id,
         "result.json",
-    ]);
+    ])
+}
+
+/// Where the `result.json` of the job in `body` lives, when it is a valid job of `scope` (for a
+/// message that is dead-lettered without being run: its failure is stored like any other).
+pub fn result_key_of(ctx: &Context, scope: &Scope, body: &[u8]) -> Option<String> {
+    let limits = ctx.tenancy.limits(scope, &ctx.settings.limits);
+    let models = ctx.tenancy.models(scope, &ctx.models);
+    let job = validate_message(body, &limits, &models, &ctx.settings.worker.model).ok()?;
+    Some(result_key(ctx, scope, &job))
+}
+
+/// A valid job with its keys.
+fn taken(ctx: &Context, job: ValidJob, key: JobKey, trace_id: Option<String>) -> Taken {
+    let result_key = result_key(ctx, &key.scope, &job);
     Taken {
         job,
         key,
@@ -361,6 +375,9 @@ async fn with_lock(
     if crate::service::status::cancel_requested(&ctx.redis, &t.key).await {
         return cancelled(ctx, t, attempt, "while queued").await;
     }
+    if ctx.is_stopping() {
+        return JobOutcome::HandBack;
+    }
     // `running` only once this worker holds the job and it is not finished already: a
     // postponed or re-published delivery must not overwrite the state of the real run.
     crate::service::status::record(
@@ -383,7 +400,11 @@ async fn with_lock(
         trace_id: t.trace_id.clone(),
     });
     let started = Instant::now();
-    let (mode, plan_json) = match plan(ctx, job).instrument(tracing::info_span!("plan")).await {
+    let planned = tokio::select! {
+        p = plan(ctx, job).instrument(tracing::info_span!("plan")) => p,
+        () = ctx.stopped() => return JobOutcome::HandBack,
+    };
+    let (mode, plan_json) = match planned {
         Ok(x) => x,
         Err(e) => return failed(ctx, t, attempt, e),
     };
@@ -392,6 +413,7 @@ async fn with_lock(
     let images = match generate(ctx, t, mode, attempt, progress).await {
         Ok(images) => images,
         Err(Halt::Cancelled) => return cancelled(ctx, t, attempt, "while running").await,
+        Err(Halt::Stopping) => return JobOutcome::HandBack,
         Err(Halt::Failed(e)) => return failed(ctx, t, attempt, e),
     };
     // A request that came after the last step still wins over storing the images.
@@ -531,6 +553,8 @@ async fn plan(
 enum Halt {
     Failed(JobError),
     Cancelled,
+    /// The worker is stopping: the job goes back to the queue.
+    Stopping,
 }
 
 /// Stops the GPU task of a job whose future is dropped before the task finished: the job ran
@@ -606,7 +630,14 @@ async fn generate(
     let watch_cancel = async {
         let every = Duration::from_millis(ctx.settings.worker.cancel_poll_ms.max(50));
         loop {
-            tokio::time::sleep(every).await;
+            tokio::select! {
+                () = tokio::time::sleep(every) => {}
+                () = ctx.stopped() => {
+                    info!("the worker is stopping: stopping the job at the next denoising step");
+                    control.stop(StopReason::Stopping);
+                    break;
+                }
+            }
             if crate::service::status::cancel_requested(&ctx.redis, &t.key).await {
                 info!("cancellation requested: stopping at the next denoising step");
                 control.stop(StopReason::Cancelled);
@@ -624,6 +655,7 @@ async fn generate(
     match reply {
         Ok(Ok(images)) => Ok(images),
         Ok(Err(GpuFailure::Stopped(StopReason::Cancelled))) => Err(Halt::Cancelled),
+        Ok(Err(GpuFailure::Stopped(StopReason::Stopping))) => Err(Halt::Stopping),
         Ok(Err(GpuFailure::Stopped(StopReason::Abandoned))) => Err(Halt::Failed(JobError::new(
             ErrorKind::Internal,
             Fault::Transient,

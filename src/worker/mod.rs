@@ -131,6 +131,7 @@ impl Worker {
                 models,
                 caps,
                 webhooks,
+                stopping: tokio::sync::watch::channel(false).0,
             }),
         }))
     }
@@ -146,6 +147,25 @@ impl Worker {
             Duration::from_secs(s.stable_connection_secs),
         );
         let mut connected_before = false;
+        // Past the drain deadline, or at a second signal, the job in hand is stopped and handed
+        // back (`Context::stopping`).
+        let stopper = context::AbortOnDrop(tokio::spawn({
+            let ctx = ctx.clone();
+            let mut signal = shutdown.clone();
+            let drain = Duration::from_secs(ctx.settings.worker.drain_timeout_secs);
+            async move {
+                signal.requested().await;
+                tokio::select! {
+                    () = tokio::time::sleep(drain) => {
+                        info!(drain_timeout_secs = drain.as_secs(), "drain deadline: stopping the job in hand to hand it back");
+                    }
+                    () = signal.immediate() => {
+                        info!("second signal: stopping the job in hand to hand it back");
+                    }
+                }
+                ctx.stopping.send_replace(true);
+            }
+        }));
         while !shutdown.is_requested() {
             let session = match Session::open(ctx).await {
                 Ok(x) => x,
@@ -180,6 +200,7 @@ impl Worker {
                 }
             }
         }
+        drop(stopper);
         info!("worker stopped");
         Ok(())
     }

@@ -94,6 +94,9 @@ pub enum JobOutcome {
     Cancelled(ResultEvent),
     /// Another worker holds the job's lock.
     Busy,
+    /// This worker is stopping (its drain deadline passed, or a second signal came) and
+    /// stopped the job: it goes back to the queue as it was, for another worker.
+    HandBack,
     /// A valid job for another model of the fleet (published straight to the inbox, or to the
     /// wrong queue): sent on to that model's queue.
     Route { model: String },
@@ -171,6 +174,9 @@ pub enum Settlement {
     GiveBack { reason: String },
     /// Republish unchanged after the postpone delay, ack (another worker holds it).
     Postpone,
+    /// Republish unchanged straight to the model's queue, ack: a stopping worker hands its job
+    /// back without counting an attempt or a death.
+    HandBack,
     /// Publish to the jobs exchange with `model` as routing key, ack.
     Route { model: String },
 }
@@ -199,6 +205,7 @@ pub fn decide(outcome: JobOutcome, attempt: u32, max_attempts: u32) -> Settlemen
             }
         }
         JobOutcome::Busy => Settlement::Postpone,
+        JobOutcome::HandBack => Settlement::HandBack,
         JobOutcome::Route { model } => Settlement::Route { model },
         JobOutcome::Failed { mut event, error } => match error.fault {
             Fault::Worker => Settlement::GiveBack {

@@ -141,6 +141,14 @@ pub async fn settle(
             republish(ctx, publish, d, Some(0), delay, |_| {}).await?;
             ctx.metrics.given_back.with_label_values(&["busy"]).inc();
         }
+        Settlement::HandBack => {
+            republish(ctx, publish, d, None, Duration::ZERO, |_| {}).await?;
+            ctx.metrics
+                .given_back
+                .with_label_values(&["stopping"])
+                .inc();
+            info!("the worker is stopping: job handed back to the queue");
+        }
     }
     ack(d).await
 }
@@ -181,6 +189,9 @@ pub async fn give_back_unworked(
     republish(ctx, publish, d, None, Duration::ZERO, |_| {}).await?;
     ack(d).await
 }
+
+/// The `reason` of the `queued` record of a job a stopping worker handed back.
+pub const HANDED_BACK: &str = "handed back by a stopping worker: another worker starts it again";
 
 /// The trace context to pass on for what is published about delivery `d` (see
 /// `service::telemetry::outgoing`; the settlement runs in the job's span).
@@ -540,6 +551,13 @@ pub async fn record_status(
             best_effort_id_bounded(ctx, &d.data),
             JobState::Queued,
             Some(reason.as_str()),
+            None,
+            attempt,
+        ),
+        Settlement::HandBack => (
+            best_effort_id_bounded(ctx, &d.data),
+            JobState::Queued,
+            Some(HANDED_BACK),
             None,
             attempt,
         ),

@@ -893,3 +893,20 @@ pub fn metric_names_in(text: &str) -> std::collections::BTreeSet<String> {
     }
     out
 }
+
+/// The status record of single-tenant job `id`, as the workers of `names` wrote it.
+pub async fn job_status(names: &Names, id: &str) -> Option<r2f::job::status::JobStatus> {
+    let redis = r2f::service::redis_store::RedisStore::new(&r2f::config::RedisSettings {
+        url: "redis://127.0.0.1:6379".into(),
+        url_file: String::new(),
+        key_prefix: names.prefix.clone(),
+        plan_ttl_secs: 60,
+        status_ttl_secs: 600,
+        lock_ttl_secs: 5,
+        timeout_ms: 1000,
+        require_lock: true,
+    });
+    r2f::service::status::read(&redis, &r2f::service::tenancy::JobKey::single(id))
+        .await
+        .unwrap()
+}

@@ -1,0 +1,358 @@
+//! The command line as scripts use it: distinct exit statuses (usage 64, bad data 65,
+//! dependency unavailable 69, try again later 75, configuration 78), strict configuration
+//! (unknown keys named with their source, lists and URL files from the environment),
+//! `r2f config check`, and the edges of `generate` and `cancel` (real RabbitMQ and Redis).
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::harness::unique;
+use common::model_dir;
+
+fn r2f() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_r2f"));
+    // Nothing of the caller's environment configures these runs.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("R2F__") {
+            c.env_remove(k);
+        }
+    }
+    c
+}
+
+fn code(o: &Output) -> Option<i32> {
+    o.status.code()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A configuration file in `dir` with `text`, on a Redis key prefix of its own.
+fn config(dir: &Path, text: &str) -> std::path::PathBuf {
+    let path = dir.join("r2f.toml");
+    let prefix = unique("cliops");
+    std::fs::write(&path, format!("[redis]\nkey_prefix = \"{prefix}\"\n{text}")).unwrap();
+    path
+}
+
+#[test]
+fn usage_errors_exit_64_and_help_exits_0() {
+    let o = r2f().args(["generate", "--prompt", "x"]).output().unwrap();
+    assert_eq!(code(&o), Some(64), "{}", stderr(&o));
+    let o = r2f().arg("no-such-command").output().unwrap();
+    assert_eq!(code(&o), Some(64), "{}", stderr(&o));
+    let o = r2f().arg("--help").output().unwrap();
+    assert_eq!(code(&o), Some(0));
+    assert!(stdout(&o).contains("replay"), "{}", stdout(&o));
+    // An output whose extension names no format: refused before any loading.
+    let o = r2f()
+        .args(["generate", "--prompt", "a frog", "--model", "/nonexistent"])
+        .args(["--out", "/tmp/r2f-never.gif"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), Some(64), "{}", stderr(&o));
+    assert!(stderr(&o).contains(".jpg"), "{}", stderr(&o));
+}
+
+#[test]
+fn a_job_a_worker_would_reject_exits_65() {
+    let model = model_dir("sd3-tiny-a");
+    let o = r2f()
+        .args([
+            "generate", "--prompt", "a frog", "--device", "cpu", "--width", "40",
+        ])
+        .args([
+            "--model",
+            model.to_str().unwrap(),
+            "--out",
+            "/tmp/r2f-never.png",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), Some(65), "{}", stderr(&o));
+    assert!(stderr(&o).contains("multiple of 16"), "{}", stderr(&o));
+}
+
+#[test]
+fn generate_writes_the_format_its_out_extension_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = model_dir("sd3-tiny-a");
+    for (name, magic) in [
+        ("a.jpg", &b"\xFF\xD8\xFF"[..]),
+        ("b.JPEG", &b"\xFF\xD8\xFF"[..]),
+        ("c.webp", &b"RIFF"[..]),
+        ("d.png", &b"\x89PNG"[..]),
+    ] {
+        let out = dir.path().join(name);
+        let o = r2f()
+            .args([
+                "generate", "--prompt", "a frog", "--device", "cpu", "--steps", "1",
+            ])
+            .args(["--model", model.to_str().unwrap()])
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert_eq!(code(&o), Some(0), "{name}: {}", stderr(&o));
+        let bytes = std::fs::read(&out).unwrap();
+        assert!(bytes.starts_with(magic), "{name}: {:?}", &bytes[..8]);
+    }
+}
+
+#[test]
+fn an_unknown_key_stops_the_load_naming_the_key_and_its_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = config(dir.path(), "[worker]\nprefech = 2\n");
+    let o = r2f()
+        .arg("--config")
+        .arg(&file)
+        .args(["config", "check", "--no-probe"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), Some(78), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(e.contains("worker.prefech"), "{e}");
+    assert!(e.contains(file.to_str().unwrap()), "{e}");
+
+    let file = config(dir.path(), "");
+    let o = r2f()
+        .arg("--config")
+        .arg(&file)
+        .env("R2F__WORKER__PREFECH", "2")
+        .args(["config", "check", "--no-probe"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), Some(78), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("R2F__WORKER__PREFECH"),
+        "{}",
+        stderr(&o)
+    );
+    // The worker does not start either.
+    let o = r2f()
+        .arg("--config")
+        .arg(&file)
+        .env("R2F__AMQP__URLL", "amqp://x")
+        .arg("worker")
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), Some(78), "{}", stderr(&o));
+    assert!(stderr(&o).contains("R2F__AMQP__URLL"), "{}", stderr(&o));
+}
+
+#[test]
+fn lists_and_url_files_come_from_the_environment_and_secrets_are_redacted() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("amqp-url");
+    std::fs::write(&secret, "amqp://guest:guest@127.0.0.1:5672/%2f\n").unwrap();
+    let file = config(dir.path(), "");
+    let o = r2f()
+        .arg("--config")
+        .arg(&file)
+        .env(
+            "R2F__WEBHOOK__ALLOWED_HOSTS",
+            "hooks.a.example, *.b.example",
+        )
+        .env("R2F__WEBHOOK__ALLOWED_PORTS", "8443,9443")
+        .env("R2F__TENANCY__MODE", "multi")
+        .env("R2F__TENANTS__ACME__USERS", "acme-1,acme-2")
+        .env("R2F__AMQP__URL_FILE", &secret)
+        .env("R2F__REDIS__URL", "redis://:hunter2@127.0.0.1:6379")
+        .args(["config", "check", "--no-probe"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains(r#"allowed_hosts = ["hooks.a.example", "*.b.example"]"#),
+        "{out}"
+    );
+    assert!(
+        out.contains("allowed_ports = [8443, 9443]")
+            || out.contains(r#"allowed_ports = ["8443", "9443"]"#),
+        "{out}"
+    );
+    assert!(out.contains(r#"users = ["acme-1", "acme-2"]"#), "{out}");
+    assert!(!out.contains("hunter2"), "{out}");
+    assert!(out.contains("redis://:***@127.0.0.1:6379"), "{out}");
+    // An empty value is an empty list.
+    let o = r2f()
+        .arg("--config")
+        .arg(&file)
+        .env("R2F__WEBHOOK__ALLOWED_HOSTS", "")
+        .args(["config", "check", "--no-probe"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), Some(0), "{}", stderr(&o));
+    assert!(stdout(&o).contains("allowed_hosts = []"), "{}", stdout(&o));
+    // A URL file that cannot be read stops the load.
+    let o = r2f()
+        .arg("--config")
+        .arg(&file)
+        .env("R2F__REDIS__URL_FILE", dir.path().join("absent"))
+        .args(["config", "check", "--no-probe"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), Some(78), "{}", stderr(&o));
+    assert!(stderr(&o).contains("redis.url_file"), "{}", stderr(&o));
+}
+
+#[test]
+fn config_check_probes_every_dependency_and_exits_69_when_one_is_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("amqp-url");
+    std::fs::write(&secret, "amqp://guest:guest@127.0.0.1:5672/%2f").unwrap();
+    let store = dir.path().join("store");
+    let file = config(
+        dir.path(),
+        &format!(
+            "[amqp]\nurl_file = {:?}\n[storage]\nbackend = \"local\"\nlocal_dir = {:?}\n\
+             [llm]\nenabled = false\n[models.tiny]\nsource = {:?}\n[worker]\nmodel = \"tiny\"\n",
+            secret.to_str().unwrap(),
+            store.to_str().unwrap(),
+            model_dir("sd3-tiny-a").to_str().unwrap()
+        ),
+    );
+    let o = r2f()
+        .arg("--config")
+        .arg(&file)
+        .args(["config", "check"])
+        .output()
+        .unwrap();
+    let out = stdout(&o);
+    assert_eq!(code(&o), Some(0), "{out}\n{}", stderr(&o));
+    for name in ["broker", "redis", "storage", "model"] {
+        assert!(
+            out.lines().any(|l| l.starts_with("ok") && l.contains(name)),
+            "{name}: {out}"
+        );
+    }
+    assert!(!out.contains("guest:guest"), "{out}");
+    let o = r2f()
+        .arg("--config")
+        .arg(&file)
+        .env("R2F__REDIS__URL", "redis://127.0.0.1:1")
+        .args(["config", "check"])
+        .output()
+        .unwrap();
+    let out = stdout(&o);
+    assert_eq!(code(&o), Some(69), "{out}\n{}", stderr(&o));
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("FAIL") && l.contains("redis")),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("ok") && l.contains("broker")),
+        "{out}"
+    );
+}
+
+#[test]
+fn r2f_mode_without_the_configured_key_says_so_before_any_request() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = config(
+        dir.path(),
+        &format!(
+            "[llm]\nenabled = true\nbase_url = \"http://{}/v1\"\napi_key_env = \"R2F_TEST_ABSENT_KEY\"\n",
+            listener.local_addr().unwrap()
+        ),
+    );
+    let model = model_dir("sd3-tiny-a");
+    let o = r2f()
+        .arg("--config")
+        .arg(&file)
+        .env_remove("R2F_TEST_ABSENT_KEY")
+        .args([
+            "generate",
+            "--prompt",
+            "a furry frog",
+            "--mode",
+            "r2f",
+            "--device",
+            "cpu",
+        ])
+        .args(["--model", model.to_str().unwrap(), "--out"])
+        .arg(dir.path().join("x.png"))
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), Some(78), "{}", stderr(&o));
+    assert!(stderr(&o).contains("R2F_TEST_ABSENT_KEY"), "{}", stderr(&o));
+    assert!(
+        listener.accept().is_err(),
+        "no request reached the LLM's address"
+    );
+}
+
+#[test]
+fn cancel_of_an_unknown_job_records_nothing_and_wait_times_out_with_75() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = config(dir.path(), "");
+    let prefix = std::fs::read_to_string(&file).unwrap();
+    let prefix = prefix
+        .lines()
+        .find_map(|l| l.strip_prefix("key_prefix = "))
+        .unwrap()
+        .trim_matches('"')
+        .to_string();
+    let o = r2f()
+        .arg("--config")
+        .arg(&file)
+        .args(["cancel", "never-submitted"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), Some(65), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("no job `never-submitted`"),
+        "{}",
+        stderr(&o)
+    );
+    let redis = r2f::service::redis_store::RedisStore::new(&r2f::config::RedisSettings {
+        url: "redis://127.0.0.1:6379".into(),
+        url_file: String::new(),
+        key_prefix: prefix,
+        plan_ttl_secs: 60,
+        status_ttl_secs: 60,
+        lock_ttl_secs: 5,
+        timeout_ms: 1000,
+        require_lock: true,
+    });
+    let key = r2f::service::tenancy::JobKey::single("never-submitted");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    assert!(!rt.block_on(r2f::service::status::cancel_requested(&redis, &key)));
+    // --force records it (a job published straight to the broker).
+    let o = r2f()
+        .arg("--config")
+        .arg(&file)
+        .args(["cancel", "never-submitted", "--force"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), Some(0), "{}", stderr(&o));
+    assert!(rt.block_on(r2f::service::status::cancel_requested(&redis, &key)));
+    let o = r2f()
+        .arg("--config")
+        .arg(&file)
+        .args(["wait", "never-submitted", "--timeout", "0.3"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), Some(75), "{}", stderr(&o));
+    // Redis down: a dependency, 69.
+    let o = r2f()
+        .arg("--config")
+        .arg(&file)
+        .env("R2F__REDIS__URL", "redis://127.0.0.1:1")
+        .args(["cancel", "never-submitted"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), Some(69), "{}", stderr(&o));
+}
