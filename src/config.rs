@@ -323,9 +323,101 @@ impl std::fmt::Debug for WebhookSettings {
     }
 }
 
+/// What every TLS client trusts and presents (`service::tls` builds the clients' configuration).
 #[derive(Debug, Clone, Deserialize)]
 pub struct TlsSettings {
+    /// A PEM bundle of CA certificates trusted on top of the system roots (never instead).
     pub ca_file: String,
+    /// A PEM client certificate (chain) for mutual TLS with the broker, Redis, S3 and the LLM;
+    /// with `key_file`, or neither.
+    #[serde(default)]
+    pub cert_file: String,
+    /// The PEM private key of `cert_file` (PKCS#8, PKCS#1 or SEC1).
+    #[serde(default)]
+    pub key_file: String,
+}
+
+/// The contents of the `[tls]` files, parsed.
+#[derive(Debug)]
+pub struct TlsFiles {
+    /// The certificates of `tls.ca_file` (none when unset).
+    pub ca: Vec<rustls::pki_types::CertificateDer<'static>>,
+    /// The client certificate and key, when set.
+    pub client: Option<ClientIdentity>,
+}
+
+/// A client certificate chain and its private key, parsed and as the PEM they were read from.
+#[derive(Debug)]
+pub struct ClientIdentity {
+    pub chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    pub key: rustls::pki_types::PrivateKeyDer<'static>,
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+}
+
+impl TlsSettings {
+    /// Reads and parses the files named: `ca_file` and `cert_file` must hold at least one PEM
+    /// certificate, `key_file` a PEM private key, and the certificate and the key come together.
+    pub fn read(&self) -> Result<TlsFiles, String> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        fn read(setting: &str, path: &str) -> Result<Vec<u8>, String> {
+            std::fs::read(path).map_err(|e| format!("{setting} {path} cannot be read: {e}"))
+        }
+        fn certs(
+            setting: &str,
+            path: &str,
+            pem: &[u8],
+        ) -> Result<Vec<CertificateDer<'static>>, String> {
+            let certs = CertificateDer::pem_slice_iter(pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("{setting} {path} is not a PEM certificate file: {e}"))?;
+            if certs.is_empty() {
+                return Err(format!("{setting} {path} holds no PEM certificate"));
+            }
+            Ok(certs)
+        }
+        let ca = if self.ca_file.is_empty() {
+            Vec::new()
+        } else {
+            certs(
+                "tls.ca_file",
+                &self.ca_file,
+                &read("tls.ca_file", &self.ca_file)?,
+            )?
+        };
+        let client = match (self.cert_file.is_empty(), self.key_file.is_empty()) {
+            (true, true) => None,
+            (false, true) => {
+                return Err(
+                    "tls.cert_file is set without tls.key_file (set both or neither)".into(),
+                )
+            }
+            (true, false) => {
+                return Err(
+                    "tls.key_file is set without tls.cert_file (set both or neither)".into(),
+                )
+            }
+            (false, false) => {
+                let cert_pem = read("tls.cert_file", &self.cert_file)?;
+                let chain = certs("tls.cert_file", &self.cert_file, &cert_pem)?;
+                let key_pem = read("tls.key_file", &self.key_file)?;
+                let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
+                    format!(
+                        "tls.key_file {} holds no PEM private key: {e}",
+                        self.key_file
+                    )
+                })?;
+                Some(ClientIdentity {
+                    chain,
+                    key,
+                    cert_pem,
+                    key_pem,
+                })
+            }
+        };
+        Ok(TlsFiles { ca, client })
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -655,8 +747,8 @@ impl Settings {
                 self.metrics.listen
             ));
         }
-        if !self.tls.ca_file.is_empty() && !Path::new(&self.tls.ca_file).exists() {
-            return bad(format!("tls.ca_file {} does not exist", self.tls.ca_file));
+        if let Err(m) = self.tls.read() {
+            return bad(m);
         }
         self.validate_tenants()
     }
@@ -724,14 +816,6 @@ impl Settings {
             .get(name)
             .map(|m| m.source.clone())
             .unwrap_or_else(|| name.to_string())
-    }
-
-    /// Makes the CA bundle visible to every TLS client (rustls native roots read SSL_CERT_FILE).
-    pub fn apply_tls(&self) {
-        if !self.tls.ca_file.is_empty() {
-            // SAFETY: called once at start-up, before any other thread exists.
-            unsafe { std::env::set_var("SSL_CERT_FILE", &self.tls.ca_file) };
-        }
     }
 }
 

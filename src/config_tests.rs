@@ -70,3 +70,66 @@ fn plan_limit_defaults() {
     assert_eq!(s.limits.max_plan_prompt_chars, 2000);
     assert_eq!(s.limits.max_plan_objects, 8);
 }
+
+#[test]
+fn tls_files_are_read_and_parsed_at_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let (cert, key, junk) = (
+        write("c.pem", &cert.pem()),
+        write("k.pem", &key.serialize_pem()),
+        write("junk.pem", "not a certificate\n"),
+    );
+    let missing = dir.path().join("absent.pem").to_str().unwrap().to_string();
+    for (tls, want) in [
+        (
+            format!("ca_file = {missing:?}"),
+            format!("invalid configuration: tls.ca_file {missing} cannot be read"),
+        ),
+        (
+            format!("ca_file = {junk:?}"),
+            format!("invalid configuration: tls.ca_file {junk} holds no PEM certificate"),
+        ),
+        (
+            format!("cert_file = {cert:?}"),
+            "invalid configuration: tls.cert_file is set without tls.key_file".to_string(),
+        ),
+        (
+            format!("key_file = {key:?}"),
+            "invalid configuration: tls.key_file is set without tls.cert_file".to_string(),
+        ),
+        (
+            format!("cert_file = {key:?}\nkey_file = {key:?}"),
+            format!("invalid configuration: tls.cert_file {key} holds no PEM certificate"),
+        ),
+        (
+            format!("cert_file = {cert:?}\nkey_file = {cert:?}"),
+            format!("invalid configuration: tls.key_file {cert} holds no PEM private key"),
+        ),
+    ] {
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, format!("[tls]\n{tls}\n")).unwrap();
+        let e = Settings::load(Some(&path)).unwrap_err().to_string();
+        assert!(e.starts_with(&want), "{tls}: {e}");
+    }
+    let path = dir.path().join("c.toml");
+    std::fs::write(
+        &path,
+        format!("[tls]\nca_file = {cert:?}\ncert_file = {cert:?}\nkey_file = {key:?}\n"),
+    )
+    .unwrap();
+    let files = Settings::load(Some(&path)).unwrap().tls.read().unwrap();
+    assert_eq!(files.ca.len(), 1);
+    let client = files.client.unwrap();
+    assert_eq!(client.chain, files.ca);
+    assert!(client.key_pem.starts_with(b"-----BEGIN PRIVATE KEY-----"));
+}

@@ -22,12 +22,14 @@ fn main() -> ExitCode {
             };
         }
     };
+    // The trust (the system roots and tls.ca_file) and the client certificate of every TLS
+    // client, the telemetry exporter's included: built once, before any client.
     let settings = Settings::load(cli.config.as_deref())
+        .and_then(|s| {
+            r2f::service::tls::install(&s.tls)?;
+            Ok(s)
+        })
         .map_err(|e| anyhow::Error::new(cli::Exit::config(cli::error_line(&e))));
-    if let Ok(s) = &settings {
-        // Before any thread exists: the CA bundle for every TLS client.
-        s.apply_tls();
-    }
     let json_logs = cli.log_json || matches!(&settings, Ok(s) if s.log.format == LogFormat::Json);
     // The services export their spans when telemetry is configured.
     let export_as = match &cli.command {

@@ -194,7 +194,8 @@ pub async fn run(settings: &Settings, args: GatewayBenchArgs) -> anyhow::Result<
             )
         }
     };
-    let client = reqwest::Client::builder()
+    let client = crate::service::tls::get()
+        .http(reqwest::Client::builder())
         .timeout(Duration::from_secs(30))
         .pool_max_idle_per_host(256)
         .build()?;

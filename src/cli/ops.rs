@@ -133,7 +133,11 @@ async fn probe_llm(s: &Settings) -> anyhow::Result<String> {
         return Ok("disabled".into());
     }
     let key = s.llm.api_key()?;
-    let http = reqwest::Client::builder().timeout(PROBE_TIMEOUT).build()?;
+    // As the worker's planner reaches it: the process's TLS configuration.
+    let http = crate::service::tls::get()
+        .http(reqwest::Client::builder())
+        .timeout(PROBE_TIMEOUT)
+        .build()?;
     let url = format!("{}/models", s.llm.base_url.trim_end_matches('/'));
     let mut req = http.get(&url);
     if let Some(k) = &key {

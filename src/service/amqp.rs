@@ -15,9 +15,15 @@ pub fn amqp_error(e: impl std::fmt::Display) -> anyhow::Error {
     anyhow::anyhow!("broker: {}", redact_text(&e.to_string()))
 }
 
+/// A connection named `name`; `amqps://` with the process's TLS configuration
+/// ([`crate::service::tls`]: the system roots plus `tls.ca_file`, the client certificate).
 pub async fn connect(s: &AmqpSettings, name: &str) -> anyhow::Result<Connection> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect(&s.url, props).await.map_err(amqp_error)
+    let runtime = lapin::runtime::default_runtime().map_err(amqp_error)?;
+    let tls = crate::service::tls::get().amqp();
+    Connection::connect_with_config(&s.url, props, tls, runtime)
+        .await
+        .map_err(amqp_error)
 }
 
 fn durable() -> QueueDeclareOptions {

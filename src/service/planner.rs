@@ -128,7 +128,10 @@ fn refused(message: String) -> PlanError {
 impl LlmClient {
     pub fn new(s: &LlmSettings) -> anyhow::Result<Self> {
         let api_key = s.api_key()?;
-        let http = reqwest::Client::builder()
+        // The process's TLS configuration: the system roots plus tls.ca_file, the client
+        // certificate.
+        let http = crate::service::tls::get()
+            .http(reqwest::Client::builder())
             .timeout(Duration::from_secs(s.timeout_secs.max(1)))
             .connect_timeout(Duration::from_secs(s.timeout_secs.clamp(1, 10)))
             .build()?;

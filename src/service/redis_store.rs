@@ -29,7 +29,14 @@ struct Inner {
 
 impl RedisStore {
     pub fn new(s: &RedisSettings) -> Self {
-        let (client, init_error) = match redis::Client::open(s.url.as_str()) {
+        // rediss://: the process's TLS configuration (the system roots plus tls.ca_file, the
+        // client certificate).
+        let client = if s.url.starts_with("rediss://") {
+            redis::Client::build_with_tls(s.url.as_str(), crate::service::tls::get().redis())
+        } else {
+            redis::Client::open(s.url.as_str())
+        };
+        let (client, init_error) = match client {
             Ok(c) => (Some(c), None),
             Err(e) => (None, Some(redact_text(&e.to_string()))),
         };

@@ -2,8 +2,17 @@
 //! backend with the same key layout (`<prefix>/<job id>/<index>.png`, `<job id>/result.json`).
 
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait_free::BoxFuture;
+use aws_sdk_s3::config::http::{HttpRequest, HttpResponse};
+use aws_sdk_s3::config::{HttpClient, RuntimeComponents};
+use aws_sdk_s3::primitives::SdkBody;
+use aws_smithy_runtime_api::client::http::{
+    HttpConnector, HttpConnectorFuture, HttpConnectorSettings, SharedHttpConnector,
+};
+use aws_smithy_runtime_api::client::result::ConnectorError;
 
 use crate::config::StorageSettings;
 
@@ -174,8 +183,11 @@ pub struct S3Storage {
 impl S3Storage {
     pub async fn new(s: &StorageSettings) -> Result<Self, StorageError> {
         use aws_sdk_s3::config::{Region, RequestChecksumCalculation, ResponseChecksumValidation};
+        // The SDK (and its credential providers) speak HTTP through the process's TLS
+        // configuration.
         let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
             .region(Region::new(s.s3.region.clone()))
+            .http_client(S3Http::default())
             .load()
             .await;
         let mut b = aws_sdk_s3::config::Builder::from(&shared)
@@ -319,6 +331,81 @@ impl Storage for S3Storage {
                 .await
                 .map_err(|e| StorageError::new(format!("presigning `{key}`: {e}")))?;
             Ok(Some(req.uri().to_string()))
+        })
+    }
+}
+
+/// The S3 SDK's HTTP client: reqwest with the process's TLS configuration
+/// ([`crate::service::tls`]: the system roots plus `tls.ca_file`, and the client certificate for
+/// stores that require mutual TLS; the SDK's own client takes extra roots, but no client
+/// certificate). One reqwest client (and its connection pool) per connector settings the SDK
+/// asks for.
+#[derive(Debug, Clone, Default)]
+struct S3Http {
+    connectors: Arc<Mutex<Vec<(ConnectorKey, SharedHttpConnector)>>>,
+}
+
+/// The connect and read timeouts of the SDK's connector settings.
+type ConnectorKey = (Option<Duration>, Option<Duration>);
+
+impl HttpClient for S3Http {
+    fn http_connector(
+        &self,
+        settings: &HttpConnectorSettings,
+        _components: &RuntimeComponents,
+    ) -> SharedHttpConnector {
+        let key = (settings.connect_timeout(), settings.read_timeout());
+        let mut connectors = self.connectors.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, c)) = connectors.iter().find(|(k, _)| *k == key) {
+            return c.clone();
+        }
+        let mut b = crate::service::tls::get()
+            .http(reqwest::Client::builder())
+            // The SDK reads redirects (a bucket in another region) itself.
+            .redirect(reqwest::redirect::Policy::none());
+        if let Some(t) = key.0 {
+            b = b.connect_timeout(t);
+        }
+        if let Some(t) = key.1 {
+            b = b.read_timeout(t);
+        }
+        let connector = SharedHttpConnector::new(S3Connector {
+            client: b.build().map_err(|e| e.to_string()),
+        });
+        connectors.push((key, connector.clone()));
+        connector
+    }
+}
+
+#[derive(Debug)]
+struct S3Connector {
+    /// The client, or why none could be built (each call then fails with it).
+    client: Result<reqwest::Client, String>,
+}
+
+impl HttpConnector for S3Connector {
+    fn call(&self, request: HttpRequest) -> HttpConnectorFuture {
+        let client = self.client.clone();
+        HttpConnectorFuture::new(async move {
+            let client = client.map_err(|e| ConnectorError::user(e.into()))?;
+            let request = request
+                .try_into_http1x()
+                .map_err(|e| ConnectorError::user(e.into()))?
+                .map(reqwest::Body::wrap);
+            let request =
+                reqwest::Request::try_from(request).map_err(|e| ConnectorError::user(e.into()))?;
+            let response = client.execute(request).await.map_err(|e| {
+                if e.is_timeout() {
+                    ConnectorError::timeout(e.into())
+                } else if e.is_builder() {
+                    ConnectorError::user(e.into())
+                } else {
+                    // Refused, reset, cut: transient, as the SDK's own client classifies them.
+                    ConnectorError::io(e.into())
+                }
+            })?;
+            let response = http::Response::from(response).map(SdkBody::from_body_1_x);
+            HttpResponse::try_from(response).map_err(|e| ConnectorError::other(e.into(), None))
         })
     }
 }

@@ -197,7 +197,7 @@ where
     S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
 {
     use opentelemetry::trace::TracerProvider;
-    use opentelemetry_otlp::{Protocol, WithExportConfig};
+    use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig};
     use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 
     let endpoint = settings.otlp_endpoint.trim();
@@ -209,8 +209,22 @@ where
         OtlpProtocol::Protobuf => Protocol::HttpBinary,
         OtlpProtocol::Json => Protocol::HttpJson,
     };
+    // The process's TLS configuration (the system roots plus tls.ca_file, the client
+    // certificate), in the blocking client the exporter runs on its own thread (built on a
+    // thread of its own: it may not be built inside an async runtime).
+    let tls = (*crate::service::tls::get().client_config()).clone();
+    let http = std::thread::spawn(move || {
+        reqwest_otlp::blocking::Client::builder()
+            .use_preconfigured_tls(tls)
+            .timeout(std::time::Duration::from_secs(10))
+            .build()
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("telemetry: building the HTTP client panicked"))?
+    .map_err(|e| anyhow::anyhow!("telemetry: the HTTP client: {e}"))?;
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
+        .with_http_client(http)
         .with_endpoint(url)
         .with_protocol(protocol)
         .with_timeout(std::time::Duration::from_secs(10))

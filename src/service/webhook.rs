@@ -349,7 +349,10 @@ impl Outlet {
         s: &WebhookSettings,
     ) -> anyhow::Result<Self> {
         let receivers = Arc::new(receivers);
-        let client = reqwest::Client::builder()
+        // The roots of every TLS client (the system's plus tls.ca_file), never the client
+        // certificate: receivers are third parties.
+        let client = crate::service::tls::get()
+            .http_anonymous(reqwest::Client::builder())
             .redirect(reqwest::redirect::Policy::none())
             .timeout(Duration::from_secs(s.timeout_secs.max(1)))
             .user_agent(concat!("r2f/", env!("CARGO_PKG_VERSION")))
