@@ -296,6 +296,10 @@ def api_key_files(cfg: dict, c: dict, where: str, problems: Problems) -> list[st
     return single
 
 
+# The inbox queue each worker Deployment's config names (filled by check_worker).
+INBOX_OF: dict[str, str] = {}
+
+
 def check_rendering(objs: list[dict], where: str, problems: Problems) -> None:
     """Every worker Deployment (one per model) on its own, the gateway, then what they share."""
     deps = [d for d in by_kind(objs, "Deployment") if is_worker(d)]
@@ -382,12 +386,22 @@ def check_rendering(objs: list[dict], where: str, problems: Problems) -> None:
         rabbit = [t for t in sp.get("triggers") or [] if t.get("type") == "rabbitmq"]
         if not rabbit:
             problems.add(sw, "no rabbitmq trigger")
+        inbox = INBOX_OF.get(target, "r2f.jobs")
+        want = queues.get(target)
+        named = [(t.get("metadata") or {}).get("queueName") for t in rabbit]
+        if want is not None and want not in named:
+            problems.add(sw, f"no trigger on amqp.jobs_queue {want} of Deployment {target}")
+        if inbox not in named:
+            problems.add(sw, f"no trigger on the inbox {inbox}: with the model at zero replicas, jobs "
+                             "published to the inbox would wait for nobody")
         for t in rabbit:
             md = t.get("metadata") or {}
-            want = queues.get(target)
-            if want is not None and md.get("queueName") != want:
-                problems.add(sw, f"trigger queueName {md.get('queueName')} is not amqp.jobs_queue {want} "
-                                 f"of Deployment {target}")
+            if md.get("queueName") not in (want, inbox) and want is not None:
+                problems.add(sw, f"trigger queueName {md.get('queueName')} is neither amqp.jobs_queue "
+                                 f"{want} nor the inbox {inbox} of Deployment {target}")
+            if md.get("queueName") == inbox and want != inbox and int(md.get("value", "1")) < 100:
+                problems.add(sw, "the inbox trigger's value must be large (>= 100): it only wakes one "
+                                 "worker, whose router moves the jobs on to their model's queue")
             if md.get("protocol") != "http" or md.get("mode") != "QueueLength":
                 problems.add(sw, "trigger must use protocol http and mode QueueLength (counts unacked "
                                  "in-flight jobs; amqp counts only ready messages)")
@@ -486,6 +500,7 @@ def check_worker(dep: dict, objs: list[dict], where: str, problems: Problems):
         model = env_value(c, "R2F__WORKER__MODEL") or {}
         model = model.get("value") or (cfg.get("worker") or {}).get("model", "sd3")
         jobs_queue = (cfg.get("amqp") or {}).get("jobs_queue", "r2f.jobs.{model}")
+        INBOX_OF[dep["metadata"]["name"]] = (cfg.get("amqp") or {}).get("inbox_queue", "r2f.jobs")
         if model not in (cfg.get("models") or {}):
             problems.add(dw, f"serves model {model}, which has no [models.{model}] in the config")
         jobs_queue = jobs_queue.replace("{model}", model)

@@ -11,3 +11,6 @@ scripts/services.sh
 cargo fmt --check
 scripts/check_ops.sh
 cargo test --all-targets --no-fail-fast "$@"
+# The broker-facing tests again with quorum queues (README, "Quorum queues").
+R2F_TEST_QUEUE_TYPE=quorum cargo test --no-fail-fast --test worker --test fleet \
+  --test worker_faults --test soak --test drain --test replay "$@"

@@ -89,6 +89,15 @@ pub struct AmqpSettings {
     /// queues).
     pub reply_to_prefixes: Vec<String>,
     pub max_priority: u8,
+    /// The type of r2f's durable queues: `classic`, or `quorum` (replicated; the broker
+    /// enforces `delivery_limit`, priorities fold into its two levels, dead-lettering is
+    /// at-least-once). An existing queue keeps its type: see the migration in the README.
+    #[serde(default)]
+    pub queue_type: QueueType,
+    /// Quorum queues: deliveries of one message after which the broker dead-letters it (a
+    /// backstop under the worker's own count of `worker.max_attempts`).
+    #[serde(default = "default_delivery_limit")]
+    pub delivery_limit: u32,
     pub reconnect_min_ms: u64,
     pub reconnect_max_ms: u64,
     /// The reconnect backoff resets only after a connection has stayed up this long.
@@ -120,11 +129,29 @@ impl AmqpSettings {
                 "r2f.reply.".into(),
             ],
             max_priority: 10,
+            queue_type: QueueType::Classic,
+            delivery_limit: default_delivery_limit(),
             reconnect_min_ms: 500,
             reconnect_max_ms: 30000,
             stable_connection_secs: 60,
             confirm_timeout_secs: 30,
         }
+    }
+}
+
+fn default_delivery_limit() -> u32 {
+    10
+}
+
+crate::named_enum! {
+    /// The type of r2f's durable queues.
+    #[derive(Default)]
+    pub enum QueueType("queue type") {
+        /// Single-node queues (RabbitMQ 4 no longer mirrors them).
+        #[default]
+        Classic = "classic",
+        /// Raft-replicated queues: survive the loss of a minority of broker nodes.
+        Quorum = "quorum",
     }
 }
 

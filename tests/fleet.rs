@@ -193,9 +193,12 @@ async fn cancel_drops_a_queued_job_and_stops_a_running_one() {
     assert!(worker.wait_ready(T).await, "{}", worker.log());
     let p = &names.prefix;
 
-    // Queued: the request comes first, the job after.
+    // Queued: the request comes first, the job after (published straight to the broker, so
+    // no status record yet: without --force nothing is recorded).
     let queued = format!("{p}-queued");
     let out = cli(&config, &["cancel", &queued]);
+    assert_eq!(out.status.code(), Some(65), "{out:?}");
+    let out = cli(&config, &["cancel", &queued, "--force"]);
     assert!(
         out.status.success(),
         "{}",

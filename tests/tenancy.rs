@@ -389,6 +389,19 @@ async fn the_shipped_definitions_keep_clients_to_their_own() {
     r2f::service::amqp::declare_topology(&admin, &settings.amqp, &settings.routed_models())
         .await
         .unwrap();
+    // The dead-letter queue is bounded by the shipped policy (drop-head at 100000).
+    let deadline = std::time::Instant::now() + secs(10);
+    loop {
+        let queues = ctl(&["list_queues", "name", "policy", "--quiet"]);
+        if queues
+            .lines()
+            .any(|l| l.starts_with("r2f.jobs.dead\t") && l.contains("r2f-dead-letters-bounded"))
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{queues}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     let (acme_conn, acme) = connect_as("acme", "pw-acme").await;
     // A client publishes jobs and cancel requests as itself...

@@ -660,3 +660,43 @@ async fn every_outcome_leaves_a_status_record_that_status_and_wait_read() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("not finished"));
     broker.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_not_started_before_its_expires_at_ends_expired() {
+    let (names, s3, cfg) = s3_setup("expires").await;
+    let mut broker = Broker::connect(&names).await;
+    let mut past = tiny_job("too-late", 1);
+    past["expires_at"] = json!("2020-01-01T00:00:00Z");
+    let mut future = tiny_job("in-time", 1);
+    future["expires_at"] = json!("2999-01-01T00:00:00+02:00");
+    let mut bad = tiny_job("bad-time", 1);
+    bad["expires_at"] = json!("tomorrow");
+    for j in [&past, &future, &bad] {
+        broker.publish(j).await;
+    }
+    let mut worker = WorkerProc::spawn(&cfg);
+    assert!(worker.wait_ready(T).await, "{}", worker.log());
+    let r = broker.wait_results(3, T).await;
+    assert_eq!(r.len(), 3, "{}", worker.log());
+    let by_id = |id: &str| r.iter().find(|e| e["id"] == id).unwrap().clone();
+    let late = by_id("too-late");
+    assert_eq!(late["status"], "expired", "{late}");
+    assert_eq!(late["error"]["kind"], "expired", "{late}");
+    assert_eq!(by_id("in-time")["status"], "succeeded");
+    let bad = by_id("bad-time");
+    assert_eq!(bad["status"], "rejected", "{bad}");
+    assert!(
+        bad["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("expires_at"),
+        "{bad}"
+    );
+    assert!(!s3.keys().iter().any(|k| k.starts_with("out/too-late/0")));
+    let stored: serde_json::Value =
+        serde_json::from_slice(&s3.read("out/too-late/result.json")).unwrap();
+    assert_eq!(stored["status"], "expired");
+    let st = job_status(&names, "too-late").await.unwrap();
+    assert_eq!(st.state, r2f::job::JobState::Expired, "{st:?}");
+    broker.cleanup().await;
+}

@@ -58,7 +58,7 @@ class WebhookSpec(_WebhookSpecOptional):
     url: str
 
 
-WebhookEvent = Literal["started", "progress", "succeeded", "failed", "rejected", "cancelled"]
+WebhookEvent = Literal["started", "progress", "succeeded", "failed", "rejected", "cancelled", "expired"]
 
 
 ImageFormat = Literal["png", "jpeg", "webp", "jpg"]
@@ -94,13 +94,14 @@ class _JobOptional(TypedDict, total=False):
     params: "JobParams"
     priority: Optional[int]
     output: Optional["JobOutput"]
+    expires_at: Optional[str]
 
 class Job(_JobOptional):
     """A job message as published on `r2f.jobs`. The rules each field must meet (a violation rejects the job) are in docs/contract.md and in this schema's bounds. Rules this schema cannot state (a job that breaks one is rejected with its reason): width x height at most limits.max_pixels, and within the model's own size (a side left out takes the model's default); an R2F plan with N > 1 prompts has N - 1 visual detail levels; an R2F+ plan's objects are keyed #1..#n, each key once in base_prompt and once in its own object's prompt, with as many r2f prompts as visual_detail_levels, levels that do not decrease, and bbox x_min <= x_max, y_min <= y_max; mode r2fplus with schedule faithful (the default) needs a square size, guidance above 1, and more steps than the stop-step map's last stop; mode r2fplus runs on SD3 models only; a job without a plan needs the fleet's LLM planner; a webhook URL must be https (or http where allowed) on a host in webhook.allowed_hosts; the whole message is at most limits.max_message_bytes; with output format jpeg, the image metadata (prompt, negative prompt and plan, XML-escaped) fits one 64 KiB JPEG segment. (Faithful R2F+ steps: at least 41 with paper, 31 with head.)"""
     prompt: str
 
 
-JobState = Literal["queued", "running", "retrying", "succeeded", "failed", "rejected", "cancelled"]
+JobState = Literal["queued", "running", "retrying", "succeeded", "failed", "rejected", "cancelled", "expired"]
 
 
 class _AcceptedOptional(TypedDict, total=False):
@@ -147,7 +148,7 @@ class ResultEvent(_ResultEventOptional):
     worker: str
 
 
-Outcome = Literal["succeeded", "failed", "rejected", "cancelled"]
+Outcome = Literal["succeeded", "failed", "rejected", "cancelled", "expired"]
 
 
 class _OutputImageOptional(TypedDict, total=False):
@@ -166,7 +167,7 @@ class EventError(TypedDict):
     message: str
 
 
-ErrorKind = Literal["invalid_job", "llm", "storage", "model", "internal", "job", "duplicate_id", "cancelled"]
+ErrorKind = Literal["invalid_job", "llm", "storage", "model", "internal", "job", "duplicate_id", "cancelled", "expired"]
 
 
 class _JobStatusOptional(TypedDict, total=False):

@@ -64,7 +64,7 @@ export interface WebhookSpec {
   events?: Array<WebhookEvent> | null;
 }
 
-export type WebhookEvent = "started" | "progress" | "succeeded" | "failed" | "rejected" | "cancelled";
+export type WebhookEvent = "started" | "progress" | "succeeded" | "failed" | "rejected" | "cancelled" | "expired";
 
 export type ImageFormat = "png" | "jpeg" | "webp" | "jpg";
 
@@ -108,9 +108,11 @@ export interface Job {
   priority?: number | null;
   /** Where the outputs go, and in which format; who is told. */
   output?: JobOutput | null;
+  /** An RFC 3339 time (`2026-12-07T18:00:00Z`): a job no worker has started by then ends `expired`, without being generated. */
+  expires_at?: string | null;
 }
 
-export type JobState = "queued" | "running" | "retrying" | "succeeded" | "failed" | "rejected" | "cancelled";
+export type JobState = "queued" | "running" | "retrying" | "succeeded" | "failed" | "rejected" | "cancelled" | "expired";
 
 /** What `POST /v1/jobs` answers: the job was accepted (`202`), or had been before under the same `Idempotency-Key` or with the same id and body (`200`). */
 export interface Accepted {
@@ -166,7 +168,7 @@ export interface ResultEvent {
   trace_id?: string | null;
 }
 
-export type Outcome = "succeeded" | "failed" | "rejected" | "cancelled";
+export type Outcome = "succeeded" | "failed" | "rejected" | "cancelled" | "expired";
 
 /** One stored image of a job. */
 export interface OutputImage {
@@ -183,7 +185,7 @@ export interface EventError {
   message: string;
 }
 
-export type ErrorKind = "invalid_job" | "llm" | "storage" | "model" | "internal" | "job" | "duplicate_id" | "cancelled";
+export type ErrorKind = "invalid_job" | "llm" | "storage" | "model" | "internal" | "job" | "duplicate_id" | "cancelled" | "expired";
 
 /** A job's status record (`r2f status ID`). */
 export interface JobStatus {

@@ -121,6 +121,7 @@ fn job_of(settings: &Settings, a: &GenerateArgs) -> anyhow::Result<ValidJob> {
         },
         priority: None,
         output: None,
+        expires_at: None,
     };
     let job = message
         .validate(&settings.limits, None, &a.model)

@@ -19,6 +19,8 @@ crate::named_enum! {
         Rejected = "rejected",
         /// A client cancelled it.
         Cancelled = "cancelled",
+        /// No worker started it before its `expires_at`.
+        Expired = "expired",
     }
 }
 
@@ -29,6 +31,7 @@ crate::named_enum! {
         Failed = "failed",
         Rejected = "rejected",
         Cancelled = "cancelled",
+        Expired = "expired",
     }
 }
 
@@ -45,6 +48,7 @@ impl JobState {
             JobState::Failed => Some(Outcome::Failed),
             JobState::Rejected => Some(Outcome::Rejected),
             JobState::Cancelled => Some(Outcome::Cancelled),
+            JobState::Expired => Some(Outcome::Expired),
             JobState::Queued | JobState::Running | JobState::Retrying => None,
         }
     }
@@ -57,6 +61,7 @@ impl From<Outcome> for JobState {
             Outcome::Failed => JobState::Failed,
             Outcome::Rejected => JobState::Rejected,
             Outcome::Cancelled => JobState::Cancelled,
+            Outcome::Expired => JobState::Expired,
         }
     }
 }
@@ -90,6 +95,8 @@ crate::named_enum! {
         DuplicateId = "duplicate_id",
         /// A client cancelled the job.
         Cancelled = "cancelled",
+        /// The job's `expires_at` passed before a worker started it.
+        Expired = "expired",
     }
 }
 

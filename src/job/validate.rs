@@ -119,6 +119,8 @@ pub struct ValidJob {
     pub webhook: Option<WebhookSpec>,
     /// The outputs' file format.
     pub encoding: Encoding,
+    /// When the job expires (Unix milliseconds), from `expires_at`.
+    pub expires_at_ms: Option<u64>,
     /// The SHA-256 (hex) of the message as read (its fields in a fixed order, unknown fields
     /// left out): two messages with one id are the same job only when this matches.
     pub fingerprint: String,
@@ -207,6 +209,20 @@ impl JobMessage {
             rules.negative_prompt.check(neg)?;
         }
         rules.priority.check_opt(self.priority)?;
+        let expires_at_ms = match &self.expires_at {
+            None => None,
+            Some(t) => Some(
+                chrono::DateTime::parse_from_rfc3339(t)
+                    .map_err(|e| {
+                        Rejection(format!(
+                            "expires_at: `{}` is not an RFC 3339 time ({e})",
+                            t.chars().take(64).collect::<String>()
+                        ))
+                    })?
+                    .timestamp_millis()
+                    .max(0) as u64,
+            ),
+        };
         let output = self.output.unwrap_or_default();
         let prefix = check_prefix(output.prefix.as_deref().unwrap_or(""))?;
         let quality = rules
@@ -289,6 +305,7 @@ impl JobMessage {
             prefix,
             webhook: output.webhook,
             encoding,
+            expires_at_ms,
             fingerprint,
         })
     }

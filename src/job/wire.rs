@@ -46,6 +46,11 @@ pub struct JobMessage {
     /// Where the outputs go, and in which format; who is told.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<JobOutput>,
+    /// An RFC 3339 time (`2026-12-07T18:00:00Z`): a job no worker has started by then ends
+    /// `expired`, without being generated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<String>", extend("format" = "date-time"))]
+    pub expires_at: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
@@ -178,6 +183,7 @@ crate::named_enum! {
         Failed = "failed",
         Rejected = "rejected",
         Cancelled = "cancelled",
+        Expired = "expired",
     }
 }
 
@@ -200,6 +206,7 @@ impl From<Outcome> for WebhookEvent {
             Outcome::Failed => WebhookEvent::Failed,
             Outcome::Rejected => WebhookEvent::Rejected,
             Outcome::Cancelled => WebhookEvent::Cancelled,
+            Outcome::Expired => WebhookEvent::Expired,
         }
     }
 }

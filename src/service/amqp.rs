@@ -8,7 +8,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
-use crate::config::{redact_text, AmqpSettings};
+use crate::config::{redact_text, AmqpSettings, QueueType};
 
 /// A broker error with any credentials removed from its text.
 pub fn amqp_error(e: impl std::fmt::Display) -> anyhow::Error {
@@ -47,14 +47,62 @@ fn dead_letter_to(queue: &str) -> FieldTable {
     args
 }
 
-/// The arguments of a jobs queue: dead-letters to the dead-letter queue, priorities.
+/// `args` for a durable queue of the configured type: quorum queues get their type and, when
+/// they dead-letter (`args` names an `x-dead-letter-exchange`), at-least-once dead-lettering
+/// (which needs `reject-publish` overflow).
+fn typed(s: &AmqpSettings, mut args: FieldTable) -> FieldTable {
+    if s.queue_type == QueueType::Quorum {
+        args.insert("x-queue-type".into(), header_str("quorum"));
+        if args.inner().contains_key("x-dead-letter-exchange") {
+            args.insert("x-dead-letter-strategy".into(), header_str("at-least-once"));
+            args.insert("x-overflow".into(), header_str("reject-publish"));
+        }
+    }
+    args
+}
+
+/// The arguments of a jobs queue: dead-letters to the dead-letter queue; classic queues carry
+/// `max_priority` levels, quorum queues their own two levels and the broker's delivery limit.
 fn jobs_queue_args(s: &AmqpSettings) -> FieldTable {
     let mut args = dead_letter_to(&s.dead_letter_queue);
-    args.insert(
-        "x-max-priority".into(),
-        AMQPValue::ShortShortUInt(s.max_priority),
-    );
-    args
+    match s.queue_type {
+        QueueType::Classic => args.insert(
+            "x-max-priority".into(),
+            AMQPValue::ShortShortUInt(s.max_priority),
+        ),
+        QueueType::Quorum => args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongInt(s.delivery_limit.min(i32::MAX as u32) as i32),
+        ),
+    };
+    typed(s, args)
+}
+
+/// Declares durable queue `name` of the configured type with `args`; a queue that exists with
+/// other arguments (another type) is an error that says what to do.
+async fn declare_queue(
+    ch: &Channel,
+    s: &AmqpSettings,
+    name: &str,
+    args: FieldTable,
+) -> anyhow::Result<()> {
+    ch.queue_declare(name.into(), durable(), typed(s, args))
+        .await
+        .map_err(|e| {
+            let text = e.to_string();
+            if text.contains("PRECONDITION_FAILED") {
+                anyhow::anyhow!(
+                    "broker: queue `{name}` exists with other arguments than amqp.queue_type = \
+                     \"{}\" asks for ({}); a queue keeps its type: see \"Quorum queues\" in the \
+                     README to migrate",
+                    s.queue_type,
+                    redact_text(&text)
+                )
+            } else {
+                amqp_error(e)
+            }
+        })?;
+    Ok(())
 }
 
 /// The fanout exchange that takes what the jobs exchange cannot route, into the inbox.
@@ -92,13 +140,7 @@ pub async fn declare_topology(
         FieldTable::default(),
     )
     .await?;
-    ch.queue_declare(
-        s.dead_letter_queue.as_str().into(),
-        durable(),
-        FieldTable::default(),
-    )
-    .await
-    .map_err(amqp_error)?;
+    declare_queue(ch, s, &s.dead_letter_queue, FieldTable::default()).await?;
     let unrouted = unrouted_exchange(s);
     exchange(&unrouted, ExchangeKind::Fanout, FieldTable::default()).await?;
     let mut alternate = FieldTable::default();
@@ -107,15 +149,11 @@ pub async fn declare_topology(
         AMQPValue::LongString(LongString::from(unrouted.as_str())),
     );
     exchange(&s.jobs_exchange, ExchangeKind::Direct, alternate).await?;
-    ch.queue_declare(s.inbox_queue.as_str().into(), durable(), jobs_queue_args(s))
-        .await
-        .map_err(amqp_error)?;
+    declare_queue(ch, s, &s.inbox_queue, jobs_queue_args(s)).await?;
     bind(ch, &s.inbox_queue, &unrouted, "").await?;
     for model in models {
         let queue = s.queue_of(model);
-        ch.queue_declare(queue.as_str().into(), durable(), jobs_queue_args(s))
-            .await
-            .map_err(amqp_error)?;
+        declare_queue(ch, s, &queue, jobs_queue_args(s)).await?;
         bind(ch, &queue, &s.jobs_exchange, model).await?;
     }
     // The webhook outbox: deliveries, their delayed retries (dead-lettering back into the
@@ -125,9 +163,7 @@ pub async fn declare_topology(
         (webhooks_retry_queue(s), dead_letter_to(&s.webhooks_queue)),
         (webhooks_dead_queue(s), FieldTable::default()),
     ] {
-        ch.queue_declare(queue.as_str().into(), durable(), args)
-            .await
-            .map_err(amqp_error)?;
+        declare_queue(ch, s, &queue, args).await?;
     }
     // Control messages: clients publish `cancel` to the exchange; workers share the queue.
     exchange(
@@ -136,13 +172,7 @@ pub async fn declare_topology(
         FieldTable::default(),
     )
     .await?;
-    ch.queue_declare(
-        s.control_queue.as_str().into(),
-        durable(),
-        FieldTable::default(),
-    )
-    .await
-    .map_err(amqp_error)?;
+    declare_queue(ch, s, &s.control_queue, FieldTable::default()).await?;
     bind(ch, &s.control_queue, &s.control_exchange, CANCEL).await?;
     Ok(())
 }
@@ -196,8 +226,9 @@ pub async fn confirm_channel(conn: &Connection) -> anyhow::Result<Channel> {
     Ok(ch)
 }
 
-/// Publishes and waits for the broker's confirm, at most `timeout`; a nack, or no confirm in
-/// time, is an error (the caller treats the connection as broken).
+/// Publishes a message that must reach a queue (`mandatory`) and waits for the broker's
+/// confirm, at most `timeout`; a nack, a message returned as unroutable (a deleted queue), or no
+/// confirm in time, is an error (the caller does not ack what it was moving).
 pub async fn publish_confirmed(
     ch: &Channel,
     exchange: &str,
@@ -206,11 +237,39 @@ pub async fn publish_confirmed(
     props: BasicProperties,
     timeout: std::time::Duration,
 ) -> anyhow::Result<()> {
+    publish_with(ch, exchange, routing_key, body, props, timeout, true).await
+}
+
+/// [`publish_confirmed`] for a message nobody need receive (an event on the events exchange,
+/// which has no binding until a client subscribes): not mandatory.
+pub async fn publish_confirmed_optional(
+    ch: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    props: BasicProperties,
+    timeout: std::time::Duration,
+) -> anyhow::Result<()> {
+    publish_with(ch, exchange, routing_key, body, props, timeout, false).await
+}
+
+async fn publish_with(
+    ch: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    props: BasicProperties,
+    timeout: std::time::Duration,
+    mandatory: bool,
+) -> anyhow::Result<()> {
     let publish = async {
         ch.basic_publish(
             exchange.into(),
             routing_key.into(),
-            BasicPublishOptions::default(),
+            BasicPublishOptions {
+                mandatory,
+                ..BasicPublishOptions::default()
+            },
             body,
             props,
         )
@@ -225,10 +284,18 @@ pub async fn publish_confirmed(
             timeout.as_secs()
         )
     })??;
-    if confirm.is_nack() {
-        anyhow::bail!("broker: publish to `{exchange}`/`{routing_key}` was nacked");
+    match confirm {
+        lapin::Confirmation::Nack(_) => {
+            anyhow::bail!("broker: publish to `{exchange}`/`{routing_key}` was nacked")
+        }
+        lapin::Confirmation::Ack(Some(returned)) => anyhow::bail!(
+            "broker: publish to `{exchange}`/`{routing_key}` was returned: {} {} (no queue \
+             takes it: a deleted or undeclared queue)",
+            returned.reply_code,
+            returned.reply_text
+        ),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 /// The AMQP `message_id` for a job id, when it can be one. Ids come from messages: an id of
@@ -254,13 +321,7 @@ pub async fn declare_retry_levels(
 ) -> anyhow::Result<()> {
     for level in 0..=levels {
         let queue = retry_level_queue(s, model, level);
-        ch.queue_declare(
-            queue.as_str().into(),
-            durable(),
-            dead_letter_to(&s.queue_of(model)),
-        )
-        .await
-        .map_err(amqp_error)?;
+        declare_queue(ch, s, &queue, dead_letter_to(&s.queue_of(model))).await?;
     }
     Ok(())
 }

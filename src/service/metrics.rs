@@ -70,6 +70,7 @@ pub struct Metrics {
     pub build_info: GaugeVec,
     pub storage_retries: IntCounterVec,
     pub paused: IntGauge,
+    pub broker_blocked: IntGauge,
     pub pauses: IntCounterVec,
     pub given_back: IntCounterVec,
     pub routed: IntCounterVec,
@@ -223,6 +224,10 @@ impl Metrics {
                 "r2f_worker_paused",
                 "1 while the worker stopped consuming after failures that were not the jobs' fault.",
             ),
+            broker_blocked: r.int_gauge(
+                "r2f_broker_blocked",
+                "1 while the broker blocks this process's publishing connection (a memory or disk alarm).",
+            ),
             pauses: r.counters(
                 "r2f_worker_pauses_total",
                 "Times the worker stopped consuming, by the kind of the last failure.",
@@ -294,7 +299,10 @@ impl Metrics {
 
     /// Ready: the model is loaded, and the worker neither paused nor stuck.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst) && !self.is_unhealthy() && self.paused.get() == 0
+        self.ready.load(Ordering::SeqCst)
+            && !self.is_unhealthy()
+            && self.paused.get() == 0
+            && self.broker_blocked.get() == 0
     }
 
     /// A job ran past `job_timeout_secs` and was abandoned with its GPU task: until the GPU
@@ -383,6 +391,11 @@ pub async fn serve(metrics: Arc<Metrics>, listen: &str) -> anyhow::Result<std::n
                         (StatusCode::OK, "ready")
                     } else if m.paused.get() != 0 {
                         (StatusCode::SERVICE_UNAVAILABLE, "paused after failures")
+                    } else if m.broker_blocked.get() != 0 {
+                        (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "the broker blocks publishing (memory or disk alarm)",
+                        )
                     } else if m.is_unhealthy() {
                         (StatusCode::SERVICE_UNAVAILABLE, "unhealthy (see /healthz)")
                     } else {

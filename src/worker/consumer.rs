@@ -25,9 +25,13 @@ use crate::service::telemetry::{self, TraceHeaders};
 use crate::service::tenancy::{JobKey, Scope};
 use crate::service::webhook::Delivery as WebhookDelivery;
 
-/// One connection's worth of broker state.
+/// A session's broker state: two connections, one that consumes and acks and one that
+/// publishes, so that a broker blocking publishers (a memory or disk alarm) never holds up an
+/// ack or the consumers.
 pub struct Session {
     _conn: lapin::Connection,
+    /// The publishing connection: `publish`, `progress` and `reply` live on it.
+    publish_conn: lapin::Connection,
     consume: Channel,
     /// Confirmed publishes: events, retries, dead letters.
     publish: Channel,
@@ -37,6 +41,8 @@ pub struct Session {
     reply: Channel,
     consumer: lapin::Consumer,
     tag: String,
+    /// The consumer `tag` was cancelled (a drain began while a job was in hand).
+    cancelled: bool,
     /// The consumers of the side tasks, each on a channel of its own: the inbox router (see
     /// [`super::router`]), control messages ([`super::control`]) and the webhook outbox
     /// ([`super::outbox`]; only where this worker sends webhooks).
@@ -61,11 +67,13 @@ pub enum SessionEnd {
 impl Session {
     pub async fn open(ctx: &Context) -> anyhow::Result<Self> {
         let s = &ctx.settings.amqp;
-        let conn = amqp::connect(s, &format!("r2f-worker {}", ctx.worker_name)).await?;
+        let conn = amqp::connect(s, &format!("r2f-worker {} consume", ctx.worker_name)).await?;
+        let publish_conn =
+            amqp::connect(s, &format!("r2f-worker {} publish", ctx.worker_name)).await?;
         let consume = conn.create_channel().await.map_err(amqp_error)?;
-        let publish = amqp::confirm_channel(&conn).await?;
-        let progress = conn.create_channel().await.map_err(amqp_error)?;
-        let reply = conn.create_channel().await.map_err(amqp_error)?;
+        let publish = amqp::confirm_channel(&publish_conn).await?;
+        let progress = publish_conn.create_channel().await.map_err(amqp_error)?;
+        let reply = publish_conn.create_channel().await.map_err(amqp_error)?;
         let model = &ctx.settings.worker.model;
         amqp::declare_topology(&publish, s, &ctx.models).await?;
         amqp::declare_retry_levels(&publish, s, model, ctx.settings.worker.max_attempts).await?;
@@ -113,12 +121,14 @@ impl Session {
         };
         Ok(Self {
             _conn: conn,
+            publish_conn,
             consume,
             publish,
             progress,
             reply,
             consumer,
             tag,
+            cancelled: false,
             sides: Some(Sides {
                 inbox,
                 control,
@@ -131,6 +141,7 @@ impl Session {
     /// Consumes until drained or broken.
     pub async fn run(mut self, ctx: &Arc<Context>, shutdown: &mut Shutdown) -> SessionEnd {
         let progress = spawn_progress_publisher(ctx, &self);
+        let _blocked = watch_blocked(ctx, &self.publish_conn, self.progress.clone());
         let Some(sides) = self.sides.take() else {
             return SessionEnd::Broken(anyhow::anyhow!("session run twice"));
         };
@@ -174,6 +185,13 @@ impl Session {
                     Err(e) => anyhow::anyhow!("a side task (inbox, control, outbox) stopped: {e}"),
                 }),
             };
+            // While the broker blocks publishing, a job could not be settled: take none.
+            if ctx.metrics.broker_blocked.get() != 0 {
+                info!("the broker blocks publishing (memory or disk alarm): waiting before taking a job");
+                while ctx.metrics.broker_blocked.get() != 0 && !shutdown.is_requested() {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
             let delivery = match next {
                 Some(Ok(d)) => d,
                 Some(Err(e)) => break SessionEnd::Broken(amqp_error(e)),
@@ -181,7 +199,31 @@ impl Session {
                     break SessionEnd::Broken(anyhow::anyhow!("consumer cancelled by the broker"))
                 }
             };
-            let pause = match self.handle(ctx, &delivery, &progress, &mut breaker).await {
+            // A drain that begins while the job runs stops the consumer at once: nothing more is
+            // delivered to this worker (not even the job it may hand back).
+            let mut cancel_sent = false;
+            let handled = {
+                let handled = self.handle(ctx, &delivery, &progress, &mut breaker);
+                tokio::pin!(handled);
+                loop {
+                    tokio::select! {
+                        r = &mut handled => break r,
+                        _ = shutdown.requested(), if !cancel_sent => {
+                            cancel_sent = true;
+                            if let Err(e) = self
+                                .consume
+                                .basic_cancel(self.tag.as_str().into(), BasicCancelOptions::default())
+                                .await
+                            {
+                                warn!(error = %amqp_error(e), "cancelling the consumer failed");
+                                cancel_sent = false;
+                            }
+                        }
+                    }
+                }
+            };
+            self.cancelled |= cancel_sent;
+            let pause = match handled {
                 Ok(pause) => pause,
                 Err(e) => break SessionEnd::Broken(e),
             };
@@ -202,6 +244,7 @@ impl Session {
             let _ = self.consume.close(200, "drained".into()).await;
             let _ = self.publish.close(200, "drained".into()).await;
         }
+        ctx.metrics.broker_blocked.set(0);
         end
     }
 
@@ -331,7 +374,7 @@ impl Session {
         let status = match &outcome {
             JobOutcome::Succeeded(_) => Some(Outcome::Succeeded),
             JobOutcome::Rejected { .. } => Some(Outcome::Rejected),
-            JobOutcome::Cancelled(_) => Some(Outcome::Cancelled),
+            JobOutcome::Cancelled(e) => Some(e.status),
             _ => None,
         };
         let settlement = decide(outcome, attempt, ctx.settings.worker.max_attempts);
@@ -396,6 +439,7 @@ impl Session {
             return Ok(());
         }
         self.tag = format!("r2f-{}-{}", ctx.worker_name, uuid::Uuid::new_v4().simple());
+        self.cancelled = false;
         let queue = ctx.settings.amqp.queue_of(&ctx.settings.worker.model);
         self.consumer = start_consumer(&self.consume, &queue, &self.tag).await?;
         info!("consuming again after the pause");
@@ -404,10 +448,13 @@ impl Session {
 
     /// Cancels the consumer and gives back whatever was prefetched but not worked.
     async fn stop_consuming(&mut self, ctx: &Context) -> anyhow::Result<()> {
-        self.consume
-            .basic_cancel(self.tag.as_str().into(), BasicCancelOptions::default())
-            .await
-            .map_err(amqp_error)?;
+        if !self.cancelled {
+            self.consume
+                .basic_cancel(self.tag.as_str().into(), BasicCancelOptions::default())
+                .await
+                .map_err(amqp_error)?;
+            self.cancelled = true;
+        }
         while let Ok(Some(Ok(d))) =
             tokio::time::timeout(Duration::from_millis(200), self.consumer.next()).await
         {
@@ -436,6 +483,43 @@ pub(super) async fn start_consumer(
 /// channel without confirms: best effort, and nothing accumulates per event. Routed
 /// `job.started` / `job.progress` (`job.<kind>.<tenant>.<id>` in a multi-tenant fleet); a job
 /// whose webhook asks for them gets them there too, through the outbox.
+/// Follows whether the broker blocks the publishing connection (`connection.blocked`: a memory
+/// or disk alarm) into `r2f_broker_blocked` and `/readyz`. RabbitMQ tells a connection only once
+/// it publishes, so an idle worker publishes an empty, unroutable probe every few seconds.
+fn watch_blocked(ctx: &Arc<Context>, conn: &lapin::Connection, probe: Channel) -> AbortOnDrop<()> {
+    let status = conn.status().clone();
+    let metrics = ctx.metrics.clone();
+    AbortOnDrop(tokio::spawn(async move {
+        let mut last_probe = Instant::now() - Duration::from_secs(60);
+        let mut was = false;
+        loop {
+            let blocked = status.blocked();
+            if blocked != was {
+                if blocked {
+                    warn!("the broker blocks publishing (memory or disk alarm): not ready, taking no job");
+                } else {
+                    info!("the broker publishes again: ready");
+                }
+                was = blocked;
+            }
+            metrics.broker_blocked.set(i64::from(blocked));
+            if !blocked && last_probe.elapsed() >= Duration::from_secs(3) {
+                last_probe = Instant::now();
+                let _ = probe
+                    .basic_publish(
+                        "".into(),
+                        "r2f.alarm-probe".into(),
+                        lapin::options::BasicPublishOptions::default(),
+                        b"",
+                        lapin::BasicProperties::default(),
+                    )
+                    .await;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }))
+}
+
 fn spawn_progress_publisher(ctx: &Arc<Context>, session: &Session) -> ProgressTx {
     let (tx, mut rx) = mpsc::unbounded_channel::<Notice>();
     let ch = session.progress.clone();

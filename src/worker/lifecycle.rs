@@ -375,6 +375,22 @@ async fn with_lock(
     if crate::service::status::cancel_requested(&ctx.redis, &t.key).await {
         return cancelled(ctx, t, attempt, "while queued").await;
     }
+    // Not started in time: a first attempt past the job's `expires_at` ends here.
+    if let Some(at) = t.job.expires_at_ms.filter(|_| attempt == 1) {
+        let now = crate::service::amqp::now_unix().saturating_mul(1000);
+        if now > at {
+            return ended_early(
+                ctx,
+                t,
+                attempt,
+                Outcome::Expired,
+                ErrorKind::Expired,
+                "expired before a worker started it",
+                "before it started",
+            )
+            .await;
+        }
+    }
     if ctx.is_stopping() {
         return JobOutcome::HandBack;
     }
@@ -472,17 +488,39 @@ async fn with_lock(
 /// A cancelled job: `result.json` records it (a redelivery or the same id sent again publishes
 /// it again instead of running), no image is stored.
 async fn cancelled(ctx: &Context, t: &Taken, attempt: u32, when: &str) -> JobOutcome {
+    ended_early(
+        ctx,
+        t,
+        attempt,
+        Outcome::Cancelled,
+        ErrorKind::Cancelled,
+        "cancelled by request",
+        when,
+    )
+    .await
+}
+
+/// A job that ends without its images (cancelled, expired): `result.json` records it.
+async fn ended_early(
+    ctx: &Context,
+    t: &Taken,
+    attempt: u32,
+    outcome: Outcome,
+    kind: ErrorKind,
+    message: &str,
+    when: &str,
+) -> JobOutcome {
     let event = ResultEvent {
         error: Some(crate::job::EventError {
-            kind: ErrorKind::Cancelled,
-            message: "cancelled by request".into(),
+            kind,
+            message: message.into(),
         }),
-        ..t.event(ctx, Outcome::Cancelled, attempt)
+        ..t.event(ctx, outcome, attempt)
     };
     if let Err(e) = store_result(ctx, &t.result_key, &event).await {
         return failed(ctx, t, attempt, e);
     }
-    info!(when, "job cancelled");
+    info!(when, status = %outcome, "job ended without generating");
     JobOutcome::Cancelled(event)
 }
 

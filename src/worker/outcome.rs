@@ -60,6 +60,7 @@ impl JobError {
             ErrorKind::Internal => bounded(&self.detail, 200),
             ErrorKind::Job | ErrorKind::DuplicateId => bounded(&self.detail, 500),
             ErrorKind::Cancelled => "cancelled by request".into(),
+            ErrorKind::Expired => "expired before a worker started it".into(),
         }
     }
 }
@@ -89,8 +90,8 @@ pub enum JobOutcome {
         event: ResultEvent,
         error: JobError,
     },
-    /// A client cancelled the job: nothing is stored but `result.json` (status `cancelled`);
-    /// the event is to be published.
+    /// A client cancelled the job, or its `expires_at` passed before it started: nothing is
+    /// stored but `result.json` (status `cancelled` or `expired`); the event is to be published.
     Cancelled(ResultEvent),
     /// Another worker holds the job's lock.
     Busy,

@@ -317,7 +317,7 @@ pub async fn publish_event(
         t.to_amqp(&mut headers);
         props = props.with_headers(headers);
     }
-    publish_confirmed(
+    amqp::publish_confirmed_optional(
         publish,
         &ctx.settings.amqp.events_exchange,
         &scope.routing_key(event.status.name(), &event.id),

@@ -255,6 +255,7 @@ impl Names {
             s.jobs_queue = format!("{}.{{model}}", self.jobs);
             s.retry_queue = format!("{}.{{model}}", self.retry);
         }
+        s.queue_type = queue_type();
         s
     }
 }
@@ -533,6 +534,16 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// The type of the queues the tests' workers and clients declare: `R2F_TEST_QUEUE_TYPE`
+/// (`classic` by default; the test command runs the broker-facing tests with `quorum` too).
+pub fn queue_type() -> r2f::config::QueueType {
+    match std::env::var("R2F_TEST_QUEUE_TYPE").as_deref() {
+        Ok("quorum") => r2f::config::QueueType::Quorum,
+        Ok("classic") | Ok("") | Err(_) => r2f::config::QueueType::Classic,
+        Ok(other) => panic!("R2F_TEST_QUEUE_TYPE is classic or quorum, not {other}"),
+    }
+}
+
 pub struct WorkerConfig {
     pub names: Names,
     pub amqp_url: String,
@@ -644,6 +655,7 @@ give_back_delay_ms = 200
 {worker_extra}
 [amqp]
 url = "{amqp}"
+queue_type = "{queue_type}"
 jobs_exchange = "{route}"
 inbox_queue = "{inbox}"
 jobs_queue = "{jobs}"
@@ -681,6 +693,7 @@ listen = "127.0.0.1:{port}"
                 Some(m) => format!("{}-{m}-worker", n.prefix),
             },
             amqp = self.amqp_url,
+            queue_type = queue_type(),
             route = n.route,
             inbox = n.inbox,
             dead = n.dead,
