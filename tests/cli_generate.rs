@@ -148,19 +148,6 @@ fn missing_tensor_is_reported_with_its_name_and_folder() {
     );
 }
 
-fn copy_dir(src: &std::path::Path, dst: &std::path::Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let e = e.unwrap();
-        let to = dst.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &to);
-        } else {
-            std::fs::copy(e.path(), to).unwrap();
-        }
-    }
-}
-
 #[test]
 fn hub_model_id_resolves_from_the_offline_cache() {
     // The Hugging Face cache layout: models--org--name/refs/main -> snapshots/<commit>/...

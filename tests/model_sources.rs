@@ -18,19 +18,6 @@ use tch::{Device, Kind, Tensor};
 const WARNING: &str = "the Hugging Face Hub is unreachable: starting from the local cache";
 const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let e = e.unwrap();
-        let to = dst.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &to);
-        } else {
-            std::fs::copy(e.path(), to).unwrap();
-        }
-    }
-}
-
 /// The components of a model folder that hold safetensors weights.
 fn weight_components(root: &Path) -> Vec<PathBuf> {
     let mut out: Vec<PathBuf> = std::fs::read_dir(root)

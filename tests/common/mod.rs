@@ -89,3 +89,17 @@ pub fn assert_within_ulps(label: &str, got: &[f32], want: &[f32], max_ulps: u64)
         eprintln!("{label}: {worst} ulp at most (bound {max_ulps})");
     }
 }
+
+/// Copies the folder `src` to `dst`, recursively (a model folder to edit in a test).
+pub fn copy_dir(src: &std::path::Path, dst: &std::path::Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        let to = dst.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to);
+        } else {
+            std::fs::copy(e.path(), to).unwrap();
+        }
+    }
+}
