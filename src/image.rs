@@ -129,7 +129,19 @@ fn xml_escape(s: &str) -> String {
     out
 }
 
-/// An XMP packet with one `r2f:<key>` element per metadata field.
+/// The IPTC digital source type of every image r2f makes: media created by a trained
+/// algorithmic model (what the EU AI Act's machine-readable marking is read from).
+pub const DIGITAL_SOURCE_TYPE: &str =
+    "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia";
+
+/// The namespace of the IPTC Extension schema (`Iptc4xmpExt:DigitalSourceType`).
+pub const IPTC_EXT_NAMESPACE: &str = "http://iptc.org/std/Iptc4xmpExt/2008-02-29/";
+
+/// The generator named in `xmp:CreatorTool`.
+pub const CREATOR_TOOL: &str = concat!("r2f ", env!("CARGO_PKG_VERSION"));
+
+/// An XMP packet marking the image as AI-generated (`Iptc4xmpExt:DigitalSourceType`
+/// trainedAlgorithmicMedia, `xmp:CreatorTool`), with one `r2f:<key>` element per metadata field.
 pub fn xmp_packet(text: &[(&str, String)]) -> String {
     let mut fields = String::new();
     for (key, value) in text {
@@ -139,11 +151,17 @@ pub fn xmp_packet(text: &[(&str, String)]) -> String {
         "<?xpacket begin=\"{bom}\" id=\"W5M0MpCehiHzreSzNTczkc9d\"?>\
          <x:xmpmeta xmlns:x=\"adobe:ns:meta/\"><rdf:RDF \
          xmlns:rdf=\"http://www.w3.org/1999/02/22-rdf-syntax-ns#\"><rdf:Description \
-         rdf:about=\"\" xmlns:r2f=\"{XMP_NAMESPACE}\">{fields}</rdf:Description></rdf:RDF>\
+         rdf:about=\"\" xmlns:r2f=\"{XMP_NAMESPACE}\" xmlns:Iptc4xmpExt=\"{IPTC_EXT_NAMESPACE}\" \
+         xmlns:xmp=\"http://ns.adobe.com/xap/1.0/\">\
+         <Iptc4xmpExt:DigitalSourceType>{DIGITAL_SOURCE_TYPE}</Iptc4xmpExt:DigitalSourceType>\
+         <xmp:CreatorTool>{CREATOR_TOOL}</xmp:CreatorTool>{fields}</rdf:Description></rdf:RDF>\
          </x:xmpmeta><?xpacket end=\"w\"?>",
         bom = '\u{feff}'
     )
 }
+
+/// The PNG iTXt keyword of an XMP packet.
+pub const XMP_PNG_KEYWORD: &str = "XML:com.adobe.xmp";
 
 /// Reads the `r2f:<key>` fields back from an XMP packet found anywhere in `bytes`.
 pub fn read_xmp(bytes: &[u8]) -> Vec<(String, String)> {
@@ -212,6 +230,8 @@ pub fn encode_png(image: &Tensor, text: &[(&str, String)]) -> anyhow::Result<Vec
         for (key, value) in text {
             enc.add_itxt_chunk(key.to_string(), value.clone())?;
         }
+        // The same fields, and the AI-generated marking, as XMP (what XMP readers look for).
+        enc.add_itxt_chunk(XMP_PNG_KEYWORD.to_string(), xmp_packet(text))?;
         let mut writer = enc.write_header()?;
         writer.write_image_data(&data)?;
         writer.finish()?;

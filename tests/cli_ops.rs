@@ -103,8 +103,49 @@ fn generate_writes_the_format_its_out_extension_names() {
         assert_eq!(code(&o), Some(0), "{name}: {}", stderr(&o));
         let bytes = std::fs::read(&out).unwrap();
         assert!(bytes.starts_with(magic), "{name}: {:?}", &bytes[..8]);
+        // Marked as AI-generated, read back by Pillow and Python's XML parser.
+        let read = Command::new(common::venv_python())
+            .args(["-c", READ_XMP])
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(read.status.success(), "{name}: {}", stderr(&read));
+        let fields: serde_json::Value = serde_json::from_slice(&read.stdout).unwrap();
+        assert_eq!(
+            fields["DigitalSourceType"],
+            "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia",
+            "{name}: {fields}"
+        );
+        assert!(
+            fields["CreatorTool"].as_str().unwrap().starts_with("r2f "),
+            "{name}: {fields}"
+        );
+        assert_eq!(fields["prompt"], "a frog", "{name}: {fields}");
     }
 }
+
+/// Prints the XMP of an image (PNG, JPEG or WebP, as Pillow exposes it) as JSON: the IPTC
+/// source type, the creator tool and r2f's own fields, parsed with xml.etree.
+const READ_XMP: &str = r#"
+import json, sys
+import xml.etree.ElementTree as ET
+from PIL import Image
+im = Image.open(sys.argv[1])
+raw = im.info.get("xmp") or im.info.get("XML:com.adobe.xmp")
+if isinstance(raw, bytes):
+    raw = raw.decode("utf-8")
+root = ET.fromstring(raw[raw.index("<x:xmpmeta"):raw.index("</x:xmpmeta>") + len("</x:xmpmeta>")])
+out = {}
+for el in root.iter():
+    ns, _, local = el.tag[1:].partition("}")
+    if ns == "http://iptc.org/std/Iptc4xmpExt/2008-02-29/" and local == "DigitalSourceType":
+        out["DigitalSourceType"] = el.text
+    elif ns == "http://ns.adobe.com/xap/1.0/" and local == "CreatorTool":
+        out["CreatorTool"] = el.text
+    elif ns == "urn:r2f:metadata:1/":
+        out[local] = el.text
+print(json.dumps(out))
+"#;
 
 #[test]
 fn an_unknown_key_stops_the_load_naming_the_key_and_its_source() {

@@ -103,3 +103,12 @@ pub fn copy_dir(src: &std::path::Path, dst: &std::path::Path) {
         }
     }
 }
+
+/// The project's virtualenv Python (`R2F_VENV`, default `.venv`), with Pillow.
+pub fn venv_python() -> PathBuf {
+    let venv = std::env::var("R2F_VENV").map_or_else(
+        |_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv"),
+        PathBuf::from,
+    );
+    venv.join("bin/python")
+}
