@@ -232,11 +232,78 @@ pub fn encode_png(image: &Tensor, text: &[(&str, String)]) -> anyhow::Result<Vec
         }
         // The same fields, and the AI-generated marking, as XMP (what XMP readers look for).
         enc.add_itxt_chunk(XMP_PNG_KEYWORD.to_string(), xmp_packet(text))?;
+        // The generation parameters as AUTOMATIC1111 writes them (read by "PNG Info", Civitai).
+        if let Some(p) = a1111_parameters(text, w, h) {
+            enc.add_itxt_chunk(A1111_KEYWORD.to_string(), p)?;
+        }
         let mut writer = enc.write_header()?;
         writer.write_image_data(&data)?;
         writer.finish()?;
     }
     Ok(out)
+}
+
+/// The PNG text keyword AUTOMATIC1111 and the tools that follow it read parameters from.
+pub const A1111_KEYWORD: &str = "parameters";
+
+/// The `parameters` text of AUTOMATIC1111: the prompt, `Negative prompt: ...`, then `Steps: N,
+/// CFG scale: G, Seed: S, Size: WxH, Model: M, Version: r2f V` (None without a prompt field).
+pub fn a1111_parameters(text: &[(&str, String)], width: u32, height: u32) -> Option<String> {
+    let get = |k: &str| {
+        text.iter()
+            .find(|(key, _)| *key == k)
+            .map(|(_, v)| v.as_str())
+    };
+    let prompt = get("prompt")?;
+    let mut out = prompt.to_string();
+    if let Some(neg) = get("negative_prompt").filter(|n| !n.is_empty()) {
+        out.push_str(&format!("\nNegative prompt: {neg}"));
+    }
+    let mut line = Vec::new();
+    for (key, label) in [
+        ("steps", "Steps"),
+        ("guidance", "CFG scale"),
+        ("seed", "Seed"),
+    ] {
+        if let Some(v) = get(key) {
+            line.push(format!("{label}: {v}"));
+        }
+    }
+    line.push(format!("Size: {width}x{height}"));
+    if let Some(m) = get("model") {
+        // A1111 separates its fields with ", ": keep the value free of them.
+        line.push(format!("Model: {}", m.replace(", ", " ")));
+    }
+    if let Some(m) = get("mode") {
+        line.push(format!("R2F mode: {m}"));
+    }
+    line.push(format!("Version: {CREATOR_TOOL}"));
+    out.push('\n');
+    out.push_str(&line.join(", "));
+    Some(out)
+}
+
+/// The metadata an image r2f wrote carries, from any of its formats: r2f's fields (PNG text
+/// chunks, else the XMP `r2f:` elements), and whether its XMP marks it as AI-generated.
+pub fn read_metadata(bytes: &[u8]) -> anyhow::Result<(Vec<(String, String)>, bool)> {
+    if bytes.starts_with(b"\x89PNG") {
+        let (_, _, _, text) = decode_png(bytes)?;
+        let marked = text
+            .iter()
+            .any(|(k, v)| k == XMP_PNG_KEYWORD && v.contains(DIGITAL_SOURCE_TYPE));
+        let fields = text
+            .into_iter()
+            .filter(|(k, _)| k != XMP_PNG_KEYWORD && k != A1111_KEYWORD)
+            .collect();
+        return Ok((fields, marked));
+    }
+    let is_jpeg = bytes.starts_with(&[0xFF, 0xD8]);
+    let is_webp = bytes.len() >= 12 && &bytes[..4] == b"RIFF" && &bytes[8..12] == b"WEBP";
+    if !is_jpeg && !is_webp {
+        anyhow::bail!("not a PNG, JPEG or WebP file");
+    }
+    let marked = String::from_utf8_lossy(bytes).contains(DIGITAL_SOURCE_TYPE);
+    Ok((read_xmp(bytes), marked))
 }
 
 /// Writes bytes to `path` atomically (temporary file in the same folder, then rename).

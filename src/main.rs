@@ -87,6 +87,7 @@ fn main() -> ExitCode {
         } => cli::enqueue(&settings, &file, check, !no_validate),
         Command::Gateway => cli::gateway(settings),
         Command::Key { hash } => cli::key(hash),
+        Command::Inspect { image } => cli::inspect(&image),
         Command::Config {
             action: cli::ConfigCommand::Check { no_probe },
         } => cli::config_check(&settings, cli.config.as_deref(), no_probe),

@@ -121,7 +121,32 @@ fn generate_writes_the_format_its_out_extension_names() {
             "{name}: {fields}"
         );
         assert_eq!(fields["prompt"], "a frog", "{name}: {fields}");
+        // r2f inspect reads the same fields back from every format.
+        let o = r2f().arg("inspect").arg(&out).output().unwrap();
+        assert_eq!(code(&o), Some(0), "{name}: {}", stderr(&o));
+        let meta: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(meta["prompt"], "a frog", "{name}: {meta}");
+        assert_eq!(meta["steps"], "1", "{name}: {meta}");
+        assert_eq!(meta["ai_generated"], true, "{name}: {meta}");
     }
+    // The PNG also carries AUTOMATIC1111's `parameters` chunk, read here by Pillow.
+    let read = Command::new(common::venv_python())
+        .args([
+            "-c",
+            "import sys; from PIL import Image; print(Image.open(sys.argv[1]).info['parameters'])",
+        ])
+        .arg(dir.path().join("d.png"))
+        .output()
+        .unwrap();
+    let params = stdout(&read);
+    assert!(params.starts_with("a frog\n"), "{params}");
+    assert!(params.contains("Steps: 1, CFG scale: "), "{params}");
+    assert!(params.contains("Size: "), "{params}");
+    // A file without r2f metadata is bad data.
+    let plain = dir.path().join("plain.txt");
+    std::fs::write(&plain, "hello").unwrap();
+    let o = r2f().arg("inspect").arg(&plain).output().unwrap();
+    assert_eq!(code(&o), Some(65), "{}", stderr(&o));
 }
 
 /// Prints the XMP of an image (PNG, JPEG or WebP, as Pillow exposes it) as JSON: the IPTC

@@ -147,6 +147,27 @@ fn progress_bar() -> ProgressBar {
     bar
 }
 
+/// `r2f inspect IMAGE`: the metadata an image carries, as one JSON object (r2f's fields, and
+/// `ai_generated`: whether its XMP carries the IPTC trainedAlgorithmicMedia source type).
+pub fn inspect(path: &Path) -> anyhow::Result<()> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| super::exit::Exit::usage(format!("cannot read {}: {e}", path.display())))?;
+    let (fields, marked) = crate::image::read_metadata(&bytes)
+        .map_err(|e| super::exit::Exit::data(format!("{}: {e}", path.display())))?;
+    if fields.is_empty() {
+        return Err(
+            super::exit::Exit::data(format!("{} carries no r2f metadata", path.display())).into(),
+        );
+    }
+    let mut out = serde_json::Map::new();
+    for (k, v) in fields {
+        out.insert(k, serde_json::Value::String(v));
+    }
+    out.insert("ai_generated".into(), serde_json::Value::Bool(marked));
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
 /// The format of the image file `path`, from its extension.
 fn format_of(path: &Path) -> anyhow::Result<crate::image::ImageFormat> {
     let ext = path

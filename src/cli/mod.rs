@@ -14,7 +14,7 @@ pub use args::{
     PromptScheduleArgs, RegionArgs, ReplayArgs,
 };
 pub use exit::{error_line, Exit};
-pub use local::{bench, generate, parity, schedule};
+pub use local::{bench, generate, inspect, parity, schedule};
 pub use ops::{config_check, replay};
 pub use remote::{
     bench_gateway, bench_service, cancel, enqueue, gateway, key, plan, status, wait, worker,
