@@ -107,15 +107,15 @@ pub enum Command {
     /// The HTTP door (docs/contract.md, "HTTP API"): submit, follow and cancel jobs over HTTP
     /// with API keys; serves until a signal, then drains within `gateway.drain_secs`.
     Gateway,
-    /// Make an API key: prints the key (line 1, give it to the client) and its SHA-256 digest
-    /// (line 2, append it to a key file the gateway reads). With --hash, print the digest of a
-    /// key read from standard input.
     /// Print the generation metadata an image r2f wrote carries (PNG, JPEG or WebP) as JSON,
     /// with whether it is marked as AI-generated. Exit 65 for a file without it.
     Inspect {
         /// The image file.
         image: PathBuf,
     },
+    /// Make an API key: prints the key (line 1, give it to the client) and its SHA-256 digest
+    /// (line 2, append it to a key file the gateway reads). With --hash, print the digest of a
+    /// key read from standard input.
     Key {
         /// Print the digest of a key read from standard input instead of making one.
         #[arg(long)]
