@@ -8,7 +8,7 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use common::harness::unique;
+use common::harness::{local_redis, unique};
 use common::model_dir;
 
 fn r2f() -> Command {
@@ -383,16 +383,7 @@ fn cancel_of_an_unknown_job_records_nothing_and_wait_times_out_with_75() {
         "{}",
         stderr(&o)
     );
-    let redis = r2f::service::redis_store::RedisStore::new(&r2f::config::RedisSettings {
-        url: "redis://127.0.0.1:6379".into(),
-        url_file: String::new(),
-        key_prefix: prefix,
-        plan_ttl_secs: 60,
-        status_ttl_secs: 60,
-        lock_ttl_secs: 5,
-        timeout_ms: 1000,
-        require_lock: true,
-    });
+    let redis = local_redis(&prefix);
     let key = r2f::service::tenancy::JobKey::single("never-submitted");
     let rt = tokio::runtime::Runtime::new().unwrap();
     assert!(!rt.block_on(r2f::service::status::cancel_requested(&redis, &key)));

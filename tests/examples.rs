@@ -16,12 +16,6 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The virtualenv's python (scripts/setup.sh installs the example's requirements there).
-fn python() -> PathBuf {
-    let venv = std::env::var("R2F_VENV").map_or_else(|_| root().join(".venv"), PathBuf::from);
-    venv.join("bin/python")
-}
-
 fn client_args(names: &Names, steps: u32, cancel: bool) -> Vec<String> {
     let mut args: Vec<String> = [
         "--jobs-exchange",
@@ -114,7 +108,7 @@ async fn check_client(name: &str, make: impl Fn(Vec<String>) -> Command) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_client_submits_follows_waits_and_cancels() {
-    let py = python();
+    let py = common::venv_python();
     assert!(py.exists(), "no {} (run scripts/setup.sh)", py.display());
     check_client("expy", |args| {
         let mut c = Command::new(&py);

@@ -27,41 +27,6 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn python() -> PathBuf {
-    let venv = std::env::var("R2F_VENV").map_or_else(|_| root().join(".venv"), PathBuf::from);
-    venv.join("bin/python")
-}
-
-/// `rabbitmqctl ARGS`; panics with its output on failure.
-fn ctl(args: &[&str]) {
-    let out = Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .expect("rabbitmqctl (the machine's RabbitMQ)");
-    assert!(
-        out.status.success(),
-        "rabbitmqctl {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A broker user with `tags` and every permission on `/`.
-fn user(name: &str, password: &str, tags: &[&str]) {
-    if Command::new("rabbitmqctl")
-        .args(["add_user", name, password])
-        .output()
-        .map(|o| !o.status.success())
-        .unwrap_or(true)
-    {
-        ctl(&["change_password", name, password]);
-    }
-    let mut t = vec!["set_user_tags", name];
-    t.extend(tags);
-    ctl(&t);
-    ctl(&["set_permissions", "-p", "/", name, ".*", ".*", ".*"]);
-}
-
 fn amqp_url(user: &str, password: &str) -> String {
     format!("amqp://{user}:{password}@127.0.0.1:5672/%2f")
 }
@@ -238,8 +203,8 @@ async fn a_job_over_http_is_followed_fetched_retried_cancelled_and_kept_from_oth
         format!("{p}-b"),
     );
     // Workers and the gateway publish with a tenant's user_id: they impersonate.
-    user(&wu, "pw-w", &["impersonator"]);
-    user(&gu, "pw-g", &["impersonator"]);
+    broker_user(&wu, "pw-w", &["impersonator"]);
+    broker_user(&gu, "pw-g", &["impersonator"]);
     let dir = tempfile::tempdir().unwrap();
     let (key_a, file_a) = make_key(dir.path(), "a");
     let (key_b, file_b) = make_key(dir.path(), "b");
@@ -540,7 +505,7 @@ async fn the_openapi_document_is_valid_and_the_http_examples_run_against_the_gat
     assert_eq!(code, 200);
     let file = dir.path().join("openapi.json");
     std::fs::write(&file, &doc).unwrap();
-    let py = python();
+    let py = common::venv_python();
     assert!(py.exists(), "no {} (run scripts/setup.sh)", py.display());
     let out = Command::new(&py)
         .args(["-m", "openapi_spec_validator"])
@@ -862,16 +827,7 @@ async fn a_draining_gateway_fails_readyz_ends_its_streams_and_exits() {
     assert!(status.success(), "{}", gw.log());
     assert!(gw.log().contains("gateway stopped"));
     // The job is untouched by the gateway's exit.
-    let redis = r2f::service::redis_store::RedisStore::new(&r2f::config::RedisSettings {
-        url: "redis://127.0.0.1:6379".into(),
-        url_file: String::new(),
-        key_prefix: broker.names.prefix.clone(),
-        plan_ttl_secs: 60,
-        status_ttl_secs: 600,
-        lock_ttl_secs: 5,
-        timeout_ms: 1000,
-        require_lock: true,
-    });
+    let redis = local_redis(&broker.names.prefix);
     let st = r2f::service::status::read(&redis, &r2f::service::tenancy::JobKey::single(&id))
         .await
         .unwrap()

@@ -26,37 +26,6 @@ use r2f::service::tenancy::{JobKey, Scope};
 
 const T: Duration = Duration::from_secs(90);
 
-/// `rabbitmqctl ARGS`; panics with its output on failure.
-fn ctl(args: &[&str]) -> String {
-    let out = Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .expect("rabbitmqctl (the machine's RabbitMQ)");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "rabbitmqctl {args:?}: {text}");
-    text
-}
-
-/// A broker user with `password`, `tags` and every permission on `/`.
-fn user(name: &str, password: &str, tags: &[&str]) {
-    if Command::new("rabbitmqctl")
-        .args(["add_user", name, password])
-        .output()
-        .map(|o| !o.status.success())
-        .unwrap_or(true)
-    {
-        ctl(&["change_password", name, password]);
-    }
-    let mut t = vec!["set_user_tags", name];
-    t.extend(tags);
-    ctl(&t);
-    ctl(&["set_permissions", "-p", "/", name, ".*", ".*", ".*"]);
-}
-
 fn url(user: &str, password: &str) -> String {
     format!("amqp://{user}:{password}@127.0.0.1:5672/%2f")
 }
@@ -138,9 +107,9 @@ async fn no_message_of_another_tenant_touches_a_tenants_job() {
     let p = names.prefix.clone();
     let (wu, au, bu) = (format!("{p}-w"), format!("{p}-a"), format!("{p}-b"));
     // The worker re-publishes jobs with their user_id (retries, routing): it impersonates.
-    user(&wu, "pw-w", &["impersonator"]);
-    user(&au, "pw-a", &[]);
-    user(&bu, "pw-b", &[]);
+    broker_user(&wu, "pw-w", &["impersonator"]);
+    broker_user(&au, "pw-a", &[]);
+    broker_user(&bu, "pw-b", &[]);
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = WorkerConfig::new(&names);
     cfg.amqp_url = url(&wu, "pw-w");
@@ -154,16 +123,7 @@ async fn no_message_of_another_tenant_touches_a_tenants_job() {
     assert!(worker.wait_ready(T).await, "{}", worker.log());
     let (_ca, a) = connect_as(&au, "pw-a").await;
     let (_cb, b) = connect_as(&bu, "pw-b").await;
-    let redis = RedisStore::new(&r2f::config::RedisSettings {
-        url: "redis://127.0.0.1:6379".into(),
-        url_file: String::new(),
-        key_prefix: p.clone(),
-        plan_ttl_secs: 60,
-        status_ttl_secs: 600,
-        lock_ttl_secs: 5,
-        timeout_ms: 1000,
-        require_lock: true,
-    });
+    let redis = local_redis(&p);
     let route = names.route.clone();
     let (fin, run, queued) = (
         format!("{p}-fin"),

@@ -23,11 +23,6 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn python() -> PathBuf {
-    let venv = std::env::var("R2F_VENV").map_or_else(|_| root().join(".venv"), PathBuf::from);
-    venv.join("bin/python")
-}
-
 /// Two Standard Webhooks secrets (`whsec_` + base64 of 24 random bytes).
 fn secrets() -> (String, String) {
     use base64::Engine;
@@ -54,7 +49,7 @@ impl Receiver {
     }
 
     fn start_on(host: &str, secrets: &[&str], fail_first: u32) -> Self {
-        let py = python();
+        let py = common::venv_python();
         assert!(py.exists(), "no {} (run scripts/setup.sh)", py.display());
         let port = free_port();
         let mut cmd = Command::new(py);

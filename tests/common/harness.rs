@@ -907,19 +907,55 @@ pub fn metric_names_in(text: &str) -> std::collections::BTreeSet<String> {
     out
 }
 
-/// The status record of single-tenant job `id`, as the workers of `names` wrote it.
-pub async fn job_status(names: &Names, id: &str) -> Option<r2f::job::status::JobStatus> {
-    let redis = r2f::service::redis_store::RedisStore::new(&r2f::config::RedisSettings {
+/// A store on the local Redis under key prefix `prefix` (the tests' workers' `redis.key_prefix`).
+pub fn local_redis(prefix: &str) -> r2f::service::redis_store::RedisStore {
+    r2f::service::redis_store::RedisStore::new(&r2f::config::RedisSettings {
         url: "redis://127.0.0.1:6379".into(),
         url_file: String::new(),
-        key_prefix: names.prefix.clone(),
+        key_prefix: prefix.to_string(),
         plan_ttl_secs: 60,
         status_ttl_secs: 600,
         lock_ttl_secs: 5,
         timeout_ms: 1000,
         require_lock: true,
-    });
+    })
+}
+
+/// The status record of single-tenant job `id`, as the workers of `names` wrote it.
+pub async fn job_status(names: &Names, id: &str) -> Option<r2f::job::status::JobStatus> {
+    let redis = local_redis(&names.prefix);
     r2f::service::status::read(&redis, &r2f::service::tenancy::JobKey::single(id))
         .await
         .unwrap()
+}
+
+/// `rabbitmqctl ARGS` on the machine's RabbitMQ; fails the test when it fails. Its output.
+pub fn ctl(args: &[&str]) -> String {
+    let out = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl (the machine's RabbitMQ)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "rabbitmqctl {args:?}: {text}");
+    text
+}
+
+/// A broker user with `password`, `tags` and every permission on `/`.
+pub fn broker_user(name: &str, password: &str, tags: &[&str]) {
+    if Command::new("rabbitmqctl")
+        .args(["add_user", name, password])
+        .output()
+        .map(|o| !o.status.success())
+        .unwrap_or(true)
+    {
+        ctl(&["change_password", name, password]);
+    }
+    let mut t = vec!["set_user_tags", name];
+    t.extend(tags);
+    ctl(&t);
+    ctl(&["set_permissions", "-p", "/", name, ".*", ".*", ".*"]);
 }
