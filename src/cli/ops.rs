@@ -163,11 +163,7 @@ fn probe_model(source: &str) -> Result<String, String> {
             Err("local folder without model_index.json: not a diffusers-layout model".into())
         };
     }
-    let hub_id = source.split('/').count() == 2
-        && !source.starts_with('.')
-        && !source.starts_with('/')
-        && !Path::new(source.split('/').next().unwrap_or("")).is_dir();
-    if hub_id {
+    if crate::models::hub::is_hub_id(source) {
         Ok("a Hugging Face Hub id (fetched or taken from the cache at start)".into())
     } else {
         Err(format!("model folder `{source}` does not exist"))

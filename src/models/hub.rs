@@ -145,7 +145,7 @@ pub fn resolve(spec: &str, prefer: Variant) -> anyhow::Result<ModelFolder> {
 
 /// Whether a model argument that is no existing path reads as a Hub model id: `org/name` or
 /// `org/name@revision`, whose `org` is no local folder.
-fn is_hub_id(spec: &str) -> bool {
+pub fn is_hub_id(spec: &str) -> bool {
     let id = spec.split_once('@').map_or(spec, |(id, _)| id);
     let Some((org, name)) = id.split_once('/') else {
         return false;
