@@ -13,7 +13,6 @@ use super::remote::runtime;
 use crate::config::{redact_text, redact_url, Settings, TenancyMode};
 use crate::job::JobState;
 use crate::service::amqp;
-use crate::service::storage::join_key;
 use crate::service::tenancy::{JobKey, Scope};
 
 /// How long one probe may take.
@@ -427,13 +426,7 @@ async fn replay_one(
                 settings.default_model(),
             ),
         ) {
-            let key = join_key(&[
-                &settings.storage.prefix,
-                scope.name().unwrap_or(""),
-                &job.prefix,
-                &job.id,
-                "result.json",
-            ]);
+            let key = crate::worker::lifecycle::result_key(&settings.storage.prefix, scope, &job);
             storage
                 .delete(&key)
                 .await

@@ -234,10 +234,11 @@ pub async fn run_job(
     (outcome, info)
 }
 
-/// Where the `result.json` of job `job` of `scope` lives.
-fn result_key(ctx: &Context, scope: &Scope, job: &ValidJob) -> String {
+/// Where the `result.json` of job `job` of `scope` lives, under `storage.prefix`
+/// `storage_prefix` (`r2f replay` clears it there too).
+pub fn result_key(storage_prefix: &str, scope: &Scope, job: &ValidJob) -> String {
     join_key(&[
-        &ctx.settings.storage.prefix,
+        storage_prefix,
         scope.name().unwrap_or(""),
         &job.prefix,
         &job.id,
@@ -251,12 +252,12 @@ pub fn result_key_of(ctx: &Context, scope: &Scope, body: &[u8]) -> Option<String
     let limits = ctx.tenancy.limits(scope, &ctx.settings.limits);
     let models = ctx.tenancy.models(scope, &ctx.models);
     let job = validate_message(body, &limits, &models, &ctx.settings.worker.model).ok()?;
-    Some(result_key(ctx, scope, &job))
+    Some(result_key(&ctx.settings.storage.prefix, scope, &job))
 }
 
 /// A valid job with its keys.
 fn taken(ctx: &Context, job: ValidJob, key: JobKey, trace_id: Option<String>) -> Taken {
-    let result_key = result_key(ctx, &key.scope, &job);
+    let result_key = result_key(&ctx.settings.storage.prefix, &key.scope, &job);
     Taken {
         job,
         key,
