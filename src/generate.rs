@@ -5,6 +5,9 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::bail;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use tch::{Device, Kind};
 
 use crate::device::{device_name, dtype_name};
@@ -15,6 +18,7 @@ use crate::pipelines::sd3::Sd3Pipeline;
 use crate::pipelines::sdxl::SdxlPipeline;
 use crate::pipelines::{Output, Request};
 use crate::plan::{R2fPlan, RegionPlan};
+use crate::r2f::regions::RegionMask;
 use crate::r2f::{step_prompts, PromptSchedule, StopStepMap};
 use crate::schedulers::discrete::Scheduler;
 
@@ -262,6 +266,22 @@ impl Engine {
         Ok(r)
     }
 
+    /// The SDXL sampler a run of `mode` uses (None for SD3, which has one).
+    pub fn scheduler_for(&self, mode: &Mode, p: &Params) -> Option<Scheduler> {
+        match self {
+            Engine::Sd3(_) => None,
+            Engine::Sdxl(pipe) => Some(sdxl_scheduler(pipe, mode, p)),
+        }
+    }
+
+    /// The T5 sequence length a run of `mode` encodes at (None for SDXL, which has no T5).
+    pub fn t5_tokens_for(&self, mode: &Mode, p: &Params) -> Option<usize> {
+        match self {
+            Engine::Sd3(_) => Some(t5_tokens_of(mode, p)),
+            Engine::Sdxl(_) => None,
+        }
+    }
+
     pub fn run(
         &mut self,
         prompt: &str,
@@ -277,10 +297,7 @@ impl Engine {
                     self.family()
                 );
             };
-            // R2F+ encodes T5 at 256 tokens, as the official pipeline and diffusers do.
-            pipe.t5_tokens = p
-                .t5_tokens
-                .unwrap_or(crate::pipelines::sd3::DEFAULT_T5_TOKENS);
+            pipe.t5_tokens = t5_tokens_of(mode, p);
             let req = RegionRequest {
                 plan: plan.clone(),
                 negative_prompt: p.negative_prompt.clone(),
@@ -305,27 +322,35 @@ impl Engine {
         };
         match self {
             Engine::Sd3(pipe) => {
-                // diffusers' SD3 pipeline encodes T5 at 256 tokens; the official R2F code at 77.
-                let default_t5 = match mode {
-                    Mode::R2f { .. } => crate::pipelines::sd3::R2F_T5_TOKENS,
-                    _ => crate::pipelines::sd3::DEFAULT_T5_TOKENS,
-                };
-                pipe.t5_tokens = p.t5_tokens.unwrap_or(default_t5);
+                pipe.t5_tokens = t5_tokens_of(mode, p);
                 pipe.generate(&req, on_step)
             }
             Engine::Sdxl(pipe) => {
-                // Plain: the model folder's scheduler; R2F: DPM-Solver++ 2M Karras, as the
-                // official R2F-SDXL runs.
-                let scheduler = match p.scheduler {
-                    Some(s) => s,
-                    None => match mode {
-                        Mode::R2f { .. } => Scheduler::DpmSolverPp2mKarras,
-                        _ => pipe.default_scheduler(),
-                    },
-                };
+                let scheduler = sdxl_scheduler(pipe, mode, p);
                 pipe.generate(&req, scheduler, on_step)
             }
         }
+    }
+}
+
+/// SD3's T5 sequence length: the job's, else diffusers' 256 (plain, and R2F+ as the official
+/// R2F+ pipeline does), or the official R2F code's 77 in R2F mode.
+fn t5_tokens_of(mode: &Mode, p: &Params) -> usize {
+    p.t5_tokens.unwrap_or(match mode {
+        Mode::R2f { .. } => crate::pipelines::sd3::R2F_T5_TOKENS,
+        _ => crate::pipelines::sd3::DEFAULT_T5_TOKENS,
+    })
+}
+
+/// SDXL's sampler: the job's, else in plain mode the model folder's scheduler and in R2F mode
+/// DPM-Solver++ 2M Karras, as the official R2F-SDXL runs.
+fn sdxl_scheduler(pipe: &SdxlPipeline, mode: &Mode, p: &Params) -> Scheduler {
+    match p.scheduler {
+        Some(s) => s,
+        None => match mode {
+            Mode::R2f { .. } => Scheduler::DpmSolverPp2mKarras,
+            _ => pipe.default_scheduler(),
+        },
     }
 }
 
@@ -335,6 +360,8 @@ pub struct Generated {
     pub bytes: Vec<u8>,
     pub output: Output,
     pub resolved: Resolved,
+    /// What the image's metadata says (also the job's `result.json`).
+    pub record: GenerationRecord,
     pub seconds: f64,
 }
 
@@ -353,45 +380,310 @@ impl Encoding {
     };
 }
 
-/// What an image says about itself (PNG text chunks, XMP in JPEG and WebP).
-pub struct ImageMetadata<'a> {
-    pub prompt: &'a str,
-    pub negative_prompt: &'a str,
-    pub seed: String,
-    pub model: &'a str,
-    pub mode: JobMode,
-    /// The plan in its official JSON shape (empty for a plain run).
-    pub plan: String,
-    pub steps: String,
-    pub guidance: String,
-    pub dtype: String,
-    pub device: String,
+/// Where the weights of a loaded model came from, for the metadata record.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ModelIdentity {
+    /// The model as the job or the command named it (a logical name, a folder, a Hub id).
+    pub name: String,
+    /// The Hub commit of the snapshot, when the model came from a Hugging Face cache.
+    pub revision: Option<String>,
+    /// [`ModelFolder::weights_fingerprint`] (none for weights built in memory).
+    pub weights_hash: Option<String>,
 }
 
-impl ImageMetadata<'_> {
-    /// The fields as (key, text) pairs, in the order the image carries them.
-    pub fn fields(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("prompt", self.prompt.to_string()),
-            ("negative_prompt", self.negative_prompt.to_string()),
-            ("seed", self.seed.clone()),
-            ("model", self.model.to_string()),
-            ("mode", self.mode.name().to_string()),
-            ("plan", self.plan.clone()),
-            ("steps", self.steps.clone()),
-            ("guidance", self.guidance.clone()),
-            ("dtype", self.dtype.clone()),
-            ("device", self.device.clone()),
-            ("software", format!("r2f {}", env!("CARGO_PKG_VERSION"))),
-        ]
+impl ModelIdentity {
+    /// The identity of a model folder under `name`; a folder that cannot be fingerprinted
+    /// (a file unreadable after loading) has no hash rather than no model.
+    pub fn of_folder(name: &str, folder: &ModelFolder) -> Self {
+        let weights_hash = match folder.weights_fingerprint() {
+            Ok(h) => Some(h),
+            Err(e) => {
+                tracing::warn!(error = %e, "no weights fingerprint for the metadata record");
+                None
+            }
+        };
+        Self {
+            name: name.to_string(),
+            revision: folder.revision(),
+            weights_hash,
+        }
+    }
+
+    /// A model known by name only (weights built in memory).
+    pub fn named(name: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            ..Self::default()
+        }
     }
 }
 
-/// Runs one generation and encodes it in `encoding` with its metadata (PNG text chunks, XMP).
+/// The sampler every SD3 run uses (diffusers' `FlowMatchEulerDiscreteScheduler`).
+pub const SD3_SCHEDULER: &str = "flow-match-euler";
+
+/// The R2F+ knobs of a run, named as the job parameters that set them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct RegionRecord {
+    pub region_mask: RegionMask,
+    pub bbox_guidance_steps: usize,
+    pub bbox_guidance_iterations: usize,
+    pub bbox_loss_scale: f64,
+    pub latent_fusion_steps: usize,
+    pub bbox_guidance_recompute: bool,
+}
+
+/// Everything that determines an image, as the image and the job's `result.json` carry it:
+/// with the same weights, device and dtype, [`GenerationRecord::params`] and the plan make
+/// the same image again (`r2f generate --from IMAGE`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct GenerationRecord {
+    pub prompt: String,
+    pub negative_prompt: String,
+    /// The seed of this image's initial noise (a job's image `i` has the job's seed + `i`).
+    pub seed: i64,
+    pub steps: usize,
+    pub guidance: f64,
+    pub width: i64,
+    pub height: i64,
+    /// The model as the job or the command named it.
+    pub model: String,
+    /// `sd3` or `sdxl`.
+    pub model_family: String,
+    /// The Hub commit of the weights, when they came from a Hugging Face cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_revision: Option<String>,
+    /// A 12-hex-digit fingerprint of the model folder's weights and configs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights_hash: Option<String>,
+    pub mode: JobMode,
+    /// The plan in its official JSON shape (R2F, R2F+).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<Value>,
+    /// The sampler: `flow-match-euler` (SD3), `euler` or `dpm++2m-karras` (SDXL).
+    pub scheduler: String,
+    /// How R2F picks each step's prompt (R2F, R2F+).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<PromptSchedule>,
+    /// The level -> stop-step map (R2F, R2F+), at 50 steps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_steps: Option<Vec<usize>>,
+    /// R2F: the index in the plan's prompts of each step's prompt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_schedule: Option<Vec<usize>>,
+    /// R2F+: the knobs of the region runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub r2fplus: Option<RegionRecord>,
+    /// SD3: the T5 sequence length.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub t5_tokens: Option<usize>,
+    /// `fp32`, `fp16` or `bf16`.
+    pub dtype: String,
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+    /// The quality the image was encoded at (JPEG, WebP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quality: Option<u8>,
+    /// The version of r2f that made the image.
+    pub r2f_version: String,
+}
+
+/// The record's fields an image carries as text verbatim; every other field is JSON text.
+const RECORD_TEXT_FIELDS: &[&str] = &[
+    "prompt",
+    "negative_prompt",
+    "model",
+    "model_family",
+    "model_revision",
+    "weights_hash",
+    "mode",
+    "scheduler",
+    "schedule",
+    "dtype",
+    "device",
+    "r2f_version",
+];
+
+impl GenerationRecord {
+    /// The record as (key, text) pairs, in the order the image carries them (PNG text chunks,
+    /// XMP `r2f:` elements): strings verbatim, numbers, lists and objects as JSON.
+    pub fn fields(&self) -> Vec<(String, String)> {
+        let Ok(Value::Object(map)) = serde_json::to_value(self) else {
+            unreachable!("a record serializes to a JSON object")
+        };
+        map.into_iter()
+            .map(|(k, v)| {
+                let text = match v {
+                    Value::String(s) => s,
+                    other => other.to_string(),
+                };
+                (k, text)
+            })
+            .collect()
+    }
+
+    /// Reads a record back from an image's fields (what [`GenerationRecord::fields`] wrote);
+    /// fields it does not know are ignored, a missing or malformed one is named.
+    pub fn from_fields(fields: &[(String, String)]) -> anyhow::Result<Self> {
+        let mut map = serde_json::Map::new();
+        for (key, text) in fields {
+            let value = if RECORD_TEXT_FIELDS.contains(&key.as_str()) {
+                Value::String(text.clone())
+            } else if text.is_empty() {
+                continue;
+            } else {
+                serde_json::from_str(text).map_err(|e| {
+                    anyhow::anyhow!("metadata field `{key}` is not valid JSON ({e}): {text:?}")
+                })?
+            };
+            map.insert(key.clone(), value);
+        }
+        serde_json::from_value(Value::Object(map))
+            .map_err(|e| anyhow::anyhow!("the image's r2f metadata is incomplete: {e}"))
+    }
+
+    /// The generation parameters of the record (what [`Engine::resolve`] resolves to the
+    /// same values again).
+    pub fn params(&self) -> anyhow::Result<Params> {
+        let scheduler = match self.scheduler.as_str() {
+            SD3_SCHEDULER => None,
+            name => Some(Scheduler::parse(name).map_err(anyhow::Error::msg)?),
+        };
+        Ok(Params {
+            steps: Some(self.steps),
+            guidance: Some(self.guidance),
+            seed: self.seed,
+            width: Some(self.width),
+            height: Some(self.height),
+            negative_prompt: self.negative_prompt.clone(),
+            t5_tokens: self.t5_tokens,
+            scheduler,
+        })
+    }
+
+    /// The mode of the record (its plan and R2F knobs).
+    pub fn mode(&self) -> anyhow::Result<Mode> {
+        let plan = || {
+            self.plan
+                .as_ref()
+                .ok_or_else(|| anyhow::anyhow!("the record of a {} run has no plan", self.mode))
+        };
+        let stop_steps = match self.stop_steps.as_deref() {
+            None => None,
+            Some(s) => Some(StopStepMap(s.try_into().map_err(|_| {
+                anyhow::anyhow!("stop_steps holds {} values, not 6", s.len())
+            })?)),
+        };
+        Ok(match self.mode {
+            JobMode::Plain => Mode::Plain,
+            JobMode::R2f => Mode::R2f {
+                plan: match crate::plan::Plan::from_json(plan()?).map_err(anyhow::Error::msg)? {
+                    crate::plan::Plan::R2f(p) => p,
+                    _ => bail!("the record's plan is not an R2F plan"),
+                },
+                schedule: self.schedule.unwrap_or_default(),
+                stop_steps,
+            },
+            JobMode::R2fplus => {
+                let r = self
+                    .r2fplus
+                    .as_ref()
+                    .ok_or_else(|| anyhow::anyhow!("the record of an R2F+ run has no knobs"))?;
+                let mut knobs = RegionKnobs {
+                    mask: r.region_mask,
+                    guidance_steps: r.bbox_guidance_steps,
+                    guidance_iterations: r.bbox_guidance_iterations,
+                    loss_scale: r.bbox_loss_scale,
+                    fusion_steps: r.latent_fusion_steps,
+                    recompute_blocks: r.bbox_guidance_recompute,
+                    schedule: self.schedule.unwrap_or_default(),
+                    ..RegionKnobs::default()
+                };
+                if let Some(m) = stop_steps {
+                    knobs.stop_steps = m;
+                }
+                Mode::R2fPlus {
+                    plan: serde_json::from_value(plan()?.clone())
+                        .map_err(|e| anyhow::anyhow!("the record's R2F+ plan: {e}"))?,
+                    knobs,
+                }
+            }
+        })
+    }
+}
+
+/// The record of one generation: everything [`Engine::run`] resolved.
+#[allow(clippy::too_many_arguments)]
+pub fn generation_record(
+    engine: &Engine,
+    model: &ModelIdentity,
+    prompt: &str,
+    mode: &Mode,
+    p: &Params,
+    r: &Resolved,
+    encoding: Encoding,
+) -> GenerationRecord {
+    let family = engine.family();
+    let (schedule, stop_steps, prompt_order, r2fplus) = match mode {
+        Mode::Plain => (None, None, None, None),
+        Mode::R2f {
+            schedule,
+            stop_steps,
+            ..
+        } => {
+            let map = stop_steps.unwrap_or_else(|| stop_step_map(family));
+            let (_, order) = prompt_schedule(mode, prompt, r.steps, family);
+            (Some(*schedule), Some(map.0.to_vec()), Some(order), None)
+        }
+        Mode::R2fPlus { knobs, .. } => (
+            Some(knobs.schedule),
+            Some(knobs.stop_steps.0.to_vec()),
+            None,
+            Some(RegionRecord {
+                region_mask: knobs.mask,
+                bbox_guidance_steps: knobs.guidance_steps,
+                bbox_guidance_iterations: knobs.guidance_iterations,
+                bbox_loss_scale: knobs.loss_scale,
+                latent_fusion_steps: knobs.fusion_steps,
+                bbox_guidance_recompute: knobs.recompute_blocks,
+            }),
+        ),
+    };
+    GenerationRecord {
+        prompt: prompt.to_string(),
+        negative_prompt: p.negative_prompt.clone(),
+        seed: r.seed,
+        steps: r.steps,
+        guidance: r.guidance,
+        width: r.width,
+        height: r.height,
+        model: model.name.clone(),
+        model_family: family.name().to_string(),
+        model_revision: model.revision.clone(),
+        weights_hash: model.weights_hash.clone(),
+        mode: mode.job_mode(),
+        plan: mode.plan_json(),
+        scheduler: match engine.scheduler_for(mode, p) {
+            Some(s) => s.name().to_string(),
+            None => SD3_SCHEDULER.to_string(),
+        },
+        schedule,
+        stop_steps,
+        prompt_schedule: prompt_order,
+        r2fplus,
+        t5_tokens: engine.t5_tokens_for(mode, p),
+        dtype: dtype_name(engine.dtype()).to_string(),
+        device: device_name(engine.device()),
+        quality: (encoding.format != ImageFormat::Png).then_some(encoding.quality),
+        r2f_version: env!("CARGO_PKG_VERSION").to_string(),
+    }
+}
+
+/// Runs one generation and encodes it in `encoding` with its metadata record (PNG text chunks,
+/// XMP).
 #[allow(clippy::too_many_arguments)]
 pub fn generate_image(
     engine: &mut Engine,
-    model_name: &str,
+    model: &ModelIdentity,
     prompt: &str,
     mode: &Mode,
     p: &Params,
@@ -402,24 +694,18 @@ pub fn generate_image(
     let resolved = engine.resolve(mode, p, max_pixels)?;
     let start = Instant::now();
     let output = engine.run(prompt, mode, p, &resolved, on_step)?;
-    let text = ImageMetadata {
-        prompt,
-        negative_prompt: &p.negative_prompt,
-        seed: resolved.seed.to_string(),
-        model: model_name,
-        mode: mode.job_mode(),
-        plan: mode.plan_json().map(|p| p.to_string()).unwrap_or_default(),
-        steps: resolved.steps.to_string(),
-        guidance: resolved.guidance.to_string(),
-        dtype: dtype_name(engine.dtype()).to_string(),
-        device: device_name(engine.device()),
-    }
-    .fields();
-    let bytes = encode_image(&output.image, &text, encoding.format, encoding.quality)?;
+    let record = generation_record(engine, model, prompt, mode, p, &resolved, encoding);
+    let bytes = encode_image(
+        &output.image,
+        &record.fields(),
+        encoding.format,
+        encoding.quality,
+    )?;
     Ok(Generated {
         bytes,
         output,
         resolved,
+        record,
         seconds: start.elapsed().as_secs_f64(),
     })
 }

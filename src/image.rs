@@ -56,9 +56,9 @@ fn rgb_bytes(image: &Tensor) -> anyhow::Result<(u32, u32, Vec<u8>)> {
 
 /// Encodes an `[H, W, 3]` uint8 image in `format` (`quality` 1–100 for the lossy ones) with
 /// `text` as metadata.
-pub fn encode_image(
+pub fn encode_image<K: AsRef<str>>(
     image: &Tensor,
-    text: &[(&str, String)],
+    text: &[(K, String)],
     format: ImageFormat,
     quality: u8,
 ) -> anyhow::Result<Vec<u8>> {
@@ -102,7 +102,7 @@ pub struct MetadataTooLarge {
 }
 
 /// The bytes the XMP segment of a JPEG with `text` as metadata takes.
-pub fn jpeg_xmp_len(text: &[(&str, String)]) -> usize {
+pub fn jpeg_xmp_len<K: AsRef<str>>(text: &[(K, String)]) -> usize {
     XMP_JPEG_HEADER.len() + xmp_packet(text).len()
 }
 
@@ -142,9 +142,10 @@ pub const CREATOR_TOOL: &str = concat!("r2f ", env!("CARGO_PKG_VERSION"));
 
 /// An XMP packet marking the image as AI-generated (`Iptc4xmpExt:DigitalSourceType`
 /// trainedAlgorithmicMedia, `xmp:CreatorTool`), with one `r2f:<key>` element per metadata field.
-pub fn xmp_packet(text: &[(&str, String)]) -> String {
+pub fn xmp_packet<K: AsRef<str>>(text: &[(K, String)]) -> String {
     let mut fields = String::new();
     for (key, value) in text {
+        let key = key.as_ref();
         fields.push_str(&format!("<r2f:{key}>{}</r2f:{key}>", xml_escape(value)));
     }
     format!(
@@ -220,7 +221,7 @@ fn webp_with_xmp(simple: &[u8], width: u32, height: u32, xmp: &[u8]) -> anyhow::
 }
 
 /// Encodes an `[H, W, 3]` uint8 image as PNG with UTF-8 text chunks (iTXt).
-pub fn encode_png(image: &Tensor, text: &[(&str, String)]) -> anyhow::Result<Vec<u8>> {
+pub fn encode_png<K: AsRef<str>>(image: &Tensor, text: &[(K, String)]) -> anyhow::Result<Vec<u8>> {
     let (w, h, data) = rgb_bytes(image)?;
     let mut out = Vec::new();
     {
@@ -228,8 +229,10 @@ pub fn encode_png(image: &Tensor, text: &[(&str, String)]) -> anyhow::Result<Vec
         enc.set_color(png::ColorType::Rgb);
         enc.set_depth(png::BitDepth::Eight);
         for (key, value) in text {
-            enc.add_itxt_chunk(key.to_string(), value.clone())?;
+            enc.add_itxt_chunk(key.as_ref().to_string(), value.clone())?;
         }
+        // PNG's registered keyword for the program that made the image.
+        enc.add_itxt_chunk(PNG_SOFTWARE_KEYWORD.to_string(), CREATOR_TOOL.to_string())?;
         // The same fields, and the AI-generated marking, as XMP (what XMP readers look for).
         enc.add_itxt_chunk(XMP_PNG_KEYWORD.to_string(), xmp_packet(text))?;
         // The generation parameters as AUTOMATIC1111 writes them (read by "PNG Info", Civitai).
@@ -243,15 +246,22 @@ pub fn encode_png(image: &Tensor, text: &[(&str, String)]) -> anyhow::Result<Vec
     Ok(out)
 }
 
+/// The PNG text keyword of the program that made an image (registered in the PNG standard).
+pub const PNG_SOFTWARE_KEYWORD: &str = "Software";
+
 /// The PNG text keyword AUTOMATIC1111 and the tools that follow it read parameters from.
 pub const A1111_KEYWORD: &str = "parameters";
 
 /// The `parameters` text of AUTOMATIC1111: the prompt, `Negative prompt: ...`, then `Steps: N,
-/// CFG scale: G, Seed: S, Size: WxH, Model: M, Version: r2f V` (None without a prompt field).
-pub fn a1111_parameters(text: &[(&str, String)], width: u32, height: u32) -> Option<String> {
+/// Sampler: S, CFG scale: G, Seed: S, Size: WxH, Model: M, Version: r2f V` (None without a prompt field).
+pub fn a1111_parameters<K: AsRef<str>>(
+    text: &[(K, String)],
+    width: u32,
+    height: u32,
+) -> Option<String> {
     let get = |k: &str| {
         text.iter()
-            .find(|(key, _)| *key == k)
+            .find(|(key, _)| key.as_ref() == k)
             .map(|(_, v)| v.as_str())
     };
     let prompt = get("prompt")?;
@@ -262,6 +272,7 @@ pub fn a1111_parameters(text: &[(&str, String)], width: u32, height: u32) -> Opt
     let mut line = Vec::new();
     for (key, label) in [
         ("steps", "Steps"),
+        ("scheduler", "Sampler"),
         ("guidance", "CFG scale"),
         ("seed", "Seed"),
     ] {
@@ -293,7 +304,9 @@ pub fn read_metadata(bytes: &[u8]) -> anyhow::Result<(Vec<(String, String)>, boo
             .any(|(k, v)| k == XMP_PNG_KEYWORD && v.contains(DIGITAL_SOURCE_TYPE));
         let fields = text
             .into_iter()
-            .filter(|(k, _)| k != XMP_PNG_KEYWORD && k != A1111_KEYWORD)
+            .filter(|(k, _)| {
+                k != XMP_PNG_KEYWORD && k != A1111_KEYWORD && k != PNG_SOFTWARE_KEYWORD
+            })
             .collect();
         return Ok((fields, marked));
     }

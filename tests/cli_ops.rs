@@ -126,7 +126,9 @@ fn generate_writes_the_format_its_out_extension_names() {
         assert_eq!(code(&o), Some(0), "{name}: {}", stderr(&o));
         let meta: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
         assert_eq!(meta["prompt"], "a frog", "{name}: {meta}");
-        assert_eq!(meta["steps"], "1", "{name}: {meta}");
+        assert_eq!(meta["steps"], 1, "{name}: {meta}");
+        assert_eq!(meta["scheduler"], "flow-match-euler", "{name}: {meta}");
+        assert_eq!(meta["model_family"], "sd3", "{name}: {meta}");
         assert_eq!(meta["ai_generated"], true, "{name}: {meta}");
     }
     // The PNG also carries AUTOMATIC1111's `parameters` chunk, read here by Pillow.
@@ -140,12 +142,150 @@ fn generate_writes_the_format_its_out_extension_names() {
         .unwrap();
     let params = stdout(&read);
     assert!(params.starts_with("a frog\n"), "{params}");
-    assert!(params.contains("Steps: 1, CFG scale: "), "{params}");
+    assert!(
+        params.contains("Steps: 1, Sampler: flow-match-euler, CFG scale: "),
+        "{params}"
+    );
     assert!(params.contains("Size: "), "{params}");
     // A file without r2f metadata is bad data.
     let plain = dir.path().join("plain.txt");
     std::fs::write(&plain, "hello").unwrap();
     let o = r2f().arg("inspect").arg(&plain).output().unwrap();
+    assert_eq!(code(&o), Some(65), "{}", stderr(&o));
+}
+
+#[test]
+fn generate_from_an_image_makes_the_same_bytes_again_in_every_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = dir.path().join("plan.json");
+    std::fs::write(
+        &plan,
+        r#"{"visual_detail_level": ["3", "1"], "r2f_prompt": [["a furry animal warrior", "a furry frog warrior", "a frog warrior"]]}"#,
+    )
+    .unwrap();
+    let sd3 = model_dir("sd3-tiny-a");
+    let sdxl = model_dir("sdxl-tiny-a");
+    // An R2F run (plan, prompt schedule, stop-step map, T5 length) in each format, and a plain
+    // SDXL run with a scheduler other than its default.
+    let cases: Vec<(&str, Vec<String>)> = vec![
+        ("r2f.png", vec![]),
+        ("r2f.jpg", vec!["--quality".into(), "71".into()]),
+        ("r2f.webp", vec![]),
+        ("sdxl.png", vec![]),
+    ];
+    for (name, extra) in cases {
+        let out = dir.path().join(name);
+        let mut cmd = r2f();
+        cmd.args(["generate", "--device", "cpu", "--steps", "4", "--seed", "7"])
+            .args(["--width", "32", "--height", "48"])
+            .args(["--negative-prompt", "blurry <ugly> & \"dark\""])
+            .args(&extra)
+            .arg("--out")
+            .arg(&out);
+        if name.starts_with("sdxl") {
+            cmd.args(["--prompt", "a frog", "--scheduler", "dpm++2m-karras"])
+                .arg("--model")
+                .arg(&sdxl);
+        } else {
+            cmd.args(["--prompt", "a furry frog warrior", "--t5-tokens", "19"])
+                .arg("--model")
+                .arg(&sd3)
+                .arg("--plan")
+                .arg(&plan);
+        }
+        let o = cmd.output().unwrap();
+        assert_eq!(code(&o), Some(0), "{name}: {}", stderr(&o));
+        let first = std::fs::read(&out).unwrap();
+
+        // The record, typed.
+        let o = r2f().arg("inspect").arg(&out).output().unwrap();
+        assert_eq!(code(&o), Some(0), "{name}: {}", stderr(&o));
+        let meta: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(meta["seed"], 7, "{meta}");
+        assert_eq!(meta["width"], 32, "{meta}");
+        assert_eq!(meta["height"], 48, "{meta}");
+        assert_eq!(meta["dtype"], "fp32", "{meta}");
+        assert_eq!(meta["device"], "cpu", "{meta}");
+        assert_eq!(meta["r2f_version"], env!("CARGO_PKG_VERSION"), "{meta}");
+        let hash = meta["weights_hash"].as_str().unwrap();
+        assert!(
+            hash.len() == 12 && hash.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{meta}"
+        );
+        if name.starts_with("sdxl") {
+            assert_eq!(meta["scheduler"], "dpm++2m-karras", "{meta}");
+            assert_eq!(meta["model_family"], "sdxl", "{meta}");
+            assert!(meta.get("t5_tokens").is_none(), "{meta}");
+        } else {
+            assert_eq!(meta["mode"], "r2f", "{meta}");
+            assert_eq!(meta["t5_tokens"], 19, "{meta}");
+            assert_eq!(meta["schedule"], "faithful", "{meta}");
+            assert_eq!(
+                meta["stop_steps"],
+                serde_json::json!([0, 5, 10, 20, 30, 40])
+            );
+            assert_eq!(
+                meta["prompt_schedule"].as_array().unwrap().len(),
+                4,
+                "{meta}"
+            );
+            assert_eq!(
+                meta["plan"]["r2f_prompt"][0][0], "a furry animal warrior",
+                "{meta}"
+            );
+        }
+        if name.ends_with(".jpg") {
+            assert_eq!(meta["quality"], 71, "{meta}");
+        }
+
+        // Made again from the file alone, in the same format: the same bytes.
+        let again = dir.path().join(format!("again-{name}"));
+        let o = r2f()
+            .args(["generate", "--from"])
+            .arg(&out)
+            .arg("--out")
+            .arg(&again)
+            .output()
+            .unwrap();
+        assert_eq!(code(&o), Some(0), "{name}: {}", stderr(&o));
+        assert!(
+            std::fs::read(&again).unwrap() == first,
+            "{name}: --from did not make the same bytes"
+        );
+    }
+
+    // --format overrides the extension; the record then says the format's quality.
+    let webp = dir.path().join("as-webp.img");
+    let o = r2f()
+        .args(["generate", "--format", "webp", "--quality", "55", "--from"])
+        .arg(dir.path().join("r2f.png"))
+        .arg("--out")
+        .arg(&webp)
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), Some(0), "{}", stderr(&o));
+    let bytes = std::fs::read(&webp).unwrap();
+    assert_eq!(&bytes[8..12], b"WEBP");
+    let o = r2f().arg("inspect").arg(&webp).output().unwrap();
+    let meta: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(meta["quality"], 55, "{meta}");
+
+    // Generation options do not mix with --from; a file without a record is bad data.
+    let o = r2f()
+        .args(["generate", "--seed", "3", "--from"])
+        .arg(dir.path().join("r2f.png"))
+        .args(["--out", "/tmp/r2f-never.png"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), Some(64), "{}", stderr(&o));
+    let junk = dir.path().join("junk.png");
+    std::fs::write(&junk, b"not an image").unwrap();
+    let o = r2f()
+        .args(["generate", "--from"])
+        .arg(&junk)
+        .args(["--out", "/tmp/r2f-never.png"])
+        .output()
+        .unwrap();
     assert_eq!(code(&o), Some(65), "{}", stderr(&o));
 }
 

@@ -60,6 +60,19 @@ async fn valid_jobs_produce_events_images_and_results_in_s3() {
         let sha = result["outputs"][0]["sha256"].as_str().unwrap().to_string();
         use sha2::Digest;
         assert_eq!(sha, hex::encode(sha2::Sha256::digest(&png)));
+        // result.json carries the image's own generation record, typed.
+        let record = &result["outputs"][0]["metadata"];
+        let (fields, marked) = r2f::image::read_metadata(&png).unwrap();
+        assert!(marked);
+        let in_image = r2f::generate::GenerationRecord::from_fields(&fields).unwrap();
+        assert_eq!(serde_json::to_value(&in_image).unwrap(), *record);
+        assert_eq!(record["model"], "tiny", "{record}");
+        assert_eq!(record["width"], 64, "{record}");
+        assert_eq!(
+            record["weights_hash"].as_str().unwrap().len(),
+            12,
+            "{record}"
+        );
     }
     assert_eq!(keys.len(), 2 * n, "{keys:?}");
     assert!(

@@ -14,7 +14,7 @@ use tch::{Device, Kind};
 
 use crate::bench::{sd3_tiny, sdxl_tiny, BenchModel, Denoiser};
 use crate::device::{device_name, dtype_name, synchronize};
-use crate::generate::{generate_image, Encoding, Engine, JobMode, Mode, Params};
+use crate::generate::{generate_image, Encoding, Engine, JobMode, Mode, ModelIdentity, Params};
 use crate::models::clip::{ClipConfig, HiddenAct};
 use crate::models::t5::{FeedForwardProj, T5Config};
 use crate::pipelines::sd3::plus::RegionKnobs;
@@ -311,7 +311,7 @@ pub fn run(o: &E2eOptions) -> anyhow::Result<E2eReport> {
     eprintln!("warm-up: a 2-step plain job");
     generate_image(
         &mut engine,
-        "bench",
+        &ModelIdentity::named("bench"),
         prompt,
         &Mode::Plain,
         &params(2),
@@ -324,7 +324,7 @@ pub fn run(o: &E2eOptions) -> anyhow::Result<E2eReport> {
         eprintln!("job {name}: {steps} steps");
         let out = generate_image(
             &mut engine,
-            "bench",
+            &ModelIdentity::named("bench"),
             prompt,
             &mode,
             &params(steps),

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use crate::bench::BenchModel;
 use crate::device::{DType, DeviceSpec};
 use crate::generate::JobMode;
+use crate::image::ImageFormat;
 use crate::models::hub::Family;
 use crate::r2f::regions::RegionMask;
 use crate::r2f::{PromptSchedule, StopStepMap, StopStepMapName};
@@ -220,14 +221,32 @@ pub struct PromptScheduleArgs {
 #[derive(clap::Args)]
 pub struct GenerateArgs {
     /// The text to draw.
-    #[arg(long)]
-    pub prompt: String,
-    /// A logical model name from the config (sd3), a diffusers-layout folder, or a Hub model id.
-    #[arg(long)]
-    pub model: String,
-    /// The image to write; its extension picks the format (.png, .jpg/.jpeg, .webp).
+    #[arg(long, required_unless_present = "from")]
+    pub prompt: Option<String>,
+    /// A logical model name from the config (sd3), a diffusers-layout folder, or a Hub model id
+    /// (with --from: default the image's).
+    #[arg(long, required_unless_present = "from")]
+    pub model: Option<String>,
+    /// Make an image r2f wrote (PNG, JPEG or WebP) again from its metadata record: its prompt,
+    /// plan, seed and every setting, on its device and dtype unless --device/--dtype say
+    /// otherwise. The same weights on the same machine give the same bytes.
+    #[arg(long, value_name = "IMAGE", conflicts_with_all = [
+        "prompt", "steps", "guidance", "seed", "width", "height", "negative_prompt", "mode",
+        "plan", "schedule", "stop_step_map", "t5_tokens", "scheduler", "region_mask",
+        "bbox_guidance_steps", "bbox_guidance_iterations", "bbox_loss_scale",
+        "latent_fusion_steps", "bbox_guidance_recompute",
+    ])]
+    pub from: Option<PathBuf>,
+    /// The image to write; its extension picks the format (.png, .jpg/.jpeg, .webp) unless
+    /// --format is given.
     #[arg(long)]
     pub out: PathBuf,
+    /// The output format, whatever the extension of --out.
+    #[arg(long, value_enum)]
+    pub format: Option<ImageFormat>,
+    /// The quality of a JPEG or WebP, 1–100 (default 90; with --from, the image's).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub quality: Option<u8>,
     /// Denoising steps (default: the model's and mode's).
     #[arg(long)]
     pub steps: Option<usize>,

@@ -10,8 +10,8 @@ use super::remote::runtime;
 use crate::config::Settings;
 use crate::device::{default_device, device_name, dtype_name, DType, DeviceSpec};
 use crate::generate::{
-    generate_image, prompt_schedule, write_latents, Encoding, Engine, Generated, JobMode, Mode,
-    Params,
+    generate_image, prompt_schedule, write_latents, Encoding, Engine, Generated, GenerationRecord,
+    JobMode, Mode, ModelIdentity, Params,
 };
 use crate::image::write_atomic;
 use crate::job::{JobMessage, JobParams, ValidJob};
@@ -83,7 +83,7 @@ fn plan_with_llm(settings: &Settings, prompt: &str, mode: JobMode) -> anyhow::Re
 /// and go through the same validation as a worker's jobs (the model is a name, a folder or a
 /// Hub id here, so any model passes). The mode defaults to the kind of the `--plan` file, else
 /// plain.
-fn job_of(settings: &Settings, a: &GenerateArgs) -> anyhow::Result<ValidJob> {
+fn job_of(settings: &Settings, a: &GenerateArgs, model: &str) -> anyhow::Result<ValidJob> {
     let plan = a.plan.as_deref().map(read_plan_json).transpose()?;
     let mode = match (a.mode, &plan) {
         (Some(m), _) => m,
@@ -95,38 +95,54 @@ fn job_of(settings: &Settings, a: &GenerateArgs) -> anyhow::Result<ValidJob> {
     };
     let int = |v: Option<usize>| v.map(|v| i64::try_from(v).unwrap_or(i64::MAX));
     let r = &a.regions;
+    let params = JobParams {
+        steps: int(a.steps),
+        guidance: a.guidance,
+        width: a.width,
+        height: a.height,
+        seed: Some(a.seed),
+        num_images: None,
+        negative_prompt: Some(a.negative_prompt.clone()),
+        schedule: Some(a.schedule),
+        scheduler: a.scheduler,
+        stop_step_map: a.stop_step_map,
+        region_mask: Some(r.region_mask),
+        bbox_guidance_steps: int(Some(r.bbox_guidance_steps)),
+        bbox_guidance_iterations: int(Some(r.bbox_guidance_iterations)),
+        bbox_loss_scale: Some(r.bbox_loss_scale),
+        latent_fusion_steps: int(Some(r.latent_fusion_steps)),
+        bbox_guidance_recompute: Some(r.bbox_guidance_recompute),
+    };
+    let prompt = a.prompt.clone().unwrap_or_default();
+    validated_job(settings, model, prompt, mode, plan, params, a.t5_tokens)
+}
+
+/// A job message of `r2f generate` through the workers' validation; the T5 length checked
+/// beside it (a command-line option, not a job parameter).
+fn validated_job(
+    settings: &Settings,
+    model: &str,
+    prompt: String,
+    mode: JobMode,
+    plan: Option<serde_json::Value>,
+    params: JobParams,
+    t5_tokens: Option<usize>,
+) -> anyhow::Result<ValidJob> {
     let message = JobMessage {
         id: "generate".into(),
-        prompt: a.prompt.clone(),
-        model: Some(a.model.clone()),
+        prompt,
+        model: Some(model.to_string()),
         mode: Some(mode),
         plan,
-        params: JobParams {
-            steps: int(a.steps),
-            guidance: a.guidance,
-            width: a.width,
-            height: a.height,
-            seed: Some(a.seed),
-            num_images: None,
-            negative_prompt: Some(a.negative_prompt.clone()),
-            schedule: Some(a.schedule),
-            scheduler: a.scheduler,
-            stop_step_map: a.stop_step_map,
-            region_mask: Some(r.region_mask),
-            bbox_guidance_steps: int(Some(r.bbox_guidance_steps)),
-            bbox_guidance_iterations: int(Some(r.bbox_guidance_iterations)),
-            bbox_loss_scale: Some(r.bbox_loss_scale),
-            latent_fusion_steps: int(Some(r.latent_fusion_steps)),
-            bbox_guidance_recompute: Some(r.bbox_guidance_recompute),
-        },
+        params,
         priority: None,
         output: None,
         expires_at: None,
     };
     let job = message
-        .validate(&settings.limits, None, &a.model)
+        .validate(&settings.limits, None, model)
         .map_err(|r| super::exit::Exit::data(r.0))?;
-    if let Some(t) = a.t5_tokens {
+    if let Some(t) = t5_tokens {
         if !(1..=512).contains(&t) {
             return Err(super::exit::Exit::data(format!(
                 "T5 sequence length must be between 1 and 512 (got {t})"
@@ -135,6 +151,77 @@ fn job_of(settings: &Settings, a: &GenerateArgs) -> anyhow::Result<ValidJob> {
         }
     }
     Ok(job)
+}
+
+/// The job an image's metadata record describes (`r2f generate --from`), through the same
+/// validation as any job: a record is data from a file, not trusted.
+fn job_of_record(
+    settings: &Settings,
+    record: &GenerationRecord,
+    model: &str,
+) -> anyhow::Result<ValidJob> {
+    let stop_step_map = match record.stop_steps.as_deref() {
+        None => None,
+        Some(s) => Some(
+            crate::r2f::StopStepMapName::ALL
+                .iter()
+                .copied()
+                .find(|n| n.map().0.as_slice() == s)
+                .ok_or_else(|| {
+                    super::exit::Exit::data(format!(
+                        "the image's stop-step map {s:?} is none of r2f's maps"
+                    ))
+                })?,
+        ),
+    };
+    let int = |v: usize| Some(i64::try_from(v).unwrap_or(i64::MAX));
+    let knobs = record.r2fplus.as_ref();
+    let scheduler = record
+        .params()
+        .map_err(|e| super::exit::Exit::data(e.to_string()))?
+        .scheduler;
+    let params = JobParams {
+        steps: int(record.steps),
+        guidance: Some(record.guidance),
+        width: Some(record.width),
+        height: Some(record.height),
+        seed: Some(record.seed),
+        num_images: None,
+        negative_prompt: Some(record.negative_prompt.clone()),
+        schedule: record.schedule,
+        scheduler,
+        stop_step_map,
+        region_mask: knobs.map(|k| k.region_mask),
+        bbox_guidance_steps: knobs.and_then(|k| int(k.bbox_guidance_steps)),
+        bbox_guidance_iterations: knobs.and_then(|k| int(k.bbox_guidance_iterations)),
+        bbox_loss_scale: knobs.map(|k| k.bbox_loss_scale),
+        latent_fusion_steps: knobs.and_then(|k| int(k.latent_fusion_steps)),
+        bbox_guidance_recompute: knobs.map(|k| k.bbox_guidance_recompute),
+    };
+    validated_job(
+        settings,
+        model,
+        record.prompt.clone(),
+        record.mode,
+        record.plan.clone(),
+        params,
+        record.t5_tokens,
+    )
+}
+
+/// The metadata record of an image r2f wrote.
+fn read_record(path: &Path) -> anyhow::Result<GenerationRecord> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| super::exit::Exit::usage(format!("cannot read {}: {e}", path.display())))?;
+    let (fields, _) = crate::image::read_metadata(&bytes)
+        .map_err(|e| super::exit::Exit::data(format!("{}: {e}", path.display())))?;
+    if fields.is_empty() {
+        return Err(
+            super::exit::Exit::data(format!("{} carries no r2f metadata", path.display())).into(),
+        );
+    }
+    GenerationRecord::from_fields(&fields)
+        .map_err(|e| super::exit::Exit::data(format!("{}: {e}", path.display())).into())
 }
 
 /// A progress bar over the denoising steps (standard error).
@@ -147,8 +234,9 @@ fn progress_bar() -> ProgressBar {
     bar
 }
 
-/// `r2f inspect IMAGE`: the metadata an image carries, as one JSON object (r2f's fields, and
-/// `ai_generated`: whether its XMP carries the IPTC trainedAlgorithmicMedia source type).
+/// `r2f inspect IMAGE`: the metadata record an image carries, as one JSON object (typed as in
+/// `result.json`; the fields as strings for an image whose record is incomplete), and
+/// `ai_generated`: whether its XMP carries the IPTC trainedAlgorithmicMedia source type.
 pub fn inspect(path: &Path) -> anyhow::Result<()> {
     let bytes = std::fs::read(path)
         .map_err(|e| super::exit::Exit::usage(format!("cannot read {}: {e}", path.display())))?;
@@ -159,10 +247,16 @@ pub fn inspect(path: &Path) -> anyhow::Result<()> {
             super::exit::Exit::data(format!("{} carries no r2f metadata", path.display())).into(),
         );
     }
-    let mut out = serde_json::Map::new();
-    for (k, v) in fields {
-        out.insert(k, serde_json::Value::String(v));
-    }
+    let mut out = match GenerationRecord::from_fields(&fields)
+        .ok()
+        .and_then(|r| serde_json::to_value(r).ok())
+    {
+        Some(serde_json::Value::Object(map)) => map,
+        _ => fields
+            .into_iter()
+            .map(|(k, v)| (k, serde_json::Value::String(v)))
+            .collect(),
+    };
     out.insert("ai_generated".into(), serde_json::Value::Bool(marked));
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
@@ -178,19 +272,62 @@ fn format_of(path: &Path) -> anyhow::Result<crate::image::ImageFormat> {
     crate::image::ImageFormat::parse(&ext).map_err(|_| {
         super::exit::Exit::usage(format!(
             "cannot tell the image format of `{}` from its extension: use .png, .jpg, .jpeg or \
-             .webp",
+             .webp, or --format",
             path.display()
         ))
         .into()
     })
 }
 
-/// `r2f generate`: one image in this process, in the format its `--out` extension names (and
-/// optionally its latents).
+/// `r2f generate`: one image in this process, in the format `--format` or its `--out`
+/// extension names (and optionally its latents); with `--from`, the image a metadata record
+/// describes, made again.
 pub fn generate(settings: &Settings, a: GenerateArgs) -> anyhow::Result<()> {
     // Fail on bad options before spending time on loading (or on the LLM).
-    let format = format_of(&a.out)?;
-    let job = job_of(settings, &a)?;
+    let format = match a.format {
+        Some(f) => f,
+        None => format_of(&a.out)?,
+    };
+    let record = a.from.as_deref().map(read_record).transpose()?;
+    let model = match (&a.model, &record) {
+        (Some(m), _) => m.clone(),
+        (None, Some(r)) => r.model.clone(),
+        (None, None) => unreachable!("clap requires --model without --from"),
+    };
+    let (job, t5_tokens, device, dtype) = match &record {
+        Some(r) => {
+            let device = match a.device {
+                Some(d) => Some(d),
+                None => Some(r.device.parse().map_err(|e| {
+                    super::exit::Exit::data(format!("the image's device `{}`: {e}", r.device))
+                })?),
+            };
+            let dtype = match a.dtype {
+                Some(d) => Some(d),
+                None => Some(
+                    <DType as clap::ValueEnum>::from_str(&r.dtype, true).map_err(|e| {
+                        super::exit::Exit::data(format!("the image's dtype `{}`: {e}", r.dtype))
+                    })?,
+                ),
+            };
+            (
+                job_of_record(settings, r, &model)?,
+                r.t5_tokens,
+                device,
+                dtype,
+            )
+        }
+        None => (
+            job_of(settings, &a, &model)?,
+            a.t5_tokens,
+            a.device,
+            a.dtype,
+        ),
+    };
+    let quality = a
+        .quality
+        .or(record.as_ref().and_then(|r| r.quality))
+        .unwrap_or(crate::image::DEFAULT_QUALITY);
     let mode = job.spec.mode();
     let planned = if job.spec.needs_planner() {
         Some(plan_with_llm(settings, &job.prompt, mode)?)
@@ -199,15 +336,25 @@ pub fn generate(settings: &Settings, a: GenerateArgs) -> anyhow::Result<()> {
     };
     let mode = job.spec.into_mode(planned).map_err(anyhow::Error::msg)?;
     let params = Params {
-        t5_tokens: a.t5_tokens,
+        t5_tokens,
         ..job.params
     };
-    let (device, dtype) = device_and_dtype(a.device, a.dtype)?;
-    let source = settings.model_source(&a.model);
-    let variant = settings.models.get(&a.model).map(|m| m.variant);
+    let (device, dtype) = device_and_dtype(device, dtype)?;
+    let source = settings.model_source(&model);
+    let variant = settings.models.get(&model).map(|m| m.variant);
     let folder = hub::resolve(&source, variant.unwrap_or_default().resolve(dtype))?;
     tracing::info!(model = %source, device = %device_name(device), dtype = dtype_name(dtype), "loading model");
     let mut engine = Engine::load(&folder, device, dtype)?;
+    let identity = ModelIdentity::of_folder(&model, &folder);
+    if let Some(r) = &record {
+        if r.weights_hash.is_some() && r.weights_hash != identity.weights_hash {
+            tracing::warn!(
+                image = r.weights_hash.as_deref().unwrap_or("-"),
+                loaded = identity.weights_hash.as_deref().unwrap_or("-"),
+                "the loaded weights are not the ones the image was made with: it will differ"
+            );
+        }
+    }
 
     let bar = progress_bar();
     let mut on_step = |i: usize, n: usize| {
@@ -218,15 +365,12 @@ pub fn generate(settings: &Settings, a: GenerateArgs) -> anyhow::Result<()> {
     };
     let out = generate_image(
         &mut engine,
-        &a.model,
+        &identity,
         &job.prompt,
         &mode,
         &params,
         settings.limits.max_pixels,
-        Encoding {
-            format,
-            quality: crate::image::DEFAULT_QUALITY,
-        },
+        Encoding { format, quality },
         &mut on_step,
     )?;
     bar.finish_and_clear();

@@ -7,6 +7,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::generate::GenerationRecord;
 use crate::job::state::{ErrorKind, Outcome};
 
 /// One stored image of a job.
@@ -20,6 +21,10 @@ pub struct OutputImage {
     /// (`storage.presign_ttl_secs`; S3 only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
+    /// The image's generation record: the same fields its own metadata carries (PNG text
+    /// chunks, XMP), typed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<GenerationRecord>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]

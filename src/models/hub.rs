@@ -103,6 +103,98 @@ impl ModelFolder {
         (declared && dir.is_dir()).then_some(dir)
     }
 
+    /// The Hub revision (commit) the folder is a snapshot of, when it lies in a Hugging Face
+    /// cache (`…/snapshots/<commit>/`).
+    pub fn revision(&self) -> Option<String> {
+        let root = self
+            .root
+            .canonicalize()
+            .unwrap_or_else(|_| self.root.clone());
+        let parent = root.parent()?;
+        let name = root.file_name()?.to_str()?;
+        (parent.file_name()? == "snapshots"
+            && name.len() >= 7
+            && name.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then(|| name.to_string())
+    }
+
+    /// A short fingerprint of what this folder loads (12 hex digits): SHA-256 over
+    /// `model_index.json`, and for each declared component (in name order) its JSON files
+    /// (configs, tokenizer files) whole and the weight files it loads by name, length,
+    /// safetensors header (every tensor's name, dtype, shape and offsets) and 16 blocks of 4 KiB
+    /// sampled evenly through the data. It reads a few megabytes whatever the model's size (not
+    /// the gigabytes of weights), and changes with any re-trained, fine-tuned, converted or
+    /// truncated weights; it is a fingerprint, not a hash of every byte.
+    pub fn weights_fingerprint(&self) -> anyhow::Result<String> {
+        use sha2::{Digest, Sha256};
+        use std::io::{Read, Seek, SeekFrom};
+        let mut h = Sha256::new();
+        let add_file = |h: &mut Sha256, path: &Path, rel: &str| -> anyhow::Result<()> {
+            let mut f = std::fs::File::open(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            let len = f.metadata()?.len();
+            h.update(rel.as_bytes());
+            h.update([0]);
+            h.update(len.to_le_bytes());
+            if !rel.ends_with(".safetensors") {
+                let mut text = Vec::new();
+                f.read_to_end(&mut text)?;
+                h.update(&text);
+                return Ok(());
+            }
+            let mut n = [0u8; 8];
+            f.read_exact(&mut n)
+                .with_context(|| format!("{} is not a safetensors file", path.display()))?;
+            let header_len = u64::from_le_bytes(n).min(len.saturating_sub(8));
+            let mut header = vec![0u8; header_len as usize];
+            f.read_exact(&mut header)?;
+            h.update(&header);
+            let data_start = 8 + header_len;
+            let data_len = len - data_start;
+            const BLOCKS: u64 = 16;
+            const BLOCK: u64 = 4096;
+            let mut buf = vec![0u8; BLOCK as usize];
+            for i in 0..BLOCKS {
+                let at = data_start + data_len.saturating_sub(BLOCK) * i / (BLOCKS - 1);
+                f.seek(SeekFrom::Start(at))?;
+                let take = BLOCK.min(len - at) as usize;
+                f.read_exact(&mut buf[..take])?;
+                h.update(&buf[..take]);
+            }
+            Ok(())
+        };
+        add_file(
+            &mut h,
+            &self.root.join("model_index.json"),
+            "model_index.json",
+        )?;
+        let mut names: Vec<&String> = self
+            .index
+            .as_object()
+            .map(|o| o.keys().filter(|k| !k.starts_with('_')).collect())
+            .unwrap_or_default();
+        names.sort();
+        for name in names {
+            let Some(dir) = self.component(name) else {
+                continue;
+            };
+            let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "json"))
+                .collect();
+            if let Ok(weights) = super::weights::Weights::weight_files(&dir, self.variant) {
+                files.extend(weights);
+            }
+            files.sort();
+            files.dedup();
+            for path in files {
+                let file = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                add_file(&mut h, &path, &format!("{name}/{file}"))?;
+            }
+        }
+        Ok(hex::encode(&h.finalize()[..6]))
+    }
+
     /// Like `component`, but missing is an error naming the folder.
     pub fn require(&self, name: &str) -> anyhow::Result<PathBuf> {
         self.component(name).ok_or_else(|| {

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::Settings;
-use crate::generate::{generate_image, Encoding, Engine, Mode, ModelCaps, Params};
+use crate::generate::{
+    generate_image, Encoding, Engine, GenerationRecord, Mode, ModelCaps, ModelIdentity, Params,
+};
 use crate::models::hub;
 use crate::pipelines::Timings;
 use crate::service::metrics::Metrics;
@@ -23,6 +25,8 @@ pub struct GeneratedImage {
     /// Denoising steps taken for this image, every run counted (R2F+: object runs too).
     pub steps: usize,
     pub timings: Timings,
+    /// What the image's metadata says (also in the job's `result.json`).
+    pub record: GenerationRecord,
 }
 
 /// Why the GPU thread could not finish a task.
@@ -186,7 +190,7 @@ impl GpuWorker {
         std::thread::Builder::new()
             .name("r2f-gpu".into())
             .spawn(move || {
-                let loaded = (|| -> anyhow::Result<Engine> {
+                let loaded = (|| -> anyhow::Result<(Engine, ModelIdentity)> {
                     let w = &settings.worker;
                     let device = w.device.resolve()?;
                     let kind = w.dtype.resolve(device);
@@ -196,6 +200,12 @@ impl GpuWorker {
                     let prefer = variant.unwrap_or_default().resolve(kind);
                     let folder = hub::resolve(&source, prefer)?;
                     let mut engine = Engine::load(&folder, device, kind)?;
+                    let identity = ModelIdentity::of_folder(&w.model, &folder);
+                    tracing::info!(
+                        revision = identity.revision.as_deref().unwrap_or("-"),
+                        weights_hash = identity.weights_hash.as_deref().unwrap_or("-"),
+                        "model identity (recorded in every image)"
+                    );
                     metrics
                         .model_load_seconds
                         .with_label_values(&[&w.model])
@@ -208,7 +218,7 @@ impl GpuWorker {
                         };
                         generate_image(
                             &mut engine,
-                            &w.model,
+                            &identity,
                             "warm-up",
                             &Mode::Plain,
                             &p,
@@ -218,15 +228,15 @@ impl GpuWorker {
                         )?;
                         tracing::info!(seconds = t.elapsed().as_secs_f64(), "warm-up step done");
                     }
-                    Ok(engine)
+                    Ok((engine, identity))
                 })();
-                let mut engine = match loaded {
-                    Ok(e) => {
+                let (mut engine, identity) = match loaded {
+                    Ok((e, identity)) => {
                         let _ = ready_tx.send(Ok(Loaded {
                             caps: e.caps(),
                             device: e.device(),
                         }));
-                        e
+                        (e, identity)
                     }
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
@@ -236,7 +246,7 @@ impl GpuWorker {
                 let device = engine.device();
                 // GPU memory is sampled off the job path (see `metrics::sample_gpu_memory`).
                 while let Ok(task) = rx.recv() {
-                    let result = run_task(&mut engine, &settings, &task);
+                    let result = run_task(&mut engine, &identity, &settings, &task);
                     // The GPU is free: a task abandoned past its timeout no longer holds it.
                     task.control.finish();
                     let result = result.map_err(|e| match e {
@@ -276,6 +286,7 @@ enum TaskError {
 
 fn run_task(
     engine: &mut Engine,
+    identity: &ModelIdentity,
     settings: &Settings,
     task: &GpuTask,
 ) -> Result<Vec<GeneratedImage>, TaskError> {
@@ -300,9 +311,13 @@ fn run_task(
         };
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let _guard = tch::no_grad_guard();
+            let model = ModelIdentity {
+                name: task.model_name.clone(),
+                ..identity.clone()
+            };
             generate_image(
                 engine,
-                &task.model_name,
+                &model,
                 &task.prompt,
                 &task.mode,
                 &params,
@@ -319,6 +334,7 @@ fn run_task(
                 // The denoising steps taken, all runs together (the per-step metric divides by it).
                 steps: run_steps.get().max(g.resolved.steps),
                 timings: g.output.timings,
+                record: g.record,
             }),
             Ok(Err(e)) => {
                 if let Some(why) = e.downcast_ref::<StopReason>() {

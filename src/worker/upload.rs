@@ -71,6 +71,7 @@ pub async fn upload<'a>(
             height: img.height,
             sha256: hex::encode(Sha256::digest(&img.bytes)),
             url,
+            metadata: Some(img.record.clone()),
         });
     }
     Ok(outputs)
