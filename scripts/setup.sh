@@ -35,6 +35,16 @@ if [ ! -f "$venv/.r2f-examples-$ex_want" ] || [ ! -x examples/typescript/node_mo
   rm -f "$venv"/.r2f-examples-*
   touch "$venv/.r2f-examples-$ex_want"
 fi
+# c2patool, the reference C2PA validator that tests/c2pa.rs checks signed images with, built
+# from crates.io into the virtualenv (about 15 CPU-minutes the first time, OpenSSL included;
+# 0.28 needs Rust 1.96). Without its networking feature: it only reads local files here. In a
+# temporary target directory, not the project's.
+c2patool_version=0.27.22
+if ! "$venv/c2patool/bin/c2patool" --version 2>/dev/null | grep -qx "c2patool $c2patool_version"; then
+  echo "setup: building c2patool $c2patool_version into $venv/c2patool (about 15 CPU-minutes the first time)"
+  env -u CARGO_TARGET_DIR cargo install --quiet --locked --no-default-features \
+    --version "$c2patool_version" --root "$venv/c2patool" c2patool
+fi
 "$venv/bin/python" -c 'import torch; assert torch.__version__.startswith("2.11.0"), torch.__version__' \
   || { echo "setup: the virtualenv does not hold torch 2.11.0" >&2; exit 1; }
 echo "setup: ok ($venv, torch $("$venv/bin/python" -c 'import torch; print(torch.__version__)'))"

@@ -7,6 +7,8 @@ cd "$root"
 scripts/setup.sh
 # shellcheck source=scripts/env.sh
 source scripts/env.sh
+# The reference C2PA validator tests/c2pa.rs checks signed images with (scripts/setup.sh).
+export R2F_C2PATOOL=${R2F_C2PATOOL:-$R2F_VENV/c2patool/bin/c2patool}
 scripts/services.sh
 cargo fmt --check
 scripts/check_ops.sh

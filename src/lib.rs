@@ -4,6 +4,7 @@
 //! (docs/architecture.md; `tests/architecture.rs` keeps it so).
 
 // Core: tensors to images, no I/O beyond model files.
+pub mod c2pa_sign;
 pub mod device;
 pub mod generate;
 pub mod image;
