@@ -350,6 +350,43 @@ impl std::fmt::Debug for WebhookSettings {
     }
 }
 
+/// C2PA signing (`[c2pa]`): the key and certificate chain, and whether images are signed when
+/// their job does not say.
+#[derive(Debug, Clone, Deserialize)]
+pub struct C2paSettings {
+    /// The PEM (PKCS#8) private key that signs manifests; with `cert_file`, or neither.
+    pub key_file: String,
+    /// The PEM certificate chain of `key_file`, leaf first.
+    pub cert_file: String,
+    /// Sign every image whose job does not set `output.c2pa`.
+    pub sign_by_default: bool,
+}
+
+impl C2paSettings {
+    /// The signer the settings describe (None when no key is configured); the error names the
+    /// setting, the file and what is wrong.
+    pub fn signer(&self) -> Result<Option<crate::c2pa_sign::C2paSigner>, String> {
+        match (self.key_file.is_empty(), self.cert_file.is_empty()) {
+            (true, true) if self.sign_by_default => {
+                Err("c2pa.sign_by_default needs c2pa.key_file and c2pa.cert_file".into())
+            }
+            (true, true) => Ok(None),
+            (false, true) => {
+                Err("c2pa.key_file is set without c2pa.cert_file (set both or neither)".into())
+            }
+            (true, false) => {
+                Err("c2pa.cert_file is set without c2pa.key_file (set both or neither)".into())
+            }
+            (false, false) => crate::c2pa_sign::C2paSigner::from_pem_files(
+                std::path::Path::new(&self.key_file),
+                std::path::Path::new(&self.cert_file),
+            )
+            .map(Some)
+            .map_err(|e| format!("c2pa.key_file / c2pa.cert_file cannot sign: {e:#}")),
+        }
+    }
+}
+
 /// What every TLS client trusts and presents (`service::tls` builds the clients' configuration).
 #[derive(Debug, Clone, Deserialize)]
 pub struct TlsSettings {
@@ -574,6 +611,7 @@ pub struct Settings {
     pub llm: LlmSettings,
     pub webhook: WebhookSettings,
     pub tls: TlsSettings,
+    pub c2pa: C2paSettings,
     pub metrics: MetricsSettings,
     pub log: LogSettings,
     pub limits: Limits,
@@ -775,6 +813,9 @@ impl Settings {
             ));
         }
         if let Err(m) = self.tls.read() {
+            return bad(m);
+        }
+        if let Err(m) = self.c2pa.signer() {
             return bad(m);
         }
         self.validate_tenants()

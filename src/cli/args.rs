@@ -247,6 +247,10 @@ pub struct GenerateArgs {
     /// The quality of a JPEG or WebP, 1–100 (default 90; with --from, the image's).
     #[arg(long, value_parser = clap::value_parser!(u8).range(1..=100))]
     pub quality: Option<u8>,
+    /// Sign a C2PA manifest into the image with the configured [c2pa] key (default: the
+    /// configuration's c2pa.sign_by_default).
+    #[arg(long)]
+    pub c2pa: bool,
     /// Denoising steps (default: the model's and mode's).
     #[arg(long)]
     pub steps: Option<usize>,

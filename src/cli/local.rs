@@ -339,6 +339,20 @@ pub fn generate(settings: &Settings, a: GenerateArgs) -> anyhow::Result<()> {
         t5_tokens,
         ..job.params
     };
+    let signer = if a.c2pa || settings.c2pa.sign_by_default {
+        let signer = settings
+            .c2pa
+            .signer()
+            .map_err(super::exit::Exit::config)?
+            .ok_or_else(|| {
+                super::exit::Exit::config(
+                    "--c2pa needs a signing key: set c2pa.key_file and c2pa.cert_file",
+                )
+            })?;
+        Some(signer)
+    } else {
+        None
+    };
     let (device, dtype) = device_and_dtype(device, dtype)?;
     let source = settings.model_source(&model);
     let variant = settings.models.get(&model).map(|m| m.variant);
@@ -374,7 +388,16 @@ pub fn generate(settings: &Settings, a: GenerateArgs) -> anyhow::Result<()> {
         &mut on_step,
     )?;
     bar.finish_and_clear();
-    write_atomic(&a.out, &out.bytes)?;
+    let bytes = match &signer {
+        Some(s) => s.sign(
+            &out.bytes,
+            format.content_type(),
+            &job.prompt,
+            &serde_json::to_value(&out.record)?,
+        )?,
+        None => out.bytes.clone(),
+    };
+    write_atomic(&a.out, &bytes)?;
     if let Some(path) = &a.latents_out {
         write_latents(path, &out.output.latents)?;
     }

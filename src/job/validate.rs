@@ -120,6 +120,9 @@ pub struct ValidJob {
     pub webhook: Option<WebhookSpec>,
     /// The outputs' file format.
     pub encoding: Encoding,
+    /// `output.c2pa`: whether to sign a C2PA manifest into the images (None: the deployment's
+    /// default; checked against its signing key by the worker).
+    pub c2pa: Option<bool>,
     /// When the job expires (Unix milliseconds), from `expires_at`.
     pub expires_at_ms: Option<u64>,
     /// The SHA-256 (hex) of the message as read (its fields in a fixed order, unknown fields
@@ -306,6 +309,7 @@ impl JobMessage {
             prefix,
             webhook: output.webhook,
             encoding,
+            c2pa: output.c2pa,
             expires_at_ms,
             fingerprint,
         })

@@ -157,6 +157,10 @@ pub struct JobOutput {
         skip_serializing_if = "Option::is_none"
     )]
     pub quality: Option<i64>,
+    /// Sign a C2PA manifest (Content Credentials) into the images; default: the deployment's
+    /// `c2pa.sign_by_default`. A worker without a signing key rejects a job that asks for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub c2pa: Option<bool>,
 }
 
 /// A job's `output.webhook`.

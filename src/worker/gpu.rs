@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
+use crate::c2pa_sign::C2paSigner;
 use crate::config::Settings;
 use crate::generate::{
     generate_image, Encoding, Engine, GenerationRecord, Mode, ModelCaps, ModelIdentity, Params,
@@ -131,6 +132,8 @@ pub struct GpuTask {
     pub num_images: usize,
     /// The output format.
     pub encoding: Encoding,
+    /// Sign a C2PA manifest into each image (the worker has checked that it has a key).
+    pub c2pa: bool,
     /// (step done, total steps over all images).
     pub progress: mpsc::UnboundedSender<(usize, usize)>,
     /// Stop requests, and the GPU thread's word that it is done with the task.
@@ -190,7 +193,7 @@ impl GpuWorker {
         std::thread::Builder::new()
             .name("r2f-gpu".into())
             .spawn(move || {
-                let loaded = (|| -> anyhow::Result<(Engine, ModelIdentity)> {
+                let loaded = (|| -> anyhow::Result<(Engine, ModelIdentity, Option<C2paSigner>)> {
                     let w = &settings.worker;
                     let device = w.device.resolve()?;
                     let kind = w.dtype.resolve(device);
@@ -228,15 +231,24 @@ impl GpuWorker {
                         )?;
                         tracing::info!(seconds = t.elapsed().as_secs_f64(), "warm-up step done");
                     }
-                    Ok((engine, identity))
+                    let signer = settings.c2pa.signer().map_err(anyhow::Error::msg)?;
+                    if let Some(s) = &signer {
+                        tracing::info!(
+                            algorithm = %s.algorithm(),
+                            subject = s.subject(),
+                            by_default = settings.c2pa.sign_by_default,
+                            "C2PA signing enabled"
+                        );
+                    }
+                    Ok((engine, identity, signer))
                 })();
-                let (mut engine, identity) = match loaded {
-                    Ok((e, identity)) => {
+                let (mut engine, identity, signer) = match loaded {
+                    Ok((e, identity, signer)) => {
                         let _ = ready_tx.send(Ok(Loaded {
                             caps: e.caps(),
                             device: e.device(),
                         }));
-                        (e, identity)
+                        (e, identity, signer)
                     }
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
@@ -246,7 +258,7 @@ impl GpuWorker {
                 let device = engine.device();
                 // GPU memory is sampled off the job path (see `metrics::sample_gpu_memory`).
                 while let Ok(task) = rx.recv() {
-                    let result = run_task(&mut engine, &identity, &settings, &task);
+                    let result = run_task(&mut engine, &identity, signer.as_ref(), &settings, &task);
                     // The GPU is free: a task abandoned past its timeout no longer holds it.
                     task.control.finish();
                     let result = result.map_err(|e| match e {
@@ -287,6 +299,7 @@ enum TaskError {
 fn run_task(
     engine: &mut Engine,
     identity: &ModelIdentity,
+    signer: Option<&C2paSigner>,
     settings: &Settings,
     task: &GpuTask,
 ) -> Result<Vec<GeneratedImage>, TaskError> {
@@ -326,6 +339,28 @@ fn run_task(
                 &mut on_step,
             )
         }));
+        let result = match (result, signer.filter(|_| task.c2pa)) {
+            (Ok(Ok(mut g)), Some(signer)) => {
+                let signed = serde_json::to_value(&g.record)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|record| {
+                        signer.sign(
+                            &g.bytes,
+                            task.encoding.format.content_type(),
+                            &format!("{} ({})", task.prompt, index),
+                            &record,
+                        )
+                    });
+                match signed {
+                    Ok(bytes) => {
+                        g.bytes = bytes;
+                        Ok(Ok(g))
+                    }
+                    Err(e) => Ok(Err(e.context("C2PA signing"))),
+                }
+            }
+            (other, _) => other,
+        };
         match result {
             Ok(Ok(g)) => images.push(GeneratedImage {
                 bytes: g.bytes,

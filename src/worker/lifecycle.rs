@@ -196,6 +196,14 @@ pub async fn run_job(
     if let Some(Err(reason)) = job.webhook.as_ref().map(|w| ctx.webhook_check(&scope, w)) {
         return rejected(job.id, reason, JobInfo::default());
     }
+    if job.c2pa == Some(true) && s.c2pa.key_file.is_empty() {
+        return rejected(
+            job.id,
+            "output.c2pa: this deployment signs no C2PA manifests (no c2pa.key_file configured)"
+                .into(),
+            JobInfo::default(),
+        );
+    }
     let taken = taken(ctx, job, key, msg.trace_id.clone());
     let info = JobInfo {
         mode: Some(taken.job.spec.mode()),
@@ -635,6 +643,7 @@ async fn generate(
         params: job.params.clone(),
         num_images: job.num_images,
         encoding: job.encoding,
+        c2pa: job.c2pa.unwrap_or(ctx.settings.c2pa.sign_by_default),
         progress: step_tx,
         control: control.clone(),
         reply: reply_tx,
