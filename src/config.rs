@@ -366,23 +366,32 @@ impl C2paSettings {
     /// The signer the settings describe (None when no key is configured); the error names the
     /// setting, the file and what is wrong.
     pub fn signer(&self) -> Result<Option<crate::c2pa_sign::C2paSigner>, String> {
+        self.check_pairing()?;
+        if self.key_file.is_empty() {
+            return Ok(None);
+        }
+        crate::c2pa_sign::C2paSigner::from_pem_files(
+            std::path::Path::new(&self.key_file),
+            std::path::Path::new(&self.cert_file),
+        )
+        .map(Some)
+        .map_err(|e| format!("c2pa.key_file / c2pa.cert_file cannot sign: {e:#}"))
+    }
+
+    /// The settings' shape, without reading the files (checked by every command: a gateway
+    /// that shares the workers' configuration but not their key still starts).
+    pub fn check_pairing(&self) -> Result<(), String> {
         match (self.key_file.is_empty(), self.cert_file.is_empty()) {
             (true, true) if self.sign_by_default => {
                 Err("c2pa.sign_by_default needs c2pa.key_file and c2pa.cert_file".into())
             }
-            (true, true) => Ok(None),
             (false, true) => {
                 Err("c2pa.key_file is set without c2pa.cert_file (set both or neither)".into())
             }
             (true, false) => {
                 Err("c2pa.cert_file is set without c2pa.key_file (set both or neither)".into())
             }
-            (false, false) => crate::c2pa_sign::C2paSigner::from_pem_files(
-                std::path::Path::new(&self.key_file),
-                std::path::Path::new(&self.cert_file),
-            )
-            .map(Some)
-            .map_err(|e| format!("c2pa.key_file / c2pa.cert_file cannot sign: {e:#}")),
+            _ => Ok(()),
         }
     }
 }
@@ -815,7 +824,7 @@ impl Settings {
         if let Err(m) = self.tls.read() {
             return bad(m);
         }
-        if let Err(m) = self.c2pa.signer() {
+        if let Err(m) = self.c2pa.check_pairing() {
             return bad(m);
         }
         self.validate_tenants()

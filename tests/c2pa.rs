@@ -728,8 +728,16 @@ fn c2pa_configuration_errors_exit_78_naming_c2pa() {
         assert_eq!(o.status.code(), Some(78), "{what}: {e}");
         assert!(e.contains("c2pa") && e.contains(needle), "{what}: {e}");
     }
-    // The worker does not start either, nor does generate.
+    // The worker does not start either, nor does generate --c2pa; client commands on the same
+    // configuration (a gateway's, say, without the key mounted) do not read the key.
     let config = c2pa_config(dir.path(), &cases[2].1);
+    let o = r2f()
+        .arg("--config")
+        .arg(&config)
+        .args(["schema", "job"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let o = r2f()
         .arg("--config")
         .arg(&config)
@@ -739,7 +747,7 @@ fn c2pa_configuration_errors_exit_78_naming_c2pa() {
     assert_eq!(o.status.code(), Some(78), "{}", stderr(&o));
     assert!(stderr(&o).contains("does not match"), "{}", stderr(&o));
     let out = dir.path().join("never.png");
-    let o = generate(Some(&config), &out, &[]);
+    let o = generate(Some(&config), &out, &["--c2pa"]);
     assert_eq!(o.status.code(), Some(78), "{}", stderr(&o));
     assert!(!out.exists());
 

@@ -25,6 +25,12 @@ pub fn config_check(
     file: Option<&Path>,
     no_probe: bool,
 ) -> anyhow::Result<()> {
+    // The files the settings name are read by the commands that use them; the check reads the
+    // C2PA key too.
+    settings
+        .c2pa
+        .signer()
+        .map_err(|m| Exit::config(format!("invalid configuration: {m}")))?;
     println!("# the effective configuration (defaults, file, environment; secrets redacted)");
     print!("{}", Settings::effective_toml(file)?);
     if no_probe {

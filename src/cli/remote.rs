@@ -17,6 +17,11 @@ use crate::service::tenancy::{JobKey, Scope};
 /// `stop_grace_secs` more makes the process exit without acking: status 1 after the drain
 /// deadline, 130 after a second signal (the broker redelivers the job).
 pub fn worker(settings: Settings) -> anyhow::Result<()> {
+    // An unusable C2PA key stops the start as a configuration error, before any connection.
+    settings
+        .c2pa
+        .signer()
+        .map_err(|m| super::exit::Exit::config(format!("invalid configuration: {m}")))?;
     runtime()?.block_on(async move {
         let mut shutdown = crate::worker::Shutdown::on_signals();
         let planner = crate::service::planner::planner_from_settings(&settings)?;
