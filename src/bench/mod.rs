@@ -6,6 +6,7 @@ pub mod e2e;
 pub mod gateway;
 pub mod model;
 pub mod parity;
+pub mod rarebench;
 pub mod service;
 
 use std::fmt;
