@@ -7,4 +7,5 @@
 pub mod dataset;
 pub mod judge;
 pub mod manifest;
+pub mod score;
 pub mod spec;
