@@ -159,7 +159,7 @@ fn a_manifest_resumes_and_cuts_a_torn_last_line() {
     assert!(!s.torn_tail);
     assert_eq!(s.lines, 3);
     // k2's file was never written: damaged.
-    assert_eq!(s.damaged_images(dir.path()), [k2.clone()]);
+    assert_eq!(s.damaged_images(dir.path()), std::slice::from_ref(&k2));
     std::fs::write(dir.path().join(k1.image_path(ImageFormat::Png)), b"changed").unwrap();
     assert_eq!(s.damaged_images(dir.path()), [k1, k2]);
 }

@@ -7,5 +7,6 @@
 pub mod dataset;
 pub mod judge;
 pub mod manifest;
+pub mod report;
 pub mod score;
 pub mod spec;
