@@ -45,6 +45,7 @@ class _JobOutputOptional(TypedDict, total=False):
     webhook: Optional["WebhookSpec"]
     format: Optional["ImageFormat"]
     quality: Optional[int]
+    c2pa: Optional[bool]
 
 class JobOutput(_JobOutputOptional):
     pass
@@ -153,6 +154,7 @@ Outcome = Literal["succeeded", "failed", "rejected", "cancelled", "expired"]
 
 class _OutputImageOptional(TypedDict, total=False):
     url: Optional[str]
+    metadata: Optional["GenerationRecord"]
 
 class OutputImage(_OutputImageOptional):
     """One stored image of a job."""
@@ -160,6 +162,45 @@ class OutputImage(_OutputImageOptional):
     width: int
     height: int
     sha256: str
+
+
+class _GenerationRecordOptional(TypedDict, total=False):
+    model_revision: Optional[str]
+    weights_hash: Optional[str]
+    plan: Any
+    schedule: Optional["PromptSchedule"]
+    stop_steps: Optional[List[int]]
+    prompt_schedule: Optional[List[int]]
+    r2fplus: Optional["RegionRecord"]
+    t5_tokens: Optional[int]
+    quality: Optional[int]
+
+class GenerationRecord(_GenerationRecordOptional):
+    """Everything that determines an image, as the image and the job's `result.json` carry it: with the same weights, device and dtype, [`GenerationRecord::params`] and the plan make the same image again (`r2f generate --from IMAGE`)."""
+    prompt: str
+    negative_prompt: str
+    seed: int
+    steps: int
+    guidance: float
+    width: int
+    height: int
+    model: str
+    model_family: str
+    mode: "JobMode"
+    scheduler: str
+    dtype: str
+    device: str
+    r2f_version: str
+
+
+class RegionRecord(TypedDict):
+    """The R2F+ knobs of a run, named as the job parameters that set them."""
+    region_mask: "RegionMask"
+    bbox_guidance_steps: int
+    bbox_guidance_iterations: int
+    bbox_loss_scale: float
+    latent_fusion_steps: int
+    bbox_guidance_recompute: bool
 
 
 class EventError(TypedDict):

@@ -54,6 +54,8 @@ export interface JobOutput {
   format?: ImageFormat | null;
   /** 1–100, the lossy formats' quality (default 90). */
   quality?: number | null;
+  /** Sign a C2PA manifest (Content Credentials) into the images; default: the deployment's `c2pa.sign_by_default`. A worker without a signing key rejects a job that asks for it. */
+  c2pa?: boolean | null;
 }
 
 /** A job's `output.webhook`. */
@@ -178,6 +180,61 @@ export interface OutputImage {
   sha256: string;
   /** An HTTPS URL that downloads the image without credentials until it expires (`storage.presign_ttl_secs`; S3 only). */
   url?: string | null;
+  /** The image's generation record: the same fields its own metadata carries (PNG text chunks, XMP), typed. */
+  metadata?: GenerationRecord | null;
+}
+
+/** Everything that determines an image, as the image and the job's `result.json` carry it: with the same weights, device and dtype, [`GenerationRecord::params`] and the plan make the same image again (`r2f generate --from IMAGE`). */
+export interface GenerationRecord {
+  prompt: string;
+  negative_prompt: string;
+  /** The seed of this image's initial noise (a job's image `i` has the job's seed + `i`). */
+  seed: number;
+  steps: number;
+  guidance: number;
+  width: number;
+  height: number;
+  /** The model as the job or the command named it. */
+  model: string;
+  /** `sd3` or `sdxl`. */
+  model_family: string;
+  /** The Hub commit of the weights, when they came from a Hugging Face cache. */
+  model_revision?: string | null;
+  /** A 12-hex-digit fingerprint of the model folder's weights and configs. */
+  weights_hash?: string | null;
+  mode: JobMode;
+  /** The plan in its official JSON shape (R2F, R2F+). */
+  plan?: unknown;
+  /** The sampler: `flow-match-euler` (SD3), `euler` or `dpm++2m-karras` (SDXL). */
+  scheduler: string;
+  /** How R2F picks each step's prompt (R2F, R2F+). */
+  schedule?: PromptSchedule | null;
+  /** The level -> stop-step map (R2F, R2F+), at 50 steps. */
+  stop_steps?: Array<number> | null;
+  /** R2F: the index in the plan's prompts of each step's prompt. */
+  prompt_schedule?: Array<number> | null;
+  /** R2F+: the knobs of the region runs. */
+  r2fplus?: RegionRecord | null;
+  /** SD3: the T5 sequence length. */
+  t5_tokens?: number | null;
+  /** `fp32`, `fp16` or `bf16`. */
+  dtype: string;
+  /** `cpu` or `cuda:N`. */
+  device: string;
+  /** The quality the image was encoded at (JPEG, WebP). */
+  quality?: number | null;
+  /** The version of r2f that made the image. */
+  r2f_version: string;
+}
+
+/** The R2F+ knobs of a run, named as the job parameters that set them. */
+export interface RegionRecord {
+  region_mask: RegionMask;
+  bbox_guidance_steps: number;
+  bbox_guidance_iterations: number;
+  bbox_loss_scale: number;
+  latent_fusion_steps: number;
+  bbox_guidance_recompute: boolean;
 }
 
 export interface EventError {
