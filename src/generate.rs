@@ -432,6 +432,20 @@ pub struct RegionRecord {
     pub bbox_guidance_recompute: bool,
 }
 
+impl RegionRecord {
+    /// The record of a run's knobs.
+    pub fn of(k: &RegionKnobs) -> Self {
+        Self {
+            region_mask: k.mask,
+            bbox_guidance_steps: k.guidance_steps,
+            bbox_guidance_iterations: k.guidance_iterations,
+            bbox_loss_scale: k.loss_scale,
+            latent_fusion_steps: k.fusion_steps,
+            bbox_guidance_recompute: k.recompute_blocks,
+        }
+    }
+}
+
 /// Everything that determines an image, as the image and the job's `result.json` carry it:
 /// with the same weights, device and dtype, [`GenerationRecord::params`] and the plan make
 /// the same image again (`r2f generate --from IMAGE`).
@@ -638,14 +652,7 @@ pub fn generation_record(
             Some(knobs.schedule),
             Some(knobs.stop_steps.0.to_vec()),
             None,
-            Some(RegionRecord {
-                region_mask: knobs.mask,
-                bbox_guidance_steps: knobs.guidance_steps,
-                bbox_guidance_iterations: knobs.guidance_iterations,
-                bbox_loss_scale: knobs.loss_scale,
-                latent_fusion_steps: knobs.fusion_steps,
-                bbox_guidance_recompute: knobs.recompute_blocks,
-            }),
+            Some(RegionRecord::of(knobs)),
         ),
     };
     GenerationRecord {

@@ -369,14 +369,7 @@ fn check_jpeg_metadata(
             Some(knobs.schedule),
             Some(vec![99; 6]),
             None,
-            Some(RegionRecord {
-                region_mask: knobs.mask,
-                bbox_guidance_steps: knobs.guidance_steps,
-                bbox_guidance_iterations: knobs.guidance_iterations,
-                bbox_loss_scale: knobs.loss_scale,
-                latent_fusion_steps: knobs.fusion_steps,
-                bbox_guidance_recompute: knobs.recompute_blocks,
-            }),
+            Some(RegionRecord::of(knobs)),
         ),
     };
     let side = |v: Option<i64>| v.unwrap_or(i64::MAX);
