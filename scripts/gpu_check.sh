@@ -8,6 +8,10 @@
 #   3. `r2f bench` for SD3-medium and SDXL at 1024² (ms per denoising step, VAE decode, memory);
 #   4. `r2f bench --e2e` for both (whole plain and R2F jobs, and an R2F+ job with 2 objects for
 #      SD3; random weights built on the device);
+#   3b. the anchors: diffusers' SD3 transformer and SDXL UNet, eager and under torch.compile, at
+#      the same shapes, dtype and card as step 3 (scripts/diffusers_anchor.py), with the ratio
+#      r2f / diffusers and the attention kernel each side picks. diffusers travels as wheels:
+#      put them in .whl/ (see docs/gpu.md) and carry it; they are installed to /tmp/site;
 # then prints one short table and leaves every report as JSON under $OUT.
 #
 #   scripts/gpu_check.sh              # on the GPU machine
@@ -52,16 +56,28 @@ if [ "$mode" = gpu ]; then
     lib=$("$p" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))' 2>/dev/null || true)
     if [ -n "$lib" ]; then
       export LD_LIBRARY_PATH=$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+      py=$p # the Python with torch runs the diffusers anchors too
       break
     fi
   done
   echo "gpu_check: LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-unset}" >&2
   device=cuda
   sd3=sd3 sdxl=sdxl size=1024 half=fp16 steps=20 warmup=3 plain_steps="" r2f_steps=50
+  bench_dtype=fp16 compile=default
+  # diffusers and what it needs, as wheels carried in .whl/ (pure Python, or built for the
+  # image's Python): installed beside the image's torch, never over it.
+  if ls "$root"/.whl/*.whl >/dev/null 2>&1; then
+    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site "$root"/.whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  fi
 else
   device=cpu
   # bf16 stands in for fp16 on the CPU (the half-precision path of every op).
   sd3=sd3-tiny sdxl=sdxl-tiny size=64 half=bf16 steps=2 warmup=1 plain_steps="--plain-steps 2" r2f_steps=4
+  # Dynamo without inductor: the compile path in seconds. The project's virtualenv has torch and
+  # diffusers.
+  bench_dtype=fp32 compile=eager-backend
+  [ -x "${R2F_VENV:-}/bin/python" ] && py=$R2F_VENV/bin/python
 fi
 
 # The table, from the JSON reports (python3's standard library only).
@@ -94,7 +110,22 @@ for m in (sd3, sdxl):
     if r:
         mem = r.get("peak_gpu_bytes")
         mem = f", peak {mem/2**30:.1f} GiB" if mem else ""
-        rows.append((f"bench {m} {r['width']}x{r['height']} {r['dtype']}", f"{r['ms_per_step']:.1f} ms/step, VAE decode {r['vae_decode_ms']:.0f} ms{mem}"))
+        att = r.get("attention") or {}
+        rows.append((f"bench {m} {r['width']}x{r['height']} {r['dtype']}", f"{r['ms_per_step']:.1f} ms/step, VAE decode {r['vae_decode_ms']:.0f} ms{mem}; SDPA {att.get('sdp_backend')}"))
+for m in (sd3, sdxl):
+    a, b = load(f"anchor-{m}.json"), load(f"bench-{m}.json")
+    if a:
+        own = b["ms_per_step"] if b else None
+        cells = []
+        for side in ("eager", "compiled"):
+            if side in a:
+                ms = a[side]["ms_per_step"]
+                ratio = f", r2f/{side} {own / ms:.2f}" if own else ""
+                extra = f" (compile {a[side]['warmup_s']:.0f} s)" if side == "compiled" else ""
+                cells.append(f"{side} {ms:.1f} ms{extra}{ratio}")
+        att = a.get("attention", {})
+        cells.append(f"SDPA {att.get('sdp_backend')} at {att.get('shape')}, cuDNN {att.get('cudnn_version')}")
+        rows.append((f"anchor {m} diffusers {a['diffusers']} {a['dtype']}", "; ".join(cells)))
 for m in (sd3, sdxl):
     r = load(f"e2e-{m}.json")
     if r:
@@ -144,8 +175,14 @@ step parity-fp32-tf32 "$bin" parity --device "$device" --dtype fp32 --json "$wor
 step "parity-$half" "$bin" parity --device "$device" --dtype "$half" --json "$work/parity-$half.json"
 # 3. Denoiser and VAE speed.
 for m in "$sd3" "$sdxl"; do
-  step "bench-$m" "$bin" bench --model "$m" --device "$device" --width "$size" --height "$size" \
+  step "bench-$m" "$bin" bench --model "$m" --device "$device" --dtype "$bench_dtype" --width "$size" --height "$size" \
     --steps "$steps" --warmup "$warmup" --json "$work/bench-$m.json"
+done
+# 3b. The diffusers anchors at the shapes of step 3 (same card, same call).
+for m in "$sd3" "$sdxl"; do
+  step "anchor-$m" "$py" scripts/diffusers_anchor.py --preset "$m" --device "$device" --dtype "$bench_dtype" \
+    --width "$size" --height "$size" --steps "$steps" --warmup "$warmup" --compile "$compile" \
+    --json "$work/anchor-$m.json"
 done
 # 4. Whole jobs (R2F+ for SD3; a non-square smoke size runs it in clean mode, few steps).
 e2e_h=$size

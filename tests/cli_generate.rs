@@ -479,6 +479,8 @@ fn gpu_check_cpu_smoke_runs_every_step_and_prints_its_table() {
         "e2e sd3-tiny r2f 4 steps",
         "e2e sd3-tiny r2fplus 4 steps",
         "e2e sdxl-tiny r2f 4 steps",
+        "anchor sd3-tiny diffusers",
+        "anchor sdxl-tiny diffusers",
     ] {
         assert!(stdout.contains(row), "missing `{row}` in:\n{stdout}");
     }
@@ -511,6 +513,19 @@ fn gpu_check_cpu_smoke_runs_every_step_and_prints_its_table() {
         .map(|j| j["job"].as_str().unwrap())
         .collect();
     assert_eq!(jobs, ["plain", "r2f", "r2fplus"]);
+    // The diffusers anchors ran at the bench's shapes, eager and through torch.compile.
+    for m in ["sd3-tiny", "sdxl-tiny"] {
+        let a = read(&format!("anchor-{m}"));
+        let b = read(&format!("bench-{m}"));
+        for key in ["width", "height", "steps", "dtype", "device"] {
+            assert_eq!(a[key], b[key], "{key}: {a}\n{b}");
+        }
+        // Both sides name the attention kernel they pick for the same attention shape.
+        assert_eq!(a["attention"]["shape"], b["attention"]["shape"], "{a}\n{b}");
+        assert!(b["attention"]["sdp_backend"].is_string(), "{b}");
+        assert!(a["eager"]["ms_per_step"].as_f64().unwrap() > 0.0, "{a}");
+        assert_eq!(a["compiled"]["final_latents_finite"], true, "{a}");
+    }
     assert!(
         e2e["jobs"][2]["guidance_s"].as_f64().unwrap() > 0.0,
         "{e2e}"

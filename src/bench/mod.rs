@@ -153,6 +153,58 @@ pub struct BenchReport {
     pub denoise_ms: f64,
     pub vae_decode_ms: f64,
     pub peak_gpu_bytes: Option<u64>,
+    /// The SDPA kernel libtorch picks for the denoiser's largest attention at these shapes.
+    pub attention: AttentionChoice,
+}
+
+/// Which scaled-dot-product-attention kernel libtorch picks (`at::_fused_sdp_choice`) for an
+/// attention of `shape` ([batch, heads, tokens, head dim]) in the bench's dtype and device: what
+/// to compare with the kernel PyTorch picks for diffusers on the same machine
+/// (scripts/diffusers_anchor.py).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttentionChoice {
+    pub shape: [i64; 4],
+    /// PyTorch's `SDPBackend` names: MATH, FLASH_ATTENTION, EFFICIENT_ATTENTION,
+    /// CUDNN_ATTENTION, OVERRIDEABLE (ERROR when none applies).
+    pub backend: &'static str,
+    /// cuDNN's version (9.19.0 as 91900) where libtorch has cuDNN.
+    pub cudnn_version: Option<i64>,
+}
+
+impl AttentionChoice {
+    /// The choice for the largest attention of `o`'s denoiser: SD3's joint attention over the
+    /// image patches and the context; SDXL's self-attention at the first level with
+    /// transformers (a quarter of the latent side).
+    pub fn of(o: &BenchOptions) -> Self {
+        let shape = match &o.preset.denoiser {
+            Denoiser::Sd3(c) => {
+                let side = |px: i64| px / 8 / c.patch_size;
+                let tokens = side(o.height) * side(o.width) + o.context_tokens;
+                [2, c.num_attention_heads, tokens, c.attention_head_dim]
+            }
+            Denoiser::Sdxl(u) => {
+                let (heads, channels) = (u.heads[1], u.block_out_channels[1]);
+                [2, heads, (o.height / 16) * (o.width / 16), channels / heads]
+            }
+        };
+        let q = Tensor::zeros(shape, (o.dtype, o.device));
+        let choice =
+            Tensor::internal_fused_sdp_choice(&q, &q, &q, None::<Tensor>, 0.0, false, None, false);
+        let backend = match choice {
+            0 => "MATH",
+            1 => "FLASH_ATTENTION",
+            2 => "EFFICIENT_ATTENTION",
+            3 => "CUDNN_ATTENTION",
+            4 => "OVERRIDEABLE",
+            _ => "ERROR",
+        };
+        let cudnn_version = tch::Cuda::cudnn_is_available().then(tch::utils::version_cudnn);
+        Self {
+            shape,
+            backend,
+            cudnn_version,
+        }
+    }
 }
 
 impl BenchReport {
@@ -169,6 +221,11 @@ impl BenchReport {
             "denoise_ms": self.denoise_ms,
             "vae_decode_ms": self.vae_decode_ms,
             "peak_gpu_bytes": self.peak_gpu_bytes,
+            "attention": {
+                "shape": self.attention.shape,
+                "sdp_backend": self.attention.backend,
+                "cudnn_version": self.attention.cudnn_version,
+            },
         })
     }
 }
@@ -188,6 +245,11 @@ impl fmt::Display for BenchReport {
         writeln!(f, "ms_per_step={:.2}", self.ms_per_step)?;
         writeln!(f, "denoise_ms={:.1}", self.denoise_ms)?;
         writeln!(f, "vae_decode_ms={:.1}", self.vae_decode_ms)?;
+        writeln!(
+            f,
+            "sdp_backend={} shape={:?}",
+            self.attention.backend, self.attention.shape
+        )?;
         match self.peak_gpu_bytes {
             Some(b) => write!(f, "gpu_memory_mib={}", b >> 20),
             None => write!(f, "gpu_memory_mib=n/a"),
@@ -390,5 +452,6 @@ pub fn run(o: &BenchOptions) -> anyhow::Result<BenchReport> {
         } else {
             None
         },
+        attention: AttentionChoice::of(o),
     })
 }
