@@ -93,6 +93,7 @@ fn main() -> ExitCode {
         } => cli::config_check(&settings, cli.config.as_deref(), no_probe),
         Command::Replay(a) => cli::replay(&settings, a),
         Command::BenchGateway(a) => cli::bench_gateway(&settings, a),
+        Command::Rarebench(a) => cli::rarebench(&settings, *a),
     });
     // Spans still batched go out before the process ends.
     drop(exporter);

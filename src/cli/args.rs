@@ -136,6 +136,12 @@ pub enum Command {
     /// Without --url, runs a gateway in this process on the configured broker and Redis, under
     /// names of its own that it removes afterwards.
     BenchGateway(BenchGatewayArgs),
+    /// Run RareBench (the R2F paper's benchmark) from a folder in the official layout: make
+    /// the images of each configuration of a run file, score them with an OpenAI-compatible
+    /// vision judge, and write avg_scores_<judge>.json, report.md and report.html into the run
+    /// folder. Resumable: what the run folder holds is not made or judged again. Exit 1 when
+    /// the --compare gate fails, 75 when images or judgements are still missing.
+    Rarebench(Box<RarebenchArgs>),
     /// Publish jobs (one JSON object a line) with publisher confirms.
     /// Lines a worker would reject are refused first, without the broker, each with its line
     /// number and reason; the others are published. Exit 0 when every line was published, 65
@@ -379,6 +385,53 @@ pub struct BenchGatewayArgs {
     /// An API key of that gateway.
     #[arg(long, env = "R2F_API_KEY", hide_env_values = true)]
     pub key: Option<String>,
+}
+
+#[derive(clap::Args)]
+pub struct RarebenchArgs {
+    /// The benchmark folder in the official layout (its `test/original_prompt/rarebench/`,
+    /// and for R2F/R2F+ configurations `test/r2f_prompt/` and `test/r2fplus_prompt/`).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// The run folder: images, manifest.jsonl and the reports (created; a run there resumes).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// The run spec (TOML, or JSON by its `.json` extension): the configurations compared
+    /// (`[[configs]]`) and the judge (`[judge]`). Not `--config`: that is r2f's settings file.
+    #[arg(long)]
+    pub spec: PathBuf,
+    /// Only these categories (comma-separated, e.g. single_1property,multi_1and; default all).
+    #[arg(long, value_delimiter = ',', value_parser = crate::bench::rarebench::spec::Category::parse)]
+    pub categories: Vec<crate::bench::rarebench::spec::Category>,
+    /// Only the first N prompts of each category (a quick run).
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Make the images in this process (as `r2f generate`) instead of through the broker.
+    #[arg(long)]
+    pub local: bool,
+    /// --local: cpu, cuda or cuda:N (default: cuda when available).
+    #[arg(long)]
+    pub device: Option<DeviceSpec>,
+    /// --local: the dtype of configurations without `precision` (default: fp16 on CUDA, fp32
+    /// on the CPU).
+    #[arg(long, value_enum, ignore_case = true)]
+    pub dtype: Option<DType>,
+    /// Make no images: judge those the run folder holds and report.
+    #[arg(long, conflicts_with = "no_judge")]
+    pub judge_only: bool,
+    /// Make the images, ask no judge; report the scores already in the run folder.
+    #[arg(long)]
+    pub no_judge: bool,
+    /// Compare configuration B against A, category by category (paired by prompt and seed):
+    /// fail (exit 1) when B is worse by more than --threshold points at --confidence.
+    #[arg(long, num_args = 2, value_names = ["A", "B"])]
+    pub compare: Option<Vec<String>>,
+    /// --compare: the largest drop (0–100 score points) B may show in a category.
+    #[arg(long, default_value_t = 5.0, requires = "compare")]
+    pub threshold: f64,
+    /// --compare: the confidence of the bootstrap interval of B − A.
+    #[arg(long, default_value_t = 0.95, requires = "compare")]
+    pub confidence: f64,
 }
 
 #[derive(clap::Args)]

@@ -20,7 +20,7 @@ use crate::plan::{Plan, RegionPlan};
 
 /// The device (default: the first GPU when libtorch sees one) and dtype (default: fp16 on
 /// CUDA, fp32 on the CPU) the options ask for.
-fn device_and_dtype(
+pub(super) fn device_and_dtype(
     device: Option<DeviceSpec>,
     dtype: Option<DType>,
 ) -> anyhow::Result<(tch::Device, tch::Kind)> {
@@ -63,7 +63,11 @@ fn llm_planner(
 }
 
 /// The configured LLM's plan for `prompt`, for a job of `mode` (r2f or r2fplus).
-fn plan_with_llm(settings: &Settings, prompt: &str, mode: JobMode) -> anyhow::Result<Plan> {
+pub(super) fn plan_with_llm(
+    settings: &Settings,
+    prompt: &str,
+    mode: JobMode,
+) -> anyhow::Result<Plan> {
     use crate::service::planner::Planner;
     let planner = llm_planner(settings, mode)?;
     let metrics = crate::service::metrics::Metrics::new();

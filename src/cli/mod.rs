@@ -6,16 +6,18 @@ mod enqueue;
 mod exit;
 mod local;
 mod ops;
+mod rarebench;
 mod remote;
 mod values;
 
 pub use args::{
     BenchArgs, BenchGatewayArgs, Cli, Command, ConfigCommand, GenerateArgs, ParityArgs,
-    PromptScheduleArgs, RegionArgs, ReplayArgs,
+    PromptScheduleArgs, RarebenchArgs, RegionArgs, ReplayArgs,
 };
 pub use exit::{error_line, Exit};
 pub use local::{bench, generate, inspect, parity, schedule};
 pub use ops::{config_check, replay};
+pub use rarebench::rarebench;
 pub use remote::{
     bench_gateway, bench_service, cancel, enqueue, gateway, key, plan, status, wait, worker,
 };
