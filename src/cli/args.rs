@@ -400,7 +400,8 @@ pub struct RarebenchArgs {
     /// (`[[configs]]`) and the judge (`[judge]`). Not `--config`: that is r2f's settings file.
     #[arg(long)]
     pub spec: PathBuf,
-    /// Only these categories (comma-separated, e.g. single_1property,multi_1and; default all).
+    /// Only these categories (comma-separated, e.g. single_1property,multi_1and; default: every
+    /// category the folder has a prompt file of).
     #[arg(long, value_delimiter = ',', value_parser = crate::bench::rarebench::spec::Category::parse)]
     pub categories: Vec<crate::bench::rarebench::spec::Category>,
     /// Only the first N prompts of each category (a quick run).

@@ -586,7 +586,21 @@ pub fn rarebench(settings: &Settings, a: RarebenchArgs) -> anyhow::Result<()> {
         .settings(&spec_dir, false)
         .map_err(Exit::config)?;
     let categories: Vec<Category> = if a.categories.is_empty() {
-        Category::ALL.to_vec()
+        // The categories the folder has (the official one has all eight).
+        let present: Vec<Category> = Category::ALL
+            .iter()
+            .copied()
+            .filter(|&c| crate::bench::rarebench::dataset::prompt_file(&a.data, c).is_file())
+            .collect();
+        if present.is_empty() {
+            return Err(Exit::data(format!(
+                "{} holds no RareBench prompt file ({}/rarebench_<category>.txt)",
+                a.data.display(),
+                crate::bench::rarebench::dataset::PROMPT_DIR
+            ))
+            .into());
+        }
+        present
     } else {
         let mut seen = BTreeSet::new();
         a.categories

@@ -1,6 +1,7 @@
 //! Shared helpers for the integration tests.
 #![allow(dead_code)]
 
+pub mod fake_judge;
 pub mod fake_llm;
 pub mod harness;
 
