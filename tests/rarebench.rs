@@ -136,9 +136,11 @@ params = {{ steps = 2, width = 64, height = 48 }}
     path
 }
 
-/// The manifest's image lines: key -> (path, sha256), the last line of a key winning; and the
-/// number of image lines.
-fn images(run: &Path) -> (BTreeMap<(String, String, u64), (String, String)>, usize) {
+/// (configuration, category, prompt index) -> (image path, sha256).
+type Images = BTreeMap<(String, String, u64), (String, String)>;
+
+/// The manifest's image lines, the last line of a key winning; and the number of image lines.
+fn images(run: &Path) -> (Images, usize) {
     let text = std::fs::read_to_string(run.join("manifest.jsonl")).unwrap();
     let mut out = BTreeMap::new();
     let mut lines = 0;

@@ -27,7 +27,7 @@ use crate::bench::rarebench::score::{self, category_scores, Bootstrap};
 use crate::bench::rarebench::spec::{Category, Config, Image, ImageRequest, PlanSource, SampleKey};
 use crate::config::Settings;
 use crate::device::{device_name, dtype_name, DType};
-use crate::generate::{generate_image, Encoding, Engine, JobMode, ModelIdentity, Params};
+use crate::generate::{generate_image, Encoding, Engine, JobMode, ModelIdentity};
 use crate::image::{write_atomic, ImageFormat};
 use crate::job::JobMessage;
 use crate::models::hub;
@@ -310,7 +310,7 @@ impl<'s> LocalSource<'s> {
             identity,
             &job.prompt,
             &mode,
-            &Params { ..job.params },
+            &job.params,
             self.settings.limits.max_pixels,
             Encoding::PNG,
             &mut |_, _| Ok(()),
@@ -622,6 +622,12 @@ pub fn rarebench(settings: &Settings, a: RarebenchArgs) -> anyhow::Result<()> {
     let planned = plan_run(&spec, &data, a.limit);
     let (mut manifest, mut state) = Manifest::open(&a.out).map_err(Exit::usage)?;
     tracing::info!(run = %a.out.display(), prompts = data.len(), images = planned.len(), manifest_lines = state.lines, "rarebench run");
+    // The judge's key is checked before any image is made.
+    let keyed = if a.no_judge {
+        None
+    } else {
+        Some(spec.judge.settings(&spec_dir, true).map_err(Exit::config)?)
+    };
     let mut missing = Missing::default();
     if !a.judge_only {
         make_images(
@@ -634,8 +640,7 @@ pub fn rarebench(settings: &Settings, a: RarebenchArgs) -> anyhow::Result<()> {
             &mut missing,
         )?;
     }
-    if !a.no_judge {
-        let keyed = spec.judge.settings(&spec_dir, true).map_err(Exit::config)?;
+    if let Some(keyed) = keyed {
         judge_images(
             &a,
             &spec,
