@@ -2,7 +2,8 @@
 //! CPU) and a local judge stand-in: a benchmark folder of our own in the official layout (two
 //! categories of three prompts, an R2F plan file with the real files' quirks), two
 //! configurations (plain, R2F with the precomputed plans), the official aggregate checked by
-//! hand, resumption (no new image, no new judge request), a damaged image made again, the HTML
+//! hand, resumption (no new image, no new judge request), a damaged image made again (and left
+//! unjudged, exit 75, by a `--judge-only` run), the HTML
 //! report read as text (a headless-browser check is a later step), and the `--compare` gate
 //! failing and passing.
 
@@ -343,12 +344,23 @@ fn a_local_run_is_scored_reported_resumed_and_gated() {
     // Another judge that scores every image the same: B is not worse, the gate passes.
     judge.set_fallback("fake-judge-even", 4);
     let spec_even = spec(tmp.path(), "even.toml", &judge, "fake-judge-even");
+    // A damaged image is not judged by a --judge-only run: the run is left unfinished (75).
+    let (victim, _) = &after[&("r2f".into(), "multi_1and".into(), 0)];
+    std::fs::write(run.join(victim), b"\x89PNG but damaged").unwrap();
     let o = base(&run, &spec_even)
         .args(["--judge-only", "--compare", "plain", "r2f"])
         .output()
         .unwrap();
+    assert_eq!(o.status.code(), Some(75), "{}", show(&o));
+    assert_eq!(judge.requests(), 13 + 10);
+    // The same command with --local finishes it: the image made again, then judged.
+    let o = base(&run, &spec_even)
+        .args(["--local", "--compare", "plain", "r2f"])
+        .output()
+        .unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", show(&o));
     assert_eq!(judge.requests(), 13 + 11);
+    assert_eq!(images(&run).1, 13);
     let even: Value = serde_json::from_str(
         &std::fs::read_to_string(run.join("avg_scores_fakejudgeeven.json")).unwrap(),
     )

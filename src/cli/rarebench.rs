@@ -439,15 +439,26 @@ fn judge_images(
         let judge = &judge;
         let mut answers = futures::stream::iter(todo)
             .map(|(key, prompt, path, sha)| async move {
-                let r = match tokio::fs::read(&path).await {
-                    Ok(bytes) => judge.judge(&prompt, &bytes).await,
-                    Err(e) => Err(crate::bench::rarebench::judge::JudgeError {
+                let unjudged = |message: String| {
+                    Err(crate::bench::rarebench::judge::JudgeError {
                         kind: crate::bench::rarebench::judge::JudgeErrorKind::Failed,
-                        message: format!("cannot read {}: {e}", path.display()),
+                        message,
                         requests: 0,
                         malformed: 0,
                         usage: Default::default(),
-                    }),
+                    })
+                };
+                let r = match tokio::fs::read(&path).await {
+                    // Only the bytes the manifest recorded are judged (a damaged file is made
+                    // again by a run that makes images).
+                    Ok(bytes) if crate::bench::rarebench::manifest::sha256_hex(&bytes) == sha => {
+                        judge.judge(&prompt, &bytes).await
+                    }
+                    Ok(_) => unjudged(format!(
+                        "{} is not the image the manifest recorded (damaged): it is made again by a run without --judge-only",
+                        path.display()
+                    )),
+                    Err(e) => unjudged(format!("cannot read {}: {e}", path.display())),
                 };
                 (key, sha, r)
             })
@@ -681,3 +692,7 @@ pub fn rarebench(settings: &Settings, a: RarebenchArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+#[path = "rarebench_tests.rs"]
+mod tests;
