@@ -3,9 +3,8 @@
 //! categories of three prompts, an R2F plan file with the real files' quirks), two
 //! configurations (plain, R2F with the precomputed plans), the official aggregate checked by
 //! hand, resumption (no new image, no new judge request), a damaged image made again (and left
-//! unjudged, exit 75, by a `--judge-only` run), the HTML
-//! report read as text (a headless-browser check is a later step), and the `--compare` gate
-//! failing and passing.
+//! unjudged, exit 75, by a `--judge-only` run), the HTML report read as text (a headless-browser
+//! check is a later step), and the `--compare` gate failing and passing.
 
 mod common;
 
