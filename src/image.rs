@@ -69,12 +69,9 @@ pub fn encode_image<K: AsRef<str>>(
             let (w, h) = (u16::try_from(w)?, u16::try_from(h)?);
             let mut out = Vec::new();
             let mut enc = jpeg_encoder::Encoder::new(&mut out, quality.clamp(1, 100));
-            let mut app1 = XMP_JPEG_HEADER.to_vec();
-            app1.extend_from_slice(xmp_packet(text).as_bytes());
-            if app1.len() > JPEG_SEGMENT_MAX {
-                return Err(MetadataTooLarge { bytes: app1.len() }.into());
+            for app1 in jpeg_xmp_segments(text) {
+                enc.add_app_segment(1, &app1)?;
             }
-            enc.add_app_segment(1, &app1)?;
             enc.encode(&data, w, h, jpeg_encoder::ColorType::Rgb)?;
             Ok(out)
         }
@@ -90,24 +87,96 @@ pub fn encode_image<K: AsRef<str>>(
 /// The most bytes one JPEG APP1 segment holds (65535 less its 2-byte length field).
 pub const JPEG_SEGMENT_MAX: usize = 65_533;
 
-/// The metadata of an image does not fit its format (JPEG holds XMP in one 64 KiB segment): the
-/// job's own content (its prompt, negative prompt, plan), not the model, is the cause.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error(
-    "the image metadata takes {bytes} bytes as JPEG XMP, over the {} bytes a JPEG metadata segment holds: use png or webp, or a shorter prompt or plan",
-    JPEG_SEGMENT_MAX
-)]
-pub struct MetadataTooLarge {
-    pub bytes: usize,
-}
-
-/// The bytes the XMP segment of a JPEG with `text` as metadata takes.
-pub fn jpeg_xmp_len<K: AsRef<str>>(text: &[(K, String)]) -> usize {
-    XMP_JPEG_HEADER.len() + xmp_packet(text).len()
-}
-
 /// The APP1 signature of an XMP packet in a JPEG.
 pub const XMP_JPEG_HEADER: &[u8] = b"http://ns.adobe.com/xap/1.0/\0";
+
+/// The APP1 signature of an ExtendedXMP chunk (XMP Specification Part 3, "Extended XMP in
+/// JPEG"): the signature, the 32-digit GUID, the full length and the chunk's offset (both u32
+/// big-endian), then the chunk.
+pub const XMP_EXTENSION_HEADER: &[u8] = b"http://ns.adobe.com/xmp/extension/\0";
+
+/// The most ExtendedXMP bytes one APP1 segment carries.
+const XMP_EXTENSION_CHUNK: usize = JPEG_SEGMENT_MAX - XMP_EXTENSION_HEADER.len() - 32 - 8;
+
+/// The APP1 segments of a JPEG's XMP: one StandardXMP packet when the metadata fits one segment;
+/// otherwise a StandardXMP packet with the AI-generated marking and `xmpNote:HasExtendedXMP`,
+/// and the whole packet as ExtendedXMP in as many chunks as it takes (the GUID: the MD5 of the
+/// ExtendedXMP, upper-case hex, as the specification asks). So any metadata fits a JPEG.
+pub fn jpeg_xmp_segments<K: AsRef<str>>(text: &[(K, String)]) -> Vec<Vec<u8>> {
+    use md5::{Digest, Md5};
+    let whole = xmp_packet(text);
+    let mut standard = XMP_JPEG_HEADER.to_vec();
+    if XMP_JPEG_HEADER.len() + whole.len() <= JPEG_SEGMENT_MAX {
+        standard.extend_from_slice(whole.as_bytes());
+        return vec![standard];
+    }
+    let extended = xmp_meta(text, None);
+    let guid = hex::encode_upper(Md5::digest(extended.as_bytes()));
+    standard.extend_from_slice(xmp_wrap(&xmp_meta::<&str>(&[], Some(&guid))).as_bytes());
+    let mut out = vec![standard];
+    let total = (extended.len() as u32).to_be_bytes();
+    for (i, chunk) in extended.as_bytes().chunks(XMP_EXTENSION_CHUNK).enumerate() {
+        let mut segment = XMP_EXTENSION_HEADER.to_vec();
+        segment.extend_from_slice(guid.as_bytes());
+        segment.extend_from_slice(&total);
+        segment.extend_from_slice(&((i * XMP_EXTENSION_CHUNK) as u32).to_be_bytes());
+        segment.extend_from_slice(chunk);
+        out.push(segment);
+    }
+    out
+}
+
+/// The XMP of a JPEG: the StandardXMP packet, or the ExtendedXMP it points to, reassembled from
+/// its chunks (None without XMP).
+pub fn jpeg_xmp(bytes: &[u8]) -> Option<String> {
+    let mut standard = None;
+    let mut chunks: Vec<(&[u8], u32, u32, &[u8])> = Vec::new();
+    let mut at = 2;
+    while at + 4 <= bytes.len() && bytes[at] == 0xFF {
+        let marker = bytes[at + 1];
+        if marker == 0xDA || marker == 0xD9 {
+            break; // the scan: no metadata after it
+        }
+        let len = usize::from(u16::from_be_bytes([bytes[at + 2], bytes[at + 3]]));
+        let Some(data) = bytes.get(at + 4..at + 2 + len) else {
+            break;
+        };
+        if marker == 0xE1 {
+            if let Some(packet) = data.strip_prefix(XMP_JPEG_HEADER) {
+                standard.get_or_insert(packet);
+            } else if let Some(rest) = data.strip_prefix(XMP_EXTENSION_HEADER) {
+                if rest.len() >= 40 {
+                    let word = |i: usize| u32::from_be_bytes(rest[i..i + 4].try_into().unwrap());
+                    chunks.push((&rest[..32], word(32), word(36), &rest[40..]));
+                }
+            }
+        }
+        at += 2 + len;
+    }
+    let standard = String::from_utf8_lossy(standard?).into_owned();
+    let guid = standard
+        .split_once("<xmpNote:HasExtendedXMP>")
+        .and_then(|(_, rest)| rest.split_once('<'))
+        .map(|(guid, _)| guid.to_string());
+    let Some(guid) = guid else {
+        return Some(standard);
+    };
+    let mine: Vec<_> = chunks.iter().filter(|c| c.0 == guid.as_bytes()).collect();
+    let total = mine.first().map_or(0, |c| c.1 as usize);
+    let mut whole = vec![0u8; total];
+    let mut filled = 0;
+    for (_, _, offset, data) in mine {
+        let start = *offset as usize;
+        if let Some(dst) = whole.get_mut(start..start + data.len()) {
+            dst.copy_from_slice(data);
+            filled += data.len();
+        }
+    }
+    if filled != total || total == 0 {
+        return Some(standard); // chunks missing: what the StandardXMP says
+    }
+    Some(String::from_utf8_lossy(&whole).into_owned())
+}
 
 /// The namespace of r2f's XMP properties.
 pub const XMP_NAMESPACE: &str = "urn:r2f:metadata:1/";
@@ -143,21 +212,38 @@ pub const CREATOR_TOOL: &str = concat!("r2f ", env!("CARGO_PKG_VERSION"));
 /// An XMP packet marking the image as AI-generated (`Iptc4xmpExt:DigitalSourceType`
 /// trainedAlgorithmicMedia, `xmp:CreatorTool`), with one `r2f:<key>` element per metadata field.
 pub fn xmp_packet<K: AsRef<str>>(text: &[(K, String)]) -> String {
+    xmp_wrap(&xmp_meta(text, None))
+}
+
+/// An `x:xmpmeta` element in its packet wrapper.
+fn xmp_wrap(meta: &str) -> String {
+    format!(
+        "<?xpacket begin=\"{bom}\" id=\"W5M0MpCehiHzreSzNTczkc9d\"?>{meta}<?xpacket end=\"w\"?>",
+        bom = '\u{feff}'
+    )
+}
+
+/// The `x:xmpmeta` element of [`xmp_packet`] (what ExtendedXMP carries, unwrapped), with
+/// `xmpNote:HasExtendedXMP` when `extended` names the GUID of an ExtendedXMP.
+fn xmp_meta<K: AsRef<str>>(text: &[(K, String)], extended: Option<&str>) -> String {
     let mut fields = String::new();
     for (key, value) in text {
         let key = key.as_ref();
         fields.push_str(&format!("<r2f:{key}>{}</r2f:{key}>", xml_escape(value)));
     }
+    if let Some(guid) = extended {
+        fields.push_str(&format!(
+            "<xmpNote:HasExtendedXMP>{guid}</xmpNote:HasExtendedXMP>"
+        ));
+    }
     format!(
-        "<?xpacket begin=\"{bom}\" id=\"W5M0MpCehiHzreSzNTczkc9d\"?>\
-         <x:xmpmeta xmlns:x=\"adobe:ns:meta/\"><rdf:RDF \
+        "<x:xmpmeta xmlns:x=\"adobe:ns:meta/\"><rdf:RDF \
          xmlns:rdf=\"http://www.w3.org/1999/02/22-rdf-syntax-ns#\"><rdf:Description \
          rdf:about=\"\" xmlns:r2f=\"{XMP_NAMESPACE}\" xmlns:Iptc4xmpExt=\"{IPTC_EXT_NAMESPACE}\" \
-         xmlns:xmp=\"http://ns.adobe.com/xap/1.0/\">\
+         xmlns:xmp=\"http://ns.adobe.com/xap/1.0/\" xmlns:xmpNote=\"http://ns.adobe.com/xmp/note/\">\
          <Iptc4xmpExt:DigitalSourceType>{DIGITAL_SOURCE_TYPE}</Iptc4xmpExt:DigitalSourceType>\
          <xmp:CreatorTool>{CREATOR_TOOL}</xmp:CreatorTool>{fields}</rdf:Description></rdf:RDF>\
-         </x:xmpmeta><?xpacket end=\"w\"?>",
-        bom = '\u{feff}'
+         </x:xmpmeta>"
     )
 }
 
@@ -316,6 +402,10 @@ pub fn read_metadata(bytes: &[u8]) -> anyhow::Result<(Vec<(String, String)>, boo
         anyhow::bail!("not a PNG, JPEG or WebP file");
     }
     let marked = String::from_utf8_lossy(bytes).contains(DIGITAL_SOURCE_TYPE);
+    if is_jpeg {
+        let xmp = jpeg_xmp(bytes).unwrap_or_default();
+        return Ok((read_xmp(xmp.as_bytes()), marked));
+    }
     Ok((read_xmp(bytes), marked))
 }
 
@@ -389,6 +479,28 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v))
             .collect();
         assert_eq!(back, want);
+    }
+
+    #[test]
+    fn jpeg_metadata_of_any_size_goes_to_extended_xmp_and_reads_back() {
+        // 300 KB of escaped text: StandardXMP plus ExtendedXMP chunks.
+        let big: String = "'<&\u{1f438}".repeat(40_000);
+        let text = vec![("prompt", big.clone()), ("seed", "7".to_string())];
+        let segments = jpeg_xmp_segments(&text);
+        assert!(segments.len() > 4, "{}", segments.len());
+        assert!(segments.iter().all(|s| s.len() <= JPEG_SEGMENT_MAX));
+        let standard = String::from_utf8_lossy(&segments[0]).into_owned();
+        assert!(standard.contains(DIGITAL_SOURCE_TYPE) && standard.contains("HasExtendedXMP"));
+        assert!(!standard.contains("<r2f:prompt>"));
+        let bytes = encode_image(&image(), &text, ImageFormat::Jpeg, 80).unwrap();
+        let (fields, marked) = read_metadata(&bytes).unwrap();
+        assert!(marked);
+        assert_eq!(fields[0], ("prompt".to_string(), big));
+        assert_eq!(fields[1], ("seed".to_string(), "7".to_string()));
+        // A small record stays in one StandardXMP segment.
+        assert_eq!(jpeg_xmp_segments(&self::text()).len(), 1);
+        let bytes = encode_image(&image(), &self::text(), ImageFormat::Jpeg, 80).unwrap();
+        assert_eq!(read_metadata(&bytes).unwrap().0[1].1, "42");
     }
 
     #[test]

@@ -500,10 +500,11 @@ async fn the_shipped_definitions_keep_clients_to_their_own() {
     }
 }
 
-/// Three jobs whose JPEG metadata cannot fit one segment (a prompt and a plan of `'`, escaped
-/// six times over, all within the limits) end at once, and the worker does not pause.
+/// Three jobs whose JPEG metadata cannot fit one 64 KiB segment (a prompt and a plan of `'`,
+/// escaped six times over, all within the limits: about 200 KB of XMP) succeed: the record goes
+/// to ExtendedXMP chunks, reads back whole, and an independent decoder opens the file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn jobs_whose_jpeg_metadata_cannot_fit_end_at_once_and_pause_nothing() {
+async fn jobs_whose_jpeg_metadata_exceeds_one_segment_succeed_with_extended_xmp() {
     let names = Names::new(&unique("jpegmeta"));
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = WorkerConfig::new(&names);
@@ -526,10 +527,38 @@ async fn jobs_whose_jpeg_metadata_cannot_fit_end_at_once_and_pause_nothing() {
     let results = broker.wait_results(3, T).await;
     assert_eq!(results.len(), 3, "{}", worker.log());
     for r in &results {
-        assert_eq!(r["status"], "rejected", "{r}");
-        assert_eq!(r["attempt"], 1, "{r}");
-        let msg = r["error"]["message"].as_str().unwrap();
-        assert!(msg.contains("JPEG metadata segment"), "{msg}");
+        assert_eq!(r["status"], "succeeded", "{r}");
+        let uri = r["outputs"][0]["uri"].as_str().unwrap();
+        let path = uri.strip_prefix("file://").unwrap();
+        let bytes = std::fs::read(path).unwrap();
+        assert!(bytes.len() > 200_000, "{}", bytes.len());
+        let (fields, marked) = r2f::image::read_metadata(&bytes).unwrap();
+        assert!(marked);
+        let record = r2f::generate::GenerationRecord::from_fields(&fields).unwrap();
+        assert_eq!(record.prompt, quotes);
+        assert_eq!(
+            serde_json::to_value(&record).unwrap(),
+            r["outputs"][0]["metadata"]
+        );
+        let plan = record.plan.unwrap();
+        assert_eq!(plan["r2f_prompt"][0][15], json!(quotes));
+        // Pillow decodes it (its XMP: the StandardXMP packet, which carries the marking).
+        let read = std::process::Command::new(common::venv_python())
+            .args([
+                "-c",
+                "import sys; from PIL import Image; im = Image.open(sys.argv[1]); im.load(); \
+                 print(im.size, 'trainedAlgorithmicMedia' in str(im.info.get('xmp')))",
+            ])
+            .arg(path)
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&read.stdout);
+        assert_eq!(
+            said.trim(),
+            "(64, 48) True",
+            "{}",
+            String::from_utf8_lossy(&read.stderr)
+        );
     }
     assert_eq!(worker.http("/readyz").await.unwrap().0, 200);
     let ok = format!("{p}-ok");

@@ -8,17 +8,14 @@
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::generate::{Encoding, GenerationRecord, JobMode, Mode, Params, RegionRecord};
-use crate::image::{
-    jpeg_xmp_len, ImageFormat, MetadataTooLarge, DEFAULT_QUALITY, JPEG_SEGMENT_MAX,
-};
+use crate::generate::{Encoding, JobMode, Mode, Params};
+use crate::image::{ImageFormat, DEFAULT_QUALITY};
 use crate::job::rules::{check_prefix, invalid_id, valid_id, Limits, Rejection, Rules};
 use crate::job::wire::{JobMessage, JobParams, WebhookSpec};
 use crate::pipelines::sd3::plus::RegionKnobs;
 use crate::plan::{Plan, R2fPlan, RegionPlan};
 use crate::r2f::regions::check_stop_steps;
 use crate::r2f::{PromptSchedule, StopStepMap};
-use crate::schedulers::discrete::Scheduler;
 
 /// A job's mode with what it brings: a plan of the mode's own kind, or none (the planner makes
 /// one). A mode with a plan of the other kind cannot be represented.
@@ -287,9 +284,6 @@ impl JobMessage {
             }
         };
         let prompt = self.prompt.trim().to_string();
-        if encoding.format == ImageFormat::Jpeg {
-            check_jpeg_metadata(&prompt, p, seed, steps, &model, &spec)?;
-        }
         Ok(ValidJob {
             id: self.id,
             prompt,
@@ -336,73 +330,6 @@ pub fn validate_message(
     default_model: &str,
 ) -> Result<ValidJob, Rejection> {
     JobMessage::parse(body, limits)?.validate(limits, Some(models), default_model)
-}
-
-/// Room in a JPEG's metadata for what the record below cannot know before the run (the
-/// guidance's decimal digits when the job gives none): far more than it ever takes.
-const METADATA_ALLOWANCE: usize = 64;
-
-/// A JPEG carries its metadata in one 64 KiB segment: a job whose record (its prompt, negative
-/// prompt and plan XML-escaped, with every field the model and worker fill in at its longest)
-/// cannot fit is rejected here, before any work, instead of failing after generating. (A plan
-/// the LLM makes is checked when the image is encoded; a failure there is the job's own, not
-/// retried.)
-fn check_jpeg_metadata(
-    prompt: &str,
-    p: &JobParams,
-    seed: i64,
-    steps: Option<usize>,
-    model: &str,
-    spec: &ModeSpec,
-) -> Result<(), Rejection> {
-    // Both families run R2F and R2F+ at 50 steps unless the job says otherwise.
-    let steps = steps.unwrap_or(50);
-    let (schedule, stop_steps, prompt_schedule, r2fplus) = match spec {
-        ModeSpec::Plain => (None, None, None, None),
-        ModeSpec::R2f { schedule, .. } => (
-            Some(*schedule),
-            Some(vec![99; 6]),
-            Some(vec![99; steps]),
-            None,
-        ),
-        ModeSpec::R2fPlus { knobs, .. } => (
-            Some(knobs.schedule),
-            Some(vec![99; 6]),
-            None,
-            Some(RegionRecord::of(knobs)),
-        ),
-    };
-    let side = |v: Option<i64>| v.unwrap_or(i64::MAX);
-    let longest = GenerationRecord {
-        prompt: prompt.to_string(),
-        negative_prompt: p.negative_prompt.clone().unwrap_or_default(),
-        seed,
-        steps,
-        guidance: p.guidance.unwrap_or(0.0),
-        width: side(p.width),
-        height: side(p.height),
-        model: model.to_string(),
-        model_family: "sdxl".into(),
-        model_revision: Some("0".repeat(40)),
-        weights_hash: Some("0".repeat(12)),
-        mode: spec.mode(),
-        plan: spec.plan_json(),
-        scheduler: Scheduler::DpmSolverPp2mKarras.name().into(),
-        schedule,
-        stop_steps,
-        prompt_schedule,
-        r2fplus,
-        t5_tokens: Some(512),
-        dtype: "fp32".into(),
-        device: format!("cuda:{}", u32::MAX),
-        quality: Some(100),
-        r2f_version: env!("CARGO_PKG_VERSION").into(),
-    };
-    let bytes = jpeg_xmp_len(&longest.fields()) + METADATA_ALLOWANCE;
-    if bytes > JPEG_SEGMENT_MAX {
-        return Err(Rejection(MetadataTooLarge { bytes }.to_string()));
-    }
-    Ok(())
 }
 
 /// The R2F+ knobs of a job's params, each checked against its rule (in every mode).

@@ -40,9 +40,6 @@ pub enum GpuFailure {
     Device(String),
     /// The run was asked to stop and stopped between two denoising steps.
     Stopped(StopReason),
-    /// The job's own output cannot be produced (its metadata does not fit its format): the
-    /// job's fault, not the model's nor the device's.
-    Content(String),
 }
 
 /// Why a run stopped before its end.
@@ -272,7 +269,6 @@ impl GpuWorker {
                             GpuFailure::Device(msg)
                         }
                         TaskError::Failed(msg) => GpuFailure::Job(msg),
-                        TaskError::Content(msg) => GpuFailure::Content(msg),
                     });
                     let _ = task.reply.send(result);
                 }
@@ -292,8 +288,6 @@ impl GpuWorker {
 enum TaskError {
     Stopped(StopReason),
     Failed(String),
-    /// The job's own output cannot be produced (its metadata does not fit its format).
-    Content(String),
 }
 
 fn run_task(
@@ -374,9 +368,6 @@ fn run_task(
             Ok(Err(e)) => {
                 if let Some(why) = e.downcast_ref::<StopReason>() {
                     return Err(TaskError::Stopped(*why));
-                }
-                if let Some(m) = e.downcast_ref::<crate::image::MetadataTooLarge>() {
-                    return Err(TaskError::Content(m.to_string()));
                 }
                 return Err(TaskError::Failed(
                     e.chain()

@@ -709,9 +709,6 @@ async fn generate(
             Fault::Transient,
             "the generation was stopped past job_timeout_secs",
         ))),
-        Ok(Err(GpuFailure::Content(msg))) => {
-            Err(Halt::Failed(JobError::new(ErrorKind::Job, Fault::Job, msg)))
-        }
         Ok(Err(GpuFailure::Job(msg))) => Err(Halt::Failed(JobError::new(
             ErrorKind::Model,
             Fault::Transient,
