@@ -393,6 +393,8 @@ class DiffusersSide:
             self.model = UNet2DConditionModel.from_pretrained(root / "sdxl" / "unet",
                                                               torch_dtype=dtype)
         self.model.eval()
+        # What a step calls (scripts/diffusers_anchor.py puts torch.compile's wrapper here).
+        self.forward = self.model
         self.load_s = time.perf_counter() - t0
         c = self.model.config
         self.attn_processors = sorted({type(p).__name__ for p in self.model.attn_processors.values()})
@@ -422,13 +424,13 @@ class DiffusersSide:
         t = self.timesteps[i : i + 1].expand(2)
         inp = torch.cat([x, x], 0)
         if self.kind == "sd3":
-            v = self.model(hidden_states=inp, timestep=t, encoder_hidden_states=self.context,
-                           pooled_projections=self.pooled, return_dict=False)[0]
+            v = self.forward(hidden_states=inp, timestep=t, encoder_hidden_states=self.context,
+                             pooled_projections=self.pooled, return_dict=False)[0]
         else:
-            v = self.model(inp, t, encoder_hidden_states=self.context,
-                           added_cond_kwargs={"text_embeds": self.pooled,
-                                              "time_ids": self.time_ids},
-                           return_dict=False)[0]
+            v = self.forward(inp, t, encoder_hidden_states=self.context,
+                             added_cond_kwargs={"text_embeds": self.pooled,
+                                                "time_ids": self.time_ids},
+                             return_dict=False)[0]
         uncond, cond = v.chunk(2, 0)
         guided = uncond + (cond - uncond) * GUIDANCE
         return (x.to(torch.float32) + guided.to(torch.float32) * self.dts[i]).to(x.dtype)

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_vs_diffusers import GUIDANCE, SEED, randomize  # noqa: E402
+from bench_vs_diffusers import SEED, DiffusersSide, randomize  # noqa: E402
 
 SD3_MEDIUM = {
     "sample_size": 128, "patch_size": 2, "in_channels": 16, "num_layers": 24,
@@ -125,22 +125,9 @@ class Side:
         self.latents = torch.randn(1, c.in_channels, lh, lw, **opts)
         self.forward = self.model
 
-    def step(self, x, i: int):
-        import torch
-
-        t = self.timesteps[i : i + 1].expand(2)
-        inp = torch.cat([x, x], 0)
-        if self.kind == "sd3":
-            v = self.forward(hidden_states=inp, timestep=t, encoder_hidden_states=self.context,
-                             pooled_projections=self.pooled, return_dict=False)[0]
-        else:
-            v = self.forward(inp, t, encoder_hidden_states=self.context,
-                             added_cond_kwargs={"text_embeds": self.pooled,
-                                                "time_ids": self.time_ids},
-                             return_dict=False)[0]
-        uncond, cond = v.chunk(2, 0)
-        guided = uncond + (cond - uncond) * GUIDANCE
-        return (x.to(torch.float32) + guided.to(torch.float32) * self.dts[i]).to(x.dtype)
+    # The step of the CPU side-by-side (the same attributes: kind, timesteps, dts, context,
+    # pooled, time_ids, forward).
+    step = DiffusersSide.step
 
     def sync(self) -> None:
         import torch
