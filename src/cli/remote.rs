@@ -17,8 +17,9 @@ use crate::service::tenancy::{JobKey, Scope};
 /// `stop_grace_secs` more makes the process exit without acking: status 1 after the drain
 /// deadline, 130 after a second signal (the broker redelivers the job).
 pub fn worker(settings: Settings) -> anyhow::Result<()> {
-    // An unusable C2PA key stops the start as a configuration error, before any connection.
-    settings
+    // An unusable C2PA key stops the start as a configuration error, before any connection;
+    // the signer read here is the one the GPU thread signs with.
+    let signer = settings
         .c2pa
         .signer()
         .map_err(|m| super::exit::Exit::config(format!("invalid configuration: {m}")))?;
@@ -27,7 +28,7 @@ pub fn worker(settings: Settings) -> anyhow::Result<()> {
         let planner = crate::service::planner::planner_from_settings(&settings)?;
         let drain = Duration::from_secs(settings.worker.drain_timeout_secs);
         let grace = Duration::from_secs(settings.worker.stop_grace_secs);
-        let Some(worker) = crate::worker::Worker::start(settings, &mut shutdown, planner).await?
+        let Some(worker) = crate::worker::Worker::start(settings, &mut shutdown, planner, signer).await?
         else {
             return Ok(());
         };

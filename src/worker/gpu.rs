@@ -178,11 +178,13 @@ fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
 }
 
 impl GpuWorker {
-    /// Loads the configured model on a dedicated thread; the returned receiver yields once the
-    /// model is loaded and warm (or failed to load).
+    /// Loads the configured model on a dedicated thread, which signs C2PA manifests with
+    /// `signer` (read from `[c2pa]` at start); the returned receiver yields once the model is
+    /// loaded and warm (or failed to load).
     pub fn start(
         settings: &Settings,
         metrics: Arc<Metrics>,
+        signer: Option<C2paSigner>,
     ) -> anyhow::Result<(Self, oneshot::Receiver<anyhow::Result<Loaded>>)> {
         let (tx, rx) = std::sync::mpsc::channel::<GpuTask>();
         let (ready_tx, ready_rx) = oneshot::channel();
@@ -228,7 +230,6 @@ impl GpuWorker {
                         )?;
                         tracing::info!(seconds = t.elapsed().as_secs_f64(), "warm-up step done");
                     }
-                    let signer = settings.c2pa.signer().map_err(anyhow::Error::msg)?;
                     if let Some(s) = &signer {
                         tracing::info!(
                             algorithm = %s.algorithm(),

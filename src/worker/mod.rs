@@ -64,6 +64,7 @@ impl Worker {
         settings: Settings,
         shutdown: &mut Shutdown,
         planner: Option<Arc<dyn crate::service::planner::Planner>>,
+        signer: Option<crate::c2pa_sign::C2paSigner>,
     ) -> anyhow::Result<Option<Self>> {
         let metrics = Metrics::new();
         let webhooks = crate::service::webhook::Sender::from_settings(&settings)?;
@@ -90,7 +91,7 @@ impl Worker {
             Err(e) => warn!(error = %e.0, "storage not reachable at start; jobs will retry it"),
         }
         info!(model = %settings.worker.model, worker = %worker_name, "loading model");
-        let (gpu, ready) = GpuWorker::start(&settings, metrics.clone())?;
+        let (gpu, ready) = GpuWorker::start(&settings, metrics.clone(), signer)?;
         let loaded = tokio::select! {
             r = ready => r.map_err(|_| anyhow::anyhow!("the GPU thread stopped while loading"))??,
             _ = shutdown.requested() => {
