@@ -447,8 +447,8 @@ impl RegionRecord {
 }
 
 /// Everything that determines an image, as the image and the job's `result.json` carry it:
-/// with the same weights, device and dtype, [`GenerationRecord::params`] and the plan make
-/// the same image again (`r2f generate --from IMAGE`).
+/// with the same weights, device and dtype, its fields make the same image again
+/// (`r2f generate --from IMAGE` turns them back into a job).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct GenerationRecord {
     pub prompt: String,
@@ -555,73 +555,12 @@ impl GenerationRecord {
             .map_err(|e| anyhow::anyhow!("the image's r2f metadata is incomplete: {e}"))
     }
 
-    /// The generation parameters of the record (what [`Engine::resolve`] resolves to the
-    /// same values again).
-    pub fn params(&self) -> anyhow::Result<Params> {
-        let scheduler = match self.scheduler.as_str() {
-            SD3_SCHEDULER => None,
-            name => Some(Scheduler::parse(name).map_err(anyhow::Error::msg)?),
-        };
-        Ok(Params {
-            steps: Some(self.steps),
-            guidance: Some(self.guidance),
-            seed: self.seed,
-            width: Some(self.width),
-            height: Some(self.height),
-            negative_prompt: self.negative_prompt.clone(),
-            t5_tokens: self.t5_tokens,
-            scheduler,
-        })
-    }
-
-    /// The mode of the record (its plan and R2F knobs).
-    pub fn mode(&self) -> anyhow::Result<Mode> {
-        let plan = || {
-            self.plan
-                .as_ref()
-                .ok_or_else(|| anyhow::anyhow!("the record of a {} run has no plan", self.mode))
-        };
-        let stop_steps = match self.stop_steps.as_deref() {
-            None => None,
-            Some(s) => Some(StopStepMap(s.try_into().map_err(|_| {
-                anyhow::anyhow!("stop_steps holds {} values, not 6", s.len())
-            })?)),
-        };
-        Ok(match self.mode {
-            JobMode::Plain => Mode::Plain,
-            JobMode::R2f => Mode::R2f {
-                plan: match crate::plan::Plan::from_json(plan()?).map_err(anyhow::Error::msg)? {
-                    crate::plan::Plan::R2f(p) => p,
-                    _ => bail!("the record's plan is not an R2F plan"),
-                },
-                schedule: self.schedule.unwrap_or_default(),
-                stop_steps,
-            },
-            JobMode::R2fplus => {
-                let r = self
-                    .r2fplus
-                    .as_ref()
-                    .ok_or_else(|| anyhow::anyhow!("the record of an R2F+ run has no knobs"))?;
-                let mut knobs = RegionKnobs {
-                    mask: r.region_mask,
-                    guidance_steps: r.bbox_guidance_steps,
-                    guidance_iterations: r.bbox_guidance_iterations,
-                    loss_scale: r.bbox_loss_scale,
-                    fusion_steps: r.latent_fusion_steps,
-                    recompute_blocks: r.bbox_guidance_recompute,
-                    schedule: self.schedule.unwrap_or_default(),
-                    ..RegionKnobs::default()
-                };
-                if let Some(m) = stop_steps {
-                    knobs.stop_steps = m;
-                }
-                Mode::R2fPlus {
-                    plan: serde_json::from_value(plan()?.clone())
-                        .map_err(|e| anyhow::anyhow!("the record's R2F+ plan: {e}"))?,
-                    knobs,
-                }
-            }
-        })
+    /// The SDXL sampler the record names (None for SD3's, which is the only one it has).
+    pub fn scheduler(&self) -> anyhow::Result<Option<Scheduler>> {
+        match self.scheduler.as_str() {
+            SD3_SCHEDULER => Ok(None),
+            name => Ok(Some(Scheduler::parse(name).map_err(anyhow::Error::msg)?)),
+        }
     }
 }
 

@@ -176,7 +176,7 @@ class _GenerationRecordOptional(TypedDict, total=False):
     quality: Optional[int]
 
 class GenerationRecord(_GenerationRecordOptional):
-    """Everything that determines an image, as the image and the job's `result.json` carry it: with the same weights, device and dtype, [`GenerationRecord::params`] and the plan make the same image again (`r2f generate --from IMAGE`)."""
+    """Everything that determines an image, as the image and the job's `result.json` carry it: with the same weights, device and dtype, its fields make the same image again (`r2f generate --from IMAGE` turns them back into a job)."""
     prompt: str
     negative_prompt: str
     seed: int

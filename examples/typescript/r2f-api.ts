@@ -184,7 +184,7 @@ export interface OutputImage {
   metadata?: GenerationRecord | null;
 }
 
-/** Everything that determines an image, as the image and the job's `result.json` carry it: with the same weights, device and dtype, [`GenerationRecord::params`] and the plan make the same image again (`r2f generate --from IMAGE`). */
+/** Everything that determines an image, as the image and the job's `result.json` carry it: with the same weights, device and dtype, its fields make the same image again (`r2f generate --from IMAGE` turns them back into a job). */
 export interface GenerationRecord {
   prompt: string;
   negative_prompt: string;

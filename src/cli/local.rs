@@ -181,9 +181,8 @@ fn job_of_record(
     let int = |v: usize| Some(i64::try_from(v).unwrap_or(i64::MAX));
     let knobs = record.r2fplus.as_ref();
     let scheduler = record
-        .params()
-        .map_err(|e| super::exit::Exit::data(e.to_string()))?
-        .scheduler;
+        .scheduler()
+        .map_err(|e| super::exit::Exit::data(e.to_string()))?;
     let params = JobParams {
         steps: int(record.steps),
         guidance: Some(record.guidance),
